@@ -1,0 +1,109 @@
+"""The `rfp` command line. Each sub-command lives in the module that owns its concept;
+this file only declares arguments and dispatches, importing lazily so `rfp --help` is fast."""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import sys
+from typing import Sequence
+
+from rfp_core.config import ConfigError
+
+
+def _domain_dirs(parser: argparse.ArgumentParser, flags: tuple[str, ...], dest: str, required: bool, help: str) -> None:
+    parser.add_argument(*flags, dest=dest, nargs="+", required=required, metavar="DIR", help=help)
+
+
+def _device(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="rfp", description="RF Pix2Pix: rectified-flow image translation")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
+    show = config.add_parser("show", help="print the resolved config as JSON")
+    show.add_argument("file")
+    show.set_defaults(handler="rfp_core.config_cli:cli_show")
+
+    ingest = sub.add_parser("ingest", help="scan domain folders into a parquet manifest and the frame store")
+    _domain_dirs(ingest, ("--domain0", "-d0"), "domain0", True, "domain-0 folders, or 'random'")
+    _domain_dirs(ingest, ("--domain1", "-d1"), "domain1", True, "domain-1 folders")
+    ingest.add_argument("--out", required=True, help="manifest parquet file to write")
+    ingest.add_argument("--store-max-side", type=int, default=512, help="cap on the stored frames' short side")
+    ingest.set_defaults(handler="rfp_core.ingest:cli_ingest")
+
+    manifest = sub.add_parser("manifest", help="query manifests").add_subparsers(dest="manifest_command", required=True)
+    summary = manifest.add_parser("summary", help="per-domain counts by media type and status (DuckDB)")
+    summary.add_argument("file")
+    summary.set_defaults(handler="rfp_core.manifest:cli_summary")
+
+    train = sub.add_parser("train", help="train saliency then velocity (the original train.py)")
+    train.add_argument("--config", "-c", required=True)
+    _domain_dirs(train, ("--domain0", "-d0"), "domain0", False, "domain-0 folders, or 'random'")
+    _domain_dirs(train, ("--domain1", "-d1"), "domain1", False, "domain-1 folders")
+    train.add_argument("--checkpoint", "-ckpt", default=None, help="resume from (or initialise with) this checkpoint")
+    train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: a timestamp)")
+    train.add_argument("--dev", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
+    _device(train)
+    train.set_defaults(handler="rfp_core.train.run:cli_train")
+
+    translate = sub.add_parser("translate", help="translate images with a trained run")
+    translate.add_argument("--run", required=True, help="run folder (or a velocity checkpoint file)")
+    translate.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
+    translate.add_argument("--out", required=True)
+    translate.add_argument("--steps", type=int, default=None)
+    translate.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    translate.add_argument("--reverse", action="store_true", help="domain 1 -> domain 0 (integrate t from 1 to 0)")
+    _device(translate)
+    translate.set_defaults(handler="rfp_core.translate:cli_translate")
+
+    generate = sub.add_parser("generate", help="generate images with a run trained on domain0=random")
+    generate.add_argument("--run", required=True)
+    generate.add_argument("--num", type=int, required=True)
+    generate.add_argument("--out", required=True)
+    generate.add_argument("--steps", type=int, default=None)
+    generate.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
+    generate.add_argument("--seed", type=int, default=0)
+    _device(generate)
+    generate.set_defaults(handler="rfp_core.translate:cli_generate")
+
+    split = sub.add_parser("split", help="sort an unsorted folder into domain0 / domain1 / uncertain")
+    split.add_argument("--run", required=True, help="run folder holding a saliency checkpoint")
+    split.add_argument("--input", nargs="+", required=True, metavar="DIR")
+    split.add_argument("--output", required=True)
+    split.add_argument("--threshold", type=float, default=0.7)
+    split.add_argument("--ignore", default=None, help="file listing paths or md5s to leave out, one a line")
+    _device(split)
+    split.set_defaults(handler="rfp_core.split:cli_split")
+
+    demo_data = sub.add_parser("demo-data", help="generate the two-domain demo dataset")
+    demo_data.add_argument("out")
+    demo_data.add_argument("--num", type=int, default=None, help="images per domain")
+    demo_data.add_argument("--size", type=int, default=None)
+    demo_data.add_argument("--seed", type=int, default=0)
+    demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
+
+    bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation"])
+    bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    _device(bench)
+    bench.set_defaults(handler="rfp_core.bench:cli_bench")
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    module_name, func_name = args.handler.split(":")
+    handler = getattr(importlib.import_module(module_name), func_name)
+    try:
+        return int(handler(args) or 0)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
