@@ -29,7 +29,7 @@ test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
 demo: $(STAMP)
-	$(BIN)/rfp demo
+	$(BIN)/python -m rfp_pipeline.demo
 
 dev: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml

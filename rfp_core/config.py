@@ -114,6 +114,8 @@ class VelocityConfig(_Strict):
     sample_batch_size: int = Field(8, ge=1)
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
+    # also checkpoint every N optimizer steps (None = by time only); tests and short runs use it
+    checkpoint_every_steps: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> "VelocityConfig":
@@ -185,6 +187,8 @@ class ExperimentConfig(_Strict):
     domain1: list[Path] = Field(min_length=1)
     config: Path
     overrides: dict[str, Any] = Field(default_factory=dict)
+    # optional folder of true shape masks for domain0 frames (same file stems), used by the evaluation
+    masks: Path | None = None
 
     @field_validator("domain0", mode="before")
     @classmethod
@@ -216,7 +220,7 @@ _FLAT_VELOCITY = {
     "train_batch_size", "train_minibatch_size", "train_images", "learning_rate", "weight_decay",
     "num_inference_steps", "timestep_sampling", "sample_batch_size", "lr_schedule",
     "warmup_fraction", "gradient_clip", "ema", "bf16", "sampler", "sample_every_images",
-    "checkpoint_every_minutes", "loss",
+    "checkpoint_every_minutes", "checkpoint_every_steps", "loss",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),
@@ -357,6 +361,8 @@ def load_experiment(path: str | os.PathLike, root: Path | None = None) -> Experi
         exp.domain0 = [resolve(p) for p in exp.domain0]
     exp.domain1 = [resolve(p) for p in exp.domain1]
     exp.config = resolve(exp.config)
+    if exp.masks is not None:
+        exp.masks = resolve(exp.masks)
     if not exp.config.exists():
         raise ConfigError(f"{path}: 'config' names {exp.config}, which does not exist")
     return exp

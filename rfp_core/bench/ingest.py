@@ -1,0 +1,171 @@
+"""`rfp bench ingest`: (a) ingest frames/s over a folder of videos, (b) training samples/s from the
+frame store against seeking into the video for every sample (the original trainer's way),
+(c) the re-scan time of an unchanged folder of 10,000 small files.
+
+Everything runs in a temporary $RFP_HOME, so the numbers start from a cold store and the
+user's store is left alone. CPU only: `device` is accepted for the common interface.
+"""
+
+from __future__ import annotations
+
+import os
+import platform
+import shutil
+import tempfile
+import time
+from contextlib import contextmanager
+from fractions import Fraction
+from pathlib import Path
+from typing import Iterator
+
+import av
+import numpy as np
+import torch
+from PIL import Image
+
+from rfp_core.data import FrameDataset, TrainCrop
+from rfp_core.frame_store import FrameStore
+from rfp_core.hashing import HashCache
+from rfp_core.ingest import ingest
+from rfp_core.media import discover
+
+
+def log(msg: str) -> None:
+    print(f"[bench ingest] {msg}", flush=True)
+
+
+@contextmanager
+def _temp_home() -> Iterator[Path]:
+    old = os.environ.get("RFP_HOME")
+    root = Path(tempfile.mkdtemp(prefix="rfp-bench-ingest-"))
+    os.environ["RFP_HOME"] = str(root / "home")
+    try:
+        yield root
+    finally:
+        if old is None:
+            os.environ.pop("RFP_HOME", None)
+        else:
+            os.environ["RFP_HOME"] = old
+        shutil.rmtree(root, ignore_errors=True)
+
+
+def _texture(h: int, w: int, seed: int) -> np.ndarray:
+    """Clouds plus fine grain: something a codec has to spend bits on, like a real scene."""
+    rng = np.random.default_rng(seed)
+    coarse = Image.fromarray(rng.integers(0, 255, (h // 16 + 2, w // 16 + 2, 3), dtype=np.uint8))
+    base = np.asarray(coarse.resize((w, h), Image.Resampling.BICUBIC), np.int16)
+    grain = rng.integers(-12, 12, (h, w, 1), dtype=np.int16)
+    return np.clip(base + grain, 0, 255).astype(np.uint8)
+
+
+def make_bench_video(path: Path, n_frames: int, width: int, height: int, fps: int = 30, gop: int = 60, seed: int = 0) -> Path:
+    """H.264 video of a camera panning over a textured scene, keyframe every `gop` frames."""
+    pan = 2
+    scene = _texture(height + pan * n_frames // 4 + 8, width + pan * n_frames + 8, seed)
+    with av.open(str(path), "w") as container:
+        stream = container.add_stream("libx264", rate=Fraction(fps))
+        stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
+        stream.options = {"crf": "23", "preset": "veryfast", "keyint": str(gop), "min-keyint": str(gop), "scenecut": "0"}
+        stream.codec_context.gop_size = gop
+        for i in range(n_frames):
+            x, y = pan * i, (pan * i) // 4
+            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[y : y + height, x : x + width]), format="rgb24")
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        for packet in stream.encode():
+            container.mux(packet)
+    return path
+
+
+class SeekDecoder:
+    """The original trainer's loader: seek to the keyframe before the frame, decode forward to it."""
+
+    def __init__(self, paths: list[Path]):
+        self.containers = {p: av.open(str(p)) for p in paths}
+        self.pts: dict[Path, list[int]] = {}
+        for p, c in self.containers.items():  # frame index -> pts, measured once, outside the timing
+            self.pts[p] = [f.pts for f in c.decode(video=0)]
+
+    def frame(self, path: Path, index: int) -> Image.Image:
+        container = self.containers[path]
+        stream = container.streams.video[0]
+        target = self.pts[path][index]
+        container.seek(target, stream=stream, backward=True, any_frame=False)
+        for frame in container.decode(stream):
+            if frame.pts is not None and frame.pts >= target:
+                return frame.to_image()
+        raise RuntimeError(f"frame {index} of {path} not reached after seeking")
+
+    def close(self) -> None:
+        for c in self.containers.values():
+            c.close()
+
+
+def _rate(fn, n: int) -> float:
+    start = time.perf_counter()
+    for i in range(n):
+        fn(i)
+    return n / (time.perf_counter() - start)
+
+
+def run(quick: bool = False, device: str | None = None) -> dict:
+    n_videos, n_frames, (vw, vh) = (2, 90, (320, 240)) if quick else (3, 300, (1280, 720))
+    gop, crop_size, n_samples = 60, 128, (60 if quick else 150)
+    n_small = 1000 if quick else 10_000
+    torch.manual_seed(0)
+    result: dict = {"quick": quick, "device": "cpu", "cpu_count": os.cpu_count(), "machine": platform.machine(),
+                    "torch_threads": torch.get_num_threads()}
+    with _temp_home() as root:
+        # (a) ingest frames/s over a folder of videos, cold store
+        videos = root / "videos"
+        videos.mkdir()
+        log(f"making {n_videos} videos of {n_frames} frames at {vw}x{vh}, GOP {gop}")
+        paths = [make_bench_video(videos / f"clip{i}.mp4", n_frames, vw, vh, gop=gop, seed=i) for i in range(n_videos)]
+        empty = root / "empty"
+        empty.mkdir()
+        store = FrameStore(max_side=512)
+        report = ingest([videos], [empty], out=root / "videos.parquet", store=store, progress=False)
+        frames = report.n_ok
+        result.update(ingest_frames=frames, ingest_s=round(report.seconds, 3),
+                      ingest_frames_per_s=round(frames / report.seconds, 2), video_size=f"{vw}x{vh}", gop=gop)
+        log(f"(a) ingested {frames} frames in {report.seconds:.2f} s: {frames / report.seconds:.1f} frames/s")
+
+        # (b) samples/s: FrameDataset from the store vs seek-and-decode, same random frames, same crop
+        ds = FrameDataset(report.table, store, domain=0, size=crop_size, split="all")
+        rows = report.table.to_pylist()
+        picks = torch.randint(len(ds), (n_samples,)).tolist()
+        store_rate = _rate(lambda i: ds[picks[i]], n_samples)
+        crop = TrainCrop(crop_size, train=True)
+        seek = SeekDecoder(paths)
+        by_key = {r["frame_key"]: r for r in rows}
+        targets = [(Path(by_key[ds.frame_keys[p]]["source_path"]), by_key[ds.frame_keys[p]]["frame_index"]) for p in picks]
+        n_seek = max(10, n_samples // 5)  # it is slow; fewer samples give the same rate
+        seek_rate = _rate(lambda i: crop(seek.frame(*targets[i])), n_seek)
+        seek.close()
+        result.update(store_samples_per_s=round(store_rate, 2), seek_samples_per_s=round(seek_rate, 2),
+                      loader_speedup_vs_seek=round(store_rate / seek_rate, 2), crop_size=crop_size)
+        log(f"(b) store {store_rate:.1f} samples/s, seek-decode {seek_rate:.1f} samples/s: x{store_rate / seek_rate:.1f}")
+
+        # (c) re-scan of an unchanged folder of small files
+        small = root / "small"
+        log(f"making {n_small} small images")
+        for i in range(n_small):
+            sub = small / f"{i // 100:03d}"
+            if i % 100 == 0:
+                sub.mkdir(parents=True)
+            Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 7)).save(sub / f"{i:05d}.png", compress_level=1)
+        first = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
+        log(f"first ingest of {n_small} files: {first.seconds:.2f} s")
+        again = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
+        assert again.files_hashed == 0 and again.frames_decoded == 0, "an unchanged folder was hashed or decoded again"
+        start = time.perf_counter()
+        cache = HashCache()
+        for media in discover([small]):
+            cache.md5(media.path)
+        hash_only = time.perf_counter() - start
+        scale = 10_000 / n_small
+        result.update(rescan_files=n_small, rescan_s=round(again.seconds, 3), rescan_10k_s=round(again.seconds * scale, 3),
+                      rescan_discover_hash_10k_s=round(hash_only * scale, 3), first_ingest_small_s=round(first.seconds, 3),
+                      rescan_files_hashed=again.files_hashed, rescan_frames_decoded=again.frames_decoded)
+        log(f"(c) re-scan of {n_small} unchanged files: {again.seconds:.3f} s (discover + hash lookups {hash_only:.3f} s)")
+    return result

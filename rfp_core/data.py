@@ -1,0 +1,178 @@
+"""Torch datasets over a manifest and the frame store.
+
+Randomness (crops, the domain-1 draw) comes from torch's global RNG, which the DataLoader
+seeds differently in every worker, so workers do not repeat each other.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+from typing import Literal, Sequence
+
+import numpy as np
+import pyarrow as pa
+import torch
+from PIL import Image
+from torch.utils.data import Dataset
+from torchvision.transforms import InterpolationMode
+from torchvision.transforms.v2 import functional as TF
+
+from rfp_core.frame_store import FrameStore
+from rfp_core.manifest import ok_frames, read_manifest
+
+Split = Literal["train", "holdout", "all"]
+
+
+def _unit_hash(key: str) -> float:
+    return int(hashlib.md5(key.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
+
+
+def holdout_split(frame_keys: Sequence[str], fraction: float) -> np.ndarray:
+    """Boolean mask, True = held out. A key's fate depends on its md5 alone, so it is stable
+    across runs and as frames are added. With fraction > 0 and at least two keys, both sides
+    get at least one key (the lowest / highest hash moves over)."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    u = np.array([_unit_hash(k) for k in frame_keys], dtype=np.float64)
+    mask = u < fraction
+    if fraction > 0 and len(u) >= 2:
+        if not mask.any():
+            mask[np.argmin(u)] = True
+        if mask.all():
+            mask[np.argmax(u)] = False
+    return mask
+
+
+def to_tensor(image: Image.Image) -> torch.Tensor:
+    """PIL RGB -> float (3, H, W) in [-1, 1].
+
+    Done in numpy: torch's intra-op threads turn this tiny op into ~50 ms of spinning when
+    the loader runs in a process whose cores are busy (measured), numpy never spins."""
+    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
+    arr = arr.transpose(2, 0, 1) * np.float32(1 / 127.5) - np.float32(1.0)
+    return torch.from_numpy(np.ascontiguousarray(arr))
+
+
+class TrainCrop:
+    """method.md's training crop: a square of 90-100% of the short side, centre jittered by
+    +-5% of the short side, Lanczos-resized to `size`. `train=False`: the centred full square."""
+
+    def __init__(self, size: int, train: bool = True):
+        self.size = int(size)
+        self.train = train
+
+    def box(self, width: int, height: int) -> tuple[int, int, int, int]:
+        """(top, left, side, side) of the crop inside a width x height image."""
+        short = min(width, height)
+        if self.train:
+            r = torch.rand(3).tolist()
+            side = max(1, round(short * (0.9 + 0.1 * r[0])))
+            cx = width / 2 + (r[1] * 2 - 1) * 0.05 * short
+            cy = height / 2 + (r[2] * 2 - 1) * 0.05 * short
+        else:
+            side, cx, cy = short, width / 2, height / 2
+        left = int(round(min(max(cx - side / 2, 0), width - side)))
+        top = int(round(min(max(cy - side / 2, 0), height - side)))
+        return top, left, side, side
+
+    def __call__(self, image: Image.Image) -> torch.Tensor:
+        top, left, h, w = self.box(image.width, image.height)
+        image = TF.resized_crop(image, top, left, h, w, [self.size, self.size], interpolation=InterpolationMode.LANCZOS)
+        return to_tensor(image)
+
+
+def _as_table(manifest: str | os.PathLike | pa.Table) -> pa.Table:
+    return manifest if isinstance(manifest, pa.Table) else read_manifest(manifest)
+
+
+class FrameDataset(Dataset):
+    """The ok frames of one domain, as (3, size, size) tensors in [-1, 1]."""
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike | pa.Table,
+        store: FrameStore,
+        domain: int,
+        size: int,
+        split: Split = "all",
+        holdout_fraction: float = 0.1,
+        train_crop: bool = True,
+    ):
+        if split not in ("train", "holdout", "all"):
+            raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
+        keys = ok_frames(_as_table(manifest), domain)
+        if split != "all":
+            held = holdout_split(keys, holdout_fraction)
+            keys = [k for k, h in zip(keys, held) if h == (split == "holdout")]
+        if not keys:
+            raise ValueError(
+                f"no usable frames for domain {domain} (split {split!r}) in the manifest: "
+                "check the domain folders and `rfp manifest summary` for skipped files"
+            )
+        self.frame_keys: list[str] = keys
+        self.store = store
+        self.domain = domain
+        self.crop = TrainCrop(size, train=train_crop)
+
+    def __len__(self) -> int:
+        return len(self.frame_keys)
+
+    def __getitem__(self, index: int) -> torch.Tensor:
+        return self.crop(self.store.load(self.frame_keys[index]))
+
+
+class UnpairedDataset(Dataset):
+    """`{"domain_0": x0, "domain_1": x1}` with x0 and x1 drawn independently.
+
+    Item i walks domain 0 (or, in generative mode, draws x0 ~ N(0, I)); domain 1 is a random
+    frame per item. With `pairs` (d0_key, d1_key, rank, similarity from structure pairing),
+    domain 1 is a random one of the item's candidates instead.
+    """
+
+    def __init__(
+        self,
+        manifest: str | os.PathLike | pa.Table,
+        store: FrameStore,
+        size: int,
+        generative: bool = False,
+        split: str = "train",
+        holdout_fraction: float = 0.1,
+        length: int | None = None,
+        pairs: pa.Table | None = None,
+    ):
+        table = _as_table(manifest)
+        self.size = int(size)
+        self.generative = generative
+        self.d1 = FrameDataset(table, store, 1, size, split, holdout_fraction, train_crop=split == "train")
+        self.d0 = None if generative else FrameDataset(table, store, 0, size, split, holdout_fraction, train_crop=split == "train")
+        self.length = int(length) if length is not None else max(len(self.d1), 0 if self.d0 is None else len(self.d0))
+        self.candidates: list[list[int]] | None = None
+        if pairs is not None and self.d0 is not None:
+            index1 = {k: i for i, k in enumerate(self.d1.frame_keys)}
+            by_d0: dict[str, list[tuple[int, int]]] = {}
+            for d0_key, d1_key, rank in zip(
+                pairs.column("d0_key").to_pylist(), pairs.column("d1_key").to_pylist(), pairs.column("rank").to_pylist()
+            ):
+                if d1_key in index1:
+                    by_d0.setdefault(d0_key, []).append((rank, index1[d1_key]))
+            self.candidates = [[j for _, j in sorted(by_d0.get(k, []))] for k in self.d0.frame_keys]
+
+    def __len__(self) -> int:
+        return self.length
+
+    def _domain1_index(self, i0: int | None) -> int:
+        if self.candidates is not None and i0 is not None and self.candidates[i0]:
+            cands = self.candidates[i0]
+            return cands[int(torch.randint(len(cands), ()).item())]
+        return int(torch.randint(len(self.d1), ()).item())
+
+    def __getitem__(self, index: int) -> dict[str, torch.Tensor]:
+        if self.d0 is None:
+            x0 = torch.randn(3, self.size, self.size)
+            x1 = self.d1[index % len(self.d1)]
+        else:
+            i0 = index % len(self.d0)
+            x0 = self.d0[i0]
+            x1 = self.d1[self._domain1_index(i0)]
+        return {"domain_0": x0, "domain_1": x1}

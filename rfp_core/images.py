@@ -1,0 +1,95 @@
+"""Tensor <-> PIL conversion, inference-time loading and PNG / grid writing.
+
+Images are float tensors in [-1, 1], (3, S, S) or (B, 3, S, S)."""
+
+from __future__ import annotations
+
+import io
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+from torchvision.transforms.v2 import functional as TF
+from torchvision.utils import make_grid
+
+from rfp_core.atomic import atomic_path
+
+IMAGE_SUFFIXES = {".png", ".jpg", ".jpeg", ".webp", ".bmp"}
+
+
+class ImageLoadError(ValueError):
+    """An input image that cannot be read; the message names the file."""
+
+
+def to_tensor(img: Image.Image) -> torch.Tensor:
+    """PIL RGB -> (3, H, W) float in [-1, 1]."""
+    x = TF.pil_to_tensor(img.convert("RGB")).float() / 127.5
+    return x - 1.0
+
+
+def to_pil(x: torch.Tensor) -> Image.Image:
+    """(3, H, W) in [-1, 1] -> PIL RGB (values outside the range are clipped)."""
+    x = ((x.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
+    return TF.to_pil_image(x)
+
+
+def center_square(img: Image.Image, size: int) -> Image.Image:
+    """The centred square of the short side, Lanczos-resized to `size` (the inference crop)."""
+    w, h = img.size
+    side = min(w, h)
+    left, top = (w - side) // 2, (h - side) // 2
+    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+
+
+def load_image(path: str | Path, size: int) -> torch.Tensor:
+    """Read an image file for inference: EXIF orientation, RGB, centred square, resize."""
+    path = Path(path)
+    try:
+        with Image.open(path) as img:
+            img = ImageOps.exif_transpose(img).convert("RGB")
+    except (UnidentifiedImageError, OSError) as exc:
+        raise ImageLoadError(f"{path}: not a readable image ({exc}); remove it or convert it to PNG/JPEG") from None
+    return to_tensor(center_square(img, size))
+
+
+def find_images(inputs: Iterable[str | Path]) -> list[Path]:
+    """Files as given, folders searched recursively for image files, in a stable order."""
+    found: list[Path] = []
+    for item in inputs:
+        p = Path(item)
+        if p.is_dir():
+            found += sorted(f for f in p.rglob("*") if f.is_file() and f.suffix.lower() in IMAGE_SUFFIXES)
+        elif p.is_file():
+            found.append(p)
+        else:
+            raise FileNotFoundError(f"{p}: no such file or folder")
+    return found
+
+
+def save_png(x: torch.Tensor, path: str | Path) -> Path:
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        to_pil(x).save(tmp, format="PNG")
+    return path
+
+
+def _grid(rows: Sequence[torch.Tensor]) -> torch.Tensor:
+    """Each row a (B, 3, S, S) batch of the same B; returns one (3, H, W) image in [-1, 1]."""
+    ncol = rows[0].shape[0]
+    stacked = torch.cat([r.detach().float().cpu().clamp(-1, 1) for r in rows])
+    return make_grid(stacked, nrow=ncol, padding=2, pad_value=1.0)
+
+
+def grid_png_bytes(rows: Sequence[torch.Tensor]) -> bytes:
+    buf = io.BytesIO()
+    to_pil(_grid(rows)).save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def save_grid(rows: Sequence[torch.Tensor], path: str | Path) -> Path:
+    """Write rows of images (e.g. inputs above outputs) as one PNG, atomically."""
+    path = Path(path)
+    with atomic_path(path) as tmp:
+        tmp.write_bytes(grid_png_bytes(rows))
+    return path

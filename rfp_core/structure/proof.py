@@ -1,0 +1,47 @@
+"""Proof sheet: does pairing work? Each row = a domain-0 frame, a gap, its matches best first."""
+
+from __future__ import annotations
+
+import pyarrow as pa
+from PIL import Image, ImageDraw
+
+from rfp_core.structure.encoders import _square
+
+GAP = 6
+PAD = 2
+BACKDROP = (24, 24, 24)
+SOURCE_FRAME = (230, 80, 60)  # outline marking the domain-0 frame of each row
+
+
+def _tile(store, key: str, size: int) -> Image.Image:
+    try:
+        return _square(store.load(key).convert("RGB")).resize((size, size), Image.Resampling.LANCZOS)
+    except (FileNotFoundError, KeyError, OSError):
+        # a frame gone from the store leaves a visibly empty tile instead of no sheet at all
+        return Image.new("RGB", (size, size), (90, 0, 90))
+
+
+def proof_sheet(pairs: pa.Table, store, rows: int = 8, size: int = 64) -> Image.Image:
+    """The first `rows` domain-0 keys (in table order) with their matches sorted by rank."""
+    d0 = pairs.column("d0_key").to_pylist()
+    chosen = list(dict.fromkeys(d0))[:rows]
+    want = set(chosen)
+    matches: dict[str, list[tuple[int, str, float]]] = {key: [] for key in chosen}
+    for a, b, r, s in zip(d0, pairs.column("d1_key").to_pylist(), pairs.column("rank").to_pylist(), pairs.column("similarity").to_pylist()):
+        if a in want:
+            matches[a].append((r, b, s))
+    k = max((len(m) for m in matches.values()), default=0)
+    cell = size + PAD
+    width = PAD + cell + GAP + k * cell
+    sheet = Image.new("RGB", (width, PAD + max(1, len(chosen)) * cell), BACKDROP)
+    draw = ImageDraw.Draw(sheet)
+    for row, key in enumerate(chosen):
+        y = PAD + row * cell
+        sheet.paste(_tile(store, key, size), (PAD, y))
+        draw.rectangle([PAD - 1, y - 1, PAD + size, y + size], outline=SOURCE_FRAME)
+        for col, (_, d1_key, sim) in enumerate(sorted(matches[key])):
+            x = PAD + cell + GAP + col * cell
+            sheet.paste(_tile(store, d1_key, size), (x, y))
+            if size >= 48:
+                draw.text((x + 2, y + size - 12), f"{sim:.2f}", fill=(255, 255, 0))
+    return sheet

@@ -1,0 +1,320 @@
+"""Phase 2: the velocity UNet, trained with the saliency-weighted loss (plain MSE in generative mode).
+
+Resume is exact: the data order is a function of the step (`StepSampler`), the LR a function of
+the step (`lr_at`), and a checkpoint holds model, EMA, optimizer, step and the RNG states.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+import random
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Callable, Iterator
+
+import torch
+from torch import nn
+from torch.utils.data import DataLoader, Sampler
+from tqdm.auto import tqdm
+
+from rfp_core import flow
+from rfp_core.atomic import atomic_write_text
+from rfp_core.checkpoint import CheckpointError, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint
+from rfp_core.config import ModelConfig
+from rfp_core.data import FrameDataset, UnpairedDataset
+from rfp_core.frame_store import FrameStore
+from rfp_core.images import save_grid
+from rfp_core.nets.unet import UNet
+from rfp_core.train.codec_io import load_codec
+from rfp_core.train.ema import EMA
+from rfp_core.train.saliency import load_saliency
+from rfp_core.train.schedule import lr_at
+
+LogFn = Callable[[dict, int], None]
+CKPT_PREFIX = "velocity_"
+
+
+class NonFiniteLoss(RuntimeError):
+    """The loss became NaN or inf; training stopped, the last good checkpoint is untouched."""
+
+
+@dataclass
+class VelocityResult:
+    checkpoint: Path
+    final_loss: float
+    steps: int
+    images_per_s: float
+    sample_grid: Path | None
+    metrics_path: Path
+
+
+class StepSampler(Sampler[int]):
+    """Endless shuffled epochs, each permutation seeded by (seed, epoch), starting at `start`.
+
+    The k-th index drawn depends only on (seed, k), so a resumed run sees the same data order.
+    """
+
+    def __init__(self, n: int, seed: int, start: int = 0):
+        self.n, self.seed, self.start = n, seed, start
+
+    def __iter__(self) -> Iterator[int]:
+        epoch, offset = divmod(self.start, self.n)
+        while True:
+            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
+            yield from perm[offset:]
+            epoch, offset = epoch + 1, 0
+
+
+def _rng_state(device: torch.device) -> dict:
+    state = {"cpu": torch.get_rng_state(), "python": list(random.getstate()[1])}
+    if device.type == "cuda":
+        state["cuda"] = torch.cuda.get_rng_state(device)
+    return state
+
+
+def _set_rng_state(state: dict, device: torch.device) -> None:
+    torch.set_rng_state(state["cpu"])
+    if "python" in state:
+        random.setstate((3, tuple(int(v) for v in state["python"]), None))
+    if device.type == "cuda" and "cuda" in state:
+        torch.cuda.set_rng_state(state["cuda"], device)
+
+
+# settings that change how a run is watched, not what it trains: a resume may change them
+_WATCH_KEYS = {"sample_every_images", "sample_batch_size", "checkpoint_every_minutes", "checkpoint_every_steps",
+               "num_inference_steps", "sampler"}
+
+
+def _same_training(a: dict, b: dict) -> bool:
+    """Whether a checkpoint's config trains the same model the same way (resume is meaningful)."""
+    strip = lambda v: {k: x for k, x in (v or {}).items() if k not in _WATCH_KEYS}  # noqa: E731
+    return strip(a.get("velocity")) == strip(b.get("velocity")) and all(
+        a.get(k) == b.get(k) for k in ("max_size", "codec", "seed"))
+
+
+def _sample_inputs(cfg: ModelConfig, manifest: Path, store, n: int) -> torch.Tensor | None:
+    """A fixed set of domain-0 frames (held-out first) for the periodic sample grids."""
+    for split in ("holdout", "all"):
+        try:
+            ds = FrameDataset(manifest, store, 0, cfg.max_size, split=split,
+                              holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False)
+        except ValueError:  # no frames in this split
+            continue
+        return torch.stack([ds[i] for i in range(min(n, len(ds)))])
+    return None
+
+
+def _trim_metrics(path: Path, step: int) -> None:
+    """Drop lines logged after `step` (they belong to the run that was killed)."""
+    if not path.exists():
+        return
+    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
+    atomic_write_text(path, "".join(line + "\n" for line in keep))
+
+
+def train_velocity(
+    cfg: ModelConfig,
+    manifest: Path,
+    out_dir: Path,
+    device: str | torch.device = "cpu",
+    saliency_checkpoint: Path | None = None,
+    store=None,
+    log: LogFn | None = None,
+    resume_from: Path | None = None,
+    pairs=None,
+    codec_checkpoint: Path | None = None,
+    progress: bool = True,
+) -> VelocityResult:
+    """Train v(x, t) for `cfg.velocity.total_steps` optimizer steps; returns the EMA checkpoint."""
+    vc = cfg.velocity
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    device = torch.device(device)
+    store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
+    cfg_json = json.loads(cfg.to_json())
+    total, accum, mb = vc.total_steps, vc.accumulation_steps, vc.train_minibatch_size
+    use_saliency = not cfg.generative and vc.loss == "saliency"
+    if use_saliency and saliency_checkpoint is None:
+        raise ValueError(
+            "velocity.loss is 'saliency' but no saliency checkpoint was given: train phase 1 first "
+            "(train_saliency) and pass saliency_checkpoint, or set velocity.loss to 'mse'"
+        )
+
+    torch.manual_seed(cfg.seed)
+    random.seed(cfg.seed)
+    codec = load_codec(cfg, codec_checkpoint, device)
+    model = UNet(vc.net, in_channels=codec.latent_channels).to(device)
+    ema = EMA(model, vc.ema)
+    opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
+    h = load_saliency(saliency_checkpoint, device).h if use_saliency else None
+
+    # --- resume: an explicit checkpoint, else the newest loadable intermediate one here
+    step, resume_state, source = 0, None, None
+    if resume_from is not None:
+        resume_state, source = load_checkpoint(Path(resume_from), map_location="cpu"), Path(resume_from)
+        if not _same_training(resume_state.get("config", {}), cfg_json):
+            print(f"velocity: {source} was trained with a different config; using the current one", file=sys.stderr)
+    else:
+        found = load_latest(out_dir, CKPT_PREFIX)
+        if found and _same_training(found[1].get("config", {}), cfg_json):
+            source, resume_state = found
+    if resume_state is not None:
+        if "optimizer" in resume_state:  # a full intermediate checkpoint: continue exactly
+            model.load_state_dict(resume_state["model"])
+            ema.load_state_dict(resume_state["ema"])
+            opt.load_state_dict(resume_state["optimizer"])
+            step = int(resume_state["step"])
+            _set_rng_state(resume_state["rng"], device)
+        else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
+            model.load_state_dict(resume_state["velocity"])
+            ema = EMA(model, vc.ema)
+        print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
+
+    metrics_path = out_dir / "metrics.jsonl"
+    _trim_metrics(metrics_path, step)
+    samples_dir = out_dir / "samples"
+    sample_x = None if cfg.generative else _sample_inputs(cfg, manifest, store, vc.sample_batch_size)
+    sample_noise = None
+    sample_grid: Path | None = None
+
+    dataset = UnpairedDataset(manifest, store, cfg.max_size, generative=cfg.generative, split="train",
+                              holdout_fraction=cfg.saliency.holdout_fraction, pairs=pairs)
+    loader = DataLoader(dataset, batch_size=mb, sampler=StepSampler(len(dataset), cfg.seed, start=step * accum * mb))
+    batches = iter(loader)
+    autocast = (
+        torch.autocast("cuda", dtype=torch.bfloat16) if vc.bf16 and device.type == "cuda" else contextlib.nullcontext()
+    )
+
+    def save_state(at: int) -> Path:
+        path = out_dir / f"{CKPT_PREFIX}{at:08d}.pt"
+        save_checkpoint(path, {
+            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
+            "rng": _rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
+        })
+        prune_checkpoints(out_dir, CKPT_PREFIX, keep=2)
+        return path
+
+    def write_samples(at: int) -> Path:
+        nonlocal sample_noise
+        net = ema.model
+        with torch.no_grad():
+            if cfg.generative:
+                if sample_noise is None:
+                    g = torch.Generator().manual_seed(cfg.seed)
+                    side = cfg.max_size // codec.downsample
+                    sample_noise = torch.randn(vc.sample_batch_size, codec.latent_channels, side, side, generator=g)
+                z = flow.integrate(net, sample_noise.to(device), vc.num_inference_steps, sampler=vc.sampler)
+                rows = [codec.decode(z)]
+            else:
+                z = flow.integrate(net, codec.encode(sample_x.to(device)), vc.num_inference_steps, sampler=vc.sampler)
+                rows = [sample_x, codec.decode(z)]
+        return save_grid(rows, samples_dir / f"step_{at:08d}.png")
+
+    model.train()
+    bar = tqdm(total=total, initial=step, desc="velocity", disable=not progress, dynamic_ncols=True)
+    log_every = max(1, min(50, total // 20))
+    images_per_step = vc.train_batch_size
+    sample_every = max(1, math.ceil(vc.sample_every_images / images_per_step))
+    last_ckpt_time = time.monotonic()
+    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    run_start, run_start_step = time.perf_counter(), step
+    final_loss = float("nan")
+    while step < total:
+        lr = lr_at(step, total, vc.learning_rate, vc.lr_schedule, vc.warmup_fraction)
+        for group in opt.param_groups:
+            group["lr"] = lr
+        opt.zero_grad(set_to_none=True)
+        step_loss = torch.zeros((), device=device)
+        for _ in range(accum):
+            batch = next(batches)
+            with torch.no_grad():
+                x1 = codec.encode(batch["domain_1"].to(device, non_blocking=True))
+                x0 = torch.randn_like(x1) if cfg.generative else codec.encode(batch["domain_0"].to(device, non_blocking=True))
+            t = flow.sample_timesteps(x1.shape[0], vc.timestep_sampling, device)
+            x_t = flow.interpolate(x0, x1, t)
+            target = x1 - x0
+            with autocast:
+                v = model(x_t, t)
+            v = v.float()
+            loss = flow.saliency_weighted_loss(h, x_t, target, v) if use_saliency else flow.velocity_mse_loss(v, target)
+            (loss / accum).backward()
+            step_loss += loss.detach() / accum
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            bar.close()
+            last = load_latest(out_dir, CKPT_PREFIX)
+            kept = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
+            raise NonFiniteLoss(
+                f"velocity loss became {loss_value} at step {step + 1}/{total}; training stopped and {kept}. "
+                f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "
+                f"({vc.gradient_clip}), or turn velocity.bf16 off."
+            )
+        if vc.gradient_clip is not None:
+            nn.utils.clip_grad_norm_(model.parameters(), vc.gradient_clip)
+        opt.step()
+        ema.update(model)
+        step += 1
+        final_loss = loss_value
+        window_loss += loss_value
+        window_steps += 1
+        bar.update(1)
+
+        if step % log_every == 0 or step == total:
+            elapsed = time.perf_counter() - window_start
+            metrics = {"step": step, "loss": window_loss / window_steps, "lr": lr,
+                       "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9), "images": step * images_per_step}
+            with metrics_path.open("a") as fh:
+                fh.write(json.dumps(metrics) + "\n")
+            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+            if log:
+                log({"velocity/loss": metrics["loss"], "velocity/lr": lr, "velocity/images_per_s": metrics["images_per_s"]}, step)
+            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+        if step % sample_every == 0 and step < total:
+            sample_grid = write_samples(step)
+        due_time = time.monotonic() - last_ckpt_time >= vc.checkpoint_every_minutes * 60
+        due_steps = vc.checkpoint_every_steps is not None and step % vc.checkpoint_every_steps == 0
+        if (due_time or due_steps) and step < total:
+            save_state(step)
+            last_ckpt_time = time.monotonic()
+    bar.close()
+    trained = step - run_start_step
+    images_per_s = trained * images_per_step / max(time.perf_counter() - run_start, 1e-9) if trained else 0.0
+
+    # the end: full state (so a larger budget can continue from here) and the EMA-only product
+    save_state(step)
+    sample_grid = write_samples(step)
+    final = out_dir / "velocity.pt"
+    save_checkpoint(final, {
+        "velocity": ema.model.state_dict(), "config": cfg_json, "in_channels": codec.latent_channels,
+        "step": step, "final_loss": final_loss, "codec": codec.state_dict(),
+        "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None,
+    })
+    if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
+        final_loss = _last_logged_loss(metrics_path)
+    return VelocityResult(final, final_loss, step, images_per_s, sample_grid, metrics_path)
+
+
+def _last_logged_loss(path: Path) -> float:
+    try:
+        lines = [line for line in path.read_text().splitlines() if line.strip()]
+        return float(json.loads(lines[-1])["loss"])
+    except (OSError, IndexError, KeyError, ValueError):
+        return float("nan")
+
+
+def load_velocity(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+    """The EMA net from `velocity.pt` (or an intermediate checkpoint) and the checkpoint dict."""
+    ckpt = load_checkpoint(Path(path), map_location="cpu")
+    from rfp_core.config import config_from_dict
+
+    cfg = config_from_dict(ckpt["config"], source=str(path))
+    net = UNet(cfg.velocity.net, in_channels=int(ckpt["in_channels"]))
+    weights = ckpt["velocity"] if "velocity" in ckpt else ckpt.get("ema", {}).get("model")
+    if weights is None:
+        raise CheckpointError(f"{path}: not a velocity checkpoint (no 'velocity' or 'ema' weights)")
+    net.load_state_dict(weights)
+    return net.to(device).eval().requires_grad_(False), ckpt

@@ -1,0 +1,91 @@
+"""Asset checks, evaluated inside the materialisation they judge (so they see its partition).
+
+Blocking checks stop the stages after them in the same run: no training on an empty domain,
+no velocity on a classifier that cannot tell the domains apart, no evaluation of a NaN flow.
+Limits come from the `thresholds` resource (environment variables in definitions.py).
+(Separate `@asset_check`s on dynamic partitions are a preview feature in Dagster 1.13.)
+"""
+
+import math
+from typing import Any
+
+import dagster as dg
+
+from rfp_pipeline.resources import CheckThresholds
+
+Spec = dg.AssetCheckSpec
+
+MANIFEST_CHECKS = [
+    Spec("usable_frames", asset="media_manifest", blocking=True,
+         description="each domain has at least `min_frames_per_domain` usable frames"),
+    Spec("skip_rate", asset="media_manifest", blocking=True,
+         description="the fraction of skipped (unreadable) rows is at most `max_skip_rate`"),
+]
+SALIENCY_CHECKS = [
+    Spec("accuracy", asset="saliency_checkpoint", blocking=True,
+         description="held-out accuracy reached the threshold (the config's, unless min_saliency_accuracy is set)"),
+]
+VELOCITY_CHECKS = [
+    Spec("loss_finite", asset="velocity_checkpoint", blocking=True, description="the final training loss is a finite number"),
+]
+EVALUATION_CHECKS = [
+    Spec("transfer_rate", asset="evaluation_samples",
+         description="the judge assigns at least `min_transfer_rate` of the translations to domain 1"),
+    Spec("mask_iou", asset="evaluation_samples",
+         description="shapes stay put: IoU of output masks with the true masks is at least `min_mask_iou`"),
+]
+
+
+def manifest_checks(counts: dict[tuple[int, str], int], generative: bool, t: CheckThresholds, manifest: str) -> list[dg.AssetCheckResult]:
+    """`counts`: distinct frames by (domain, status)."""
+    ok = {d: counts.get((d, "ok"), 0) for d in (0, 1)}
+    failing = [d for d in ((1,) if generative else (0, 1)) if ok[d] < t.min_frames_per_domain]
+    total = sum(counts.values())
+    skipped = sum(n for (_, s), n in counts.items() if s == "skipped")
+    rate = skipped / total if total else 0.0
+    return [
+        dg.AssetCheckResult(
+            check_name="usable_frames",
+            passed=not failing,
+            metadata={"domain0_ok": ok[0], "domain1_ok": ok[1], "min_frames_per_domain": t.min_frames_per_domain},
+            description=None if not failing else
+            f"domain(s) {failing} have fewer than {t.min_frames_per_domain} usable frames: add images, or see the "
+            f"skipped rows with `rfp manifest summary {manifest}`",
+        ),
+        dg.AssetCheckResult(
+            check_name="skip_rate",
+            passed=rate <= t.max_skip_rate,
+            metadata={"skip_rate": rate, "skipped": skipped, "rows": total, "max_skip_rate": t.max_skip_rate},
+            description=None if rate <= t.max_skip_rate else
+            f"{skipped} of {total} rows could not be read; see `rfp manifest summary {manifest}`",
+        ),
+    ]
+
+
+def saliency_checks(accuracy: float | None, config_threshold: float, t: CheckThresholds, skipped_reason: str | None = None) -> list[dg.AssetCheckResult]:
+    if skipped_reason is not None:
+        return [dg.AssetCheckResult(check_name="accuracy", passed=True, metadata={"skipped": True}, description=skipped_reason)]
+    limit = t.min_saliency_accuracy if t.min_saliency_accuracy >= 0 else config_threshold
+    return [dg.AssetCheckResult(check_name="accuracy", passed=accuracy is not None and accuracy >= limit,
+                                metadata={"accuracy": accuracy, "threshold": limit})]
+
+
+def velocity_checks(final_loss: float) -> list[dg.AssetCheckResult]:
+    finite = final_loss is not None and math.isfinite(final_loss)
+    return [dg.AssetCheckResult(check_name="loss_finite", passed=finite,
+                                metadata={"final_loss": final_loss if finite else str(final_loss)})]
+
+
+def evaluation_checks(metrics: dict[str, Any], t: CheckThresholds) -> list[dg.AssetCheckResult]:
+    out = []
+    for name, limit, absent in (
+        ("transfer_rate", t.min_transfer_rate, "no transfer rate (generative mode)"),
+        ("mask_iou", t.min_mask_iou, "no true masks for this experiment (set 'masks' in its file)"),
+    ):
+        value = metrics.get(name)
+        if value is None:
+            out.append(dg.AssetCheckResult(check_name=name, passed=True, description=absent))
+        else:
+            out.append(dg.AssetCheckResult(check_name=name, passed=float(value) >= limit,
+                                           metadata={name: float(value), f"min_{name}": limit}))
+    return out

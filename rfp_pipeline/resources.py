@@ -1,0 +1,193 @@
+"""Resources: where state lives (RfpHome), MLflow tracking, check thresholds.
+
+Empty fields fall back to environment variables read at run time (so `RFP_HOME`,
+`RFP_EXPERIMENTS_DIR`, `MLFLOW_TRACKING_URI` set in a shell or a test apply without
+reloading the code location), then to the project's defaults.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Iterator
+
+import dagster as dg
+from pydantic import Field
+
+from rfp_core import paths
+from rfp_core.config import ConfigError, ExperimentConfig
+from rfp_core.frame_store import FrameStore
+from rfp_core.hashing import HashCache
+from rfp_pipeline import experiments as exps
+
+
+def _env(value: str, var: str) -> str:
+    return value or os.environ.get(var, "")
+
+
+class RfpHome(dg.ConfigurableResource):
+    """The state root, the experiments folder and the compute device."""
+
+    home: str = Field(default="", description="state root; empty = $RFP_HOME or <project>/.rfp_home")
+    project_root: str = Field(
+        default="", description="relative paths in experiment files resolve here; empty = $RFP_PROJECT_ROOT or the checkout"
+    )
+    experiments_dir: str = Field(
+        default="", description="folder of <name>.json experiment files; empty = $RFP_EXPERIMENTS_DIR or <project_root>/experiments"
+    )
+    device: str = Field(default="", description="cuda, mps or cpu; empty = $RFP_DEVICE or the best available")
+
+    def home_path(self) -> Path:
+        home = _env(self.home, "RFP_HOME")
+        if not home:
+            return paths.rfp_home()
+        p = Path(home).expanduser().resolve()
+        p.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def root_path(self) -> Path:
+        root = _env(self.project_root, "RFP_PROJECT_ROOT")
+        return Path(root).expanduser().resolve() if root else paths.project_root()
+
+    def experiments_path(self) -> Path:
+        d = _env(self.experiments_dir, "RFP_EXPERIMENTS_DIR")
+        return Path(d).expanduser().resolve() if d else self.root_path() / "experiments"
+
+    def experiment_files(self) -> dict[str, Path]:
+        return exps.experiment_files(self.experiments_path())
+
+    def experiment_file(self, name: str) -> Path:
+        path = self.experiments_path() / f"{name}.json"
+        if not path.exists():
+            raise ConfigError(
+                f"experiment '{name}' has no file {path}; restore it, or delete the partition "
+                "(the experiments sensor removes partitions whose file is gone)"
+            )
+        return path
+
+    def load_experiment(self, name: str) -> ExperimentConfig:
+        return exps.load(self.experiment_file(name), self.root_path())
+
+    def out_dir(self, name: str, *parts: str) -> Path:
+        """Per-partition outputs: $RFP_HOME/pipeline/<experiment>/<parts...>."""
+        d = self.home_path().joinpath("pipeline", name, *parts)
+        d.mkdir(parents=True, exist_ok=True)
+        return d
+
+    def frame_store(self, max_side: int) -> FrameStore:
+        return FrameStore(root=self.home_path() / "store", max_side=max_side)
+
+    def hash_cache(self, name: str = "hash_cache.parquet") -> HashCache:
+        return HashCache(self.home_path() / "cache" / name)
+
+    def resolve_device(self) -> str:
+        dev = _env(self.device, "RFP_DEVICE")
+        if dev:
+            return dev
+        import torch
+
+        if torch.cuda.is_available():
+            return "cuda"
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return "mps"
+        return "cpu"
+
+
+class MlflowTracking(dg.ConfigurableResource):
+    """MLflow: one MLflow experiment (and one registered model) per pipeline experiment."""
+
+    tracking_uri: str = Field(
+        default="", description="empty = $MLFLOW_TRACKING_URI or sqlite:///$RFP_HOME/mlflow.db"
+    )
+    artifact_root: str = Field(default="", description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts")
+    ui_url: str = Field(default="", description="base URL of `mlflow ui` for run links; empty = $MLFLOW_UI_URL or http://127.0.0.1:5000")
+
+    def uri(self) -> str:
+        return _env(self.tracking_uri, "MLFLOW_TRACKING_URI") or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
+
+    def _artifact_root(self) -> Path:
+        root = self.artifact_root or str(paths.rfp_home() / "mlartifacts")
+        return Path(root).expanduser().resolve()
+
+    def client(self):
+        import mlflow
+
+        mlflow.set_tracking_uri(self.uri())
+        return mlflow.MlflowClient(self.uri())
+
+    def experiment_id(self, name: str) -> str:
+        """Get or create the MLflow experiment `name`, its artifacts under our artifact root
+        (MLflow's own default would be ./mlruns in whatever folder the process started in)."""
+        import mlflow
+
+        client = self.client()
+        found = client.get_experiment_by_name(name)
+        if found is not None:
+            return found.experiment_id
+        try:
+            return client.create_experiment(name, artifact_location=(self._artifact_root() / name).as_uri())
+        except mlflow.exceptions.MlflowException:
+            # another process created it between our lookup and create
+            return client.get_experiment_by_name(name).experiment_id
+
+    @contextlib.contextmanager
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any]) -> Iterator[Any]:
+        """`with tracking.start_run(exp, name, tags) as run:` an active MLflow run; ended (FAILED on error) on exit."""
+        import mlflow
+
+        exp_id = self.experiment_id(experiment)
+        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}) as run:
+            yield run
+
+    @contextlib.contextmanager
+    def resume_run(self, run_id: str) -> Iterator[Any]:
+        import mlflow
+
+        self.client()
+        with mlflow.start_run(run_id=run_id) as run:
+            yield run
+
+    def log_translator(self, checkpoint: Path, registered_name: str) -> tuple[str, str | None]:
+        """Log the pyfunc translator (checkpoint as its artifact) in the active run and register a
+        version under `registered_name`. Returns (model URI, registered version)."""
+        import importlib.metadata as md
+
+        import mlflow
+
+        from rfp_pipeline import pyfunc_model
+
+        def pin(pkg: str) -> str:
+            try:
+                return f"{pkg}=={md.version(pkg).split('+')[0]}"
+            except md.PackageNotFoundError:
+                return pkg
+
+        info = mlflow.pyfunc.log_model(
+            name="translator",
+            python_model=Path(pyfunc_model.__file__),
+            artifacts={pyfunc_model.CHECKPOINT: str(checkpoint)},
+            code_paths=[str(Path(paths.PACKAGE_DIR))],  # rfp_core travels with the model
+            signature=pyfunc_model.SIGNATURE,
+            # explicit: MLflow's requirement inference would load the model in a subprocess
+            pip_requirements=[pin(p) for p in ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyarrow", "tqdm")],
+            registered_model_name=registered_name,
+        )
+        version = getattr(info, "registered_model_version", None)
+        return info.model_uri, None if version is None else str(version)
+
+    def run_url(self, run: Any) -> str:
+        base = (_env(self.ui_url, "MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/")
+        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+
+
+class CheckThresholds(dg.ConfigurableResource):
+    """Limits the asset checks apply (set in the launchpad or via env vars in definitions.py)."""
+
+    max_skip_rate: float = Field(default=0.2, description="largest allowed fraction of skipped manifest rows")
+    min_frames_per_domain: int = Field(default=2, description="fewest usable frames each domain must have")
+    min_saliency_accuracy: float = Field(
+        default=-1.0, description="held-out accuracy the saliency classifier must reach; < 0 = the config's accuracy_threshold"
+    )
+    min_transfer_rate: float = Field(default=0.5, description="evaluation: fraction of outputs the judge assigns to domain 1")
+    min_mask_iou: float = Field(default=0.5, description="evaluation: IoU of input and output shape masks (content kept)")

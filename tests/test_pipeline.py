@@ -1,0 +1,232 @@
+"""The Dagster pipeline end to end on tiny generated experiments: a real sqlite Dagster instance,
+a real MLflow sqlite store, real ingest and training (16 px, a few steps)."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import numpy as np
+import pytest
+from media_factory import make_image
+
+from rfp_pipeline.definitions import defs, default_resources
+from rfp_pipeline.assets import assets
+from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
+from rfp_pipeline.sensors import experiments_sensor
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = ROOT / "configs" / "tiny.json"
+STAGES = ["experiment_config", "media_manifest", "frame_store", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"]
+# 16 px, one or two optimizer steps per phase: enough to exercise every stage, fast on 2 cores
+TINY_OVERRIDES = {
+    "max_size": 16,
+    "store_max_side": 16,
+    "saliency": {"accuracy_threshold": 0.6, "warmup_threshold": 0.55, "eval_every": 2, "max_steps": 60,
+                 "batch_size": 8, "holdout_fraction": 0.35, "augmentations": []},
+    "velocity": {"train_images": 32, "train_batch_size": 8, "train_minibatch_size": 8, "sample_batch_size": 4,
+                 "sample_every_images": 16, "num_inference_steps": 2},
+}
+RUN_CONFIG = {"ops": {"evaluation_samples": {"config": {"judge_steps": 10, "max_images": 16}}}}
+
+
+def warm(i: int) -> tuple[int, int, int]:
+    return (200 + (i * 7) % 50, 60 + (i * 13) % 60, 30 + (i * 5) % 30)
+
+
+def cool(i: int) -> tuple[int, int, int]:
+    return (30 + (i * 5) % 30, 60 + (i * 11) % 60, 200 + (i * 7) % 50)
+
+
+def make_project(root: Path, experiments: dict[str, dict], n: int = 12) -> Path:
+    """A project folder: data/<exp>/domain{0,1} with n solid images each, experiments/<exp>.json."""
+    for name, overrides in experiments.items():
+        for i in range(n):
+            make_image(root / "data" / name / "domain0" / f"a{i:02d}.png", 16, warm(i))
+            make_image(root / "data" / name / "domain1" / f"b{i:02d}.png", 16, cool(i))
+        write_experiment(root, name, overrides)
+    return root
+
+
+def write_experiment(root: Path, name: str, overrides: dict) -> Path:
+    path = root / "experiments" / f"{name}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps({
+        "domain0": [f"data/{name}/domain0"], "domain1": [f"data/{name}/domain1"],
+        "config": str(TINY), "overrides": overrides,
+    }))
+    return path
+
+
+def resources_for(root: Path, home: Path, tracking_uri: str) -> dict:
+    res = default_resources()
+    res["rfp"] = RfpHome(home=str(home), project_root=str(root), experiments_dir=str(root / "experiments"), device="cpu")
+    res["mlflow_tracking"] = MlflowTracking(tracking_uri=tracking_uri, artifact_root=str(home / "mlartifacts"))
+    res["thresholds"] = CheckThresholds(min_transfer_rate=0.0, min_mask_iou=0.0)
+    return res
+
+
+def register_partitions(instance: dg.DagsterInstance, resources: dict) -> dg.SensorResult:
+    """Run the experiments sensor once and apply its partition requests, as the daemon would."""
+    ctx = dg.build_sensor_context(instance=instance, resources={"rfp": resources["rfp"]})
+    result = experiments_sensor(ctx)
+    for req in result.dynamic_partitions_requests:
+        instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
+    return result
+
+
+def materialize_all(instance, resources, partition: str, selection=None) -> dg.ExecuteInProcessResult:
+    return dg.materialize(assets, instance=instance, resources=resources, partition_key=partition,
+                          run_config=RUN_CONFIG if selection is None or "evaluation_samples" in selection else None,
+                          selection=selection)
+
+
+def data_version(instance, key: str, partition: str) -> str:
+    record = instance.get_latest_data_version_record(dg.AssetKey(key), partition_key=partition)
+    return record.asset_materialization.tags["dagster/data_version"]
+
+
+# ---------------------------------------------------------------------------------------------
+def test_definitions_load_and_validate_on_the_command_line():
+    dg.Definitions.validate_loadable(defs)
+    keys = {k.to_user_string() for k in defs.resolve_asset_graph().get_all_asset_keys()}
+    assert keys == set(STAGES)
+    env = {**os.environ, "DAGSTER_HOME": str(Path(os.environ["RFP_HOME"]) / "dagster_home")}
+    Path(env["DAGSTER_HOME"]).mkdir(parents=True)
+    proc = subprocess.run([str(Path(sys.executable).parent / "dagster"), "definitions", "validate", "-w", "workspace.yaml"],
+                          cwd=ROOT, env=env, capture_output=True, text=True, timeout=180)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+    assert "Validation successful" in proc.stdout + proc.stderr
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory):
+    """Two experiments with different configs, the whole graph materialised for both."""
+    base = tmp_path_factory.mktemp("pipeline")
+    root, home = base / "project", base / "rfp_home"
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RFP_HOME", str(home))
+        uri = f"sqlite:///{home}/mlflow.db"
+        mp.setenv("MLFLOW_TRACKING_URI", uri)
+        fast = {**TINY_OVERRIDES, "velocity": {**TINY_OVERRIDES["velocity"], "learning_rate": 0.002}}
+        make_project(root, {"alpha": TINY_OVERRIDES, "beta": fast})
+        resources = resources_for(root, home, uri)
+        (base / "dagster_home").mkdir()
+        with dg.instance_for_test(temp_dir=str(base / "dagster_home")) as instance:
+            sensor_result = register_partitions(instance, resources)
+            results = {name: materialize_all(instance, resources, name) for name in ("alpha", "beta")}
+            yield {"root": root, "home": home, "uri": uri, "instance": instance, "resources": resources,
+                   "results": results, "sensor": sensor_result}
+
+
+def test_experiments_sensor_adds_partitions_and_requests_their_spec(built):
+    result = built["sensor"]
+    assert [sorted(r.partition_keys) for r in result.dynamic_partitions_requests] == [["alpha", "beta"]]
+    assert sorted(r.partition_key for r in result.run_requests) == ["alpha", "beta"]
+    assert all(r.asset_selection == [dg.AssetKey("experiment_config")] for r in result.run_requests)
+    # nothing changed: the next tick (same cursor) requests nothing
+    ctx = dg.build_sensor_context(instance=built["instance"], cursor=result.cursor, resources={"rfp": built["resources"]["rfp"]})
+    again = experiments_sensor(ctx)
+    assert again.run_requests == [] and again.dynamic_partitions_requests == []
+    # the file goes: the partition goes
+    (built["root"] / "experiments" / "beta.json").rename(built["root"] / "beta.json.off")
+    try:
+        gone = experiments_sensor(dg.build_sensor_context(instance=built["instance"], cursor=result.cursor,
+                                                          resources={"rfp": built["resources"]["rfp"]}))
+        assert [(type(r).__name__, list(r.partition_keys)) for r in gone.dynamic_partitions_requests] == [
+            ("DeleteDynamicPartitionsRequest", ["beta"])]
+    finally:
+        (built["root"] / "beta.json.off").rename(built["root"] / "experiments" / "beta.json")
+
+
+def test_whole_graph_materialises_with_metadata_and_checks(built):
+    for name, result in built["results"].items():
+        assert result.success
+        mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
+        assert set(mats) == set(STAGES)
+        manifest_md = mats["media_manifest"].materialization.metadata
+        assert manifest_md["domain0_ok"].value == 12 and manifest_md["domain1_ok"].value == 12
+        assert manifest_md["frames_skipped"].value == 0
+        sal_md = mats["saliency_checkpoint"].materialization.metadata
+        assert sal_md["accuracy"].value >= 0.6
+        assert sal_md["mlflow_run"].value.startswith("http")
+        vel_md = mats["velocity_checkpoint"].materialization.metadata
+        assert np.isfinite(vel_md["final_loss"].value)
+        grid = mats["evaluation_samples"].materialization.metadata["grid"].value
+        assert grid.startswith("![") and "data:image/png;base64," in grid
+        assert 0.0 <= mats["evaluation_samples"].materialization.metadata["transfer_rate"].value <= 1.0
+        checks = {(e.asset_check_key.asset_key.to_user_string(), e.asset_check_key.name): e.passed
+                  for e in result.get_asset_check_evaluations()}
+        assert checks == {("media_manifest", "usable_frames"): True, ("media_manifest", "skip_rate"): True,
+                          ("saliency_checkpoint", "accuracy"): True, ("velocity_checkpoint", "loss_finite"): True,
+                          ("evaluation_samples", "transfer_rate"): True, ("evaluation_samples", "mask_iou"): True}
+        # per-partition outputs under $RFP_HOME/pipeline/<experiment>/
+        out = built["home"] / "pipeline" / name
+        assert (out / "manifest.parquet").exists() and (out / "evaluation" / "metrics.json").exists()
+        # media_manifest's data version is the manifest's content version
+        from rfp_core.manifest import content_version
+        assert data_version(built["instance"], "media_manifest", name) == content_version(out / "manifest.parquet")
+
+
+def test_mlflow_holds_one_run_per_training_asset_with_params_metrics_artifacts(built):
+    client = mlflow.MlflowClient(built["uri"])
+    for name in ("alpha", "beta"):
+        exp = client.get_experiment_by_name(name)
+        runs = client.search_runs([exp.experiment_id])
+        by_stage = {r.data.tags["stage"]: r for r in runs}
+        assert sorted(by_stage) == ["saliency", "velocity"] and len(runs) == 2
+        run_id = built["results"][name].run_id
+        for stage, run in by_stage.items():
+            assert run.data.tags["dagster_run_id"] == run_id
+            assert run.data.tags["partition"] == name
+            assert run.data.params["max_size"] == "16"
+            assert run.data.params["velocity.net.model_channels"] == "16"
+            assert run.info.status == "FINISHED"
+        sal, vel = by_stage["saliency"], by_stage["velocity"]
+        assert len(client.get_metric_history(sal.info.run_id, "saliency/accuracy")) >= 1
+        assert len(client.get_metric_history(vel.info.run_id, "velocity/loss")) >= 2  # per step
+        assert "eval/transfer_rate" in vel.data.metrics
+        artifacts = lambda rid, path: {a.path for a in client.list_artifacts(rid, path)}  # noqa: E731
+        assert "saliency/saliency_state.json" in artifacts(sal.info.run_id, "saliency")
+        assert any(p.endswith(".png") for p in artifacts(vel.info.run_id, "samples"))
+        assert any(p.endswith(".png") for p in artifacts(sal.info.run_id, "samples"))
+        assert "config/model_config.json" in artifacts(vel.info.run_id, "config")
+        assert "evaluation/metrics.json" in artifacts(vel.info.run_id, "evaluation")
+
+
+def test_registered_pyfunc_translates_like_the_checkpoint(built):
+    import torch
+
+    from rfp_core.translate import Translator
+
+    mlflow.set_tracking_uri(built["uri"])
+    client = mlflow.MlflowClient(built["uri"])
+    versions = client.search_model_versions("name='alpha'")
+    assert [v.version for v in versions] == ["1"]
+    model = mlflow.pyfunc.load_model("models:/alpha/1")
+    images = np.stack([np.full((16, 16, 3), warm(i), np.uint8) for i in range(3)])
+    out = model.predict(images)
+    assert out.shape == (3, 16, 16, 3) and out.dtype == np.uint8
+    vel = json.loads((built["home"] / "pipeline" / "alpha" / "velocity" / "result.json").read_text())
+    tr = Translator.from_run(vel["checkpoint"], device="cpu")
+    x = torch.from_numpy(images).permute(0, 3, 1, 2).float() / 127.5 - 1
+    ref = ((tr.translate(x).clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+    assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
+    back = model.predict(images, params={"reverse": True, "steps": 1})
+    assert back.shape == out.shape and not np.array_equal(back, out)
+
+
+def test_two_configs_side_by_side_in_search_runs(built):
+    mlflow.set_tracking_uri(built["uri"])
+    df = mlflow.search_runs(experiment_names=["alpha", "beta"], filter_string="tags.stage = 'velocity'")
+    assert len(df) == 2
+    rows = {r["tags.partition"]: r for _, r in df.iterrows()}
+    assert rows["alpha"]["params.velocity.learning_rate"] == "0.001"
+    assert rows["beta"]["params.velocity.learning_rate"] == "0.002"
+    assert all(np.isfinite(r["metrics.velocity/final_loss"]) for r in rows.values())
+    assert all(0 <= r["metrics.eval/transfer_rate"] <= 1 for r in rows.values())
