@@ -7,6 +7,7 @@ seeds differently in every worker, so workers do not repeat each other.
 from __future__ import annotations
 
 import hashlib
+import math
 import os
 from typing import Literal, Sequence
 
@@ -30,17 +31,17 @@ def _unit_hash(key: str) -> float:
 
 def holdout_split(frame_keys: Sequence[str], fraction: float) -> np.ndarray:
     """Boolean mask, True = held out. A key's fate depends on its md5 alone, so it is stable
-    across runs and as frames are added. With fraction > 0 and at least two keys, both sides
-    get at least one key (the lowest / highest hash moves over)."""
+    across runs and as frames are added. The train side is never empty (a lone key trains), and
+    with fraction > 0 and at least two keys the holdout side is not either (the lowest / highest
+    hash moves over)."""
     if not 0.0 <= fraction < 1.0:
         raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
     u = np.array([_unit_hash(k) for k in frame_keys], dtype=np.float64)
     mask = u < fraction
-    if fraction > 0 and len(u) >= 2:
-        if not mask.any():
-            mask[np.argmin(u)] = True
-        if mask.all():
-            mask[np.argmax(u)] = False
+    if len(u) and mask.all():
+        mask[np.argmax(u)] = False
+    if fraction > 0 and len(u) >= 2 and not mask.any():
+        mask[np.argmin(u)] = True
     return mask
 
 
@@ -114,12 +115,14 @@ class FrameDataset(Dataset):
         self.store = store
         self.domain = domain
         self.crop = TrainCrop(size, train=train_crop)
+        # the smallest stored copy that the crop never has to upsample (a crop spans >= 90%)
+        self.min_side = math.ceil(size / 0.9) if train_crop else int(size)
 
     def __len__(self) -> int:
         return len(self.frame_keys)
 
     def __getitem__(self, index: int) -> torch.Tensor:
-        return self.crop(self.store.load(self.frame_keys[index]))
+        return self.crop(self.store.load(self.frame_keys[index], min_side=self.min_side))
 
 
 class UnpairedDataset(Dataset):

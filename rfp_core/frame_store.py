@@ -4,6 +4,10 @@ Layout: `<root>/frames/s<max_side>/<ab>/<sha1(frame_key)>.png`. Frame keys are d
 file content (method.md), so a key names the same pixels forever and a frame is written once.
 The cap is part of the path, so stores with different caps never mix.
 PNG keeps frames lossless; compress level 1 trades a little disk for fast writes and reads.
+
+Beside each frame, smaller copies (`<sha1>@256.png`, `@128`, `@64` for a 512 cap: short side
+halved while >= 64, only where the frame is larger) let a loader that trains at 128 px read a
+256 px frame instead of a 512 px one: ~4x less PNG decoding per sample, for +33% disk at most.
 """
 
 from __future__ import annotations
@@ -18,6 +22,7 @@ from PIL import Image
 from rfp_core import paths
 
 PNG_COMPRESS_LEVEL = 1
+MIN_LEVEL = 64
 
 
 def cap_short_side(image: Image.Image, max_side: int) -> Image.Image:
@@ -33,23 +38,46 @@ def cap_short_side(image: Image.Image, max_side: int) -> Image.Image:
     return image.resize(size, Image.Resampling.LANCZOS)
 
 
+def _save_png(image: Image.Image, final: Path) -> None:
+    # temp + rename in the same folder: readers never see a half-written frame. No fsync:
+    # the store is a cache of decodable sources, and fsync per frame would dominate ingest.
+    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=final.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:  # a real file: Pillow encodes with the GIL released
+            image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
+        os.replace(tmp, final)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
 class FrameStore:
-    def __init__(self, root: Path | None = None, max_side: int = 512):
+    def __init__(self, root: Path | None = None, max_side: int = 512, min_level: int = MIN_LEVEL):
         if max_side < 1:
             raise ValueError(f"max_side must be positive, got {max_side}")
         self.root = Path(root) if root is not None else paths.store_dir()
         self.max_side = int(max_side)
         self.frames_dir = self.root / "frames" / f"s{self.max_side}"
+        self._frames_str = str(self.frames_dir)
+        self.levels: list[int] = []  # short sides of the smaller copies, largest first
+        side = self.max_side // 2
+        while side >= max(1, min_level):
+            self.levels.append(side)
+            side //= 2
 
     def __repr__(self) -> str:
         return f"FrameStore({str(self.root)!r}, max_side={self.max_side})"
 
-    def path_for(self, frame_key: str) -> Path:
+    def _path_str(self, frame_key: str, level: int | None = None) -> str:
         digest = hashlib.sha1(frame_key.encode("utf-8")).hexdigest()
-        return self.frames_dir / digest[:2] / f"{digest}.png"
+        name = f"{digest}.png" if level is None else f"{digest}@{level}.png"
+        return os.path.join(self._frames_str, digest[:2], name)
+
+    def path_for(self, frame_key: str, level: int | None = None) -> Path:
+        return Path(self._path_str(frame_key, level))
 
     def has(self, frame_key: str) -> bool:
-        return self.path_for(frame_key).exists()
+        return os.path.exists(self._path_str(frame_key))  # strings, not Paths: called per frame on re-scans
 
     def put(self, frame_key: str, image: Image.Image) -> Path:
         """Store `image` under `frame_key` (no-op when present); returns its path."""
@@ -58,20 +86,25 @@ class FrameStore:
             return final
         final.parent.mkdir(parents=True, exist_ok=True)
         image = cap_short_side(image.convert("RGB"), self.max_side)
-        # temp + rename in the same folder: readers never see a half-written frame. No fsync:
-        # the store is a cache of decodable sources, and fsync per frame would dominate ingest.
-        fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=final.parent)
-        try:
-            with os.fdopen(fd, "wb") as fh:
-                image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
-            os.replace(tmp, final)
-        except BaseException:
-            Path(tmp).unlink(missing_ok=True)
-            raise
+        for level in self.levels:
+            if min(image.size) > level:
+                _save_png(cap_short_side(image, level), self.path_for(frame_key, level))
+        _save_png(image, final)  # last: `has` is true only once the smaller copies are there too
         return final
 
-    def load(self, frame_key: str) -> Image.Image:
-        path = self.path_for(frame_key)
+    def load(self, frame_key: str, min_side: int | None = None) -> Image.Image:
+        """The frame as RGB. With `min_side`, the smallest stored copy whose short side is at
+        least that (the full frame when none is, or when the frame itself is smaller)."""
+        if min_side is not None:
+            for level in reversed(self.levels):
+                if level >= min_side:
+                    try:
+                        return self._open(self.path_for(frame_key, level), frame_key)
+                    except FileNotFoundError:
+                        continue
+        return self._open(self.path_for(frame_key), frame_key)
+
+    def _open(self, path: Path, frame_key: str) -> Image.Image:
         try:
             with Image.open(path) as img:
                 return img.convert("RGB")

@@ -260,7 +260,8 @@ def ingest(
                     sources.save_pack()
                     last_pack = time.perf_counter()
                 rows.extend({**base, "source_md5": md5, **r} for r in source_rows)
-                bar.set_postfix(frames=decoded + reused, refresh=False)
+                if progress:
+                    bar.set_postfix(frames=decoded + reused, refresh=False)
         writer.close()  # every frame is on disk before the manifest says so
     finally:
         writer.close()

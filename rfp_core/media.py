@@ -53,41 +53,35 @@ class DecodedFrame:
     error: str | None = None  # why this zip member was skipped
 
 
-def kind_of(path: Path) -> MediaKind | None:
-    ext = path.suffix.lower()
-    if ext in IMAGE_EXTS:
-        return "image"
-    if ext in VIDEO_EXTS:
-        return "video"
-    if ext in ZIP_EXTS:
-        return "zip"
-    return None
+_KIND_BY_EXT: dict[str, MediaKind] = {
+    **{e: "image" for e in IMAGE_EXTS}, **{e: "video" for e in VIDEO_EXTS}, **{e: "zip" for e in ZIP_EXTS}
+}
+
+
+def kind_of(path: str | os.PathLike) -> MediaKind | None:
+    return _KIND_BY_EXT.get(os.path.splitext(path)[1].lower())
 
 
 def discover(dirs: list[Path]) -> list[MediaFile]:
-    """All media under `dirs` (recursive, case-insensitive extensions, hidden entries skipped), sorted.
-
-    A path that is itself a media file is taken as is. A missing path raises FileNotFoundError.
-    """
-    found: set[MediaFile] = set()
+    """All media under `dirs` (recursive, case-insensitive extensions, hidden entries skipped),
+    sorted by path. A path that is itself a media file is taken as is. A missing path raises
+    FileNotFoundError."""
+    found: dict[str, MediaKind] = {}
     for d in dirs:
         d = Path(d).expanduser().absolute()
         if d.is_file():
             if (kind := kind_of(d)) is not None:
-                found.add(MediaFile(d, kind))
+                found[str(d)] = kind
             continue
         if not d.is_dir():
             raise FileNotFoundError(f"domain folder {d} does not exist (check the path you passed)")
-        # os.walk (scandir) is several times faster than Path.rglob on big folders; re-scan speed matters
+        # os.walk and plain strings: a re-scan of 10,000 files must take well under a second
         for root, subdirs, files in os.walk(d):
             subdirs[:] = [s for s in subdirs if not s.startswith(".")]
             for name in files:
-                if name.startswith("."):
-                    continue
-                kind = kind_of(Path(name))
-                if kind is not None:
-                    found.add(MediaFile(Path(root) / name, kind))
-    return sorted(found)
+                if not name.startswith(".") and (kind := kind_of(name)) is not None:
+                    found[os.path.join(root, name)] = kind
+    return [MediaFile(Path(p), found[p]) for p in sorted(found)]
 
 
 def iter_frames(media: MediaFile) -> Iterator[DecodedFrame]:

@@ -33,7 +33,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
 
         self.translator = Translator.from_run(context.artifacts[CHECKPOINT], device=os.environ.get("RFP_DEVICE") or None)
 
-    def predict(self, context, model_input, params=None) -> np.ndarray:
+    def predict(self, context, model_input: np.ndarray, params: dict | None = None) -> np.ndarray:
         import torch
         from PIL import Image
 

@@ -109,4 +109,42 @@ def test_identity_codec_checkpoint(tmp_path):
     assert result.steps == 0 and result.recon_l1 == 0.0 and result.checkpoint.exists()
     assert isinstance(load_codec(result.checkpoint), IdentityCodec)
     with pytest.raises(ValueError, match="multiple of the codec"):
-        train_codec(_cfg(max_size=18), manifest, tmp_path / "odd", store=store, progress=False)
+        train_codec(_cfg(max_size=17), manifest, tmp_path / "odd", store=store, progress=False)
+
+
+def test_vae_codec_run_end_to_end(tmp_path, capsys):
+    """Codec -> latent-space saliency -> latent-space velocity -> `rfp translate` decodes the outputs."""
+    from pathlib import Path
+
+    from PIL import Image
+
+    from rfp_core.cli import main
+    from rfp_core.config import load_config
+    from rfp_core.train.saliency import load_saliency, train_saliency
+    from rfp_core.train.velocity import train_velocity
+    from rfp_core.translate import Translator
+
+    tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+    cfg = load_config(tiny, overrides={
+        "max_size": 16,
+        "codec": {"net": TINY_VAE, "learning_rate": 3e-3, "train_images": 16 * 80, "batch_size": 16},
+        "velocity": {"train_images": 16 * 12, "sample_every_images": 16 * 12},
+    })
+    manifest, store, (d0, _) = _manifest(tmp_path, n=24)
+    run = tmp_path / "run"
+    codec = train_codec(cfg, manifest, run, store=store, progress=False)
+    sal = train_saliency(cfg, manifest, run, store=store, codec_checkpoint=codec.checkpoint, progress=False)
+    net = load_saliency(sal.checkpoint)
+    assert net.latent_input and net.backbone.conv1.in_channels == 4 and sal.accuracy >= cfg.saliency.accuracy_threshold
+    vel = train_velocity(cfg, manifest, run, saliency_checkpoint=sal.checkpoint, store=store,
+                         codec_checkpoint=codec.checkpoint, progress=False)
+    assert vel.checkpoint.is_file() and torch.isfinite(torch.tensor(vel.final_loss))
+
+    tr = Translator.from_run(run, device="cpu")
+    assert not tr.codec.is_identity and tr.codec.downsample == 2
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    assert tr.encode(x).shape == (2, 4, 8, 8)  # the flow runs on 4 x 8 x 8 latents
+    out = tmp_path / "translated"
+    assert main(["translate", "--run", str(run), str(d0), "--out", str(out), "--device", "cpu"]) == 0
+    written = sorted(out.glob("*.png"))
+    assert len(written) == 24 and Image.open(written[0]).size == (16, 16)

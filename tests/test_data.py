@@ -47,6 +47,7 @@ def test_holdout_split_is_deterministic_and_per_key():
     assert not holdout_split(keys, 0.0).any()
     small = holdout_split(["a", "b", "c"], 0.1)
     assert 0 < small.sum() < 3  # both sides non-empty
+    assert not holdout_split(["lone"], 0.99).any()  # a lone key trains
     with pytest.raises(ValueError):
         holdout_split(keys, 1.0)
 

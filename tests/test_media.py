@@ -10,7 +10,7 @@ from PIL import Image
 
 from media_factory import frame_array, make_image, make_video, make_zip
 from rfp_core import paths
-from rfp_core.frame_store import FrameStore
+from rfp_core.frame_store import FrameStore, cap_short_side
 from rfp_core.hashing import HashCache, md5_file
 from rfp_core.media import MediaError, MediaFile, discover, iter_frames
 
@@ -138,6 +138,26 @@ def test_frame_store_put_load_layout_and_cap(tmp_path):
     assert not FrameStore(tmp_path / "store", max_side=48).has("abc:frame:3")
     # no temp files left behind
     assert not [p for p in (tmp_path / "store").rglob("*") if p.name.endswith(".tmp")]
+
+
+def test_frame_store_smaller_copies_serve_small_loads(tmp_path):
+    store = FrameStore(tmp_path / "store", max_side=64, min_level=16)
+    assert store.levels == [32, 16]
+    big = Image.fromarray(frame_array(5, (100, 80)))
+    store.put("big", big)
+    full = cap_short_side(big, 64)
+    assert store.load("big").size == (80, 64)
+    assert store.load("big", min_side=40).size == (80, 64)
+    mid = store.load("big", min_side=20)
+    assert mid.size == (40, 32)
+    assert np.array_equal(np.asarray(mid), np.asarray(cap_short_side(full, 32)))
+    assert store.load("big", min_side=10).size == (20, 16)
+    # a frame smaller than a level has no copy at that level: loads fall back to the next one up
+    store.put("small", Image.fromarray(frame_array(1, (30, 24))))
+    assert not store.path_for("small", 32).exists() and store.path_for("small", 16).exists()
+    assert store.load("small", min_side=30).size == (30, 24)
+    assert store.load("small", min_side=12).size == (20, 16)
+    assert FrameStore(tmp_path / "s", max_side=512).levels == [256, 128, 64]
 
 
 def test_frame_store_put_is_idempotent_and_default_root(tmp_path):

@@ -53,11 +53,11 @@ def make_project(root: Path, experiments: dict[str, dict], n: int = 12) -> Path:
     return root
 
 
-def write_experiment(root: Path, name: str, overrides: dict) -> Path:
+def write_experiment(root: Path, name: str, overrides: dict, generative: bool = False) -> Path:
     path = root / "experiments" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_text(json.dumps({
-        "domain0": [f"data/{name}/domain0"], "domain1": [f"data/{name}/domain1"],
+        "domain0": "random" if generative else [f"data/{name}/domain0"], "domain1": [f"data/{name}/domain1"],
         "config": str(TINY), "overrides": overrides,
     }))
     return path
@@ -114,20 +114,21 @@ def built(tmp_path_factory):
         uri = f"sqlite:///{home}/mlflow.db"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
         fast = {**TINY_OVERRIDES, "velocity": {**TINY_OVERRIDES["velocity"], "learning_rate": 0.002}}
-        make_project(root, {"alpha": TINY_OVERRIDES, "beta": fast})
+        make_project(root, {"alpha": TINY_OVERRIDES, "beta": fast, "gen": TINY_OVERRIDES})
+        write_experiment(root, "gen", TINY_OVERRIDES, generative=True)
         resources = resources_for(root, home, uri)
         (base / "dagster_home").mkdir()
         with dg.instance_for_test(temp_dir=str(base / "dagster_home")) as instance:
             sensor_result = register_partitions(instance, resources)
-            results = {name: materialize_all(instance, resources, name) for name in ("alpha", "beta")}
+            results = {name: materialize_all(instance, resources, name) for name in ("alpha", "beta", "gen")}
             yield {"root": root, "home": home, "uri": uri, "instance": instance, "resources": resources,
                    "results": results, "sensor": sensor_result}
 
 
 def test_experiments_sensor_adds_partitions_and_requests_their_spec(built):
     result = built["sensor"]
-    assert [sorted(r.partition_keys) for r in result.dynamic_partitions_requests] == [["alpha", "beta"]]
-    assert sorted(r.partition_key for r in result.run_requests) == ["alpha", "beta"]
+    assert [sorted(r.partition_keys) for r in result.dynamic_partitions_requests] == [["alpha", "beta", "gen"]]
+    assert sorted(r.partition_key for r in result.run_requests) == ["alpha", "beta", "gen"]
     assert all(r.asset_selection == [dg.AssetKey("experiment_config")] for r in result.run_requests)
     # nothing changed: the next tick (same cursor) requests nothing
     ctx = dg.build_sensor_context(instance=built["instance"], cursor=result.cursor, resources={"rfp": built["resources"]["rfp"]})
@@ -145,7 +146,8 @@ def test_experiments_sensor_adds_partitions_and_requests_their_spec(built):
 
 
 def test_whole_graph_materialises_with_metadata_and_checks(built):
-    for name, result in built["results"].items():
+    for name in ("alpha", "beta"):
+        result = built["results"][name]
         assert result.success
         mats = {m.asset_key.to_user_string(): m for m in result.get_asset_materialization_events()}
         assert set(mats) == set(STAGES)
@@ -207,7 +209,7 @@ def test_registered_pyfunc_translates_like_the_checkpoint(built):
     mlflow.set_tracking_uri(built["uri"])
     client = mlflow.MlflowClient(built["uri"])
     versions = client.search_model_versions("name='alpha'")
-    assert [v.version for v in versions] == ["1"]
+    assert [str(v.version) for v in versions] == ["1"]
     model = mlflow.pyfunc.load_model("models:/alpha/1")
     images = np.stack([np.full((16, 16, 3), warm(i), np.uint8) for i in range(3)])
     out = model.predict(images)
@@ -219,6 +221,21 @@ def test_registered_pyfunc_translates_like_the_checkpoint(built):
     assert np.abs(out.astype(int) - ref.astype(int)).max() <= 1
     back = model.predict(images, params={"reverse": True, "steps": 1})
     assert back.shape == out.shape and not np.array_equal(back, out)
+
+
+def test_generative_experiment_skips_saliency_and_says_why(built):
+    result = built["results"]["gen"]
+    assert result.success
+    mats = {m.asset_key.to_user_string(): m.materialization for m in result.get_asset_materialization_events()}
+    assert set(mats) == set(STAGES)
+    sal = mats["saliency_checkpoint"].metadata
+    assert sal["skipped"].value is True and "generative" in sal["reason"].value
+    assert mats["media_manifest"].metadata["domain0_ok"].value == 0
+    assert "data:image/png;base64," in mats["evaluation_samples"].metadata["grid"].value
+    client = mlflow.MlflowClient(built["uri"])
+    runs = client.search_runs([client.get_experiment_by_name("gen").experiment_id])
+    assert [r.data.tags["stage"] for r in runs] == ["velocity"]
+    assert runs[0].data.params["domain0"] == "random"
 
 
 def test_two_configs_side_by_side_in_search_runs(built):

@@ -126,6 +126,9 @@ def evaluate_run(
     """
     device = torch.device(device)
     out_dir = Path(out_dir)
+    if masks_dir is not None and not Path(masks_dir).is_dir():
+        raise FileNotFoundError(f"masks_dir {masks_dir} is not a folder; pass the folder of true masks "
+                                "(<stem>.png per domain-0 image, as `rfp demo-data` writes) or no masks_dir")
     cfg = _model_config(translator)
     if holdout_fraction is None:
         # the trainer's split: these frames were never trained on
@@ -148,6 +151,8 @@ def evaluate_run(
 
     # -- translate: forward, timed; then back
     with torch.no_grad():
+        # warm-up (CUDA context, kernel choice) outside the timing
+        translator.translate(x0[:2].to(device), steps=1, sampler=sampler)
         t_start = time.perf_counter()
         out = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler), x0, batch_size, device)
         seconds = time.perf_counter() - t_start
@@ -180,12 +185,12 @@ def evaluate_run(
         result["structure_encoder"] = enc_id
     if masks_dir is not None:
         idx, true = _true_masks(Path(masks_dir), _source_stems(table, keys0), keys0, size)
+        result["mask_count"] = len(idx)
         if idx:
             bg = background if background is not None else _demo_background()
             result["mask_iou"] = M.mask_iou(M.foreground_mask(out[idx], bg, mask_threshold), true)
             # the same measurement on the inputs: ~1 says the mask finder itself is right
             result["mask_iou_input"] = M.mask_iou(M.foreground_mask(x0[idx], bg, mask_threshold), true)
-            result["mask_count"] = len(idx)
 
     # -- flow
     z0 = _in_chunks(translator.encode, x0[:batch_size], batch_size, device)
@@ -197,10 +202,11 @@ def evaluate_run(
                    "judge_n_train": judge.n_train, "judge_n_holdout": judge.n_holdout})
 
     # -- pictures and the file
-    n = min(GRID_COLUMNS, len(x0))
+    # still images first: consecutive video frames would fill the grid with one scene
+    pick = sorted(range(len(keys0)), key=lambda i: ":" in keys0[i])[:GRID_COLUMNS]
     paths = {
-        "grid_translate": str(save_grid([x0[:n], out[:n]], out_dir / "grid_translate.png")),
-        "grid_cycle": str(save_grid([out[:n], back[:n].clamp(-1, 1)], out_dir / "grid_cycle.png")),
+        "grid_translate": str(save_grid([x0[pick], out[pick]], out_dir / "grid_translate.png")),
+        "grid_cycle": str(save_grid([out[pick], back[pick].clamp(-1, 1)], out_dir / "grid_cycle.png")),
         "metrics": str(out_dir / "metrics.json"),
     }
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}

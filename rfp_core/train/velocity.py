@@ -183,7 +183,9 @@ def train_velocity(
 
     dataset = UnpairedDataset(manifest, store, cfg.max_size, generative=cfg.generative, split="train",
                               holdout_fraction=cfg.saliency.holdout_fraction, pairs=pairs)
-    loader = DataLoader(dataset, batch_size=mb, sampler=StepSampler(len(dataset), cfg.seed, start=step * accum * mb))
+    # own generator: making the iterator must not draw from the global RNG that resume restored
+    loader = DataLoader(dataset, batch_size=mb, sampler=StepSampler(len(dataset), cfg.seed, start=step * accum * mb),
+                        generator=torch.Generator().manual_seed(cfg.seed))
     batches = iter(loader)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if vc.bf16 and device.type == "cuda" else contextlib.nullcontext()

@@ -1,0 +1,193 @@
+import json
+
+import pytest
+import torch
+import torchvision
+from torch import nn
+
+from rfp_core.config import ConfigError, SaliencyNetConfig, UNetConfig, config_from_dict
+from rfp_core.nets.saliency import PretrainedWeightsMissing, SaliencyNet, pretrained_weights_file
+from rfp_core.nets.unet import AttentionBlock, UNet, group_norm
+
+TINY_UNET = dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, num_attention_heads=2)
+
+
+def _sal(backbone="resnet18", **kw) -> SaliencyNetConfig:
+    return SaliencyNetConfig(backbone=backbone, pretrained=False, latent_channels=kw.pop("latent_channels", 32), **kw)
+
+
+# ---------------------------------------------------------------------------- saliency
+
+
+@pytest.mark.parametrize("backbone,features", [("resnet18", 512), ("resnet50", 2048)])
+def test_saliency_shapes(backbone, features):
+    net = SaliencyNet(_sal(backbone)).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert net.latent_proj.in_features == features
+    assert net.h(x).shape == (2, 32) and net(x).shape == (2, 2)
+    # logits are the classifier applied to h
+    torch.testing.assert_close(net(x), net.classifier(net.h(x)))
+
+
+def test_pixel_input_gets_imagenet_normalisation():
+    net = SaliencyNet(_sal()).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
+    std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
+    expected = net.latent_proj(net.backbone(((x + 1) / 2 - mean) / std))
+    torch.testing.assert_close(net.h(x), expected)
+
+
+def test_latent_stem():
+    net = SaliencyNet(_sal(), in_channels=4, latent_input=True).eval()
+    conv1 = net.backbone.conv1
+    assert (conv1.in_channels, conv1.kernel_size, conv1.stride) == (4, (3, 3), (1, 1))
+    assert isinstance(net.backbone.maxpool, nn.Identity)
+    z = torch.randn(2, 4, 8, 8)
+    assert net.h(z).shape == (2, 32)
+    # no ImageNet normalisation on latents: h is the backbone straight on z
+    torch.testing.assert_close(net.h(z), net.latent_proj(net.backbone(z)))
+    with pytest.raises(ValueError, match="latent_input"):
+        SaliencyNet(_sal(), in_channels=4)
+
+
+def test_parameter_groups_and_backbone_freezing():
+    net = SaliencyNet(_sal())
+    heads, backbone = list(net.head_parameters()), list(net.backbone_parameters())
+    assert len(heads) == 4 and len(heads) + len(backbone) == len(list(net.parameters()))
+    net.set_backbone_trainable(False)
+    assert not any(p.requires_grad for p in net.backbone_parameters())
+    assert all(p.requires_grad for p in net.head_parameters())
+    net.set_backbone_trainable(True)
+    assert all(p.requires_grad for p in net.parameters())
+
+
+def test_missing_pretrained_weights_names_the_file_and_the_fix(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    expected = tmp_path / "torch" / "hub" / "checkpoints" / "resnet50-11ad3fa6.pth"
+    assert pretrained_weights_file("resnet50")[0] == expected
+    with pytest.raises(PretrainedWeightsMissing) as err:
+        SaliencyNet(SaliencyNetConfig(backbone="resnet50", pretrained=True))
+    assert isinstance(err.value, ConfigError)
+    msg = str(err.value)
+    assert str(expected) in msg and '"pretrained": false' in msg and "download.pytorch.org" in msg
+    # an explicit path that is missing is named too
+    with pytest.raises(PretrainedWeightsMissing, match="my_weights.pth"):
+        SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, pretrained_path=tmp_path / "my_weights.pth"))
+
+
+def test_pretrained_weights_load_from_the_torch_cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    path, _ = pretrained_weights_file("resnet18")
+    path.parent.mkdir(parents=True)
+    donor = torchvision.models.resnet18(weights=None)
+    torch.save(donor.state_dict(), path)  # stands in for the ImageNet file, same name and layout
+    net = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, latent_channels=8))
+    assert torch.equal(net.backbone.layer3[0].conv1.weight, donor.layer3[0].conv1.weight)
+    assert torch.equal(net.backbone.bn1.running_var, donor.bn1.running_var)
+    # latent input keeps the pretrained body but not the (replaced) RGB stem
+    lat = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, latent_channels=8, pretrained_path=path),
+                      in_channels=4, latent_input=True)
+    assert torch.equal(lat.backbone.layer1[0].conv2.weight, donor.layer1[0].conv2.weight)
+    assert lat.backbone.conv1.weight.shape == (64, 4, 3, 3)
+
+
+def test_frozen_h_is_the_same_function_and_frozen():
+    net = SaliencyNet(_sal()).double()
+    with torch.no_grad():  # non-trivial BN statistics so folding them is really tested
+        for m in net.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
+                m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+    net.train()
+    frozen = net.frozen_h()
+    assert net.training  # the original is left as it was
+    assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
+    assert not any(p.requires_grad for p in frozen.parameters())
+    x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    torch.testing.assert_close(frozen(x), net.eval().h(x), rtol=1e-10, atol=1e-10)
+
+
+# ---------------------------------------------------------------------------- UNet
+
+
+@pytest.mark.parametrize("in_channels,h,w", [(3, 16, 16), (4, 8, 24)])
+def test_unet_shapes(in_channels, h, w):
+    net = UNet(UNetConfig(**TINY_UNET), in_channels=in_channels)
+    x = torch.randn(2, in_channels, h, w)
+    assert net(x, torch.rand(2)).shape == x.shape
+
+
+def test_unet_rejects_sides_not_divisible_by_the_downsampling():
+    net = UNet(UNetConfig(model_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1))
+    with pytest.raises(AssertionError, match=r"divisible by 4"):
+        net(torch.randn(1, 3, 18, 16), torch.rand(1))
+
+
+def test_zero_out_gives_zero_velocity_at_init():
+    net = UNet(UNetConfig(**TINY_UNET))  # zero_out defaults to True
+    out = net(torch.randn(2, 3, 16, 16), torch.rand(2))
+    assert torch.count_nonzero(out) == 0
+    # and it is still trainable: the output conv gets a gradient
+    (net(torch.randn(2, 3, 16, 16), torch.rand(2)) - 1).pow(2).mean().backward()
+    assert net.out[-1].weight.grad.abs().sum() > 0
+
+
+def test_time_conditioning_changes_the_output():
+    torch.manual_seed(0)
+    net = UNet(UNetConfig(**TINY_UNET, zero_out=False)).eval()
+    x = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
+    out = net(x, torch.tensor([0.1, 0.9]))
+    assert (out[0] - out[1]).abs().max() > 1e-4
+    # conditioning enters as FiLM on the norm between the convs: zeroing that layer removes it
+    for m in net.modules():
+        if hasattr(m, "emb") and isinstance(m.emb, nn.Linear):
+            nn.init.zeros_(m.emb.weight), nn.init.zeros_(m.emb.bias)
+    out = net(x, torch.tensor([0.1, 0.9]))
+    torch.testing.assert_close(out[0], out[1])
+
+
+def test_attention_at_listed_downsample_factors():
+    torch.manual_seed(0)
+    cfg = UNetConfig(**{**TINY_UNET, "ch_mult": [1, 2, 2]}, attention_resolutions=[2], zero_out=False)
+    net = UNet(cfg)
+    attn = [m for m in net.modules() if isinstance(m, AttentionBlock)]
+    # factor 2 = level 1 (32 channels): 1 down block + 2 up blocks
+    assert len(attn) == 3 and all(a.qkv.in_channels == 32 for a in attn)
+    x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
+    out = net(x, t)
+    out.pow(2).mean().backward()
+    assert all(a.qkv.weight.grad.abs().sum() > 0 for a in attn)
+    # attention does something: silencing its output projection changes v
+    with torch.no_grad():
+        for a in attn:
+            a.proj.weight.zero_(), a.proj.bias.zero_()
+        assert (out - net(x, t)).abs().max() > 1e-5
+    with pytest.raises(ValueError, match="num_attention_heads=3"):
+        UNet(UNetConfig(**{**TINY_UNET, "num_attention_heads": 3}, attention_resolutions=[1]))
+
+
+def test_zero_res_blocks_makes_res_blocks_identity_at_init():
+    from rfp_core.nets.unet import ResBlock
+
+    block = ResBlock(16, 16, 32, 0.0, zero_init=True)
+    x = torch.randn(2, 16, 8, 8)
+    torch.testing.assert_close(block(x, torch.randn(2, 32)), x)
+
+
+def test_group_norm_groups_divide_channels():
+    assert group_norm(128).num_groups == 32 and group_norm(16).num_groups == 16
+    assert group_norm(48).num_groups == 24 and group_norm(8).num_groups == 8
+
+
+def test_original_flat_config_builds_both_nets(tmp_path):
+    raw = {"type": "RFPix2pixModel", "max_size": 32,
+           "velocity_net": {"type": "UNet", "model_channels": 16, "ch_mult": [1, 2], "normalization": "GroupNorm32",
+                            "activation": "SiLU", "num_res_blocks": 1, "zero_res_blocks": False,
+                            "attention_resolutions": [2], "num_attention_heads": 4},
+           "saliency_net": {"type": "ResNetSaliencyNet", "backbone": "resnet18", "num_classes": 2,
+                            "pretrained": False, "latent_channels": 16}}
+    cfg = config_from_dict(json.loads(json.dumps(raw)))
+    unet, sal = UNet(cfg.velocity.net), SaliencyNet(cfg.saliency.net).eval()
+    x = torch.rand(2, 3, 32, 32) * 2 - 1
+    assert unet(x, torch.rand(2)).shape == x.shape and sal(x).shape == (2, 2)

@@ -1,0 +1,145 @@
+"""End to end on CPU: the tiny config (original flat format) trains phase 1 and phase 2 on generated
+warm-flat vs cool-striped discs; `rfp translate` then writes one output per input, both directions."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from disc_data import make_discs
+from rfp_core.cli import main
+from rfp_core.config import config_from_dict, load_config
+from rfp_core.data import FrameDataset
+from rfp_core.frame_store import FrameStore
+from rfp_core.ingest import ingest
+from rfp_core.train.run import train_run
+from rfp_core.train.saliency import SaliencyThresholdNotReached, load_saliency, train_saliency
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tiny")
+    d0, d1 = make_discs(root / "data", n=24, size=32)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv("RFP_HOME", str(root / "home"))
+        run = train_run(load_config(TINY), [d0], [d1], run_id="tiny", device="cpu", progress=False)
+        store = FrameStore(max_side=512)
+        yield run, d0, d1, store
+
+
+def test_tiny_config_is_in_the_original_flat_format():
+    raw = json.loads(TINY.read_text())
+    assert "velocity_net" in raw and "saliency_net" in raw
+    assert not {"velocity", "saliency", "codec"} & raw.keys()
+    cfg = load_config(TINY)
+    assert cfg.max_size == 32 and cfg.saliency.net.backbone == "resnet18" and not cfg.saliency.net.pretrained
+
+
+def test_run_folder_holds_every_artefact(trained):
+    run, *_ = trained
+    for name in ("config.json", "manifest.parquet", "saliency.pt", "saliency_state.json", "velocity.pt", "metrics.jsonl"):
+        assert (run / name).is_file(), name
+    assert list((run / "samples").glob("step_*.png"))
+    cfg = config_from_dict(json.loads((run / "config.json").read_text()))
+    assert cfg.domain0 and cfg.domain1  # the resolved config names the folders it was trained on
+
+
+def test_saliency_reaches_its_threshold_on_held_out_frames(trained):
+    run, _, _, store = trained
+    cfg = load_config(TINY)
+    state = json.loads((run / "saliency_state.json").read_text())
+    assert state["backbone_warmed_up"] is True
+    assert state["accuracy"] >= cfg.saliency.accuracy_threshold
+    # measure again, independently, on the held-out frames the training never saw
+    net = load_saliency(run / "saliency.pt")
+    assert not any(p.requires_grad for p in net.parameters()) and not net.training
+    accs = []
+    for domain in (0, 1):
+        ds = FrameDataset(run / "manifest.parquet", store, domain, 32, split="holdout", train_crop=False)
+        train_keys = set(FrameDataset(run / "manifest.parquet", store, domain, 32, split="train").frame_keys)
+        assert not train_keys & set(ds.frame_keys)
+        with torch.no_grad():
+            pred = net(torch.stack([ds[i] for i in range(len(ds))])).argmax(1)
+        accs.append(float((pred == domain).float().mean()))
+    assert sum(accs) / 2 == pytest.approx(state["accuracy"])
+
+
+def test_velocity_loss_falls(trained):
+    run, *_ = trained
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    cfg = load_config(TINY)
+    assert rows[-1]["step"] == cfg.velocity.total_steps
+    losses = [r["loss"] for r in rows]
+    third = max(1, len(losses) // 3)
+    early, late = np.mean(losses[:third]), np.mean(losses[-third:])
+    assert late < 0.7 * early, (early, late)
+    assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in rows)
+
+
+def test_checkpoints_load_with_weights_only(trained):
+    run, *_ = trained
+    for path in [run / "saliency.pt", run / "velocity.pt", *run.glob("velocity_*.pt")]:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        assert isinstance(state["config"], dict)
+    final = torch.load(run / "velocity.pt", map_location="cpu", weights_only=True)
+    assert final["step"] == load_config(TINY).velocity.total_steps
+
+
+def test_a_resumed_call_skips_the_finished_saliency_phase(trained):
+    run, _, _, store = trained
+    before = json.loads((run / "saliency_state.json").read_text())
+    mtime = (run / "saliency.pt").stat().st_mtime_ns
+    result = train_saliency(load_config(TINY), run / "manifest.parquet", run, store=store, progress=False)
+    assert result.steps == before["steps"] and result.warmed_up
+    assert (run / "saliency.pt").stat().st_mtime_ns == mtime
+
+
+def _disc_hue(path: Path) -> tuple[float, float]:
+    """Mean (red, blue) of the pixels far from the grey background (the disc)."""
+    a = np.asarray(Image.open(path).convert("RGB")).astype(float)
+    fg = np.abs(a - 128).sum(-1) > 90
+    return float(a[fg][:, 0].mean()), float(a[fg][:, 2].mean())
+
+
+def test_translate_cli_forward_and_reverse(trained, tmp_path):
+    run, d0, d1, _ = trained
+    files = sorted(d0.glob("*.png"))[:3]
+    out = tmp_path / "fwd"
+    assert main(["translate", "--run", str(run), *map(str, files), "--out", str(out), "--device", "cpu"]) == 0
+    assert sorted(p.name for p in out.iterdir()) == sorted(f.stem + ".png" for f in files)
+    for f in files:
+        assert Image.open(out / f"{f.stem}.png").size == (32, 32)
+    # warm discs come out cooler: the blue share of the disc rises
+    red0, blue0 = np.mean([_disc_hue(f) for f in files], axis=0)
+    red1, blue1 = np.mean([_disc_hue(out / f"{f.stem}.png") for f in files], axis=0)
+    assert blue1 - red1 > blue0 - red0 + 20, ((red0, blue0), (red1, blue1))
+
+    back = tmp_path / "back"
+    assert main(["translate", "--run", str(run), str(d1), "--out", str(back), "--reverse", "--steps", "2",
+                 "--sampler", "heun", "--device", "cpu"]) == 0
+    assert sorted(p.stem for p in back.iterdir()) == sorted(p.stem for p in d1.glob("*.png"))
+
+
+def test_unreachable_threshold_stops_with_a_clear_error(tmp_path):
+    # two folders of the same style: nothing to tell apart, so no threshold of 1.0 is reachable
+    d0, _ = make_discs(tmp_path / "a", n=12, size=32, seed=0)
+    d1, _ = make_discs(tmp_path / "b", n=12, size=32, seed=1)
+    store = FrameStore(max_side=64)
+    report = ingest([d0], [d1], out=tmp_path / "m.parquet", store=store, progress=False)
+    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={
+        "saliency": {"max_steps": 2, "eval_every": 1, "warmup_threshold": 1.0, "accuracy_threshold": 1.0,
+                     "learning_rate": 1e-9}})
+    with pytest.raises(SaliencyThresholdNotReached) as err:
+        train_saliency(cfg, report.manifest_path, tmp_path / "run", store=store, progress=False)
+    msg = str(err.value)
+    assert "max_steps=2" in msg and "warmup_threshold 1.0" in msg and "accuracy" in msg
+    # the partial phase is kept, so more steps continue it instead of starting over
+    state = json.loads((tmp_path / "run" / "saliency_state.json").read_text())
+    assert state["steps"] == 2 and state["backbone_warmed_up"] is False
