@@ -66,6 +66,8 @@ class HashCache:
         self._dirty = True
         return digest
 
+    hash = md5  # the name docs/ARCHITECTURE.md uses
+
     def save(self) -> Path:
         """Write the cache atomically (skipped when nothing changed)."""
         if not self._dirty and self.path.exists():

@@ -92,14 +92,14 @@ def iter_frames(media: MediaFile) -> Iterator[DecodedFrame]:
     """
     if media.kind == "image":
         with open(media.path, "rb") as fh:
-            yield DecodedFrame(0, None, decode_image(fh, str(media.path)))
+            yield DecodedFrame(0, None, decode_image(fh))
     elif media.kind == "video":
         yield from _iter_video(media.path)
     else:
         yield from _iter_zip(media.path)
 
 
-def decode_image(fp, name: str) -> Image.Image:
+def decode_image(fp) -> Image.Image:
     """Open, fully decode and orient one image; refuse decompression bombs at Pillow's limit."""
     try:
         with warnings.catch_warnings():
@@ -201,7 +201,7 @@ def _iter_zip(path: Path) -> Iterator[DecodedFrame]:
                 continue
             try:
                 data = zf.read(info)  # into memory only: nothing is extracted to disk
-                image = decode_image(io.BytesIO(data), f"{path}:{name}")
+                image = decode_image(io.BytesIO(data))
             except MediaError as exc:
                 yield DecodedFrame(index, None, None, member=name, error=str(exc))
                 continue

@@ -115,8 +115,11 @@ def test_bad_inputs_are_skipped_rows_with_reasons(bad_folder, tmp_path):
     assert evil[f"{zmd5}:member:fine.png"]["status"] == "ok"
     assert "escapes the archive" in evil[f"{zmd5}:member:../x.png"]["error"]
     assert "absolute" in evil[f"{zmd5}:member:/abs.png"]["error"]
-    # nothing was written outside the store (nor anywhere else) under that name
-    assert not list(tmp_path.parent.rglob("x.png")) and not Path("/abs.png").exists()
+    # nothing was written under those names: not beside the archive, not in $RFP_HOME (all under
+    # tmp_path), not next to the working directory
+    assert not list(tmp_path.rglob("x.png")) and not list(tmp_path.rglob("abs.png"))
+    assert not (Path.cwd() / "x.png").exists() and not (Path.cwd().parent / "x.png").exists()
+    assert not Path("/abs.png").exists()
     # every error row carries a reason, every ok row none
     for rs in rows.values():
         for r in rs:

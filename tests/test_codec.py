@@ -112,7 +112,7 @@ def test_identity_codec_checkpoint(tmp_path):
         train_codec(_cfg(max_size=17), manifest, tmp_path / "odd", store=store, progress=False)
 
 
-def test_vae_codec_run_end_to_end(tmp_path, capsys):
+def test_vae_codec_run_end_to_end(tmp_path):
     """Codec -> latent-space saliency -> latent-space velocity -> `rfp translate` decodes the outputs."""
     from pathlib import Path
 

@@ -1,14 +1,13 @@
 """The judge and `evaluate_run` end to end on the demo data, with known-answer translators.
 
-The translators here are built directly (the real UNet from rfp_core.nets.unet, integrated with
-rfp_core.flow) and wrapped to the Translator interface: an identity flow (zero-initialised output
-conv, so v = 0 exactly) and an oracle that restyles each shape perfectly. Their right answers are
-known, which is what a test of the measuring needs; a trained run is tested where the pipeline is.
+Two translators whose right answers are known, which is what a test of the measuring needs:
+the real `rfp_core.translate.Translator` over an untrained UNet whose output conv is
+zero-initialised (v = 0 exactly: the identity flow), and an oracle that restyles each shape
+perfectly. Trained runs are measured by the (slow) ablation test and by the pipeline's tests.
 """
 
 import json
 
-import numpy as np
 import pytest
 import torch
 
@@ -19,15 +18,24 @@ from rfp_core.evaluate import evaluate_run, foreground_mask, train_judge
 from rfp_core.flow import integrate
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
+from rfp_core.nets.codec import build_codec
 from rfp_core.nets.unet import UNet
 from rfp_core.structure import ThumbnailEncoder
+from rfp_core.translate import Translator
 
 SIZE = 32
 HOLDOUT = 0.3
 
 
+def identity_translator(size: int) -> Translator:
+    cfg = ModelConfig(max_size=size)
+    cfg.velocity.num_inference_steps = 4
+    net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=True)).eval()
+    return Translator(cfg, net, build_codec(cfg.codec.net), torch.device("cpu"))
+
+
 class UNetTranslator:
-    """Translator interface over a bare UNet in pixel space (identity codec)."""
+    """The Translator interface over a bare UNet in pixel space, for the oracle to override."""
 
     def __init__(self, size: int):
         self.size = size
@@ -106,7 +114,7 @@ def test_judge_refuses_too_few_frames():
 def test_identity_flow_keeps_content_and_transfers_nothing(demo, tmp_path):
     data, store, manifest = demo
     res = evaluate_run(
-        UNetTranslator(SIZE), manifest, store, tmp_path / "ev", masks_dir=data.masks_dir(0),
+        identity_translator(SIZE), manifest, store, tmp_path / "ev", masks_dir=data.masks_dir(0),
         structure_encoder=ThumbnailEncoder(8), holdout_fraction=HOLDOUT, judge_steps=100,
     )
     on_disk = json.loads((tmp_path / "ev" / "metrics.json").read_text())
@@ -135,7 +143,7 @@ def _keys(demo, domain):
 def test_a_perfect_restyle_scores_as_transferred_and_realistic(demo, judge, tmp_path):
     data, store, manifest = demo
     # one judge grades both, as in the ablation
-    ident = evaluate_run(UNetTranslator(SIZE), manifest, store, tmp_path / "a", masks_dir=data.root / "masks",
+    ident = evaluate_run(identity_translator(SIZE), manifest, store, tmp_path / "a", masks_dir=data.root / "masks",
                          holdout_fraction=HOLDOUT, judge=judge)
     oracle = evaluate_run(OracleTranslator(SIZE), manifest, store, tmp_path / "b", masks_dir=data.root / "masks",
                           holdout_fraction=HOLDOUT, judge=judge)
@@ -155,3 +163,31 @@ def test_bad_inputs_are_clear_errors(demo, judge, tmp_path):
         evaluate_run(UNetTranslator(SIZE), manifest, store, tmp_path / "c", masks_dir=tmp_path / "nope",
                      holdout_fraction=HOLDOUT, judge=judge)
     assert not (tmp_path / "c" / "metrics.json").exists(), "no half-made report"
+
+
+def test_ablation_table_names_both_rows_and_marks_missing_values():
+    from rfp_core.bench.ablation import COLUMNS, markdown
+
+    rows = {"saliency": {"transfer_rate": 0.95, "mask_iou": 0.9, "nfe": 12, "fid_judge": float("nan")},
+            "mse": {"transfer_rate": 0.9, "mask_iou": 0.3, "nfe": 12}}
+    header = {"quick": False, "date": "2026-01-01", "device": "cpu", "platform": "x86_64", "config": "configs/demo.json",
+              "seed": 0, "train_images": 100, "steps": 10, "batch": 10, "size": 32, "data_num": 256, "n_eval": 30,
+              "nfe": 12, "sampler": "euler", "judge_accuracy": 1.0, "structure_encoder": "thumbnail16",
+              "grids": {"saliency": "a.png", "mse": "b.png"}}
+    text = markdown(rows, header)
+    table = [line for line in text.splitlines() if line.startswith("|")]
+    assert len(table) == 4 and all(line.count("|") == len(COLUMNS) + 2 for line in table)
+    assert table[2].startswith("| saliency | 0.950 | 0.900 | – |")
+    assert table[3].startswith("| mse | 0.900 | 0.300 |")
+
+
+@pytest.mark.slow
+def test_ablation_quick_measures_both_losses_by_one_command():
+    from rfp_core.bench.ablation import run
+
+    res = run(quick=True, device="cpu")
+    for loss in ("saliency", "mse"):
+        assert 0.0 <= res[loss]["transfer_rate"] <= 1.0 and 0.0 <= res[loss]["mask_iou"] <= 1.0
+        assert res[loss]["mask_iou_input"] == pytest.approx(1.0)
+    text = open(res["table"]).read()
+    assert "| saliency |" in text and "| mse |" in text

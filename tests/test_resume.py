@@ -87,17 +87,17 @@ def test_sigkill_during_velocity_then_checkpoint_resume_finishes_the_run(tmp_pat
 
 def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, data):
     _, _, manifest, store = data
-    cfg = _mse_cfg(train_images=8 * 12, checkpoint_every_steps=4, sample_every_images=8 * 6)
+    cfg = _mse_cfg(train_images=8 * 8, checkpoint_every_steps=3, sample_every_images=10**6)
     straight = train_velocity(cfg, manifest, tmp_path / "a", store=store, progress=False)
-    assert straight.steps == 12
+    assert straight.steps == 8
     kept = sorted(p.name for p in (tmp_path / "a").glob("velocity_*.pt"))
-    assert kept == ["velocity_00000008.pt", "velocity_00000012.pt"]  # the last two only
+    assert kept == ["velocity_00000006.pt", "velocity_00000008.pt"]  # the last two only
 
-    # resume from step 8 in a fresh folder: the same final weights, bit for bit
+    # resume from step 6 in a fresh folder: the same final weights, bit for bit
     (tmp_path / "b").mkdir()
-    shutil.copy(tmp_path / "a" / "velocity_00000008.pt", tmp_path / "b" / "from8.pt")
+    shutil.copy(tmp_path / "a" / "velocity_00000006.pt", tmp_path / "b" / "from6.pt")
     resumed = train_velocity(cfg, manifest, tmp_path / "b", store=store, progress=False,
-                             resume_from=tmp_path / "b" / "from8.pt")
+                             resume_from=tmp_path / "b" / "from6.pt")
     a, b = _weights(straight.checkpoint), _weights(resumed.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -105,13 +105,13 @@ def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, 
     (tmp_path / "c").mkdir()
     for name in kept:
         shutil.copy(tmp_path / "a" / name, tmp_path / "c" / name)
-    newest = tmp_path / "c" / "velocity_00000012.pt"
+    newest = tmp_path / "c" / "velocity_00000008.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
     path, state = load_latest(tmp_path / "c", "velocity_")
-    assert path.name == "velocity_00000008.pt" and state["step"] == 8
+    assert path.name == "velocity_00000006.pt" and state["step"] == 6
     recovered = train_velocity(cfg, manifest, tmp_path / "c", store=store, progress=False)
     c = _weights(recovered.checkpoint)
-    assert recovered.steps == 12 and all(torch.equal(a[k], c[k]) for k in a)
+    assert recovered.steps == 8 and all(torch.equal(a[k], c[k]) for k in a)
 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, data):

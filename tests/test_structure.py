@@ -223,8 +223,9 @@ def test_dinov2_missing_weights_names_the_fix(tmp_path, monkeypatch):
     assert config_from_dict({"structure_encoder": "thumbnail"}).structure.encoder == "thumbnail"
 
 
-def test_dinov2_loads_a_weights_file(tmp_path):
-    """A full ViT-S/14 state dict at DINOv2's native 518 px loads into the 224 px encoder."""
+def test_dinov2_loads_a_weights_file(tmp_path, monkeypatch):
+    """A full ViT-S/14 state dict at DINOv2's native 518 px loads into the 224 px encoder,
+    from structure.weights_path or from the Hugging Face cache where timm would have put it."""
     from safetensors.torch import save_file
 
     torch.manual_seed(1)
@@ -237,6 +238,17 @@ def test_dinov2_loads_a_weights_file(tmp_path):
     assert encoder.model.pos_embed.shape[1] == 1 + 16 * 16  # resampled from 37 x 37
     emb = encoder.embed([Image.new("RGB", (40, 30), (200, 10, 10))])
     assert emb.shape == (1, 384)
+    # the same file in a Hugging Face cache layout is found with no weights_path
+    import huggingface_hub.constants
+
+    repo = tmp_path / "hf" / "models--timm--vit_small_patch14_dinov2.lvd142m"
+    (repo / "refs").mkdir(parents=True)
+    (repo / "refs" / "main").write_text("abc123")
+    (repo / "snapshots" / "abc123").mkdir(parents=True)
+    path.rename(repo / "snapshots" / "abc123" / "model.safetensors")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_CACHE", str(tmp_path / "hf"))
+    cached = build_encoder(StructureConfig(encoder="dinov2_vits14"))
+    assert torch.equal(cached.model.blocks[0].attn.qkv.weight, src.blocks[0].attn.qkv.weight)
     bad = tmp_path / "bad.safetensors"
     save_file({"weight": torch.zeros(2)}, str(bad))
     with pytest.raises(ConfigError, match="bad.safetensors"):

@@ -23,8 +23,6 @@ from rfp_core.config import ModelConfig, config_from_dict, load_config
 from rfp_core.paths import project_root, rfp_home, runs_dir
 
 LOSSES = ("saliency", "mse")
-# Enough images that ~10% held out gives a few dozen evaluation frames per domain.
-DATA_NUM = 256
 # Used only when configs/demo.json is missing (said so in the table's header).
 FALLBACK_CONFIG: dict[str, Any] = {
     "type": "RFPix2pixModel", "max_size": 32, "seed": 0,
@@ -112,7 +110,7 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
 def run(quick: bool = False, device: str | None = None) -> dict:
     from rfp_core.atomic import atomic_write_text
     from rfp_core.data import FrameDataset
-    from rfp_core.demo_data import make_demo_data
+    from rfp_core.demo_data import DEFAULT_NUM, make_demo_data
     from rfp_core.evaluate import evaluate_run, train_judge
     from rfp_core.frame_store import FrameStore
     from rfp_core.train.run import pick_device, train_run
@@ -122,7 +120,7 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     dev = pick_device(device)
     base, config_name = demo_config()
     work = rfp_home() / "bench" / "ablation"
-    data = make_demo_data(work / "demo_data", num=DATA_NUM if not quick else 64, size=max(base.max_size, 16))
+    data = make_demo_data(work / "demo_data", num=DEFAULT_NUM if not quick else 64)
 
     trained: dict[str, tuple[Path, float]] = {}
     for loss in LOSSES:

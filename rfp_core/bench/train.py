@@ -1,12 +1,15 @@
 """`rfp bench train`: velocity-training step time, fast saliency loss vs the original formulation.
 
 One process, one fixed config, the same nets / data / optimizer for every variant; variants run
-in alternating blocks (after a warm-up) so machine load hits them alike; medians are reported.
-Variants, each a full step (UNet forward, loss, backward, AdamW step):
+in alternating blocks after a warm-up, so machine load hits them alike; medians are reported.
+
+Full training steps (UNet forward, loss, backward, AdamW step):
   fast       - `saliency_weighted_loss` with `SaliencyNet.frozen_h()` (what training uses)
-  fast_plain - `saliency_weighted_loss` on the unmodified `net.h` (the loss alone, no net prep)
-  reference  - `reference_saliency_loss` on `net.h` (the original trainer: double-backward jvp)
-  generative - plain velocity MSE (no saliency at all)
+  reference  - `reference_saliency_loss` on `net.h` (the original trainer's double-backward jvp)
+  generative - plain velocity MSE (no saliency)
+The loss step alone (saliency loss + backward to v, no UNet): fast, fast_plain (the fast loss on
+the unmodified `net.h`) and reference. FLOPs per image (torch's FlopCounterMode) give the same
+ratios without timing noise.
 """
 
 from __future__ import annotations
@@ -15,8 +18,10 @@ import copy
 import platform
 import statistics
 import time
+from typing import Callable
 
 import torch
+from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from rfp_core import flow
@@ -25,11 +30,14 @@ from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.nets.unet import UNet
 
 # The original trainer's smallest config ("small": UNet 64 ch, ch_mult [1,2,4,4], 2 res blocks,
-# ResNet-18 saliency) at 64 px: realistic relative sizes of the two nets.
-FULL = dict(size=64, batch=8, unet=dict(model_channels=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2), backbone="resnet18",
-            rounds=5, block=2)
-QUICK = dict(size=32, batch=4, unet=dict(model_channels=32, ch_mult=[1, 2, 2], num_res_blocks=1), backbone="resnet18",
-             rounds=3, block=1)
+# ResNet-18 saliency) at 64 px: the realistic size ratio of the two nets.
+FULL = dict(size=64, batch=2, unet=dict(model_channels=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2), backbone="resnet18",
+            rounds=3, block=1, loss_rounds=7,
+            sizes="the original trainer's 'small' config (UNet 64ch [1,2,4,4] x2 res blocks, ResNet-18) at 64 px")
+QUICK = dict(size=32, batch=2, unet=dict(model_channels=32, ch_mult=[1, 2, 2], num_res_blocks=1), backbone="resnet18",
+             rounds=5, block=2, loss_rounds=5, sizes="quick smoke config: a tiny UNet, not a realistic size ratio")
+
+TARGETS = {"speedup_vs_reference": 1.8, "translation_over_generative": 1.6}
 
 
 def _device(name: str | None) -> torch.device:
@@ -38,19 +46,44 @@ def _device(name: str | None) -> torch.device:
     return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
+def _gflops(fn: Callable[[], None]) -> float:
+    with FlopCounterMode(display=False) as counter:
+        fn()
+    return counter.get_total_flops() / 1e9
+
+
+def _alternate(variants: dict[str, Callable[[], None]], rounds: int, block: int, sync: Callable[[], None], desc: str):
+    """Median wall and CPU seconds per call of each variant, run in alternating blocks."""
+    wall = {k: [] for k in variants}
+    cpu = {k: [] for k in variants}
+    for fn in variants.values():  # warm-up: allocator, oneDNN primitive caches, autotuning
+        fn()
+    sync()
+    for _ in tqdm(range(rounds), desc=desc, leave=False):
+        for name, fn in variants.items():
+            for _ in range(block):
+                w0, c0 = time.perf_counter(), time.process_time()
+                fn()
+                sync()
+                wall[name].append(time.perf_counter() - w0)
+                cpu[name].append(time.process_time() - c0)
+    med = lambda d: {k: 1e3 * statistics.median(v) for k, v in d.items()}  # noqa: E731
+    return med(wall), med(cpu)
+
+
 def run(quick: bool = False, device: str | None = None, spec: dict | None = None) -> dict:
-    label = "custom" if spec else "quick" if quick else "full"
     spec = dict(spec or (QUICK if quick else FULL))
     dev = _device(device)
-    torch.manual_seed(0)
     bf16 = dev.type == "cuda"
-    unet_cfg = UNetConfig(**spec["unet"])
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    torch.manual_seed(0)
     sal = SaliencyNet(SaliencyNetConfig(backbone=spec["backbone"], pretrained=False)).to(dev).eval().requires_grad_(False)
     frozen_h = sal.frozen_h()
-    base = UNet(unet_cfg).to(dev)
+    base = UNet(UNetConfig(**spec["unet"])).to(dev)
     b, s = spec["batch"], spec["size"]
     x0 = torch.rand(b, 3, s, s, device=dev) * 2 - 1
     x1 = torch.rand(b, 3, s, s, device=dev) * 2 - 1
+    gen = torch.Generator().manual_seed(0)
 
     losses = {
         "fast": lambda xt, tgt, v: flow.saliency_weighted_loss(frozen_h, xt, tgt, v),
@@ -58,11 +91,11 @@ def run(quick: bool = False, device: str | None = None, spec: dict | None = None
         "reference": lambda xt, tgt, v: flow.reference_saliency_loss(sal.h, xt, tgt, v),
         "generative": lambda xt, tgt, v: flow.velocity_mse_loss(v, tgt),
     }
-    nets = {k: copy.deepcopy(base) for k in losses}
-    opts = {k: torch.optim.AdamW(nets[k].parameters(), lr=2e-4, weight_decay=1e-4) for k in losses}
-    gen = torch.Generator().manual_seed(0)
+    step_kinds = ("fast", "reference", "generative")
+    nets = {k: copy.deepcopy(base) for k in step_kinds}
+    opts = {k: torch.optim.AdamW(nets[k].parameters(), lr=2e-4, weight_decay=1e-4) for k in step_kinds}
 
-    def step(kind: str) -> None:
+    def train_step(kind: str) -> None:
         t = flow.sample_timesteps(b, "logit-normal", dev, generator=gen)
         xt, tgt = flow.interpolate(x0, x1, t), x1 - x0
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
@@ -72,48 +105,58 @@ def run(quick: bool = False, device: str | None = None, spec: dict | None = None
         loss.backward()
         opts[kind].step()
 
-    def sync() -> None:
-        if dev.type == "cuda":
-            torch.cuda.synchronize()
+    xt_fixed, tgt_fixed = flow.interpolate(x0, x1, torch.full((b,), 0.5, device=dev)), x1 - x0
 
-    wall: dict[str, list[float]] = {k: [] for k in losses}
-    cpu: dict[str, list[float]] = {k: [] for k in losses}
-    for kind in losses:  # warm-up: allocator, oneDNN primitive caches, autotuning
-        step(kind)
-    sync()
-    for _ in tqdm(range(spec["rounds"]), desc="bench train", leave=False):
-        for kind in losses:
-            for _ in range(spec["block"]):
-                w0, c0 = time.perf_counter(), time.process_time()
-                step(kind)
-                sync()
-                wall[kind].append(time.perf_counter() - w0)
-                cpu[kind].append(time.process_time() - c0)
+    def loss_step(kind: str) -> None:
+        v = torch.zeros_like(xt_fixed, requires_grad=True)
+        losses[kind](xt_fixed, tgt_fixed, v).backward()
 
-    ms = {k: 1e3 * statistics.median(v) for k, v in wall.items()}
-    cpu_ms = {k: 1e3 * statistics.median(v) for k, v in cpu.items()}
-    # the saliency part alone = translation step minus generative step (same UNet work)
-    sal_ms = {k: ms[k] - ms["generative"] for k in ("fast", "fast_plain", "reference")}
-    return {
-        "speedup_vs_reference": round(ms["reference"] / ms["fast"], 3),
-        "translation_over_generative": round(ms["fast"] / ms["generative"], 3),
-        "images_per_s": round(b / (ms["fast"] / 1e3), 2),
-        "ms_per_step": {k: round(v, 1) for k, v in ms.items()},
-        "cpu_ms_per_step": {k: round(v, 1) for k, v in cpu_ms.items()},
-        "saliency_ms_per_step": {k: round(v, 1) for k, v in sal_ms.items()},
-        "saliency_part_speedup": round(sal_ms["reference"] / max(sal_ms["fast"], 1e-9), 3),
-        "speedup_loss_only_vs_reference": round(ms["reference"] / ms["fast_plain"], 3),
+    # FLOPs per image (batch of one), free of timing noise
+    one = xt_fixed[:1]
+    unet_gf = _gflops(lambda: base(one, torch.full((1,), 0.5, device=dev)).sum().backward())
+    base.zero_grad(set_to_none=True)
+    loss_gf = {}
+    for kind in ("fast", "fast_plain", "reference"):
+        v1 = torch.zeros_like(one, requires_grad=True)
+        loss_gf[kind] = _gflops(lambda: losses[kind](one, tgt_fixed[:1], v1).backward())  # noqa: B023
+
+    step_ms, step_cpu = _alternate({k: (lambda k=k: train_step(k)) for k in step_kinds},
+                                   spec["rounds"], spec["block"], sync, "train steps")
+    loss_ms, loss_cpu = _alternate({k: (lambda k=k: loss_step(k)) for k in ("fast", "fast_plain", "reference")},
+                                   spec["loss_rounds"], 1, sync, "loss steps")
+
+    result = {
+        "speedup_vs_reference": round(step_ms["reference"] / step_ms["fast"], 3),
+        "translation_over_generative": round(step_ms["fast"] / step_ms["generative"], 3),
+        "images_per_s": round(b / (step_ms["fast"] / 1e3), 3),
+        "targets": {k: (">= " if k.startswith("speedup") else "<= ") + str(v) for k, v in TARGETS.items()},
+        "ms_per_step": {k: round(v, 1) for k, v in step_ms.items()},
+        "cpu_ms_per_step": {k: round(v, 1) for k, v in step_cpu.items()},
+        "cpu_time_ratios": {
+            "speedup_vs_reference": round(step_cpu["reference"] / step_cpu["fast"], 3),
+            "translation_over_generative": round(step_cpu["fast"] / step_cpu["generative"], 3),
+        },
+        "loss_step_ms": {k: round(v, 1) for k, v in loss_ms.items()},
+        "loss_step_cpu_ms": {k: round(v, 1) for k, v in loss_cpu.items()},
+        "loss_step_speedup_vs_reference": round(loss_ms["reference"] / loss_ms["fast"], 3),
+        "loss_step_speedup_plain_h": round(loss_ms["reference"] / loss_ms["fast_plain"], 3),
+        "gflops_per_image": {"unet_fwd_bwd": round(unet_gf, 3), **{f"loss_{k}": round(v, 3) for k, v in loss_gf.items()}},
+        "flop_ratios": {
+            "speedup_vs_reference": round((unet_gf + loss_gf["reference"]) / (unet_gf + loss_gf["fast"]), 3),
+            "translation_over_generative": round((unet_gf + loss_gf["fast"]) / unet_gf, 3),
+            "loss_step_speedup": round(loss_gf["reference"] / loss_gf["fast"], 3),
+        },
         "config": {
-            "image_size": s, "batch": b, "unet": spec["unet"], "saliency_backbone": spec["backbone"],
+            "sizes": spec["sizes"], "image_size": s, "batch": b, "unet": spec["unet"],
+            "saliency_backbone": spec["backbone"], "saliency_pretrained": False,
             "unet_params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
             "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2),
-            "optimizer": "AdamW(lr=2e-4, wd=1e-4)", "timesteps": "logit-normal",
-            "rounds": spec["rounds"], "steps_per_block": spec["block"], "bf16_autocast": bf16,
-            "sizes": {"full": "the original trainer's 'small' config (UNet 64ch [1,2,4,4] x2, ResNet-18) at 64 px",
-                      "quick": "quick smoke config (not a realistic size ratio)", "custom": "custom"}[label],
+            "optimizer": "AdamW(lr=2e-4, weight_decay=1e-4)", "timesteps": "logit-normal", "data": "random tensors",
+            "rounds": spec["rounds"], "steps_per_block": spec["block"], "loss_rounds": spec["loss_rounds"],
+            "bf16_autocast": bf16,
         },
-        "device": str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
+        "device": torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         "threads": torch.get_num_threads(),
-        "cpu": platform.processor() or platform.machine(),
         "torch": torch.__version__,
     }
+    return result

@@ -16,7 +16,6 @@ from torch import nn
 from tqdm import tqdm
 
 FEATURE_DIM = 64
-GRAY_P = 0.0
 
 
 def _block(cin: int, cout: int) -> nn.Sequential:
@@ -68,8 +67,6 @@ def augment(x: torch.Tensor, gen: torch.Generator) -> torch.Tensor:
     n, _, h, w = x.shape
     flip = torch.rand(n, generator=gen) < 0.5
     x = torch.where(flip.view(n, 1, 1, 1), x.flip(-1), x)
-    gray = torch.rand(n, generator=gen) < GRAY_P
-    x = torch.where(gray.view(n, 1, 1, 1), x.mean(1, keepdim=True).expand_as(x), x)
     pad = max(1, h // 8)
     padded = F.pad(x, (pad, pad, pad, pad), mode="replicate")
     dy, dx = torch.randint(0, 2 * pad + 1, (2, n), generator=gen).tolist()

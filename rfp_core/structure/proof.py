@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from rfp_core.structure.encoders import _square
+from rfp_core.images import center_square
 
 GAP = 6
 PAD = 2
@@ -15,7 +15,7 @@ SOURCE_FRAME = (230, 80, 60)  # outline marking the domain-0 frame of each row
 
 def _tile(store, key: str, size: int) -> Image.Image:
     try:
-        return _square(store.load(key).convert("RGB")).resize((size, size), Image.Resampling.LANCZOS)
+        return center_square(store.load(key).convert("RGB"), size)
     except (FileNotFoundError, KeyError, OSError):
         # a frame gone from the store leaves a visibly empty tile instead of no sheet at all
         return Image.new("RGB", (size, size), (90, 0, 90))
