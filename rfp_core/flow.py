@@ -52,10 +52,12 @@ def saliency_weighted_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: T
 
     h is frozen and x_t is fixed, so J = J_h(x_t) is a constant matrix and, with e = target - v,
     the gradient w.r.t. v is -(2/N) J^T J e (N = number of elements of J e). We compute it with
-    one forward-mode pass, u = J e (the dual-tensor engine behind `torch.func.jvp`, used directly:
-    it also records h(x_t)'s autograd graph and skips functorch's per-op wrapping), and one reverse
-    pass through that same primal graph, g = J^T u, i.e. the vjp without re-running h's forward.
-    Pass `SaliencyNet.frozen_h()` as h for the fastest path (BN folded, constant-weight convs). The returned scalar has value mean(u^2) and, via a linear surrogate in
+    one forward-mode pass, u = J e, that also records h(x_t)'s autograd graph, then one reverse
+    pass through that same primal graph, g = J^T u: the vjp without re-running h's forward.
+    The forward-mode pass is `h.jvp(x, e)` when h has one (`SaliencyNet.frozen_h()`: BN folded,
+    primal and tangent batched through each conv - the fastest path), else the dual-tensor engine
+    behind `torch.func.jvp`, used directly (it keeps the primal graph and skips functorch's
+    per-op wrapping). `saliency_weighted_loss_func` is the textbook torch.func.jvp + vjp form. The returned scalar has value mean(u^2) and, via a linear surrogate in
     v_pred, gradient -(2/N) g w.r.t. v_pred, so callers just call `.backward()` (accumulation and
     loss scaling work as usual). Only the input gradient of h is computed: its parameters never
     receive `.grad`, even if they require grad.
@@ -70,14 +72,23 @@ def saliency_weighted_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: T
         dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         x = x_t.detach().to(dtype).requires_grad_(True)
         e = (target.detach().to(dtype) - v_pred.detach().to(dtype))
-        with torch.enable_grad(), fwAD.dual_level():
-            y, u = fwAD.unpack_dual(h(fwAD.make_dual(x, e)))
-            u = u.detach()
+        with torch.enable_grad():
+            y, u = _value_and_jvp(h, x, e)
+            u = u.detach()  # dual-tensor tangents may carry a graph; we only need their values
         (g,) = torch.autograd.grad(y, x, grad_outputs=u)
         n = u.numel()
         value = u.pow(2).mean()
         surrogate = (v_pred.to(dtype) * (g * (-2.0 / n))).sum()
     return surrogate - surrogate.detach() + value
+
+
+def _value_and_jvp(h: Callable[[Tensor], Tensor], x: Tensor, e: Tensor) -> tuple[Tensor, Tensor]:
+    """(h(x) with its autograd graph to x, J_h(x) e)."""
+    jvp = getattr(h, "jvp", None)
+    if jvp is not None:  # e.g. FrozenSaliency: one batched primal+tangent pass
+        return jvp(x, e)
+    with fwAD.dual_level():
+        return fwAD.unpack_dual(h(fwAD.make_dual(x, e)))
 
 
 def saliency_weighted_loss_func(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor) -> Tensor:

@@ -82,14 +82,21 @@ def spec_digest(spec: dict[str, Any]) -> str:
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
-def folder_digest(exp: ExperimentConfig, cache: HashCache) -> str:
+def spec_domains(spec: dict[str, Any], root: Path) -> tuple[list[Path] | str, list[Path]]:
+    """The spec's folders as absolute paths (domain0 may be "random")."""
+    absolute = lambda p: Path(p) if Path(p).is_absolute() else root / p  # noqa: E731
+    d0 = spec["domain0"]
+    return ("random" if d0 == "random" else [absolute(p) for p in d0]), [absolute(p) for p in spec["domain1"]]
+
+
+def folder_digest(domain0: list[Path] | str, domain1: list[Path], cache: HashCache) -> str:
     """sha256 over the sorted (domain, md5) of every media file in the experiment's folders.
 
     md5s come from `cache`, which re-hashes only files whose stat fingerprint changed: a touched
     file is read once, its md5 is unchanged and so is the digest. Copies and renames count once.
     """
     pairs: set[tuple[int, str]] = set()
-    domains = [(0, exp.domain0), (1, exp.domain1)]
+    domains = [(0, domain0), (1, domain1)]
     for domain, folders in domains:
         if folders == "random":
             pairs.add((domain, "random"))

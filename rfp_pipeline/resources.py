@@ -124,6 +124,8 @@ class MlflowTracking(dg.ConfigurableResource):
         client = self.client()
         found = client.get_experiment_by_name(name)
         if found is not None:
+            if found.lifecycle_stage == "deleted":  # deleted in the UI: runs cannot start in it
+                client.restore_experiment(found.experiment_id)
             return found.experiment_id
         try:
             return client.create_experiment(name, artifact_location=(self._artifact_root() / name).as_uri())

@@ -101,7 +101,8 @@ def domain_folders_sensor(context: dg.SensorEvaluationContext, rfp: RfpHome) -> 
     runs = []
     for name in sorted(partitions & set(files)):
         try:
-            digest = exps.folder_digest(exps.load(files[name], root), cache)
+            exp = exps.load(files[name], root)
+            digest = exps.folder_digest(exp.domain0, exp.domain1, cache)
         except (ConfigError, ValueError, OSError) as exc:
             context.log.warning(f"{name}: folders not scanned: {exc}")
             continue

@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 import torch.nn.functional as F
@@ -127,7 +125,7 @@ def test_vae_codec_run_end_to_end(tmp_path):
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
     cfg = load_config(tiny, overrides={
         "max_size": 16,
-        "codec": {"net": TINY_VAE, "learning_rate": 3e-3, "train_images": 16 * 80, "batch_size": 16},
+        "codec": {"net": TINY_VAE, "learning_rate": 3e-3, "train_images": 16 * 40, "batch_size": 16},
         "velocity": {"train_images": 16 * 12, "sample_every_images": 16 * 12},
     })
     manifest, store, (d0, _) = _manifest(tmp_path, n=24)

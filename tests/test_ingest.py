@@ -7,7 +7,6 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-from PIL import Image
 
 from media_factory import decode_video, frame_array, make_image, make_video, make_zip
 from rfp_core.cli import main

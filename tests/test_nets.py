@@ -92,20 +92,42 @@ def test_pretrained_weights_load_from_the_torch_cache(tmp_path, monkeypatch):
     assert lat.backbone.conv1.weight.shape == (64, 4, 3, 3)
 
 
-def test_frozen_h_is_the_same_function_and_frozen():
-    net = SaliencyNet(_sal()).double()
+def _trained_looking_bn(net: nn.Module) -> nn.Module:
     with torch.no_grad():  # non-trivial BN statistics so folding them is really tested
         for m in net.modules():
             if isinstance(m, nn.BatchNorm2d):
                 m.running_mean.normal_(0, 0.2), m.running_var.uniform_(0.5, 2.0)
                 m.weight.uniform_(0.5, 1.5), m.bias.normal_(0, 0.2)
+    return net
+
+
+@pytest.mark.parametrize("backbone,in_channels,latent", [("resnet18", 3, False), ("resnet50", 3, False), ("resnet18", 4, True)])
+def test_frozen_h_is_the_same_function_with_the_same_jacobian(backbone, in_channels, latent):
+    torch.manual_seed(0)
+    net = _trained_looking_bn(SaliencyNet(_sal(backbone), in_channels=in_channels, latent_input=latent).double())
     net.train()
     frozen = net.frozen_h()
     assert net.training  # the original is left as it was
     assert not any(isinstance(m, nn.BatchNorm2d) for m in frozen.modules())
     assert not any(p.requires_grad for p in frozen.parameters())
-    x = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
-    torch.testing.assert_close(frozen(x), net.eval().h(x), rtol=1e-10, atol=1e-10)
+    size = 8 if latent else 32
+    x = torch.rand(2, in_channels, size, size, dtype=torch.float64) * 2 - 1
+    e = torch.randn_like(x)
+    net.eval()
+    torch.testing.assert_close(frozen(x), net.h(x), rtol=1e-10, atol=1e-12)
+    # jvp: h(x) and J e in one batched pass, equal to torch.func's forward-mode AD on the real net
+    ref_y, ref_u = torch.func.jvp(net.h, (x,), (e,))
+    xr = x.clone().requires_grad_()
+    y, u = frozen.jvp(xr, e)
+    torch.testing.assert_close(y, ref_y, rtol=1e-10, atol=1e-12)
+    torch.testing.assert_close(u, ref_u, rtol=1e-10, atol=1e-12)
+    assert not u.requires_grad
+    # and h(x) from jvp carries the graph for J^T w: same as autograd through the real net
+    w = torch.randn_like(y)
+    (g,) = torch.autograd.grad(y, xr, w)
+    xr2 = x.clone().requires_grad_()
+    (ref_g,) = torch.autograd.grad(net.h(xr2), xr2, w)
+    torch.testing.assert_close(g, ref_g, rtol=1e-10, atol=1e-12)
 
 
 # ---------------------------------------------------------------------------- UNet

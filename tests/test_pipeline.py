@@ -71,10 +71,15 @@ def resources_for(root: Path, home: Path, tracking_uri: str) -> dict:
     return res
 
 
+def tick(sensor, instance: dg.DagsterInstance, resources: dict, cursor: str | None = None) -> dg.SensorResult:
+    """One evaluation of `sensor`, as the daemon runs it (the context tears its resources down)."""
+    with dg.build_sensor_context(instance=instance, cursor=cursor, resources={"rfp": resources["rfp"]}) as ctx:
+        return sensor(ctx)
+
+
 def register_partitions(instance: dg.DagsterInstance, resources: dict) -> dg.SensorResult:
     """Run the experiments sensor once and apply its partition requests, as the daemon would."""
-    ctx = dg.build_sensor_context(instance=instance, resources={"rfp": resources["rfp"]})
-    result = experiments_sensor(ctx)
+    result = tick(experiments_sensor, instance, resources)
     for req in result.dynamic_partitions_requests:
         instance.add_dynamic_partitions(req.partitions_def_name, list(req.partition_keys))
     return result
@@ -131,14 +136,12 @@ def test_experiments_sensor_adds_partitions_and_requests_their_spec(built):
     assert sorted(r.partition_key for r in result.run_requests) == ["alpha", "beta", "gen"]
     assert all(r.asset_selection == [dg.AssetKey("experiment_config")] for r in result.run_requests)
     # nothing changed: the next tick (same cursor) requests nothing
-    ctx = dg.build_sensor_context(instance=built["instance"], cursor=result.cursor, resources={"rfp": built["resources"]["rfp"]})
-    again = experiments_sensor(ctx)
+    again = tick(experiments_sensor, built["instance"], built["resources"], result.cursor)
     assert again.run_requests == [] and again.dynamic_partitions_requests == []
     # the file goes: the partition goes
     (built["root"] / "experiments" / "beta.json").rename(built["root"] / "beta.json.off")
     try:
-        gone = experiments_sensor(dg.build_sensor_context(instance=built["instance"], cursor=result.cursor,
-                                                          resources={"rfp": built["resources"]["rfp"]}))
+        gone = tick(experiments_sensor, built["instance"], built["resources"], result.cursor)
         assert [(type(r).__name__, list(r.partition_keys)) for r in gone.dynamic_partitions_requests] == [
             ("DeleteDynamicPartitionsRequest", ["beta"])]
     finally:

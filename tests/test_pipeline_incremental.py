@@ -18,6 +18,7 @@ from test_pipeline import (
     make_project,
     register_partitions,
     resources_for,
+    tick,
 )
 
 from rfp_pipeline.assets import assets
@@ -43,8 +44,7 @@ def stale(instance, key: str, partition: str) -> StaleStatus:
 
 
 def folder_tick(instance, resources, cursor):
-    ctx = dg.build_sensor_context(instance=instance, cursor=cursor, resources={"rfp": resources["rfp"]})
-    return domain_folders_sensor(ctx)
+    return tick(domain_folders_sensor, instance, resources, cursor)
 
 
 def training_requests(instance, cursor, when):

@@ -107,7 +107,7 @@ def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, 
         shutil.copy(tmp_path / "a" / name, tmp_path / "c" / name)
     newest = tmp_path / "c" / "velocity_00000008.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    path, state = load_latest(tmp_path / "c", "velocity_")
+    path, state = load_latest(tmp_path / "c", "velocity")
     assert path.name == "velocity_00000006.pt" and state["step"] == 6
     recovered = train_velocity(cfg, manifest, tmp_path / "c", store=store, progress=False)
     c = _weights(recovered.checkpoint)
@@ -124,5 +124,5 @@ def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkp
     msg = str(err.value)
     assert "learning_rate" in msg and "velocity_" in msg
     assert not (out / "velocity.pt").exists()
-    path, state = load_latest(out, "velocity_")
+    path, state = load_latest(out, "velocity")
     assert path.name in msg and torch.isfinite(torch.cat([v.flatten() for v in state["model"].values()])).all()

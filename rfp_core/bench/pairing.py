@@ -23,7 +23,6 @@ def _child(n0: int, n1: int, dim: int, k: int, chunk_size: int, device: str) -> 
     import time
     from pathlib import Path
 
-    import numpy as np
     import torch
 
     from rfp_core.structure.pairing import topk_pairs, write_pairs

@@ -15,7 +15,7 @@ import torchvision
 from torch import nn
 
 from rfp_core.config import ConfigError, SaliencyNetConfig
-from rfp_core.nets.frozen import freeze_for_loss
+from rfp_core.nets.frozen import FrozenSaliency
 
 _IMAGENET_MEAN = (0.485, 0.456, 0.406)
 _IMAGENET_STD = (0.229, 0.224, 0.225)
@@ -66,10 +66,10 @@ class SaliencyNet(nn.Module):
         """Two logits: domain 0 vs domain 1."""
         return self.classifier(self.h(x))
 
-    def frozen_h(self) -> nn.Module:
-        """A frozen eval-mode copy computing h(x) for the velocity loss: BN folded into the convs,
-        constant-weight convs with cheap exact Jacobian products (see nets/frozen.py)."""
-        return freeze_for_loss(self, "h")
+    def frozen_h(self) -> FrozenSaliency:
+        """A frozen copy of the eval-mode h for the velocity loss: BN folded into the convs and a
+        batched primal+tangent `jvp` (nets/frozen.py). `self` is left untouched."""
+        return FrozenSaliency(self)
 
     def head_parameters(self) -> Iterator[nn.Parameter]:
         yield from self.latent_proj.parameters()

@@ -23,7 +23,8 @@ from tqdm.auto import tqdm
 
 from rfp_core import flow
 from rfp_core.atomic import atomic_write_text
-from rfp_core.checkpoint import CheckpointError, load_checkpoint, load_latest, prune_checkpoints, save_checkpoint
+from rfp_core.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_latest, prune_checkpoints,
+                                 save_checkpoint)
 from rfp_core.config import ModelConfig
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
@@ -35,7 +36,7 @@ from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
 
 LogFn = Callable[[dict, int], None]
-CKPT_PREFIX = "velocity_"
+CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
 
 
 class NonFiniteLoss(RuntimeError):
@@ -150,7 +151,11 @@ def train_velocity(
     model = UNet(vc.net, in_channels=codec.latent_channels).to(device)
     ema = EMA(model, vc.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
-    h = load_saliency(saliency_checkpoint, device).h if use_saliency else None
+    h = None
+    if use_saliency:
+        saliency = load_saliency(saliency_checkpoint, device)
+        # the BN-folded copy with a batched primal+tangent jvp is the fast path of the loss
+        h = saliency.frozen_h() if hasattr(saliency, "frozen_h") else saliency.h
 
     # --- resume: an explicit checkpoint, else the newest loadable intermediate one here
     step, resume_state, source = 0, None, None
@@ -192,7 +197,7 @@ def train_velocity(
     )
 
     def save_state(at: int) -> Path:
-        path = out_dir / f"{CKPT_PREFIX}{at:08d}.pt"
+        path = out_dir / f"{CKPT_PREFIX}_{at:08d}.pt"
         save_checkpoint(path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
             "rng": _rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
@@ -248,8 +253,8 @@ def train_velocity(
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
             bar.close()
-            last = load_latest(out_dir, CKPT_PREFIX)
-            kept = f"the last good checkpoint is {last[0]}" if last else "no checkpoint was written yet"
+            last = latest_checkpoint(out_dir, CKPT_PREFIX)
+            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise NonFiniteLoss(
                 f"velocity loss became {loss_value} at step {step + 1}/{total}; training stopped and {kept}. "
                 f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "

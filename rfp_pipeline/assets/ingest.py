@@ -75,12 +75,12 @@ def media_manifest(
 ) -> dg.MaterializeResult:
     name = context.partition_key
     spec = load_spec(rfp, name)
-    exp = rfp.load_experiment(name)
+    domain0, domain1 = exps.spec_domains(spec, rfp.root_path())
     cfg = exps.model_config(spec)
     out = rfp.out_dir(name) / "manifest.parquet"
-    report = ingest(exp.domain0, list(exp.domain1), out=out, store=rfp.frame_store(cfg.store_max_side), progress=False)
+    report = ingest(domain0, domain1, out=out, store=rfp.frame_store(cfg.store_max_side), progress=False)
     # the digest the folder sensor compares against (md5s are cached by ingest's hash cache)
-    folder_digest = exps.folder_digest(exp, rfp.hash_cache())
+    folder_digest = exps.folder_digest(domain0, domain1, rfp.hash_cache())
 
     with duckdb.get_connection() as con:
         rows = con.execute(
@@ -145,8 +145,8 @@ def frame_store(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Materiali
     if missing:
         # the store was pruned or moved: ingest again, which decodes exactly the missing frames
         context.log.warning(f"{len(missing)} frames missing from {store.frames_dir}; decoding them again")
-        exp = rfp.load_experiment(name)
-        repair = ingest(exp.domain0, list(exp.domain1), out=rfp.out_dir(name, "frame_store") / "repair.parquet",
+        domain0, domain1 = exps.spec_domains(spec, rfp.root_path())
+        repair = ingest(domain0, domain1, out=rfp.out_dir(name, "frame_store") / "repair.parquet",
                         store=store, progress=False)
         repaired = repair.frames_decoded
         still = [k for k in missing if not store.has(k)]
