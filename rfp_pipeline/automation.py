@@ -28,6 +28,14 @@ def retrain_timezone() -> str:
 cheap = AC.eager
 
 
+def follows(*ignored: str) -> dg.AutomationCondition:
+    """Eager, but updates of `ignored` inputs do not trigger a run (they are read, not followed):
+    the evaluation follows a new velocity, not every re-ingest before the next retraining."""
+    return AC.eager().replace(
+        "any_deps_updated", AC.any_deps_updated().ignore(dg.AssetSelection.assets(*ignored))
+    ).with_label(f"eager (ignoring {', '.join(ignored)})")
+
+
 def on_retrain_cron(cron: str | None = None, timezone: str | None = None) -> dg.AutomationCondition:
     """Run at a cron tick, but only if an input's *data version* changed since this asset last ran.
 

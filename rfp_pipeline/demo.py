@@ -22,6 +22,7 @@ def _setup_env(root: Path) -> Path:
     home.mkdir(parents=True, exist_ok=True)
     os.environ.setdefault("DAGSTER_DISABLE_TELEMETRY", "1")
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
+    os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
     return home
 
 
@@ -76,7 +77,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"  evaluation {name.removeprefix('grid_')}: {path}")
     shown = {k: metrics[k] for k in ("transfer_rate", "mask_iou", "cycle_error", "straightness", "ms_per_image") if k in metrics}
     print("metrics: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
-    print(f"registered model: {vel.get('model_uri')} (version {vel.get('model_version')}, name '{DEMO}')")
+    print(f"registered model: models:/{DEMO}/{vel.get('model_version')} (mlflow.pyfunc.load_model; {vel.get('model_uri')})")
     print("\nopen the UIs (from the project root):")
     print(f"  Dagster: DAGSTER_HOME={dagster_home} RFP_HOME={rfp_home()} .venv/bin/dagster dev -w workspace.yaml"
           "   -> http://127.0.0.1:3000")

@@ -5,7 +5,6 @@ reset cursor) never re-requests unchanged work; the cursor (JSON) remembers what
 requested, so a queued run is not requested again on the next tick.
 """
 
-
 import json
 
 import dagster as dg

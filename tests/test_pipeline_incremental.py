@@ -12,10 +12,10 @@ from dagster._utils.test.data_versions import get_stale_status_resolver  # the U
 from dagster._core.definitions.data_version import StaleStatus
 from media_factory import make_image
 from test_pipeline import (
-    STAGES,
     TINY_OVERRIDES,
     data_version,
     make_project,
+    materialize_all,
     register_partitions,
     resources_for,
     tick,
@@ -27,6 +27,7 @@ from rfp_pipeline.sensors import domain_folders_sensor
 
 INGEST = ["experiment_config", "media_manifest"]
 TRAINING = [dg.AssetKey("saliency_checkpoint"), dg.AssetKey("velocity_checkpoint")]
+FOLLOWERS = [dg.AssetKey("frame_store"), dg.AssetKey("evaluation_samples")]
 
 
 @pytest.fixture
@@ -47,16 +48,15 @@ def folder_tick(instance, resources, cursor):
     return tick(domain_folders_sensor, instance, resources, cursor)
 
 
-def training_requests(instance, cursor, when):
+def training_requests(instance, cursor, when, keys=TRAINING):
+    """What the automation sensor would request at `when` (partitions by asset, among `keys`)."""
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=when, cursor=cursor)
-    return {k.to_user_string(): sorted(result.get_requested_partitions(k)) for k in TRAINING if result.get_requested_partitions(k)}, result.cursor
+    return {k.to_user_string(): sorted(result.get_requested_partitions(k)) for k in keys if result.get_requested_partitions(k)}, result.cursor
 
 
 def test_touch_keeps_versions_fresh_and_adding_an_image_makes_training_stale(project):
     root, resources, instance = project
-    # evaluation is not needed here: staleness and automation of the stages up to training are
-    assert dg.materialize(assets, instance=instance, resources=resources, partition_key="inc",
-                          selection=[k for k in STAGES if k != "evaluation_samples"]).success
+    assert materialize_all(instance, resources, "inc").success
     assert dg.materialize(assets, instance=instance, resources=resources, partition_key="other", selection=INGEST).success
     v1 = data_version(instance, "media_manifest", "inc")
     now = datetime.datetime.now(datetime.timezone.utc)
@@ -74,7 +74,7 @@ def test_touch_keeps_versions_fresh_and_adding_an_image_makes_training_stale(pro
     assert dg.materialize(assets, instance=instance, resources=resources, partition_key="inc",
                           selection=["media_manifest", "frame_store"]).success
     assert data_version(instance, "media_manifest", "inc") == v1
-    for key in ("frame_store", "saliency_checkpoint", "velocity_checkpoint"):
+    for key in ("frame_store", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"):
         assert stale(instance, key, "inc") == StaleStatus.FRESH, key
     requested, auto = training_requests(instance, auto, now + datetime.timedelta(minutes=1))
     assert requested == {}
@@ -90,6 +90,9 @@ def test_touch_keeps_versions_fresh_and_adding_an_image_makes_training_stale(pro
                           selection=["media_manifest"]).success
     assert data_version(instance, "media_manifest", "inc") != v1
     assert stale(instance, "frame_store", "inc") == StaleStatus.STALE
+    # the frame store follows eagerly; the evaluation waits for a new velocity, not every re-ingest
+    requested, auto = training_requests(instance, auto, now + datetime.timedelta(days=8, seconds=30), TRAINING + FOLLOWERS)
+    assert requested == {"frame_store": ["inc"]}
     assert dg.materialize(assets, instance=instance, resources=resources, partition_key="inc",
                           selection=["frame_store"]).success
     for key in ("saliency_checkpoint", "velocity_checkpoint"):

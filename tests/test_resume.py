@@ -51,12 +51,13 @@ def _weights(path: Path) -> dict[str, torch.Tensor]:
 def test_sigkill_during_velocity_then_checkpoint_resume_finishes_the_run(tmp_path):
     d0, d1 = make_discs(tmp_path / "data", n=16, size=32)
     cfg_path = tmp_path / "tiny_resume.json"
-    cfg_path.write_text(json.dumps(_tiny_raw(train_images=16 * 150, checkpoint_every_steps=10, sample_every_images=10**6)))
+    cfg_path.write_text(json.dumps(_tiny_raw(train_images=8 * 40, checkpoint_every_steps=5, sample_every_images=10**6)))
     total = config_from_dict(json.loads(cfg_path.read_text())).velocity.total_steps
     cmd = [sys.executable, "-m", "rfp_core.cli", "train", "-c", str(cfg_path), "-d0", str(d0), "-d1", str(d1),
            "--run-id", "killed", "--device", "cpu"]
     run = runs_dir() / "killed"
-    env = {**os.environ, "PYTHONUNBUFFERED": "1"}
+    # one thread: on a busy machine, two spinning OpenMP threads per process slow tiny nets many times over
+    env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
 
     proc = subprocess.Popen(cmd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
     deadline = time.monotonic() + 240

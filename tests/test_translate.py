@@ -16,6 +16,7 @@ from rfp_core.config import config_from_dict
 from rfp_core.frame_store import FrameStore
 from rfp_core.images import load_image, save_grid
 from rfp_core.ingest import ingest
+from rfp_core.train.run import train_run
 from rfp_core.train.velocity import train_velocity
 from rfp_core.translate import Translator
 
@@ -24,11 +25,15 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
 def _run(tmp: Path, generative: bool) -> Path:
     d0, d1 = make_discs(tmp / "data", n=8, size=32)
-    store = FrameStore(max_side=64)
-    report = ingest("random" if generative else [d0], [d1], out=tmp / "m.parquet", store=store, progress=False)
     raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 4, "train_minibatch_size": 4,
-           "train_images": 4 * 6, "sample_batch_size": 3, "domain0": "random" if generative else [str(d0)]}
-    cfg = config_from_dict(raw)
+           "train_images": 4 * 6, "sample_batch_size": 3}
+    if generative:  # the whole `rfp train` path with domain0 = random: no saliency phase
+        run = train_run(config_from_dict(raw), "random", [d1], run_id="gen", device="cpu", progress=False)
+        assert not (run / "saliency.pt").exists()
+        return run
+    store = FrameStore(max_side=64)
+    report = ingest([d0], [d1], out=tmp / "m.parquet", store=store, progress=False)
+    cfg = config_from_dict({**raw, "domain0": [str(d0)]})
     return train_velocity(cfg, report.manifest_path, tmp / "run", store=store, progress=False).checkpoint.parent
 
 
@@ -119,3 +124,18 @@ def test_save_grid_lays_rows_out(tmp_path):
     img = np.asarray(Image.open(path))
     assert img.shape == (2 * 34 + 2, 4 * 34 + 2, 3)
     assert img[2 + 16, 2 + 16].tolist() == [0, 0, 0] and img[36 + 16, 2 + 16].tolist() == [255, 255, 255]
+
+
+def test_a_vae_codec_run_trains_and_translates_in_latent_space(tmp_path):
+    d0, d1 = make_discs(tmp_path / "data", n=8, size=32)
+    raw = {**json.loads(TINY.read_text()), "train_images": 8 * 3, "codec_train_images": 32, "codec_batch_size": 8,
+           "codec_net": {"type": "VAE", "latent_channels": 4, "model_channels": 16, "ch_mult": [1, 2]}}
+    run = train_run(config_from_dict(raw), [d0], [d1], run_id="vae", device="cpu", progress=False)
+    assert {"codec.pt", "saliency.pt", "velocity.pt"} <= {p.name for p in run.iterdir()}
+    sal = torch.load(run / "saliency.pt", map_location="cpu", weights_only=True)
+    assert sal["latent_input"] and sal["in_channels"] == 4
+    tr = Translator.from_run(run, device="cpu")
+    x = tr.load_images(sorted(d0.glob("*.png"))[:2])
+    assert tr.encode(x).shape == (2, 4, 16, 16)
+    y = tr.translate(x, steps=2)
+    assert y.shape == (2, 3, 32, 32) and y.min() >= -1 and y.max() <= 1

@@ -36,7 +36,7 @@ from rfp_core.nets.unet import UNet
 # ResNet-18, 32 px, minibatch 8). Beside it, the original trainer's smallest real config ("small":
 # UNet 64 ch [1,2,4,4] x2, ResNet-18) at 64 px, where the UNet is ~50x the saliency net's FLOPs.
 TINY = dict(name="project_tiny_32px", size=32, batch=8, unet=dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1),
-            backbone="resnet18", rounds=7, block=2, loss_rounds=7,
+            backbone="resnet18", rounds=15, block=2, loss_rounds=15,
             sizes="configs/tiny.json nets: UNet 16ch [1,2] x1 res block + ResNet-18 (11.4M), 32 px, minibatch 8")
 ORIGINAL_SMALL = dict(name="original_small_64px", size=64, batch=2,
                       unet=dict(model_channels=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2), backbone="resnet18",

@@ -1,4 +1,5 @@
-"""`rfp train`: one run folder = ingest -> config.json -> saliency (phase 1) -> velocity (phase 2).
+"""`rfp train`: one run folder = ingest -> config.json -> [codec (phase 0)] -> saliency (phase 1)
+-> velocity (phase 2).
 
 Mirrors the original `train.py --config --domain0 --domain1 [--checkpoint] [--run-id] [--dev]`.
 Re-running with the same `--run-id` continues: ingest re-decodes nothing, a finished saliency
@@ -95,13 +96,21 @@ def train_run(
     print(f"ingest: {report.n_ok} frames, {report.n_skipped} skipped -> {report.manifest_path}", file=sys.stderr)
     atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
 
+    codec_ckpt = None
+    if cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
+        from rfp_core.train.codec import train_codec
+
+        codec = train_codec(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress)
+        print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
+        codec_ckpt = codec.checkpoint
     saliency_ckpt = None
     if not cfg.generative and cfg.velocity.loss == "saliency":
-        sal = train_saliency(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress)
+        sal = train_saliency(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress,
+                             codec_checkpoint=codec_ckpt)
         print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
     vel = train_velocity(cfg, report.manifest_path, run_dir, device=device, saliency_checkpoint=saliency_ckpt,
-                         store=store, resume_from=checkpoint, progress=progress)
+                         store=store, resume_from=checkpoint, codec_checkpoint=codec_ckpt, progress=progress)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
     return run_dir

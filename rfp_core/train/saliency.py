@@ -207,6 +207,8 @@ def train_saliency(
 
     net.set_backbone_trainable(warmed_up)
     opt = _optimizer(net, sc.learning_rate, finetune=warmed_up)
+    # train mode in 1a too: a frozen backbone's BatchNorm statistics still adapt to these domains
+    # (a from-scratch backbone has no useful ones yet)
     net.train()
     bar = tqdm(total=sc.max_steps, initial=min(steps, sc.max_steps), desc="saliency", disable=not progress, dynamic_ncols=True)
     last_save, window = time.monotonic(), []
@@ -245,7 +247,7 @@ def train_saliency(
         window.append(loss.item())
         bar.update(1)
 
-        if steps % sc.eval_every == 0:
+        if steps % sc.eval_every == 0 or steps >= sc.max_steps:
             accuracy = evaluate_accuracy(net, codec, holdout, device)
             metrics = {"saliency/loss": sum(window) / len(window), "saliency/accuracy": accuracy, "saliency/warmed_up": float(warmed_up)}
             window = []

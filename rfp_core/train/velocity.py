@@ -9,6 +9,7 @@ from __future__ import annotations
 import contextlib
 import json
 import math
+import os
 import random
 import sys
 import time
@@ -25,7 +26,7 @@ from rfp_core import flow
 from rfp_core.atomic import atomic_write_text
 from rfp_core.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_latest, prune_checkpoints,
                                  save_checkpoint)
-from rfp_core.config import ModelConfig
+from rfp_core.config import ModelConfig, config_from_dict
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.images import save_grid
@@ -105,7 +106,9 @@ def _sample_inputs(cfg: ModelConfig, manifest: Path, store, n: int) -> torch.Ten
                               holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False)
         except ValueError:  # no frames in this split
             continue
-        return torch.stack([ds[i] for i in range(min(n, len(ds)))])
+        # evenly spaced: consecutive frames of one video would fill the grid with one scene
+        idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
+        return torch.stack([ds[i] for i in idx])
     return None
 
 
@@ -168,16 +171,23 @@ def train_velocity(
         if found and _same_training(found[1].get("config", {}), cfg_json):
             source, resume_state = found
     if resume_state is not None:
-        if "optimizer" in resume_state:  # a full intermediate checkpoint: continue exactly
-            model.load_state_dict(resume_state["model"])
-            ema.load_state_dict(resume_state["ema"])
-            opt.load_state_dict(resume_state["optimizer"])
-            step = int(resume_state["step"])
-            _set_rng_state(resume_state["rng"], device)
-        else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
-            model.load_state_dict(resume_state["velocity"])
-            ema = EMA(model, vc.ema)
-        print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
+        try:
+            if "optimizer" in resume_state:  # a full intermediate checkpoint: continue exactly
+                model.load_state_dict(resume_state["model"])
+                ema.load_state_dict(resume_state["ema"])
+                opt.load_state_dict(resume_state["optimizer"])
+                step = int(resume_state["step"])
+                _set_rng_state(resume_state["rng"], device)
+                print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
+            else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
+                model.load_state_dict(resume_state["velocity"])
+                ema = EMA(model, vc.ema)
+                print(f"velocity: initialised from the weights of {source}; training from step 0", file=sys.stderr)
+        except (KeyError, RuntimeError, ValueError) as exc:
+            raise CheckpointError(
+                f"{source} does not fit this velocity net / config ({type(exc).__name__}: {str(exc)[:200]}); "
+                "resume with the config it was trained with, or start without --checkpoint"
+            ) from None
 
     metrics_path = out_dir / "metrics.jsonl"
     _trim_metrics(metrics_path, step)
@@ -188,9 +198,13 @@ def train_velocity(
 
     dataset = UnpairedDataset(manifest, store, cfg.max_size, generative=cfg.generative, split="train",
                               holdout_fraction=cfg.saliency.holdout_fraction, pairs=pairs)
-    # own generator: making the iterator must not draw from the global RNG that resume restored
+    # Own generator: making the iterator must not draw from the global RNG that resume restored.
+    # On CPU the crops come from that RNG in this process, so resume is bit-exact; on CUDA,
+    # workers keep the GPU fed and a resumed run draws the same images with other random crops.
+    workers = min(4, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
     loader = DataLoader(dataset, batch_size=mb, sampler=StepSampler(len(dataset), cfg.seed, start=step * accum * mb),
-                        generator=torch.Generator().manual_seed(cfg.seed))
+                        generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
+                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     batches = iter(loader)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if vc.bf16 and device.type == "cuda" else contextlib.nullcontext()
@@ -201,6 +215,7 @@ def train_velocity(
         save_checkpoint(path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
             "rng": _rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
+            "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
         })
         prune_checkpoints(out_dir, CKPT_PREFIX, keep=2)
         return path
@@ -316,8 +331,6 @@ def _last_logged_loss(path: Path) -> float:
 def load_velocity(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
     """The EMA net from `velocity.pt` (or an intermediate checkpoint) and the checkpoint dict."""
     ckpt = load_checkpoint(Path(path), map_location="cpu")
-    from rfp_core.config import config_from_dict
-
     cfg = config_from_dict(ckpt["config"], source=str(path))
     net = UNet(cfg.velocity.net, in_channels=int(ckpt["in_channels"]))
     weights = ckpt["velocity"] if "velocity" in ckpt else ckpt.get("ema", {}).get("model")

@@ -1,6 +1,5 @@
 """Stage 3, evaluation: translate held-out frames, measure, show the grid; logged into the velocity's MLflow run."""
 
-
 import json
 import math
 from pathlib import Path
@@ -12,7 +11,7 @@ from pydantic import Field
 from rfp_pipeline import experiments as exps
 from rfp_pipeline.assets.ingest import frame_store, load_spec
 from rfp_pipeline.assets.training import velocity_checkpoint
-from rfp_pipeline.automation import cheap
+from rfp_pipeline.automation import follows
 from rfp_pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from rfp_pipeline.metadata import markdown_image, read_result, write_result
 from rfp_pipeline.partitions import experiments_partitions
@@ -49,7 +48,7 @@ def _structure_encoder(cfg, device: str):
     group_name=GROUP,
     code_version="1",
     kinds={"png", "mlflow"},
-    automation_condition=cheap(),
+    automation_condition=follows("frame_store"),
     check_specs=EVALUATION_CHECKS,
     description="Held-out domain-0 frames translated by the trained flow (input row above output row), "
     "with transfer rate, realism, content and flow metrics in metrics.json.",

@@ -1,6 +1,5 @@
 """Stage 1, ingest: the experiment's resolved spec, its media manifest and its frames in the store."""
 
-
 import json
 
 import dagster as dg

@@ -5,7 +5,6 @@ digest of what it is built from: a Dagster retry (same inputs) resumes there, ne
 afresh. `<stage>/result.json` points at the current one; older keys beyond the last two are pruned.
 """
 
-
 import contextlib
 import hashlib
 import json
@@ -41,8 +40,17 @@ def prune_stage_dirs(stage_dir: Path, keep: Path, n: int = KEEP_STAGE_DIRS) -> N
         shutil.rmtree(d, ignore_errors=True)
 
 
+def _locked_db(exc: BaseException | None) -> bool:
+    # MLflow wraps sqlalchemy, which wraps sqlite3: look down the chain
+    while exc is not None:
+        if isinstance(exc, sqlite3.OperationalError) or "database is locked" in str(exc):
+            return "locked" in str(exc)
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
 @contextlib.contextmanager
-def transient_retry(context: dg.AssetExecutionContext) -> Iterator[None]:
+def transient_retry() -> Iterator[None]:
     """Out of GPU memory (another process on the card) or a locked sqlite tracking store: retry
     later, resuming from the stage folder. Everything else (bad data, an unreachable threshold)
     fails at once with its own message: retrying would only repeat it."""
@@ -52,8 +60,8 @@ def transient_retry(context: dg.AssetExecutionContext) -> Iterator[None]:
         yield
     except torch.OutOfMemoryError as exc:
         raise dg.RetryRequested(max_retries=2, seconds_to_wait=60) from exc
-    except sqlite3.OperationalError as exc:
-        if "locked" not in str(exc):
+    except Exception as exc:
+        if not _locked_db(exc):
             raise
         raise dg.RetryRequested(max_retries=3, seconds_to_wait=10) from exc
 
@@ -119,7 +127,7 @@ def saliency_checkpoint(
     out_dir = rfp.out_dir(name, "saliency", key)
     store = rfp.frame_store(cfg.store_max_side)
     tags = run_tags(context, stage="saliency", input_data_version=manifest_version, spec_version=spec_version)
-    with transient_retry(context), mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
+    with transient_retry(), mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
         res = train_saliency(cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
                              log=_mlflow_logger(mlflow), progress=False)
@@ -199,7 +207,7 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
     store = rfp.frame_store(cfg.store_max_side)
     tags = run_tags(context, stage="velocity", input_data_version=manifest_version, spec_version=spec_version,
                     saliency_run_id=sal.get("mlflow_run_id", ""))
-    with transient_retry(context), mlflow_tracking.start_run(name, f"velocity {name}", tags) as run:
+    with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
         if saliency_ckpt is not None:
             mlflow.log_artifact(str(sal["state"]), "saliency")
