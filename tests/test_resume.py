@@ -108,9 +108,11 @@ def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, 
         shutil.copy(tmp_path / "a" / name, tmp_path / "c" / name)
     newest = tmp_path / "c" / "velocity_00000008.pt"
     newest.write_bytes(newest.read_bytes()[: newest.stat().st_size // 2])
-    path, state = load_latest(tmp_path / "c", "velocity")
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint .*velocity_00000008.pt"):
+        path, state = load_latest(tmp_path / "c", "velocity")
     assert path.name == "velocity_00000006.pt" and state["step"] == 6
-    recovered = train_velocity(cfg, manifest, tmp_path / "c", store=store, progress=False)
+    with pytest.warns(UserWarning, match="skipping unusable checkpoint"):
+        recovered = train_velocity(cfg, manifest, tmp_path / "c", store=store, progress=False)
     c = _weights(recovered.checkpoint)
     assert recovered.steps == 8 and all(torch.equal(a[k], c[k]) for k in a)
 

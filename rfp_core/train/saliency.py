@@ -10,7 +10,6 @@ crop), so a domain with many more frames (a video) cannot hide a failing one.
 
 from __future__ import annotations
 
-import itertools
 import json
 import sys
 import time
@@ -27,7 +26,7 @@ from tqdm.auto import tqdm
 
 from rfp_core.atomic import atomic_write_text
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
-from rfp_core.config import ModelConfig, SaliencyNetConfig, config_from_dict
+from rfp_core.config import ModelConfig, SaliencyNetConfig
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
