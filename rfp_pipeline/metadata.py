@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import base64
+import hashlib
 import io
 import json
+import shutil
 from pathlib import Path
 from typing import Any
 
@@ -14,6 +16,7 @@ from PIL import Image
 from rfp_core.atomic import atomic_write_text
 
 RESULT_FILE = "result.json"
+KEEP_STAGE_DIRS = 2
 # the Markdown image is stored in the event log: keep it a thumbnail
 MAX_INLINE_SIDE = 512
 
@@ -43,6 +46,37 @@ def read_result(stage_dir: Path, asset: str, partition: str) -> dict[str, Any]:
             f"{path} is missing: materialise '{asset}' for partition '{partition}' first"
         )
     return json.loads(path.read_text())
+
+
+def previous_result(stage_dir: Path) -> dict[str, Any]:
+    """The stage's last record, or {} when it never ran."""
+    path = stage_dir / RESULT_FILE
+    return json.loads(path.read_text()) if path.exists() else {}
+
+
+def skipped(stage_dir: Path, reason: str, version: str = "skipped", **extra: Any) -> dg.MaterializeResult:
+    """A stage with nothing to do in this configuration: recorded (so the next stage knows) and said why.
+
+    The constant data version keeps the stages after it fresh while the configuration stays so.
+    """
+    write_result(stage_dir, {"skipped": True, "reason": reason, "checkpoint": None, "key": None})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(version),
+        metadata={"skipped": True, "reason": dg.MetadataValue.text(reason)},
+        **extra,
+    )
+
+
+def stage_key(**inputs: Any) -> str:
+    """A short digest of what a stage output is built from: its folder name and content version."""
+    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def prune_stage_dirs(stage_dir: Path, keep: Path, n: int = KEEP_STAGE_DIRS) -> None:
+    """Keep `keep` and the newest n - 1 other key folders of a stage."""
+    dirs = sorted((d for d in stage_dir.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
+    for d in [d for d in dirs if d != keep][n - 1 :]:
+        shutil.rmtree(d, ignore_errors=True)
 
 
 def run_tags(context: dg.AssetExecutionContext, **extra: Any) -> dict[str, Any]:

@@ -81,6 +81,12 @@ class RfpHome(dg.ConfigurableResource):
     def hash_cache(self, name: str = "hash_cache.parquet") -> HashCache:
         return HashCache(self.home_path() / "cache" / name)
 
+    def embedding_cache(self, encoder_id: str):
+        """Structure embeddings of one encoder, shared by every experiment (keys are content hashes)."""
+        from rfp_core.structure.cache import EmbeddingCache
+
+        return EmbeddingCache(encoder_id, self.home_path() / "cache" / "embeddings" / f"{encoder_id}.parquet")
+
     def resolve_device(self) -> str:
         dev = _env(self.device, "RFP_DEVICE")
         if dev:

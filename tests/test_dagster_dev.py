@@ -16,7 +16,8 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"experiment_config", "media_manifest", "frame_store", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"}
+EXPECTED = {"experiment_config", "media_manifest", "frame_store", "structure_embeddings", "structure_pairs",
+            "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"}
 
 
 def free_port() -> int:

@@ -86,8 +86,9 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
         f"({header['steps']} optimizer steps of {header['batch']}), {header['size']} px, "
         f"demo data {header['data_num']} images + 1 video per domain; evaluated on {header['n_eval']} held-out "
         f"domain-0 frames with {header['nfe']} velocity evaluations ({header['sampler']}). One judge grades both "
-        f"(held-out accuracy {_cell(header['judge_accuracy'], '{:.3f}')}); FD/KID in its feature space; "
-        f"structure similarity in the `{header['structure_encoder']}` space.",
+        f"(held-out accuracy {_cell(header['judge_accuracy'], '{:.3f}')}); FD/KID in its feature space, where real "
+        f"domain-1 frames score FD {_cell(header['fid_floor'], '{:.2f}')} / KID {_cell(header['kid_floor'], '{:.3f}')} "
+        f"(the floor); structure similarity in the `{header['structure_encoder']}` space.",
         "",
         "| loss | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
         "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
@@ -107,7 +108,22 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
     return "\n".join(lines)
 
 
-def run(quick: bool = False, device: str | None = None) -> dict:
+def _comparable(cfg: ModelConfig) -> dict:
+    return cfg.model_dump(mode="json", exclude={"domain0", "domain1"})
+
+
+def _finished(run_dir: Path, cfg: ModelConfig, quick: bool) -> float | None:
+    """The training seconds of a finished ablation run of exactly this config, else None."""
+    try:
+        saved = json.loads((run_dir / "ablation.json").read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = saved.get("config") == _comparable(cfg) and saved.get("quick") == quick
+    return float(saved["train_seconds"]) if same and (run_dir / "velocity.pt").exists() else None
+
+
+def run(quick: bool = False, device: str | None = None, retrain: bool = False) -> dict:
+    """Train (or reuse finished runs of the same config) and evaluate both losses; write the table."""
     from rfp_core.atomic import atomic_write_text
     from rfp_core.data import FrameDataset
     from rfp_core.demo_data import DEFAULT_NUM, make_demo_data
@@ -126,10 +142,17 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     for loss in LOSSES:
         cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides={"velocity": {"loss": loss}})
         run_id = f"ablation-{loss}" + ("-quick" if quick else "")
+        done = _finished(runs_dir() / run_id, cfg, quick)
+        if done is not None and not retrain:
+            print(f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)", file=sys.stderr)
+            trained[loss] = (runs_dir() / run_id, done)
+            continue
         shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # a fresh run, never a resumed one
         t0 = time.perf_counter()
         run_dir = train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
         trained[loss] = (run_dir, time.perf_counter() - t0)
+        atomic_write_text(run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick,
+                                                                 "train_seconds": trained[loss][1]}))
 
     # one judge for both rows, trained on the same held-out real frames evaluate_run uses
     first = Translator.from_run(trained[LOSSES[0]][0], dev)
@@ -172,12 +195,14 @@ def run(quick: bool = False, device: str | None = None) -> dict:
         "steps": cfg.velocity.total_steps, "batch": cfg.velocity.train_batch_size,
         "size": cfg.max_size, "data_num": data.num, "n_eval": some["n_eval"], "nfe": some["nfe"],
         "sampler": some["sampler"], "judge_accuracy": judge.accuracy,
+        "fid_floor": some.get("fid_judge_floor"), "kid_floor": some.get("kid_judge_floor"),
         "structure_encoder": some.get("structure_encoder", "none"), "grids": grids,
     }
     atomic_write_text(table_path, markdown(rows, header))
     print(f"ablation table: {table_path}", file=sys.stderr)
 
-    keep = [key for key, _, _ in COLUMNS] + ["kid_judge", "mask_iou_input", "judge_accuracy", "n_eval", "run_dir"]
+    keep = [key for key, _, _ in COLUMNS] + ["fid_judge_floor", "kid_judge_floor", "mask_iou_input", "judge_accuracy",
+                                             "n_eval", "run_dir"]
     out: dict[str, Any] = {loss: {k: _json_safe(rows[loss].get(k)) for k in keep} for loss in LOSSES}
     out.update({"table": str(table_path), "config": config_name, "quick": quick, "device": str(dev),
                 "seconds": time.perf_counter() - start})

@@ -93,8 +93,27 @@ def _true_masks(masks_dir: Path, stems: dict[str, str], keys: list[str], size: i
     return idx, (np.stack(masks) if masks else np.zeros((0, size, size), bool))
 
 
-def _realism(name: str, fake: np.ndarray, real: np.ndarray) -> dict[str, float]:
-    return {f"fid_{name}": M.frechet_distance(fake, real), f"kid_{name}": M.kid(fake, real)}
+def _realism(name: str, fake: np.ndarray, real: np.ndarray, floor: np.ndarray | None) -> dict[str, float]:
+    out = {f"fid_{name}": M.frechet_distance(fake, real), f"kid_{name}": M.kid(fake, real)}
+    if floor is not None:
+        out.update({f"fid_{name}_floor": M.frechet_distance(floor, real), f"kid_{name}_floor": M.kid(floor, real)})
+    return out
+
+
+def _floor_frames(table, store: FrameStore, size: int, holdout_fraction: float, n: int, seed: int) -> torch.Tensor | None:
+    """As many real domain-1 frames from outside the held-out set as there are outputs.
+
+    Their FD / KID to the held-out frames is what a perfect translator would score at this
+    sample size: the floor that makes the realism numbers readable.
+    """
+    try:
+        ds = FrameDataset(table, store, 1, size, split="train", holdout_fraction=holdout_fraction, train_crop=False)
+    except ValueError:
+        return None
+    if len(ds) < 2:
+        return None
+    pick = torch.randperm(len(ds), generator=torch.Generator().manual_seed(seed))[:n].tolist()
+    return torch.stack([ds[i] for i in pick])
 
 
 def evaluate_run(
@@ -168,13 +187,17 @@ def evaluate_run(
         "judge_real_domain0_as_domain1": float((judge.predict_proba(x0) >= 0.5).float().mean()),
     }
 
-    # -- realism: the judge's features always; DINOv2's when the released weights are loaded
-    result.update(_realism("judge", judge.features(out).numpy(), judge.features(x1).numpy()))
+    # -- realism: the judge's features always; DINOv2's when the released weights are loaded;
+    #    each with its floor (real domain-1 frames scored the same way)
+    floor = _floor_frames(table, store, size, holdout_fraction, len(out), seed)
+    feats = lambda x: None if x is None else judge.features(x).numpy()  # noqa: E731
+    result.update(_realism("judge", feats(out), feats(x1), feats(floor)))
     spaces = ["judge"]
     enc_id = getattr(structure_encoder, "encoder_id", None)
     out_pil = [to_pil(x) for x in out]
     if enc_id in _REAL_DINO:
-        result.update(_realism("dinov2", structure_encoder.embed(out_pil), structure_encoder.embed([to_pil(x) for x in x1])))
+        embed = lambda x: None if x is None else structure_encoder.embed([to_pil(i) for i in x])  # noqa: E731
+        result.update(_realism("dinov2", structure_encoder.embed(out_pil), embed(x1), embed(floor)))
         spaces.insert(0, "dinov2")
     result["realism_feature_space"] = spaces[0]
 

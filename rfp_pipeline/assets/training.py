@@ -1,4 +1,4 @@
-"""Stage 2, training: saliency classifier (phase 1), velocity flow (phase 2). One MLflow run each.
+"""Stage 2, training: codec (phase 0), saliency classifier (phase 1), velocity flow (phase 2). One MLflow run each.
 
 Each training materialisation writes into `$RFP_HOME/pipeline/<exp>/<stage>/<key>/`, `key` a
 digest of what it is built from: a Dagster retry (same inputs) resumes there, new inputs start
@@ -6,9 +6,6 @@ afresh. `<stage>/result.json` points at the current one; older keys beyond the l
 """
 
 import contextlib
-import hashlib
-import json
-import shutil
 import sqlite3
 from pathlib import Path
 from typing import Any, Iterator
@@ -18,26 +15,27 @@ import dagster as dg
 from rfp_core.manifest import content_version
 from rfp_pipeline import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
+from rfp_pipeline.assets.structure import current_pairs, structure_pairs
 from rfp_pipeline.automation import on_retrain_cron
 from rfp_pipeline.checks import SALIENCY_CHECKS, VELOCITY_CHECKS, saliency_checks, velocity_checks
-from rfp_pipeline.metadata import markdown_image, read_result, run_tags, write_result
+from rfp_pipeline.metadata import (
+    markdown_image,
+    previous_result,
+    prune_stage_dirs,
+    read_result,
+    run_tags,
+    skipped,
+    stage_key,
+    write_result,
+)
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 
 GROUP = "training"
+CODEC_CODE_VERSION = "1"
 SALIENCY_CODE_VERSION = "1"
 VELOCITY_CODE_VERSION = "1"
-KEEP_STAGE_DIRS = 2
-
-
-def stage_key(**inputs: Any) -> str:
-    return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def prune_stage_dirs(stage_dir: Path, keep: Path, n: int = KEEP_STAGE_DIRS) -> None:
-    dirs = sorted((d for d in stage_dir.iterdir() if d.is_dir()), key=lambda d: d.stat().st_mtime, reverse=True)
-    for d in [d for d in dirs if d != keep][n - 1 :]:
-        shutil.rmtree(d, ignore_errors=True)
+IDENTITY = "identity codec: the flow works in pixel space, nothing to train"
 
 
 def _locked_db(exc: BaseException | None) -> bool:
@@ -87,9 +85,124 @@ def _skip_reason(cfg) -> str | None:
     return None
 
 
+def _codec_key(cfg, manifest_version: str) -> str:
+    """What the codec is built from: the frames and its own settings, not the flow's."""
+    return stage_key(manifest=manifest_version, codec=cfg.codec.model_dump(mode="json"), max_size=cfg.max_size,
+                     store_max_side=cfg.store_max_side, seed=cfg.seed, generative=cfg.generative,
+                     holdout=cfg.saliency.holdout_fraction, code=CODEC_CODE_VERSION)
+
+
+def current_codec(rfp: RfpHome, name: str, cfg) -> dict | None:
+    """The codec record saliency and velocity work through; None in pixel space (Identity)."""
+    if cfg.codec.net.type == "Identity":
+        return None
+    rec = read_result(rfp.out_dir(name, "codec"), "codec_checkpoint", name)
+    if rec.get("codec_config") != cfg.codec.model_dump(mode="json"):
+        raise FileNotFoundError(
+            f"the codec of '{name}' was built for another codec config than the experiment now names: "
+            f"materialise 'codec_checkpoint' for partition '{name}' first"
+        )
+    return rec
+
+
+def _codec_metadata(rec: dict) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "codec": rec["codec"],
+        "recon_l1": rec["recon_l1"],
+        "recon_l1_init": rec["recon_l1_init"],
+        "steps": rec["steps"],
+        "checkpoint": dg.MetadataValue.path(rec["checkpoint"]),
+        "built_from_manifest": rec["built_from"]["manifest"],
+    }
+    if rec.get("mlflow_url"):
+        md["mlflow_run"] = dg.MetadataValue.url(rec["mlflow_url"])
+    if rec.get("grid") and Path(rec["grid"]).is_file():
+        md["reconstructions"] = markdown_image(Path(rec["grid"]), "held-out frames above, their reconstructions below")
+    return md
+
+
 @dg.asset(
     partitions_def=experiments_partitions,
     deps=[frame_store, experiment_config],
+    group_name=GROUP,
+    code_version=CODEC_CODE_VERSION,
+    kinds={"pytorch", "mlflow"},
+    automation_condition=on_retrain_cron(),
+    pool="gpu",
+    description="Phase 0: the VAE codec (L1 + structure loss + small KL) on frames of both domains; saliency and "
+    "velocity then work in its latent space. Materialises at once for the Identity codec (pixel space).",
+)
+def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+    from rfp_core.train.codec import train_codec
+
+    name = context.partition_key
+    spec = load_spec(rfp, name)
+    cfg = exps.model_config(spec)
+    stage_dir = rfp.out_dir(name, "codec")
+    if cfg.codec.net.type == "Identity":
+        context.log.info(IDENTITY)
+        return skipped(stage_dir, IDENTITY, version="identity")
+
+    import mlflow
+
+    manifest = rfp.out_dir(name) / "manifest.parquet"
+    manifest_version = content_version(manifest)
+    key = _codec_key(cfg, manifest_version)
+    prev = previous_result(stage_dir)
+    if prev.get("key") == key and Path(prev.get("checkpoint") or "").is_file():
+        # only settings the codec does not read changed (say the flow's learning rate): keep it
+        context.log.info(f"codec {key} is current: same frames and codec settings; not retrained")
+        return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={**_codec_metadata(prev), "reused": True})
+    out_dir = rfp.out_dir(name, "codec", key)
+    tags = run_tags(context, stage="codec", input_data_version=manifest_version, spec_version=exps.spec_digest(spec))
+    with transient_retry(), mlflow_tracking.start_run(name, f"codec {name}", tags) as run:
+        _log_config(mlflow, spec, cfg)
+        res = train_codec(cfg, manifest, out_dir, device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
+                          log=_mlflow_logger(mlflow), progress=False)
+        grid = _recon_grid(rfp, name, cfg, res.checkpoint, out_dir / "reconstructions.png")
+        if grid is not None:
+            mlflow.log_artifact(str(grid), "samples")
+        url = mlflow_tracking.run_url(run)
+    rec = {
+        "skipped": False, "codec": cfg.codec.net.type, "codec_config": cfg.codec.model_dump(mode="json"),
+        "checkpoint": str(res.checkpoint), "key": key, "recon_l1": res.recon_l1, "recon_l1_init": res.recon_l1_init,
+        "steps": res.steps, "grid": str(grid) if grid else None, "mlflow_run_id": run.info.run_id, "mlflow_url": url,
+        "built_from": {"manifest": manifest_version},
+    }
+    write_result(stage_dir, rec)
+    prune_stage_dirs(stage_dir, out_dir)
+    return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={**_codec_metadata(rec), "reused": False})
+
+
+def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> Path | None:
+    """Held-out frames above their reconstructions: what the latent space keeps."""
+    import torch
+
+    from rfp_core.data import FrameDataset
+    from rfp_core.images import save_grid
+    from rfp_core.train.codec import load_codec
+
+    manifest = rfp.out_dir(name) / "manifest.parquet"
+    store = rfp.frame_store(cfg.store_max_side)
+    frames = []
+    for d in (1,) if cfg.generative else (0, 1):
+        try:
+            ds = FrameDataset(manifest, store, d, cfg.max_size, "holdout", cfg.saliency.holdout_fraction, train_crop=False)
+        except ValueError:
+            continue
+        frames += [ds[i] for i in range(min(4, len(ds)))]
+    if not frames:
+        return None
+    x = torch.stack(frames)
+    codec = load_codec(checkpoint)
+    with torch.no_grad():
+        y = codec.decode(codec.encode(x)).clamp(-1, 1)
+    return save_grid([x, y], path)
+
+
+@dg.asset(
+    partitions_def=experiments_partitions,
+    deps=[frame_store, experiment_config, codec_checkpoint],
     group_name=GROUP,
     code_version=SALIENCY_CODE_VERSION,
     kinds={"pytorch", "mlflow"},
@@ -97,7 +210,7 @@ def _skip_reason(cfg) -> str | None:
     pool="gpu",
     check_specs=SALIENCY_CHECKS,
     description="Phase 1: ResNet classifier domain0 vs domain1 (warm-up, then fine-tune) whose latent h(x) "
-    "weights the velocity loss. Materialises as skipped in generative mode.",
+    "weights the velocity loss; in the codec's latent space when there is one. Skipped in generative mode.",
 )
 def saliency_checkpoint(
     context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, thresholds: CheckThresholds
@@ -110,26 +223,25 @@ def saliency_checkpoint(
     stage_dir = rfp.out_dir(name, "saliency")
     reason = _skip_reason(cfg)
     if reason is not None:
-        write_result(stage_dir, {"skipped": True, "reason": reason, "checkpoint": None})
         context.log.info(f"saliency skipped: {reason}")
-        return dg.MaterializeResult(
-            data_version=dg.DataVersion("skipped"),
-            check_results=saliency_checks(None, 0.0, thresholds, skipped_reason=reason),
-            metadata={"skipped": True, "reason": dg.MetadataValue.text(reason)},
-        )
+        return skipped(stage_dir, reason, check_results=saliency_checks(None, 0.0, thresholds, skipped_reason=reason))
 
     import mlflow
 
     manifest = rfp.out_dir(name) / "manifest.parquet"
     manifest_version = content_version(manifest)
     spec_version = exps.spec_digest(spec)
-    key = stage_key(manifest=manifest_version, spec=spec_version, code=SALIENCY_CODE_VERSION)
+    codec = current_codec(rfp, name, cfg)
+    codec_key = codec["key"] if codec else None
+    key = stage_key(manifest=manifest_version, spec=spec_version, codec=codec_key, code=SALIENCY_CODE_VERSION)
     out_dir = rfp.out_dir(name, "saliency", key)
     store = rfp.frame_store(cfg.store_max_side)
-    tags = run_tags(context, stage="saliency", input_data_version=manifest_version, spec_version=spec_version)
+    tags = run_tags(context, stage="saliency", input_data_version=manifest_version, spec_version=spec_version,
+                    codec_run_id=(codec or {}).get("mlflow_run_id", ""))
     with transient_retry(), mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
         res = train_saliency(cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
+                             codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
                              log=_mlflow_logger(mlflow), progress=False)
         mlflow.log_metrics({"saliency/final_accuracy": res.accuracy, "saliency/steps": res.steps})
         mlflow.log_artifact(str(res.state_path), "saliency")
@@ -140,7 +252,8 @@ def saliency_checkpoint(
     write_result(stage_dir, {
         "skipped": False, "checkpoint": str(res.checkpoint), "state": str(res.state_path), "key": key,
         "accuracy": res.accuracy, "threshold": cfg.saliency.accuracy_threshold, "steps": res.steps,
-        "mlflow_run_id": run.info.run_id, "built_from": {"manifest": manifest_version, "spec": spec_version},
+        "mlflow_run_id": run.info.run_id,
+        "built_from": {"manifest": manifest_version, "spec": spec_version, "codec": codec_key},
     })
     prune_stage_dirs(rfp.out_dir(name, "saliency"), out_dir)
     return dg.MaterializeResult(check_results=saliency_checks(res.accuracy, cfg.saliency.accuracy_threshold, thresholds), metadata={
@@ -152,6 +265,7 @@ def saliency_checkpoint(
         "mlflow_run": dg.MetadataValue.url(url),
         "built_from_manifest": manifest_version,
         "built_from_spec": spec_version,
+        "built_from_codec": codec_key or "identity",
         **({"frames": markdown_image(grid, "training frames: domain 0 above, domain 1 below")} if grid else {}),
     })
 
@@ -175,16 +289,15 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    # structure pairing (its own issue) adds its `structure_pairs` asset here and passes the
-    # pairs table to train_velocity(pairs=...); codec_checkpoint likewise goes to codec_checkpoint=
-    deps=[frame_store, experiment_config, saliency_checkpoint],
+    deps=[frame_store, experiment_config, codec_checkpoint, saliency_checkpoint, structure_pairs],
     group_name=GROUP,
     code_version=VELOCITY_CODE_VERSION,
     kinds={"pytorch", "mlflow"},
     automation_condition=on_retrain_cron(),
     pool="gpu",
     check_specs=VELOCITY_CHECKS,
-    description="Phase 2: the velocity UNet v(x, t), saliency-weighted (plain MSE in generative mode). "
+    description="Phase 2: the velocity UNet v(x, t), saliency-weighted (plain MSE in generative mode), in the "
+    "codec's latent space when there is one, domain-1 partners drawn from the structure pairs when pairing is on. "
     "Logs an MLflow pyfunc translator and registers a model version named after the experiment.",
 )
 def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
@@ -192,6 +305,7 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
 
     import mlflow
 
+    from rfp_core.structure import read_pairs
     from rfp_core.train.velocity import train_velocity
 
     name = context.partition_key
@@ -202,17 +316,28 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
     manifest = rfp.out_dir(name) / "manifest.parquet"
     manifest_version = content_version(manifest)
     spec_version = exps.spec_digest(spec)
-    key = stage_key(manifest=manifest_version, spec=spec_version, saliency=sal.get("key"), code=VELOCITY_CODE_VERSION)
+    codec = current_codec(rfp, name, cfg)
+    codec_key = codec["key"] if codec else None
+    paired = current_pairs(rfp, name, cfg)
+    pairs_version = paired["version"] if paired else None
+    # the pairs' content enters the key: re-pairing trains afresh, not on from the old pairing
+    key = stage_key(manifest=manifest_version, spec=spec_version, saliency=sal.get("key"), codec=codec_key,
+                    pairs=pairs_version, code=VELOCITY_CODE_VERSION)
     out_dir = rfp.out_dir(name, "velocity", key)
     store = rfp.frame_store(cfg.store_max_side)
     tags = run_tags(context, stage="velocity", input_data_version=manifest_version, spec_version=spec_version,
-                    saliency_run_id=sal.get("mlflow_run_id", ""))
+                    saliency_run_id=sal.get("mlflow_run_id", ""), codec_run_id=(codec or {}).get("mlflow_run_id", ""),
+                    pairs_version=pairs_version or "")
     with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
         if saliency_ckpt is not None:
             mlflow.log_artifact(str(sal["state"]), "saliency")
+        if paired is not None:
+            mlflow.log_artifact(paired["proof_sheet"], "structure")
         res = train_velocity(cfg, manifest, out_dir, device=rfp.resolve_device(), saliency_checkpoint=saliency_ckpt,
-                             store=store, log=_mlflow_logger(mlflow), pairs=None, progress=False)
+                             store=store, log=_mlflow_logger(mlflow), progress=False,
+                             pairs=read_pairs(paired["pairs"]) if paired else None,
+                             codec_checkpoint=Path(codec["checkpoint"]) if codec else None)
         final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
         if math.isfinite(res.final_loss):
             final["velocity/final_loss"] = res.final_loss
@@ -226,7 +351,8 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
         "checkpoint": str(res.checkpoint), "key": key, "final_loss": res.final_loss, "steps": res.steps,
         "images_per_s": res.images_per_s, "sample_grid": str(res.sample_grid) if res.sample_grid else None,
         "mlflow_run_id": run.info.run_id, "model_uri": model_uri, "model_version": model_version,
-        "built_from": {"manifest": manifest_version, "spec": spec_version, "saliency": sal.get("key")},
+        "built_from": {"manifest": manifest_version, "spec": spec_version, "saliency": sal.get("key"),
+                       "codec": codec_key, "pairs": pairs_version},
     })
     prune_stage_dirs(rfp.out_dir(name, "velocity"), out_dir)
     metadata: dict[str, Any] = {
@@ -239,6 +365,8 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
         "built_from_manifest": manifest_version,
         "built_from_spec": spec_version,
         "built_from_saliency": str(sal.get("key") or "skipped"),
+        "built_from_codec": codec_key or "identity",
+        "built_from_pairs": pairs_version or "unpaired",
     }
     if res.sample_grid is not None:
         metadata["samples"] = markdown_image(Path(res.sample_grid), "samples: inputs above, outputs below")
