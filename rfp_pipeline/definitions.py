@@ -28,8 +28,8 @@ def default_resources() -> dict[str, object]:
             max_skip_rate=_float_env("RFP_MAX_SKIP_RATE", 0.2),
             min_frames_per_domain=int(_float_env("RFP_MIN_FRAMES_PER_DOMAIN", 2)),
             min_saliency_accuracy=_float_env("RFP_MIN_SALIENCY_ACCURACY", -1.0),
-            min_transfer_rate=_float_env("RFP_MIN_TRANSFER_RATE", 0.5),
-            min_mask_iou=_float_env("RFP_MIN_MASK_IOU", 0.5),
+            min_transfer_rate=_float_env("RFP_MIN_TRANSFER_RATE", 0.9),
+            min_mask_iou=_float_env("RFP_MIN_MASK_IOU", 0.8),
         ),
     }
 

@@ -197,5 +197,5 @@ class CheckThresholds(dg.ConfigurableResource):
     min_saliency_accuracy: float = Field(
         default=-1.0, description="held-out accuracy the saliency classifier must reach; < 0 = the config's accuracy_threshold"
     )
-    min_transfer_rate: float = Field(default=0.5, description="evaluation: fraction of outputs the judge assigns to domain 1")
-    min_mask_iou: float = Field(default=0.5, description="evaluation: IoU of input and output shape masks (content kept)")
+    min_transfer_rate: float = Field(default=0.9, description="evaluation: fraction of outputs the judge assigns to domain 1")
+    min_mask_iou: float = Field(default=0.8, description="evaluation: IoU of input and output shape masks (content kept)")

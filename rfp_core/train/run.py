@@ -109,11 +109,27 @@ def train_run(
                              codec_checkpoint=codec_ckpt)
         print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
+    pairs = _structure_pairs(cfg, report.manifest_path, run_dir, store, device, progress)
     vel = train_velocity(cfg, report.manifest_path, run_dir, device=device, saliency_checkpoint=saliency_ckpt,
-                         store=store, resume_from=checkpoint, codec_checkpoint=codec_ckpt, progress=progress)
+                         store=store, resume_from=checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
+                         pairs=pairs)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
     return run_dir
+
+
+def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, device, progress: bool):
+    """Structure-aware pairing (optional): top-k domain-1 candidates per domain-0 frame, plus a proof sheet."""
+    if not cfg.structure.pairing or cfg.generative:
+        return None
+    from rfp_core.structure import pair_manifest, proof_sheet, write_pairs
+
+    pairs = pair_manifest(manifest, store, cfg.structure, device=device, progress=progress)
+    write_pairs(pairs, run_dir / "pairs.parquet")
+    proof_sheet(pairs, store).save(run_dir / "proof_sheet.png")
+    print(f"pairing: {pairs.num_rows} candidate pairs ({cfg.structure.encoder}) -> {run_dir / 'pairs.parquet'}",
+          file=sys.stderr)
+    return pairs
 
 
 def cli_train(args: argparse.Namespace) -> int:
