@@ -186,12 +186,8 @@ def train_codec(
 def load_codec(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
     """The codec of a codec.pt (config inside), frozen and in eval mode."""
     from rfp_core.checkpoint import load_checkpoint
+    from rfp_core.train.codec_io import load_codec as load_codec_with_config
 
     ckpt = load_checkpoint(Path(path), map_location="cpu")
     cfg = config_from_dict(ckpt["config"], source=str(path))
-    codec = build_codec(cfg.codec.net)
-    if ckpt["codec"]:
-        codec.load_state_dict(ckpt["codec"])
-    elif not codec.is_identity:
-        raise ValueError(f"{path}: holds no trained weights for codec type {cfg.codec.net.type!r}; train the codec again")
-    return codec.to(device).eval().requires_grad_(False)
+    return load_codec_with_config(cfg, None, device, state=ckpt["codec"])
