@@ -26,10 +26,14 @@ from PIL import Image, ImageDraw
 
 from rfp_core.atomic import atomic_path, atomic_write_text
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2
 MARKER = "demo_data.json"
-# Neutral grey, identical in both domains; every shape colour is far from it (see _check_far).
-BACKGROUND = (128, 128, 128)
+# Light neutral grey, identical in both domains; every shape colour is far from it. Not mid-grey:
+# a warm colour and a cool one average to about mid-grey, so on the straight path
+# X_t = t·X1 + (1 − t)·X0 the inside of a shape would pass through the background colour
+# halfway, and the velocity net could not tell it from the background there (outputs came
+# out as striped outlines with background-coloured insides).
+BACKGROUND = (232, 232, 232)
 SHAPES = ("disc", "square", "triangle")
 # Minimum RGB distance (0-255 units) of every shape colour from the background.
 MIN_COLOUR_DISTANCE = 100.0

@@ -110,6 +110,17 @@ def saliency_weighted_loss_func(h: Callable[[Tensor], Tensor], x_t: Tensor, targ
     return surrogate - surrogate.detach() + value
 
 
+def anchored_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor, mse_weight: float) -> Tensor:
+    """The saliency-weighted loss plus `mse_weight` x plain MSE (`velocity.mse_weight`).
+
+    h's Jacobian has rank <= latent_channels and is spread over the whole image, so the saliency
+    loss alone lets the velocity wander off along everything else (method.md's colour cast); a
+    small MSE term anchors those coordinates to the straight-line target.
+    """
+    loss = saliency_weighted_loss(h, x_t, target, v_pred)
+    return loss + mse_weight * velocity_mse_loss(v_pred, target) if mse_weight else loss
+
+
 def reference_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor) -> Tensor:
     """The original trainer's formulation: double-backward jvp with create_graph, mean square."""
     _, u = torch.autograd.functional.jvp(h, (x_t,), (target - v_pred,), create_graph=True)

@@ -186,6 +186,23 @@ def test_ablation_table_names_both_rows_and_marks_missing_values():
     assert "FD 0.50 / KID –" in text
 
 
+def test_ablation_table_replaces_its_section_of_benchmarks_md_only(tmp_path):
+    from rfp_core.bench.ablation import BEGIN, END, splice_benchmarks
+
+    bench = tmp_path / "BENCHMARKS.md"
+    bench.write_text(f"# Benchmarks\n\n## Ingest\n\nkeep me\n\n## Ablation\n\n{BEGIN}\nold table\n{END}\n\n## Later\n\nkeep too\n")
+    splice_benchmarks(bench, "# Ablation: title\n\n| loss | x |\n| saliency | 1 |\n")
+    once = bench.read_text()
+    assert "old table" not in once and "| saliency | 1 |" in once and "# Ablation: title" not in once
+    assert "keep me" in once and "keep too" in once and once.count(BEGIN) == 1
+    splice_benchmarks(bench, "# Ablation: title\n\n| loss | x |\n| saliency | 1 |\n")
+    assert bench.read_text() == once, "re-running replaces, never appends"
+    fresh = tmp_path / "NEW.md"
+    fresh.write_text("# Benchmarks\n")
+    splice_benchmarks(fresh, "# t\n\n| a |\n")
+    assert fresh.read_text().count(BEGIN) == 1 and "| a |" in fresh.read_text()
+
+
 @pytest.mark.slow
 def test_ablation_quick_measures_both_losses_by_one_command():
     from rfp_core.bench.ablation import run

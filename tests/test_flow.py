@@ -60,6 +60,26 @@ def test_fast_saliency_loss_matches_the_reference_gradients_float64():
     assert not any(p.grad is not None for p in sal.parameters())
 
 
+def test_anchored_loss_is_the_saliency_loss_plus_weighted_mse_in_value_and_gradient():
+    sal = _saliency_f64()
+    torch.manual_seed(2)
+    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=False)).double()
+    x0 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    x1 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0.2, 0.6], dtype=torch.float64)
+    h = sal.frozen_h()
+    weight = 7.0
+    s_loss, s_grad = _grads(flow.saliency_weighted_loss, h, unet, x0, x1, t)
+    m_loss, m_grad = _grads(lambda _h, _x, target, v: flow.velocity_mse_loss(v, target), h, unet, x0, x1, t)
+    a_loss, a_grad = _grads(lambda *a: flow.anchored_saliency_loss(*a, mse_weight=weight), h, unet, x0, x1, t)
+    torch.testing.assert_close(a_loss, s_loss + weight * m_loss)
+    for k in a_grad:
+        torch.testing.assert_close(a_grad[k], s_grad[k] + weight * m_grad[k])
+    assert float(m_loss) > 0 and any(float(g.abs().max()) > 0 for g in m_grad.values())
+    zero_loss, _ = _grads(lambda *a: flow.anchored_saliency_loss(*a, mse_weight=0.0), h, unet, x0, x1, t)
+    torch.testing.assert_close(zero_loss, s_loss)
+
+
 def test_saliency_params_get_no_grad_even_if_trainable_and_accumulation_adds_up():
     torch.manual_seed(0)
     sal = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=False, latent_channels=16)).eval()

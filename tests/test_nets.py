@@ -198,8 +198,10 @@ def test_zero_res_blocks_makes_res_blocks_identity_at_init():
 
 
 def test_group_norm_groups_divide_channels():
-    assert group_norm(128).num_groups == 32 and group_norm(16).num_groups == 16
-    assert group_norm(48).num_groups == 24 and group_norm(8).num_groups == 8
+    assert group_norm(128).num_groups == 32 and group_norm(256).num_groups == 32
+    # narrow layers: never instance norm, each group keeps >= 4 channels
+    assert group_norm(32).num_groups == 8 and group_norm(16).num_groups == 4
+    assert group_norm(48).num_groups == 12 and group_norm(8).num_groups == 2 and group_norm(3).num_groups == 1
 
 
 def test_original_flat_config_builds_both_nets(tmp_path):

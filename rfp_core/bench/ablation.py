@@ -1,9 +1,15 @@
 """`rfp bench ablation`: the demo config trained with the saliency-weighted loss and with plain MSE.
 
-Same data, seed and budget; only `velocity.loss` differs. Both runs are graded by one judge
-(trained once on the held-out real frames) and measured by `evaluate_run`; the table goes to
-docs/ABLATION.md (a `--quick` smoke run writes it under $RFP_HOME instead, keeping the docs).
-method.md predicts the trade-off: saliency keeps the shapes (high mask IoU), MSE breaks them.
+The rows (`VARIANTS`, in order): "saliency" is the demo config as it is, MSE anchor
+(`velocity.mse_weight`) included when it has one; "saliency, no MSE anchor" is the same with
+`mse_weight` 0, a row only when the demo config's anchor is positive (else it would repeat the
+first); "mse" is plain rectified flow. Same data, seed and budget; rows differ only in
+`velocity.loss` and `velocity.mse_weight`. All runs are graded by one judge (trained once on the
+held-out real frames) and measured by `evaluate_run`; the table goes to docs/ABLATION.md and into
+the ablation section of docs/BENCHMARKS.md (a `--quick` smoke run writes it under $RFP_HOME
+instead, keeping the docs).
+method.md predicts the trade-off: the saliency loss keeps the shapes (high mask IoU) but on its own
+lets the background drift (a colour cast, which the anchor holds); MSE breaks the shapes.
 """
 
 from __future__ import annotations
@@ -14,6 +20,7 @@ import platform
 import shutil
 import sys
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +29,29 @@ import torch
 from rfp_core.config import ModelConfig, config_from_dict, load_config
 from rfp_core.paths import project_root, rfp_home, runs_dir
 
-LOSSES = ("saliency", "mse")
+
+@dataclass(frozen=True)
+class Variant:
+    """One row of the table: its label, a slug for run ids and file names, and the config overrides."""
+
+    label: str
+    slug: str
+    overrides: dict[str, Any] = field(default_factory=dict)
+
+
+SALIENCY = Variant("saliency", "saliency", {"velocity": {"loss": "saliency"}})
+NO_ANCHOR = Variant("saliency, no MSE anchor", "saliency-no-anchor",
+                    {"velocity": {"loss": "saliency", "mse_weight": 0.0}})
+MSE = Variant("mse", "mse", {"velocity": {"loss": "mse", "mse_weight": 0.0}})
+VARIANTS = (SALIENCY, NO_ANCHOR, MSE)
+
+
+def variants(base: ModelConfig) -> list[Variant]:
+    """The rows for this base config, in order: the no-anchor row only when it has an anchor (else it
+    would repeat the first row)."""
+    return [v for v in VARIANTS if v is not NO_ANCHOR or base.velocity.mse_weight > 0]
+
+
 # Used only when configs/demo.json is missing (said so in the table's header).
 FALLBACK_CONFIG: dict[str, Any] = {
     "type": "RFPix2pixModel", "max_size": 32, "seed": 0,
@@ -77,15 +106,27 @@ def _cell(value: Any, fmt: str) -> str:
 
 
 def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
+    w = float(header.get("mse_weight") or 0.0)
+    if w > 0:
+        differ = ("rows differ only in `velocity.loss` and `velocity.mse_weight` "
+                  f"(the MSE anchor weight, {w:g} in the demo config)")
+        saliency_row = (f"The `{SALIENCY.label}` row is the demo config as it is: the saliency-weighted loss plus "
+                        f"the MSE anchor of weight {w:g}.")
+        parts = (f"The rows show what each part does: `{SALIENCY.label}` against `{NO_ANCHOR.label}` is the "
+                 f"anchor alone, `{NO_ANCHOR.label}` against `{MSE.label}` the saliency weighting alone.")
+    else:
+        differ = "rows differ only in `velocity.loss` (the demo config has no MSE anchor: `velocity.mse_weight` 0)"
+        saliency_row = f"The `{SALIENCY.label}` row is the demo config as it is (no MSE anchor)."
+        parts = "The rows show what the saliency weighting does."
     lines = [
         "# Ablation: saliency-weighted loss vs plain MSE",
         "",
         f"Made by `rfp bench ablation{' --quick' if header['quick'] else ''}` on {header['date']} "
-        f"({header['device']}, {header['platform']}). Config: {header['config']}; only `velocity.loss` differs. "
-        f"Both runs: seed {header['seed']}, {header['train_images']} training images "
+        f"({header['device']}, {header['platform']}). Config: {header['config']}; {differ}. "
+        f"Every run: seed {header['seed']}, {header['train_images']} training images "
         f"({header['steps']} optimizer steps of {header['batch']}), {header['size']} px, "
         f"demo data {header['data_num']} images + 1 video per domain; evaluated on {header['n_eval']} held-out "
-        f"domain-0 frames with {header['nfe']} velocity evaluations ({header['sampler']}). One judge grades both "
+        f"domain-0 frames with {header['nfe']} velocity evaluations ({header['sampler']}). One judge grades every row "
         f"(held-out accuracy {_cell(header['judge_accuracy'], '{:.3f}')}); FD/KID in its feature space, where real "
         f"domain-1 frames score FD {_cell(header['fid_floor'], '{:.2f}')} / KID {_cell(header['kid_floor'], '{:.3f}')} "
         f"(the floor); structure similarity in the `{header['structure_encoder']}` space.",
@@ -93,19 +134,40 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
         "| loss | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
         "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
     ]
-    for loss, m in rows.items():
-        lines.append(f"| {loss} | " + " | ".join(_cell(m.get(key), fmt) for key, _, fmt in COLUMNS) + " |")
+    for label, m in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_cell(m.get(key), fmt) for key, _, fmt in COLUMNS) + " |")
     lines += [
         "",
         "What to read: `mask IoU` is the content kept (each input's true shape mask against the output's "
-        "foreground); `transfer rate` is the share of outputs the judge calls domain 1. method.md expects "
-        "the saliency-weighted loss to keep the shapes and plain MSE to break them into fragments.",
+        "foreground); `transfer rate` is the share of outputs the judge calls domain 1. "
+        f"{saliency_row} method.md predicts that the pure saliency-weighted loss keeps the shapes but lets the "
+        "background drift (a colour cast: it gives almost no gradient to what does not change the domain), and "
+        f"that plain MSE breaks the shapes into fragments. {parts}",
         "",
         "Sample grids (top: inputs, bottom: outputs): "
-        + ", ".join(f"[{loss}]({header['grids'][loss]})" for loss in rows),
+        + ", ".join(f"[{label}]({header['grids'][label]})" for label in rows),
         "",
     ]
     return "\n".join(lines)
+
+
+BEGIN, END = "<!-- ablation:begin (written by rfp bench ablation) -->", "<!-- ablation:end -->"
+
+
+def splice_benchmarks(path: Path, table: str) -> None:
+    """Put the table (without its title) between the ablation markers of docs/BENCHMARKS.md,
+    appending a section with the markers when the file has none."""
+    from rfp_core.atomic import atomic_write_text
+
+    body = table.split("\n", 2)[2].strip() if table.startswith("# ") else table.strip()
+    block = f"{BEGIN}\n{body}\n{END}"
+    text = path.read_text() if path.exists() else "# Benchmarks\n"
+    if BEGIN in text and END in text:
+        head, rest = text.split(BEGIN, 1)
+        text = head + block + rest.split(END, 1)[1]
+    else:
+        text = text.rstrip("\n") + "\n\n## Ablation — `rfp bench ablation`\n\n" + block + "\n"
+    atomic_write_text(path, text)
 
 
 def _comparable(cfg: ModelConfig) -> dict:
@@ -123,7 +185,7 @@ def _finished(run_dir: Path, cfg: ModelConfig, quick: bool) -> float | None:
 
 
 def run(quick: bool = False, device: str | None = None, retrain: bool = False) -> dict:
-    """Train (or reuse finished runs of the same config) and evaluate both losses; write the table."""
+    """Train (or reuse finished runs of the same config) and evaluate every variant; write the table."""
     from rfp_core.atomic import atomic_write_text
     from rfp_core.data import FrameDataset
     from rfp_core.demo_data import DEFAULT_NUM, make_demo_data
@@ -138,27 +200,30 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     work = rfp_home() / "bench" / "ablation"
     data = make_demo_data(work / "demo_data", num=DEFAULT_NUM if not quick else 64)
 
+    rows_to_run = variants(base)
+    lead = rows_to_run[0].label
+
     trained: dict[str, tuple[Path, float]] = {}
-    for loss in LOSSES:
-        cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides={"velocity": {"loss": loss}})
-        run_id = f"ablation-{loss}" + ("-quick" if quick else "")
+    for v in rows_to_run:
+        cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides=v.overrides)
+        run_id = f"ablation-{v.slug}" + ("-quick" if quick else "")
         done = _finished(runs_dir() / run_id, cfg, quick)
         if done is not None and not retrain:
             print(f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)", file=sys.stderr)
-            trained[loss] = (runs_dir() / run_id, done)
+            trained[v.label] = (runs_dir() / run_id, done)
             continue
         shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # a fresh run, never a resumed one
         t0 = time.perf_counter()
         run_dir = train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
-        trained[loss] = (run_dir, time.perf_counter() - t0)
+        trained[v.label] = (run_dir, time.perf_counter() - t0)
         atomic_write_text(run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick,
-                                                                 "train_seconds": trained[loss][1]}))
+                                                                 "train_seconds": trained[v.label][1]}))
 
-    # one judge for both rows, trained on the same held-out real frames evaluate_run uses
-    first = Translator.from_run(trained[LOSSES[0]][0], dev)
+    # one judge for all rows, trained on the same held-out real frames evaluate_run uses
+    first = Translator.from_run(trained[lead][0], dev)
     cfg = first.cfg
     store = FrameStore(max_side=cfg.store_max_side)
-    manifest = trained[LOSSES[0]][0] / "manifest.parquet"
+    manifest = trained[lead][0] / "manifest.parquet"
     frac = cfg.saliency.holdout_fraction
     held = [torch.stack(list(FrameDataset(manifest, store, d, cfg.max_size, split="holdout", holdout_fraction=frac,
                                           train_crop=False))) for d in (0, 1)]
@@ -169,25 +234,25 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     table_path = (work / "ABLATION.md") if quick else docs / "ABLATION.md"
     rows: dict[str, dict] = {}
     grids: dict[str, str] = {}
-    for loss in LOSSES:
-        run_dir, seconds = trained[loss]
-        translator = first if loss == LOSSES[0] else Translator.from_run(run_dir, dev)
+    for v in rows_to_run:
+        run_dir, seconds = trained[v.label]
+        translator = first if v.label == lead else Translator.from_run(run_dir, dev)
         res = evaluate_run(translator, manifest, store, run_dir / "evaluation", masks_dir=data.masks_dir(0),
                            structure_encoder=encoder, device=dev, judge=judge)
         res["train_seconds"] = seconds
         res["run_dir"] = str(run_dir)
-        rows[loss] = res
+        rows[v.label] = res
         grid = Path(res["paths"]["grid_translate"])
         if not quick:
             # the grids beside the table, so the docs show the pictures as well as the numbers
-            target = docs / "ablation" / f"{loss}_translate.png"
+            target = docs / "ablation" / f"{v.slug}_translate.png"
             target.parent.mkdir(parents=True, exist_ok=True)
             shutil.copyfile(grid, target)
-            grids[loss] = f"ablation/{loss}_translate.png"
+            grids[v.label] = f"ablation/{v.slug}_translate.png"
         else:
-            grids[loss] = str(grid)
+            grids[v.label] = str(grid)
 
-    some = rows[LOSSES[0]]
+    some = rows[lead]
     header = {
         "quick": quick, "date": time.strftime("%Y-%m-%d"), "device": str(dev),
         "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
@@ -197,13 +262,17 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
         "sampler": some["sampler"], "judge_accuracy": judge.accuracy,
         "fid_floor": some.get("fid_judge_floor"), "kid_floor": some.get("kid_judge_floor"),
         "structure_encoder": some.get("structure_encoder", "none"), "grids": grids,
+        "mse_weight": base.velocity.mse_weight,
     }
-    atomic_write_text(table_path, markdown(rows, header))
+    table = markdown(rows, header)
+    atomic_write_text(table_path, table)
+    if not quick:
+        splice_benchmarks(docs / "BENCHMARKS.md", table)
     print(f"ablation table: {table_path}", file=sys.stderr)
 
     keep = [key for key, _, _ in COLUMNS] + ["fid_judge_floor", "kid_judge_floor", "mask_iou_input", "judge_accuracy",
                                              "n_eval", "run_dir"]
-    out: dict[str, Any] = {loss: {k: _json_safe(rows[loss].get(k)) for k in keep} for loss in LOSSES}
+    out: dict[str, Any] = {label: {k: _json_safe(m.get(k)) for k in keep} for label, m in rows.items()}
     out.update({"table": str(table_path), "config": config_name, "quick": quick, "device": str(dev),
                 "seconds": time.perf_counter() - start})
     return json.loads(json.dumps(out, default=str))

@@ -20,9 +20,18 @@ from torch import nn
 from rfp_core.config import UNetConfig
 
 
+# Each group keeps at least this many channels. One channel per group is instance norm, which
+# removes every channel's mean over the image: the absolute colour a translation has to change.
+# Measured with the demo's 32-channel UNet (MSE, true pairs of demo shapes): the background
+# drifted, false foreground 0.87 of the shape's area; 0.31 with groups of 4.
+MIN_GROUP_CHANNELS = 4
+
+
 def group_norm(channels: int) -> nn.GroupNorm:
-    """GroupNorm32, or the largest group count <= 32 that divides `channels`."""
-    groups = next(g for g in range(min(32, channels), 0, -1) if channels % g == 0)
+    """GroupNorm32, or fewer groups for narrow layers: the largest count <= 32 that divides
+    `channels` and leaves each group MIN_GROUP_CHANNELS channels (when that is possible)."""
+    cap = max(1, min(32, channels // MIN_GROUP_CHANNELS))
+    groups = next(g for g in range(cap, 0, -1) if channels % g == 0)
     return nn.GroupNorm(groups, channels)
 
 

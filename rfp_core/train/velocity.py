@@ -262,7 +262,10 @@ def train_velocity(
             with autocast:
                 v = model(x_t, t)
             v = v.float()
-            loss = flow.saliency_weighted_loss(h, x_t, target, v) if use_saliency else flow.velocity_mse_loss(v, target)
+            if use_saliency:
+                loss = flow.anchored_saliency_loss(h, x_t, target, v, vc.mse_weight)
+            else:
+                loss = flow.velocity_mse_loss(v, target)
             (loss / accum).backward()
             step_loss += loss.detach() / accum
         loss_value = float(step_loss)
