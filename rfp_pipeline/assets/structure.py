@@ -60,6 +60,18 @@ def current_pairs(rfp: RfpHome, name: str, cfg) -> dict | None:
     return rec
 
 
+def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str):
+    """(experiment name, its model config, this stage's folder, the skipped result or None)."""
+    name = context.partition_key
+    cfg = exps.model_config(load_spec(rfp, name))
+    stage_dir = rfp.out_dir(name, stage)
+    reason = skip_reason(cfg)
+    if reason is None:
+        return name, cfg, stage_dir, None
+    context.log.info(f"{context.asset_key.to_user_string()} skipped: {reason}")
+    return name, cfg, stage_dir, skipped(stage_dir, reason)
+
+
 @dg.asset(
     partitions_def=experiments_partitions,
     deps=[frame_store, experiment_config],
@@ -74,13 +86,9 @@ def current_pairs(rfp: RfpHome, name: str, cfg) -> dict | None:
 def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
     from rfp_core.structure.encoders import build_encoder
 
-    name = context.partition_key
-    cfg = exps.model_config(load_spec(rfp, name))
-    stage_dir = rfp.out_dir(name, "embeddings")
-    reason = skip_reason(cfg)
-    if reason is not None:
-        context.log.info(f"structure_embeddings skipped: {reason}")
-        return skipped(stage_dir, reason)
+    name, cfg, stage_dir, skip = _stage(context, rfp, "embeddings")
+    if skip is not None:
+        return skip
 
     encoder = build_encoder(cfg.structure, rfp.resolve_device())  # no weights: the error says what to put where
     cache = rfp.embedding_cache(encoder.encoder_id)
@@ -123,13 +131,9 @@ def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mater
 
     from rfp_core.structure import proof_sheet, topk_pairs, write_pairs
 
-    name = context.partition_key
-    cfg = exps.model_config(load_spec(rfp, name))
-    stage_dir = rfp.out_dir(name, "pairs")
-    reason = skip_reason(cfg)
-    if reason is not None:
-        context.log.info(f"structure_pairs skipped: {reason}")
-        return skipped(stage_dir, reason)
+    name, cfg, stage_dir, skip = _stage(context, rfp, "pairs")
+    if skip is not None:
+        return skip
 
     emb = read_result(rfp.out_dir(name, "embeddings"), "structure_embeddings", name)
     if emb.get("skipped"):
