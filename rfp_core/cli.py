@@ -45,8 +45,15 @@ def build_parser() -> argparse.ArgumentParser:
     _domain_dirs(train, ("--domain0", "-d0"), "domain0", False, "domain-0 folders, or 'random'")
     _domain_dirs(train, ("--domain1", "-d1"), "domain1", False, "domain-1 folders")
     train.add_argument("--checkpoint", "-ckpt", default=None, help="resume from (or initialise with) this checkpoint")
-    train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: a timestamp)")
-    train.add_argument("--dev", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
+    train.add_argument("--codec-ckpt", default=None, help="use this codec (original .ckpt or codec.pt); skips phase 0")
+    train.add_argument("--saliency-ckpt", default=None, help="use this saliency net (original .ckpt or saliency.pt); skips phase 1")
+    train.add_argument("--velocity-ckpt", default=None,
+                       help="continue the velocity from this checkpoint (an original .ckpt: its step is read from the file name)")
+    train.add_argument("--codec-only", action="store_true", help="stop after the codec (phase 0)")
+    train.add_argument("--saliency-only", action="store_true", help="stop after the saliency net (phase 1)")
+    train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: run_<YYYYmmddHHMM>)")
+    train.add_argument("--dev", action="store_true", help="development mode: no experiment tracking, '_dev' in the run name")
+    train.add_argument("--smoke", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
     _device(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
 
@@ -71,10 +78,11 @@ def build_parser() -> argparse.ArgumentParser:
     generate.set_defaults(handler="rfp_core.translate:cli_generate")
 
     split = sub.add_parser("split", help="sort an unsorted folder into domain0 / domain1 / uncertain")
-    split.add_argument("--run", required=True, help="run folder holding a saliency checkpoint")
-    split.add_argument("--input", nargs="+", required=True, metavar="DIR")
-    split.add_argument("--output", required=True)
-    split.add_argument("--threshold", type=float, default=0.7)
+    split.add_argument("--run", "--checkpoint", "-ckpt", dest="run", required=True,
+                       help="run folder (this project's or the original trainer's) or a saliency checkpoint file")
+    split.add_argument("--input", "-i", nargs="+", required=True, metavar="DIR")
+    split.add_argument("--output", "-o", required=True)
+    split.add_argument("--threshold", "-t", type=float, default=0.7)
     split.add_argument("--ignore", default=None, help="file listing paths or md5s to leave out, one a line")
     _device(split)
     split.set_defaults(handler="rfp_core.split:cli_split")

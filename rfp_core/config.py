@@ -1,6 +1,6 @@
 """Typed model and experiment configs, every default in one place.
 
-`load_config` reads both formats of the original trainer (method.md): the flat form
+`load_config` reads both formats of the original trainer (docs/METHOD.md): the flat form
 (`velocity_net`, `saliency_net`, `saliency_*` keys) and the nested form (`codec`,
 `saliency`, `velocity` sections). Both resolve to the same `ModelConfig`.
 """
@@ -12,15 +12,20 @@ import difflib
 import json
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal, Union
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
+                      model_validator)
 
 from rfp_core.paths import resolve_against_root
 
 Augmentation = Literal["color_jitter", "grayscale", "hflip", "random_erasing", "gaussian_blur"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
 StructureEncoder = Literal["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "thumbnail"]
+Normalization = Literal["GroupNorm32", "GroupNorm16", "GroupNormAuto", "BatchNorm2d", "InstanceNorm2d", "None"]
+Activation = Literal["SiLU", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "None", "Softmax"]
+Downsample = Literal["AvgPool", "StridedConv"]
+Upsample = Literal["Bilinear", "NearestConv"]
 
 
 class ConfigError(ValueError):
@@ -32,26 +37,55 @@ class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", validate_assignment=True, protected_namespaces=())
 
 
+# Every default below is the original trainer's constructor default, so a file written for it
+# means here what it meant there. This project's own configs set what they want explicitly.
+
+
 class UNetConfig(_Strict):
     type: Literal["UNet"] = "UNet"
-    model_channels: int = Field(128, ge=8)
-    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 4, 8, 8], min_length=1)
-    normalization: Literal["GroupNorm32"] = "GroupNorm32"
-    activation: Literal["SiLU"] = "SiLU"
+    model_channels: int = Field(64, ge=1)
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    normalization: Normalization = "GroupNorm32"
+    activation: Activation = "SiLU"
     num_res_blocks: int = Field(2, ge=1)
-    # zero-initialise the last conv of every res block (residual starts as identity)
+    # zero-initialise the last conv of every res block (the residual starts as the identity)
     zero_res_blocks: bool = False
-    # zero-initialise the output conv: unconstrained coordinates then stay put (method.md)
-    zero_out: bool = True
-    # downsample factors (1 = full resolution, 2 = half, ...) at which blocks get self-attention
+    # LEVEL indices into ch_mult (0 = full resolution) whose blocks get self-attention
     attention_resolutions: list[int] = Field(default_factory=list)
     num_attention_heads: int = Field(8, ge=1)
-    dropout: float = Field(0.0, ge=0.0, lt=1.0)
+    output_activation: Activation = "None"
+    downsample: Downsample = "AvgPool"
+    upsample: Upsample = "Bilinear"
+    mid_attention: bool = False
+    # this project's option: zero-initialise the output conv, so v = 0 at init (docs/METHOD.md)
+    zero_out: bool = False
+
+    @model_validator(mode="after")
+    def _levels_exist(self) -> "UNetConfig":
+        bad = [i for i in self.attention_resolutions if not 0 <= i < len(self.ch_mult)]
+        if bad:
+            raise ValueError(
+                f"attention_resolutions {bad}: these are level indices into ch_mult (0 .. {len(self.ch_mult) - 1}), "
+                "as in the original trainer, not downsample factors"
+            )
+        return self
+
+
+class DiTConfig(_Strict):
+    type: Literal["DiT"] = "DiT"
+    patch_size: int = Field(2, ge=1)
+    hidden_size: int = Field(384, ge=4)
+    depth: int = Field(12, ge=1)
+    num_heads: int = Field(6, ge=1)
+    mlp_ratio: float = Field(4.0, gt=0)
+
+
+VelocityNetConfig = Annotated[Union[UNetConfig, DiTConfig], Field(discriminator="type")]
 
 
 class SaliencyNetConfig(_Strict):
     type: Literal["ResNetSaliencyNet"] = "ResNetSaliencyNet"
-    backbone: Backbone = "resnet50"
+    backbone: Backbone = "resnet18"
     num_classes: Literal[2] = 2
     pretrained: bool = True
     # explicit weights file; when unset, torchvision's cache under $TORCH_HOME is searched
@@ -60,15 +94,15 @@ class SaliencyNetConfig(_Strict):
 
 
 class SaliencyConfig(_Strict):
+    type: Literal["Saliency"] = "Saliency"
     net: SaliencyNetConfig = Field(default_factory=SaliencyNetConfig)
-    learning_rate: float = Field(5e-5, gt=0)
+    learning_rate: float = Field(1e-4, gt=0)
     accuracy_threshold: float = Field(0.995, gt=0, le=1)
     warmup_threshold: float = Field(0.90, gt=0, le=1)
     blend_fraction: float = Field(0.0, ge=0, le=1)
-    label_smoothing: float = Field(0.1, ge=0, lt=1)
-    augmentations: list[Augmentation] = Field(
-        default_factory=lambda: ["color_jitter", "grayscale", "hflip", "random_erasing"]
-    )
+    label_smoothing: float = Field(0.0, ge=0, lt=1)
+    augmentations: list[Augmentation] = Field(default_factory=list)
+    # this project's additions (the original has no such keys)
     batch_size: int = Field(32, ge=2)
     # an unreachable threshold ends with a clear error after this many steps, never runs forever
     max_steps: int = Field(20_000, ge=1)
@@ -76,46 +110,145 @@ class SaliencyConfig(_Strict):
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
 
 
-class CodecNetConfig(_Strict):
-    type: Literal["Identity", "VAE"] = "Identity"
-    latent_channels: int = Field(4, ge=1)
-    model_channels: int = Field(64, ge=8)
-    # number of stride-2 stages = len(ch_mult) - 1
+class IdentityNetConfig(_Strict):
+    # "IdentityNet" is the name in the trainer's earlier files
+    type: Literal["Identity", "IdentityNet"] = "Identity"
+
+    @field_validator("type", mode="after")
+    @classmethod
+    def _one_name(cls, value: str) -> str:
+        return "Identity"
+
+
+class AutoEncoderConfig(_Strict):
+    type: Literal["AutoEncoder", "VAE", "SAE"] = "VAE"
+    latent_channels: int = Field(16, ge=1)
+    model_channels: int = Field(64, ge=1)
     ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    normalization: Normalization = "GroupNorm32"
+    activation: Activation = "SiLU"
+    num_res_blocks: int = Field(2, ge=1)
+    decoder_num_res_blocks: int | None = Field(None, ge=1)
+    attention_resolutions: list[int] = Field(default_factory=list)
+    mid_attention: bool = False
+    num_attention_heads: int = Field(8, ge=1)
+    downsample: Downsample = "AvgPool"
+    upsample: Upsample = "Bilinear"
+    output_activation: Activation = "Tanh"
+    # SAE only: the sphere's epsilon and the largest training noise angle
+    eps: float = Field(1e-8, gt=0)
+    noise_angle_degrees_max: float = Field(85.0, gt=0, lt=90)
+
+
+class ConvEncoderDecoderConfig(_Strict):
+    """The trainer's earlier codec net: its files load, training it is not supported yet."""
+
+    type: Literal["ConvEncoderDecoder"] = "ConvEncoderDecoder"
+    latent_channels: int = Field(16, ge=1)
+    model_channels: int = Field(64, ge=1)
+    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
+    normalization: Normalization = "GroupNorm32"
+    activation: Activation = "SiLU"
+    num_res_blocks: int = Field(2, ge=1)
+
+
+def _codec_net_kind(value: Any) -> str:
+    kind = value.get("type", "Identity") if isinstance(value, dict) else getattr(value, "type", "Identity")
+    return {"IdentityNet": "Identity", "VAE": "AutoEncoder", "SAE": "AutoEncoder"}.get(kind, kind)
+
+
+CodecNetConfig = Annotated[
+    Union[
+        Annotated[IdentityNetConfig, Tag("Identity")],
+        Annotated[AutoEncoderConfig, Tag("AutoEncoder")],
+        Annotated[ConvEncoderDecoderConfig, Tag("ConvEncoderDecoder")],
+    ],
+    Discriminator(_codec_net_kind),
+]
+
+
+class CodecLossConfig(_Strict):
+    """One entry of `codec.losses`, as the original lists them; logged under its `id`.
+
+    `StructureLoss` is this project's: multi-scale gradient L1 + (1 - SSIM)/2, a perceptual-like
+    term that needs no downloaded weights (LPIPS needs VGG16's)."""
+
+    type: Literal["L1Loss", "MSELoss", "KLLoss", "LPIPSLoss", "SAEPixelConsistencyLoss", "SAELatentConsistencyLoss",
+                  "StructureLoss"]
+    id: str | None = None
+    weight: float | None = None
+    backbone: Literal["vgg16"] = "vgg16"
+    recon_weight: float = 1.0
+    lpips_weight: float = 1.0
+
+    @model_validator(mode="after")
+    def _defaults(self) -> "CodecLossConfig":
+        ids = {"L1Loss": "l1_loss", "MSELoss": "mse_loss", "KLLoss": "kl_loss", "LPIPSLoss": "lpips_loss",
+               "SAEPixelConsistencyLoss": "pix_con_loss", "SAELatentConsistencyLoss": "lat_con_loss",
+               "StructureLoss": "structure_loss"}
+        if self.id is None:
+            self.id = ids[self.type]
+        if self.weight is None:
+            self.weight = 1e-6 if self.type == "KLLoss" else 1.0
+        return self
 
 
 class CodecConfig(_Strict):
-    net: CodecNetConfig = Field(default_factory=CodecNetConfig)
+    type: Literal["Codec"] = "Codec"
+    net: CodecNetConfig = Field(default_factory=IdentityNetConfig)
+    losses: list[CodecLossConfig] = Field(default_factory=list)
     learning_rate: float = Field(1e-4, gt=0)
-    train_images: int = Field(200_000, ge=0)
-    batch_size: int = Field(16, ge=1)
-    kl_weight: float = Field(1e-6, ge=0)
-    l1_weight: float = Field(1.0, ge=0)
-    perceptual_weight: float = Field(0.1, ge=0)
+    train_images: int = Field(0, ge=0)
+    train_batch_size: int = Field(64, ge=1)
+    # None = train_batch_size (no accumulation), as in the original
+    train_minibatch_size: int | None = Field(None, ge=1)
+    sample_batch_size: int = Field(8, ge=1)
+    augmentations: list[Augmentation] = Field(default_factory=list)
+    gradient_clip: float = Field(1.0, ge=0)
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    lr_schedule: Literal["constant", "cosine"] = "cosine"
+    # this project's addition: checkpoint the codec phase every N minutes so a kill loses little
+    checkpoint_every_minutes: float = Field(10.0, gt=0)
+
+    @property
+    def minibatch(self) -> int:
+        return self.train_minibatch_size or self.train_batch_size
+
+    @property
+    def accumulation_steps(self) -> int:
+        return max(1, self.train_batch_size // self.minibatch)
+
+    @property
+    def total_steps(self) -> int:
+        return self.train_images // self.train_batch_size
 
 
 class VelocityConfig(_Strict):
-    net: UNetConfig = Field(default_factory=UNetConfig)
+    type: Literal["Velocity"] = "Velocity"
+    net: VelocityNetConfig = Field(default_factory=UNetConfig)
     learning_rate: float = Field(2e-4, gt=0)
-    weight_decay: float = Field(1e-4, ge=0)
     train_images: int = Field(6_000_000, ge=1)
     train_batch_size: int = Field(48, ge=1)
-    train_minibatch_size: int = Field(24, ge=1)
+    train_minibatch_size: int = Field(48, ge=1)
     timestep_sampling: Literal["uniform", "logit-normal"] = "logit-normal"
+    num_inference_steps: int = Field(12, ge=1)
+    sample_batch_size: int = Field(8, ge=1)
+    lr_schedule: Literal["constant", "cosine"] = "constant"
+    warmup_fraction: float = Field(0.0, ge=0, lt=1)
+    # 0 = off, as in the original
+    gradient_clip: float = Field(0.0, ge=0)
+    # 0 = off (the raw weights are sampled and saved), as in the original
+    ema: float = Field(0.0, ge=0, lt=1)
+    bf16: bool = False
+    # this project's additions
+    weight_decay: float = Field(1e-4, ge=0)
     # "saliency" = the saliency-weighted loss; "mse" = plain rectified flow (forced in generative mode)
     loss: Literal["saliency", "mse"] = "saliency"
     # With the saliency loss: weight of a plain MSE term added to it (an anchor). h's Jacobian is
-    # low-rank and spread over the whole frame, so the saliency loss alone lets the background
-    # drift (method.md's colour cast). Demo, 800 steps: mask IoU 0.56 without, 0.75 with 500.
+    # low-rank and spread over the whole frame, so the saliency loss alone lets what it does not see
+    # drift (docs/METHOD.md, the colour cast); the anchor holds those coordinates to the straight line.
     mse_weight: float = Field(0.0, ge=0)
-    lr_schedule: Literal["constant", "cosine"] = "constant"
-    warmup_fraction: float = Field(0.0, ge=0, lt=1)
-    gradient_clip: float | None = Field(1.0, gt=0)
-    ema: float = Field(0.999, ge=0, lt=1)
-    bf16: bool = False
-    num_inference_steps: int = Field(12, ge=1)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
-    sample_batch_size: int = Field(8, ge=1)
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     # also checkpoint every N optimizer steps (None = by time only); tests and short runs use it
@@ -224,7 +357,7 @@ _FLAT_VELOCITY = {
     "train_batch_size", "train_minibatch_size", "train_images", "learning_rate", "weight_decay",
     "num_inference_steps", "timestep_sampling", "sample_batch_size", "lr_schedule",
     "warmup_fraction", "gradient_clip", "ema", "bf16", "sampler", "sample_every_images",
-    "checkpoint_every_minutes", "checkpoint_every_steps", "loss",
+    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),
@@ -238,11 +371,26 @@ _SECTIONS = {"codec", "saliency", "velocity", "structure"}
 
 
 def _is_flat(raw: dict[str, Any]) -> bool:
-    if _SECTIONS & raw.keys():
+    """The earlier layout: velocity keys at the top level (a `codec` section may sit beside them)."""
+    if {"velocity", "saliency", "structure"} & raw.keys():
         return False
-    return any(
-        k in _FLAT_RENAMES or k in _FLAT_VELOCITY or k.startswith(("saliency_", "codec_")) for k in raw
-    )
+    return any(k in _FLAT_RENAMES or k in _FLAT_VELOCITY or k.startswith(("saliency_", "codec_")) for k in raw)
+
+
+def _lift_structure(nested: dict[str, Any], source: str) -> dict[str, Any]:
+    """The current trainer keeps `structure_pairing` / `structure_candidates` inside `velocity`:
+    move them to the `structure` section, where every structure setting lives here."""
+    velocity = nested.get("velocity")
+    if not isinstance(velocity, dict):
+        return nested
+    for old, new in (("structure_pairing", "pairing"), ("structure_candidates", "candidates")):
+        if old in velocity:
+            value = velocity.pop(old)
+            structure = nested.setdefault("structure", {})
+            if new in structure and structure[new] != value:
+                raise ConfigError(f"{source}: velocity.{old} ({value}) contradicts structure.{new} ({structure[new]}); keep one")
+            structure[new] = value
+    return nested
 
 
 def _flat_to_nested(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple, str]]:
@@ -289,8 +437,14 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+_UNION_TAGS = {"UNet": UNetConfig, "DiT": DiTConfig, "Identity": IdentityNetConfig, "AutoEncoder": AutoEncoderConfig,
+               "ConvEncoderDecoder": ConvEncoderDecoderConfig}
+
+
 def _describe(err: dict[str, Any], origin: dict[tuple, str], model: type[BaseModel]) -> str:
-    loc = tuple(str(p) for p in err["loc"])
+    raw_loc = tuple(str(p) for p in err["loc"])
+    parent, parent_path = _resolve_parent(model, raw_loc[:-1])
+    loc = (*parent_path, raw_loc[-1]) if raw_loc else raw_loc
     # name the key the way the user wrote it (flat files keep their flat names)
     shown = None
     for n in range(len(loc), 0, -1):
@@ -299,22 +453,29 @@ def _describe(err: dict[str, Any], origin: dict[tuple, str], model: type[BaseMod
             break
     shown = shown or ".".join(loc)
     if err["type"] == "extra_forbidden":
-        known = _known_keys(model, loc[:-1])
+        known = list(parent.model_fields) if parent is not None else []
         hint = difflib.get_close_matches(loc[-1], known, n=1)
         suggestion = f" (did you mean '{hint[0]}'?)" if hint else ""
         return f"unknown key '{shown}'{suggestion}; known keys here: {', '.join(sorted(known))}"
     got = err.get("input")
-    return f"'{shown}': {err['msg'].lower()} (got {json.dumps(got, default=str)[:80]})"
+    msg = err["msg"][:1].lower() + err["msg"][1:]
+    return f"'{shown}': {msg} (got {json.dumps(got, default=str)[:80]})"
 
 
-def _known_keys(model: type[BaseModel], loc: tuple[str, ...]) -> list[str]:
+def _resolve_parent(model: type[BaseModel], loc: tuple[str, ...]) -> tuple[type[BaseModel] | None, tuple[str, ...]]:
+    """The model holding the key at the end of `loc`, and `loc` without pydantic's union tags."""
+    path: list[str] = []
+    current: type[BaseModel] | None = model
     for part in loc:
-        field = model.model_fields.get(part)
-        ann = getattr(field, "annotation", None)
-        if not (isinstance(ann, type) and issubclass(ann, BaseModel)):
-            return []
-        model = ann
-    return list(model.model_fields)
+        if part in _UNION_TAGS and (current is None or part not in current.model_fields):
+            current = _UNION_TAGS[part]  # the union member pydantic chose; not a key the user wrote
+            continue
+        path.append(part)
+        if current is None:
+            continue
+        ann = getattr(current.model_fields.get(part), "annotation", None)
+        current = ann if isinstance(ann, type) and issubclass(ann, BaseModel) else None
+    return current, tuple(path)
 
 
 def _validate(model: type[BaseModel], data: dict[str, Any], origin: dict[tuple, str], source: str) -> Any:
@@ -343,9 +504,10 @@ def config_from_dict(raw: dict[str, Any], source: str = "<config>", overrides: d
         nested, origin = _flat_to_nested(raw)
     else:
         nested, origin = copy.deepcopy(raw), {}
+    nested = _lift_structure(nested, source)
     if overrides:
-        extra = _flat_to_nested(overrides)[0] if _is_flat(overrides) else overrides
-        nested = deep_merge(nested, extra)
+        extra = _flat_to_nested(overrides)[0] if _is_flat(overrides) else copy.deepcopy(overrides)
+        nested = deep_merge(nested, _lift_structure(extra, source))
     return _validate(ModelConfig, nested, origin, source)
 
 

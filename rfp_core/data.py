@@ -56,7 +56,7 @@ def to_tensor(image: Image.Image) -> torch.Tensor:
 
 
 class TrainCrop:
-    """method.md's training crop: a square of 90-100% of the short side, centre jittered by
+    """docs/METHOD.md's training crop: a square of 90-100% of the short side, centre jittered by
     +-5% of the short side, Lanczos-resized to `size`. `train=False`: the centred full square."""
 
     def __init__(self, size: int, train: bool = True):

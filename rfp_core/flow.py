@@ -1,6 +1,6 @@
 """Rectified-flow maths: timesteps, interpolation, the losses, ODE samplers, straightness.
 
-X_t = t*X1 + (1-t)*X0 and the target velocity is X1 - X0 (method.md). Translation trains v with
+X_t = t*X1 + (1-t)*X0 and the target velocity is X1 - X0 (docs/METHOD.md). Translation trains v with
 the saliency-weighted loss E ||J_h(X_t) (X1 - X0 - v)||^2; generative mode with plain MSE.
 """
 
@@ -114,7 +114,7 @@ def anchored_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: T
     """The saliency-weighted loss plus `mse_weight` x plain MSE (`velocity.mse_weight`).
 
     h's Jacobian has rank <= latent_channels and is spread over the whole image, so the saliency
-    loss alone lets the velocity wander off along everything else (method.md's colour cast); a
+    loss alone lets the velocity wander off along everything else (docs/METHOD.md's colour cast); a
     small MSE term anchors those coordinates to the straight-line target.
     """
     loss = saliency_weighted_loss(h, x_t, target, v_pred)
@@ -176,7 +176,7 @@ def integrate(v_fn: VelocityFn, x: Tensor, steps: int, sampler: Sampler = "euler
 
 @torch.no_grad()
 def straightness(v_fn: VelocityFn, z0: Tensor, steps: int, sampler: Sampler = "euler") -> float:
-    """S = integral_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt, per element (method.md; 0 = straight).
+    """S = integral_0^1 E ||(Z1 - Z0) - v(Z_t, t)||^2 dt, per element (docs/METHOD.md; 0 = straight).
 
     The path Z_t is solved from z0 with `integrate`'s grid and sampler; the integral is the left
     Riemann sum over the grid points t_i = i/steps (i < steps) of the mean over all elements of

@@ -1,7 +1,7 @@
 """Content-addressed store of decoded frames, shared by every experiment.
 
 Layout: `<root>/frames/s<max_side>/<ab>/<sha1(frame_key)>.png`. Frame keys are derived from
-file content (method.md), so a key names the same pixels forever and a frame is written once.
+file content (docs/METHOD.md), so a key names the same pixels forever and a frame is written once.
 The cap is part of the path, so stores with different caps never mix.
 PNG keeps frames lossless; compress level 1 trades a little disk for fast writes and reads.
 

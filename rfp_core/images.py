@@ -39,7 +39,8 @@ def center_square(img: Image.Image, size: int) -> Image.Image:
     w, h = img.size
     side = min(w, h)
     left, top = (w - side) // 2, (h - side) // 2
-    return img.crop((left, top, left + side, top + side)).resize((size, size), Image.Resampling.LANCZOS)
+    img = img.crop((left, top, left + side, top + side))
+    return img if side == size else img.resize((size, size), Image.Resampling.LANCZOS)
 
 
 def load_image(path: str | Path, size: int) -> torch.Tensor:

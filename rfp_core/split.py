@@ -78,8 +78,16 @@ def read_ignore_list(path: Path) -> tuple[set[str], set[Path]]:
 def load_classifier(run: Path, device: torch.device):
     """(saliency net, codec, image size) of a run folder (or a saliency.pt file)."""
     from rfp_core.checkpoint import load_checkpoint
+    from rfp_core.original import find_original_run, is_original_run, load_original_nets, load_original_saliency
     from rfp_core.train.saliency import load_saliency
 
+    folder = run if run.is_dir() else run.parent
+    if is_original_run(folder) and not (folder / "saliency.pt").is_file():  # the original trainer's run folder
+        found = find_original_run(folder)
+        if run.suffix == ".ckpt":
+            found.saliency = run
+        _, codec = load_original_nets(found, device)
+        return load_original_saliency(found, device), (None if codec.is_identity else codec), found.cfg.max_size
     ckpt_path = run / "saliency.pt" if run.is_dir() else run
     if not ckpt_path.is_file():
         raise ConfigError(f"{ckpt_path}: no saliency checkpoint; train the run first (rfp train) or pass its folder with --run")

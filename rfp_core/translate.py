@@ -23,17 +23,27 @@ class Translator:
 
     @classmethod
     def from_run(cls, path: str | Path, device: str | torch.device | None = None) -> "Translator":
-        """`path` = a run folder (its velocity.pt) or a velocity checkpoint file."""
+        """`path` = a run folder of this project (its velocity.pt) or of the original trainer
+        (config.json + velocity_*.ckpt), or a velocity checkpoint file of either."""
+        from rfp_core.original import find_original_run, is_original_run, load_original_nets
         from rfp_core.train.codec_io import load_codec
         from rfp_core.train.run import pick_device
         from rfp_core.train.velocity import load_velocity
 
         path = Path(path)
+        device = pick_device(device)
+        if path.suffix == ".ckpt" and path.is_file() and is_original_run(path.parent):
+            run = find_original_run(path.parent)
+            run.velocity = path
+            return cls(run.cfg, *load_original_nets(run, device), device)
+        if path.is_dir() and not (path / "velocity.pt").is_file() and is_original_run(path):
+            run = find_original_run(path)
+            return cls(run.cfg, *load_original_nets(run, device), device)
         if path.is_dir():
             path = path / "velocity.pt"
         if not path.is_file():
-            raise ConfigError(f"{path}: no velocity checkpoint; train the run first (rfp train) or name a velocity .pt file")
-        device = pick_device(device)
+            raise ConfigError(f"{path}: no velocity checkpoint; train the run first (rfp train) or name a velocity "
+                              ".pt file (or an original run folder with config.json and velocity_*.ckpt)")
         net, ckpt = load_velocity(path, device)
         cfg = config_from_dict(ckpt["config"], source=str(path))
         codec = load_codec(cfg, None, device, state=ckpt.get("codec") or None)
@@ -72,7 +82,7 @@ class Translator:
         """`n` images from Gaussian noise (in the codec's latent space), reproducible by `seed`."""
         side = self.size // self.codec.downsample
         g = torch.Generator().manual_seed(seed)
-        z = torch.randn(n, self.codec.latent_channels, side, side, generator=g).to(self.device)
+        z = self.codec.sample_random_latent((n, self.codec.latent_channels, side, side), self.device, generator=g)
         z = flow.integrate(self.velocity, z, steps or self.cfg.velocity.num_inference_steps,
                            sampler=sampler or self.cfg.velocity.sampler)
         return self.decode(z)

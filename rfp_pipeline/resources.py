@@ -15,7 +15,7 @@ from typing import Any, Iterator
 import dagster as dg
 from pydantic import Field
 
-from rfp_core import paths
+from rfp_core import paths, tracking
 from rfp_core.config import ConfigError, ExperimentConfig
 from rfp_core.frame_store import FrameStore
 from rfp_core.hashing import HashCache
@@ -110,11 +110,7 @@ class MlflowTracking(dg.ConfigurableResource):
     ui_url: str = Field(default="", description="base URL of `mlflow ui` for run links; empty = $MLFLOW_UI_URL or http://127.0.0.1:5000")
 
     def uri(self) -> str:
-        return _env(self.tracking_uri, "MLFLOW_TRACKING_URI") or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
-
-    def _artifact_root(self) -> Path:
-        root = self.artifact_root or str(paths.rfp_home() / "mlartifacts")
-        return Path(root).expanduser().resolve()
+        return tracking.tracking_uri(self.tracking_uri)
 
     def client(self):
         import mlflow
@@ -123,21 +119,7 @@ class MlflowTracking(dg.ConfigurableResource):
         return mlflow.MlflowClient(self.uri())
 
     def experiment_id(self, name: str) -> str:
-        """Get or create the MLflow experiment `name`, its artifacts under our artifact root
-        (MLflow's own default would be ./mlruns in whatever folder the process started in)."""
-        import mlflow
-
-        client = self.client()
-        found = client.get_experiment_by_name(name)
-        if found is not None:
-            if found.lifecycle_stage == "deleted":  # deleted in the UI: runs cannot start in it
-                client.restore_experiment(found.experiment_id)
-            return found.experiment_id
-        try:
-            return client.create_experiment(name, artifact_location=(self._artifact_root() / name).as_uri())
-        except mlflow.exceptions.MlflowException:
-            # another process created it between our lookup and create
-            return client.get_experiment_by_name(name).experiment_id
+        return tracking.experiment_id(name, self.tracking_uri, self.artifact_root)
 
     @contextlib.contextmanager
     def start_run(self, experiment: str, run_name: str, tags: dict[str, Any]) -> Iterator[Any]:

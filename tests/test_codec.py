@@ -1,4 +1,4 @@
-"""Phase 0 codec: the VAE's contract, its structure loss, training, and a latent-space run end to end."""
+"""Phase 0 codec: the VAE / SAE contracts, the listed losses, training, and a latent-space run end to end."""
 
 from __future__ import annotations
 
@@ -7,19 +7,22 @@ import torch
 import torch.nn.functional as F
 from disc_data import make_discs
 
-from rfp_core.config import CodecNetConfig, config_from_dict
+from rfp_core.config import AutoEncoderConfig, ConfigError, IdentityNetConfig, config_from_dict
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
-from rfp_core.nets.codec import VAE, IdentityCodec, build_codec
+from rfp_core.nets.autoencoder import SAE, VAE, Identity, build_codec
 from rfp_core.train.codec import load_codec, structure_loss, train_codec
 
-TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2]}
+TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
+            "num_res_blocks": 1}
+LOSSES = [{"type": "L1Loss", "id": "recon"}, {"type": "StructureLoss", "weight": 0.1}, {"type": "KLLoss", "weight": 1e-6}]
+TINY_CODEC = {"net": TINY_VAE, "losses": LOSSES, "learning_rate": 3e-3, "train_batch_size": 16, "lr_schedule": "constant"}
 
 
 def _cfg(**over):
     base = {
         "max_size": 16, "seed": 0,
-        "codec": {"net": TINY_VAE, "learning_rate": 3e-3, "train_images": 16 * 80, "batch_size": 16},
+        "codec": {**TINY_CODEC, "train_images": 16 * 80},
     }
     for key, value in over.items():
         base[key] = {**base.get(key, {}), **value} if isinstance(value, dict) else value
@@ -34,29 +37,54 @@ def _manifest(tmp_path, n=16, size=16):
 
 def test_vae_contract():
     torch.manual_seed(0)
-    vae = build_codec(CodecNetConfig(**TINY_VAE))
+    vae = build_codec(AutoEncoderConfig(**TINY_VAE))
     assert isinstance(vae, VAE) and not vae.is_identity and vae.downsample == 2 and vae.latent_channels == 4
     x = torch.rand(3, 3, 16, 16) * 2 - 1
+    vae.eval()
     z = vae.encode(x)
     assert z.shape == (3, 4, 8, 8) and vae.decode(z).shape == x.shape
-    assert torch.equal(vae.encode(x), z)  # the mean: deterministic, what later phases see
-    assert not torch.equal(vae.encode(x, sample=True), z)
-    mean, logvar = vae.encode_dist(x)
-    assert mean.shape == logvar.shape == (3, 4, 8, 8)
-
-    # standardisation: fitted latents are ~N(0, 1) per channel and decode() undoes it exactly
-    raw = mean.detach()
-    before = vae.decode_raw(raw)
-    vae.fit_latent_stats(raw)
-    zs = vae.encode(x)
-    assert zs.mean(dim=(0, 2, 3)).abs().max() < 1e-5
-    torch.testing.assert_close(zs.std(dim=(0, 2, 3)), torch.ones(4), atol=1e-4, rtol=0)
-    torch.testing.assert_close(vae.decode(zs), before, atol=1e-5, rtol=0)
-    assert {"latent_shift", "latent_scale"} <= set(vae.state_dict())  # travel with the weights
+    assert torch.equal(vae.encode(x), z)  # eval: the mean, what later phases see
+    params = vae.encode_params(x)
+    assert torch.equal(params["mu"], z) and params["logvar"].shape == z.shape
+    vae.train()
+    assert not torch.equal(vae.encode(x), z)  # training: a posterior sample
     with pytest.raises(ValueError, match="multiple of 2"):
         vae.encode(torch.zeros(1, 3, 15, 15))
-    ident = build_codec(CodecNetConfig())
-    assert isinstance(ident, IdentityCodec) and ident.is_identity and torch.equal(ident.decode(ident.encode(x)), x)
+    ident = build_codec(IdentityNetConfig())
+    assert isinstance(ident, Identity) and ident.is_identity and torch.equal(ident.decode(ident.encode(x)), x)
+
+
+def test_sae_codes_live_on_the_sphere():
+    torch.manual_seed(0)
+    sae = build_codec(AutoEncoderConfig(**{**TINY_VAE, "type": "SAE"})).eval()
+    assert isinstance(sae, SAE)
+    x = torch.rand(2, 3, 16, 16) * 2 - 1
+    z = sae.encode(x)
+    torch.testing.assert_close(z.square().mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
+    noise = sae.sample_random_latent((2, 4, 8, 8), generator=torch.Generator().manual_seed(0))
+    torch.testing.assert_close(noise.square().mean(dim=(1, 2, 3)), torch.ones(2), atol=1e-5, rtol=0)
+    # decode spherifies: scaling a code does not change the image
+    torch.testing.assert_close(sae.decode(3 * z), sae.decode(z), atol=1e-5, rtol=0)
+    sae.train()
+    params = sae.encode_params(x)
+    assert not torch.equal(params["z"], params["v_clean"]) and not torch.equal(params["v_noisy_big"], params["v_clean"])
+
+
+def test_losses_the_codec_cannot_feed_or_whose_weights_are_missing_stop_before_training(tmp_path, monkeypatch):
+    from rfp_core.train.codec_losses import check_losses
+    from rfp_core.config import CodecLossConfig
+
+    with pytest.raises(ConfigError, match="KLLoss .* needs a VAE"):
+        check_losses([CodecLossConfig(type="KLLoss")], "AutoEncoder")
+    with pytest.raises(ConfigError, match="needs an SAE"):
+        check_losses([CodecLossConfig(type="SAELatentConsistencyLoss")], "VAE")
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))
+    with pytest.raises(ConfigError) as err:
+        check_losses([CodecLossConfig(type="LPIPSLoss")], "VAE")
+    assert "vgg16-397923af.pth" in str(err.value) and "drop the LPIPS loss" in str(err.value)
+    # ids and weights take the original's defaults
+    kl = CodecLossConfig(type="KLLoss")
+    assert (kl.id, kl.weight) == ("kl_loss", 1e-6)
 
 
 def test_structure_loss_is_zero_only_for_equal_images_and_punishes_blur():
@@ -82,7 +110,7 @@ def test_vae_trains_and_reports_reconstruction(tmp_path):
     assert result.steps == 80
     assert result.recon_l1 < 0.6 * result.recon_l1_init, (result.recon_l1, result.recon_l1_init)
     assert logged[-1][1]["codec/recon_l1"] == pytest.approx(result.recon_l1)
-    assert {"codec/l1", "codec/perceptual", "codec/kl"} <= set(logged[0][1])
+    assert {"codec/recon", "codec/structure_loss", "codec/kl_loss", "codec/loss"} <= set(logged[0][1])  # by id
 
     codec = load_codec(result.checkpoint)
     assert isinstance(codec, VAE) and not any(p.requires_grad for p in codec.parameters())
@@ -90,12 +118,6 @@ def test_vae_trains_and_reports_reconstruction(tmp_path):
 
     ckpt = load_checkpoint(result.checkpoint, map_location="cpu")
     assert set(ckpt) >= {"codec", "config"} and ckpt["config"]["codec"]["net"]["type"] == "VAE"
-    # latents of the data are standardised
-    from rfp_core.data import FrameDataset
-
-    x = torch.stack([FrameDataset(manifest, store, d, 16, train_crop=False)[i] for d in (0, 1) for i in range(8)])
-    z = codec.encode(x)
-    assert 0.5 < z.std().item() < 2.0 and z.mean().abs().item() < 0.5
     # the same config again: the finished checkpoint is reused, not retrained
     again = train_codec(_cfg(), manifest, tmp_path / "run", store=store, progress=False)
     assert again.recon_l1 == result.recon_l1 and again.checkpoint.stat().st_mtime_ns == result.checkpoint.stat().st_mtime_ns
@@ -105,7 +127,7 @@ def test_identity_codec_checkpoint(tmp_path):
     manifest, store, _ = _manifest(tmp_path, n=4)
     result = train_codec(config_from_dict({"max_size": 16}), manifest, tmp_path / "run", store=store, progress=False)
     assert result.steps == 0 and result.recon_l1 == 0.0 and result.checkpoint.exists()
-    assert isinstance(load_codec(result.checkpoint), IdentityCodec)
+    assert isinstance(load_codec(result.checkpoint), Identity)
     with pytest.raises(ValueError, match="multiple of the codec"):
         train_codec(_cfg(max_size=17), manifest, tmp_path / "odd", store=store, progress=False)
 
@@ -125,7 +147,7 @@ def test_vae_codec_run_end_to_end(tmp_path):
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
     cfg = load_config(tiny, overrides={
         "max_size": 16,
-        "codec": {"net": TINY_VAE, "learning_rate": 3e-3, "train_images": 16 * 40, "batch_size": 16},
+        "codec": {**TINY_CODEC, "train_images": 16 * 40},
         "velocity": {"train_images": 16 * 12, "sample_every_images": 16 * 12},
     })
     manifest, store, (d0, _) = _manifest(tmp_path, n=24)
@@ -133,7 +155,7 @@ def test_vae_codec_run_end_to_end(tmp_path):
     codec = train_codec(cfg, manifest, run, store=store, progress=False)
     sal = train_saliency(cfg, manifest, run, store=store, codec_checkpoint=codec.checkpoint, progress=False)
     net = load_saliency(sal.checkpoint)
-    assert net.latent_input and net.backbone.conv1.in_channels == 4 and sal.accuracy >= cfg.saliency.accuracy_threshold
+    assert net.latent_input and net.backbone[0].in_channels == 4 and sal.accuracy >= cfg.saliency.accuracy_threshold
     vel = train_velocity(cfg, manifest, run, saliency_checkpoint=sal.checkpoint, store=store,
                          codec_checkpoint=codec.checkpoint, progress=False)
     assert vel.checkpoint.is_file() and torch.isfinite(torch.tensor(vel.final_loss))

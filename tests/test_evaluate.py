@@ -18,7 +18,7 @@ from rfp_core.evaluate import evaluate_run, foreground_mask, train_judge
 from rfp_core.flow import integrate
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
-from rfp_core.nets.codec import build_codec
+from rfp_core.nets.autoencoder import build_codec
 from rfp_core.nets.unet import UNet
 from rfp_core.structure import ThumbnailEncoder
 from rfp_core.translate import Translator
@@ -30,7 +30,7 @@ HOLDOUT = 0.3
 def identity_translator(size: int) -> Translator:
     cfg = ModelConfig(max_size=size)
     cfg.velocity.num_inference_steps = 4
-    net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=True)).eval()
+    net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=True, normalization="GroupNormAuto")).eval()
     return Translator(cfg, net, build_codec(cfg.codec.net), torch.device("cpu"))
 
 
@@ -41,7 +41,7 @@ class UNetTranslator:
         self.size = size
         self.cfg = ModelConfig(max_size=size)
         self.cfg.velocity.num_inference_steps = 4
-        self.net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1)).eval()
+        self.net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto")).eval()
 
     def encode(self, x):
         return x

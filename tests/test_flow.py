@@ -33,7 +33,7 @@ def test_fast_saliency_loss_matches_the_reference_gradients_float64():
     """Acceptance: same loss and same UNet gradients as the original double-backward jvp."""
     sal = _saliency_f64()
     torch.manual_seed(1)
-    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=False)).double()
+    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto")).double()
     x0 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     x1 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     t = torch.tensor([0.3, 0.8], dtype=torch.float64)
@@ -63,7 +63,7 @@ def test_fast_saliency_loss_matches_the_reference_gradients_float64():
 def test_anchored_loss_is_the_saliency_loss_plus_weighted_mse_in_value_and_gradient():
     sal = _saliency_f64()
     torch.manual_seed(2)
-    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=False)).double()
+    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto")).double()
     x0 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     x1 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     t = torch.tensor([0.2, 0.6], dtype=torch.float64)

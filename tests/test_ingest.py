@@ -34,7 +34,7 @@ def domains(tmp_path):
 
 
 def expected_rows(d0: Path, d1: Path) -> list[dict]:
-    """The manifest written independently of the code under test: sorted paths, frame keys of method.md."""
+    """The manifest written independently of the code under test: sorted paths, frame keys of docs/METHOD.md."""
     v = d0 / "clips" / "walk.mp4"
     z = d1 / "pack.zip"
     img = lambda domain, p, w, h: dict(  # noqa: E731

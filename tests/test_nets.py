@@ -7,9 +7,12 @@ from torch import nn
 
 from rfp_core.config import ConfigError, SaliencyNetConfig, UNetConfig, config_from_dict
 from rfp_core.nets.saliency import PretrainedWeightsMissing, SaliencyNet, pretrained_weights_file
-from rfp_core.nets.unet import AttentionBlock, UNet, group_norm
+from rfp_core.nets.dit import DiT
+from rfp_core.nets.layers import ResBlock, SelfAttention, auto_groups, normalization
+from rfp_core.nets.unet import UNet
 
-TINY_UNET = dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, num_attention_heads=2)
+TINY_UNET = dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, num_attention_heads=2, normalization="GroupNormAuto",
+                 zero_out=True)
 
 
 def _sal(backbone="resnet18", **kw) -> SaliencyNetConfig:
@@ -34,21 +37,19 @@ def test_pixel_input_gets_imagenet_normalisation():
     x = torch.rand(2, 3, 32, 32) * 2 - 1
     mean = torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1)
     std = torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1)
-    expected = net.latent_proj(net.backbone(((x + 1) / 2 - mean) / std))
+    expected = net.latent_proj(net.backbone(((x + 1) / 2 - mean) / std).mean(dim=(2, 3)))
     torch.testing.assert_close(net.h(x), expected)
 
 
 def test_latent_stem():
-    net = SaliencyNet(_sal(), in_channels=4, latent_input=True).eval()
-    conv1 = net.backbone.conv1
-    assert (conv1.in_channels, conv1.kernel_size, conv1.stride) == (4, (3, 3), (1, 1))
-    assert isinstance(net.backbone.maxpool, nn.Identity)
+    net = SaliencyNet(_sal(), in_channels=4).eval()
+    stem = net.backbone[0]
+    assert (stem.in_channels, stem.kernel_size, stem.stride) == (4, (3, 3), (1, 1)) and stem.bias is not None
+    assert not any(isinstance(m, nn.MaxPool2d) for m in net.backbone)  # no max-pool on latents
     z = torch.randn(2, 4, 8, 8)
     assert net.h(z).shape == (2, 32)
     # no ImageNet normalisation on latents: h is the backbone straight on z
-    torch.testing.assert_close(net.h(z), net.latent_proj(net.backbone(z)))
-    with pytest.raises(ValueError, match="latent_input"):
-        SaliencyNet(_sal(), in_channels=4)
+    torch.testing.assert_close(net.h(z), net.latent_proj(net.backbone(z).mean(dim=(2, 3))))
 
 
 def test_parameter_groups_and_backbone_freezing():
@@ -83,13 +84,13 @@ def test_pretrained_weights_load_from_the_torch_cache(tmp_path, monkeypatch):
     donor = torchvision.models.resnet18(weights=None)
     torch.save(donor.state_dict(), path)  # stands in for the ImageNet file, same name and layout
     net = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, latent_channels=8))
-    assert torch.equal(net.backbone.layer3[0].conv1.weight, donor.layer3[0].conv1.weight)
-    assert torch.equal(net.backbone.bn1.running_var, donor.bn1.running_var)
+    assert torch.equal(net.backbone[6][0].conv1.weight, donor.layer3[0].conv1.weight)  # backbone.6 = layer3
+    assert torch.equal(net.backbone[1].running_var, donor.bn1.running_var)
     # latent input keeps the pretrained body but not the (replaced) RGB stem
     lat = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, latent_channels=8, pretrained_path=path),
-                      in_channels=4, latent_input=True)
-    assert torch.equal(lat.backbone.layer1[0].conv2.weight, donor.layer1[0].conv2.weight)
-    assert lat.backbone.conv1.weight.shape == (64, 4, 3, 3)
+                      in_channels=4)
+    assert torch.equal(lat.backbone[3][0].conv2.weight, donor.layer1[0].conv2.weight)  # no max-pool: layer1 is 3
+    assert lat.backbone[0].weight.shape == (64, 4, 3, 3)
 
 
 def _trained_looking_bn(net: nn.Module) -> nn.Module:
@@ -104,7 +105,7 @@ def _trained_looking_bn(net: nn.Module) -> nn.Module:
 @pytest.mark.parametrize("backbone,in_channels,latent", [("resnet18", 3, False), ("resnet50", 3, False), ("resnet18", 4, True)])
 def test_frozen_h_is_the_same_function_with_the_same_jacobian(backbone, in_channels, latent):
     torch.manual_seed(0)
-    net = _trained_looking_bn(SaliencyNet(_sal(backbone), in_channels=in_channels, latent_input=latent).double())
+    net = _trained_looking_bn(SaliencyNet(_sal(backbone), in_channels=in_channels).double())
     net.train()
     frozen = net.frozen_h()
     assert net.training  # the original is left as it was
@@ -141,74 +142,96 @@ def test_unet_shapes(in_channels, h, w):
 
 
 def test_unet_rejects_sides_not_divisible_by_the_downsampling():
-    net = UNet(UNetConfig(model_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1))
-    with pytest.raises(AssertionError, match=r"divisible by 4"):
+    net = UNet(UNetConfig(model_channels=8, ch_mult=[1, 2, 2], num_res_blocks=1, normalization="GroupNormAuto"))
+    with pytest.raises(ValueError, match=r"divisible by 4"):
         net(torch.randn(1, 3, 18, 16), torch.rand(1))
 
 
 def test_zero_out_gives_zero_velocity_at_init():
-    net = UNet(UNetConfig(**TINY_UNET))  # zero_out defaults to True
+    net = UNet(UNetConfig(**TINY_UNET))
     out = net(torch.randn(2, 3, 16, 16), torch.rand(2))
     assert torch.count_nonzero(out) == 0
     # and it is still trainable: the output conv gets a gradient
     (net(torch.randn(2, 3, 16, 16), torch.rand(2)) - 1).pow(2).mean().backward()
-    assert net.out[-1].weight.grad.abs().sum() > 0
+    assert net.output_block[3].weight.grad.abs().sum() > 0
+    # off by default, as in the original
+    assert torch.count_nonzero(UNet(UNetConfig(**{**TINY_UNET, "zero_out": False}))(torch.randn(1, 3, 16, 16), torch.rand(1)))
 
 
 def test_time_conditioning_changes_the_output():
     torch.manual_seed(0)
-    net = UNet(UNetConfig(**TINY_UNET, zero_out=False)).eval()
+    net = UNet(UNetConfig(**{**TINY_UNET, "zero_out": False})).eval()
     x = torch.randn(1, 3, 16, 16).expand(2, -1, -1, -1)
     out = net(x, torch.tensor([0.1, 0.9]))
     assert (out[0] - out[1]).abs().max() > 1e-4
-    # conditioning enters as FiLM on the norm between the convs: zeroing that layer removes it
+    # conditioning enters as FiLM on the norm between the convs: zeroing those layers removes it
     for m in net.modules():
-        if hasattr(m, "emb") and isinstance(m.emb, nn.Linear):
-            nn.init.zeros_(m.emb.weight), nn.init.zeros_(m.emb.bias)
+        if isinstance(m, ResBlock) and m.time_dim:
+            nn.init.zeros_(m.time_proj[1].weight), nn.init.zeros_(m.time_proj[1].bias)
     out = net(x, torch.tensor([0.1, 0.9]))
     torch.testing.assert_close(out[0], out[1])
 
 
-def test_attention_at_listed_downsample_factors():
+def test_attention_at_listed_levels():
     torch.manual_seed(0)
-    cfg = UNetConfig(**{**TINY_UNET, "ch_mult": [1, 2, 2]}, attention_resolutions=[2], zero_out=False)
+    cfg = UNetConfig(**{**TINY_UNET, "ch_mult": [1, 2, 2], "zero_out": False}, attention_resolutions=[1])
     net = UNet(cfg)
-    attn = [m for m in net.modules() if isinstance(m, AttentionBlock)]
-    # factor 2 = level 1 (32 channels): 1 down block + 2 up blocks
-    assert len(attn) == 3 and all(a.qkv.in_channels == 32 for a in attn)
+    attn = [m for m in net.modules() if isinstance(m, SelfAttention)]
+    # level 1 (32 channels): one after its encoder stack, one after its decoder stack
+    assert len(attn) == 2 and all(a.q_proj.in_channels == 32 for a in attn)
+    for a in attn:  # the output projection starts at zero (identity); give it weights to test it
+        nn.init.normal_(a.out_proj.weight, std=0.1)
     x, t = torch.randn(2, 3, 16, 16), torch.rand(2)
     out = net(x, t)
     out.pow(2).mean().backward()
-    assert all(a.qkv.weight.grad.abs().sum() > 0 for a in attn)
-    # attention does something: silencing its output projection changes v
+    assert all(a.q_proj.weight.grad.abs().sum() > 0 for a in attn)
     with torch.no_grad():
         for a in attn:
-            a.proj.weight.zero_(), a.proj.bias.zero_()
+            a.out_proj.weight.zero_(), a.out_proj.bias.zero_()
         assert (out - net(x, t)).abs().max() > 1e-5
-    with pytest.raises(ValueError, match="num_attention_heads=3"):
+    with pytest.raises(ValueError, match="3 heads"):
         UNet(UNetConfig(**{**TINY_UNET, "num_attention_heads": 3}, attention_resolutions=[1]))
+    with pytest.raises(ValueError, match="level indices"):
+        UNetConfig(**TINY_UNET, attention_resolutions=[2])  # only levels 0 and 1 exist
 
 
 def test_zero_res_blocks_makes_res_blocks_identity_at_init():
-    from rfp_core.nets.unet import ResBlock
-
-    block = ResBlock(16, 16, 32, 0.0, zero_init=True)
+    block = ResBlock(16, 16, "GroupNormAuto", "SiLU", zero_out=True, time_dim=32)
     x = torch.randn(2, 16, 8, 8)
     torch.testing.assert_close(block(x, torch.randn(2, 32)), x)
 
 
-def test_group_norm_groups_divide_channels():
-    assert group_norm(128).num_groups == 32 and group_norm(256).num_groups == 32
-    # narrow layers: never instance norm, each group keeps >= 4 channels
-    assert group_norm(32).num_groups == 8 and group_norm(16).num_groups == 4
-    assert group_norm(48).num_groups == 12 and group_norm(8).num_groups == 2 and group_norm(3).num_groups == 1
+def test_normalizations():
+    # GroupNormAuto: GroupNorm32 where possible, never instance norm on narrow layers
+    assert auto_groups(128) == 32 and auto_groups(256) == 32
+    assert auto_groups(32) == 8 and auto_groups(16) == 4 and auto_groups(48) == 12 and auto_groups(3) == 1
+    # the original's names mean what they meant there
+    assert normalization("GroupNorm32", 64).num_groups == 32 and normalization("GroupNorm16", 64).num_groups == 16
+    assert isinstance(normalization("BatchNorm2d", 8), nn.BatchNorm2d) and isinstance(normalization("None", 8), nn.Identity)
+    with pytest.raises(ValueError, match="GroupNormAuto"):
+        normalization("GroupNorm32", 16)
+
+
+@pytest.mark.parametrize("patch,in_channels", [(2, 3), (1, 4)])
+def test_dit_shapes_and_zero_init(patch, in_channels):
+    from rfp_core.config import DiTConfig
+
+    net = DiT(DiTConfig(patch_size=patch, hidden_size=32, depth=2, num_heads=4), in_channels=in_channels)
+    x = torch.randn(2, in_channels, 8, 8)
+    out = net(x, torch.rand(2))
+    assert out.shape == x.shape and torch.count_nonzero(out) == 0  # adaLN-Zero: v = 0 at init
+    out.sum().backward()  # but trainable: the final projection gets a gradient
+    (net(x, torch.rand(2)) - 1).pow(2).mean().backward()
+    assert net.final_layer.linear.weight.grad.abs().sum() > 0
+    with pytest.raises(ValueError, match="multiple of patch_size"):
+        DiT(DiTConfig(patch_size=4, hidden_size=32, depth=1, num_heads=4))(torch.randn(1, 3, 6, 6), torch.rand(1))
 
 
 def test_original_flat_config_builds_both_nets(tmp_path):
     raw = {"type": "RFPix2pixModel", "max_size": 32,
-           "velocity_net": {"type": "UNet", "model_channels": 16, "ch_mult": [1, 2], "normalization": "GroupNorm32",
+           "velocity_net": {"type": "UNet", "model_channels": 16, "ch_mult": [1, 2], "normalization": "GroupNorm16",
                             "activation": "SiLU", "num_res_blocks": 1, "zero_res_blocks": False,
-                            "attention_resolutions": [2], "num_attention_heads": 4},
+                            "attention_resolutions": [1], "num_attention_heads": 4},
            "saliency_net": {"type": "ResNetSaliencyNet", "backbone": "resnet18", "num_classes": 2,
                             "pretrained": False, "latent_channels": 16}}
     cfg = config_from_dict(json.loads(json.dumps(raw)))

@@ -27,8 +27,17 @@ from test_pipeline_incremental import training_requests as automation_requests
 from rfp_pipeline.assets import assets
 
 PAIRED = {**TINY_OVERRIDES, "structure": {"pairing": True, "encoder": "thumbnail", "candidates": 3}}
-TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2]}
-VAE = {**TINY_OVERRIDES, "codec": {"net": TINY_VAE, "learning_rate": 3e-3, "train_images": 16 * 30, "batch_size": 16}}
+TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
+            "num_res_blocks": 1}
+# an SAE codec (spherical latents) under a DiT velocity: both of the current trainer's newer nets
+TINY_SAE = {**TINY_VAE, "type": "SAE"}
+TINY_DIT = {"type": "DiT", "patch_size": 2, "hidden_size": 32, "depth": 1, "num_heads": 4}
+SAE_DIT = {**TINY_OVERRIDES,
+           "codec": {"net": TINY_SAE, "learning_rate": 3e-3, "train_images": 16 * 30, "train_batch_size": 16,
+                     "lr_schedule": "constant",
+                     "losses": [{"type": "L1Loss"}, {"type": "SAEPixelConsistencyLoss", "lpips_weight": 0.0},
+                                {"type": "SAELatentConsistencyLoss", "weight": 0.1}]},
+           "velocity": {**TINY_OVERRIDES["velocity"], "net": TINY_DIT}}
 EMBED = ["experiment_config", "media_manifest", "frame_store", "structure_embeddings"]
 TRAIN = ["codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint"]
 WATCHED = [dg.AssetKey(k) for k in ("structure_embeddings", "codec_checkpoint", "saliency_checkpoint")]
@@ -164,17 +173,17 @@ def test_pairs_feed_the_velocity_and_re_pairing_makes_it_stale(project):
     assert stale(instance, "saliency_checkpoint", "paired") == StaleStatus.FRESH
 
 
-def test_vae_codec_through_saliency_and_velocity(project):
+def test_sae_codec_and_dit_velocity_through_the_graph(project):
     import torch
 
     from rfp_core.translate import Translator
 
-    root, resources, instance = project({"vae": VAE})
+    root, resources, instance = project({"vae": SAE_DIT})
     result = materialize(instance, resources, "vae", EMBED + ["structure_pairs"] + TRAIN + ["evaluation_samples"])
     assert result.success
     md = metadata(result)
     codec = md["codec_checkpoint"]
-    assert codec["codec"] == "VAE" and codec["steps"] == 30 and codec["reused"] is False
+    assert codec["codec"] == "SAE" and codec["steps"] == 30 and codec["reused"] is False
     assert np.isfinite(codec["recon_l1"]) and codec["recon_l1"] < codec["recon_l1_init"]
     assert "data:image/png;base64," in codec["reconstructions"] and codec["mlflow_run"].startswith("http")
     assert md["structure_pairs"]["skipped"] is True  # pairing off here
@@ -185,12 +194,15 @@ def test_vae_codec_through_saliency_and_velocity(project):
     vel = json.loads((home / "velocity" / "result.json").read_text())
     tr = Translator.from_run(vel["checkpoint"], device="cpu")
     assert not tr.codec.is_identity and tr.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 8, 8)
+    assert type(tr.net).__name__ == "DiT" and tr.cfg.codec.net.type == "SAE"
 
     client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
     runs = client.search_runs([client.get_experiment_by_name("vae").experiment_id])
     assert sorted(r.data.tags["stage"] for r in runs) == ["codec", "saliency", "velocity"]
     codec_run = next(r for r in runs if r.data.tags["stage"] == "codec")
-    assert {"codec/recon_l1", "codec/recon_l1_init", "codec/l1"} <= set(codec_run.data.metrics)
+    # every listed loss is logged under its id
+    assert {"codec/recon_l1", "codec/recon_l1_init", "codec/l1_loss", "codec/pix_con_loss",
+            "codec/lat_con_loss"} <= set(codec_run.data.metrics)
     assert next(r for r in runs if r.data.tags["stage"] == "velocity").data.tags["codec_run_id"] == codec_run.info.run_id
 
     # nothing the codec reads changed: re-materialising keeps it (no new run, same version, training fresh)

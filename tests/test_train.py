@@ -17,7 +17,7 @@ from rfp_core.config import config_from_dict, load_config
 from rfp_core.data import FrameDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
-from rfp_core.train.run import dev_config, train_run
+from rfp_core.train.run import smoke_config, train_run
 from rfp_core.train.saliency import SaliencyThresholdNotReached, load_saliency, train_saliency
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
@@ -146,7 +146,7 @@ def test_unreachable_threshold_stops_with_a_clear_error(tmp_path):
 
 
 def test_dev_flag_shrinks_the_budget_and_a_missing_device_is_refused(tmp_path, capsys):
-    cfg = dev_config(load_config(TINY))
+    cfg = smoke_config(load_config(TINY))
     assert cfg.velocity.total_steps == 20 and cfg.saliency.max_steps <= 500
     assert cfg.velocity.learning_rate == load_config(TINY).velocity.learning_rate  # only the budget changes
     d0, d1 = make_discs(tmp_path / "data", n=2, size=32)

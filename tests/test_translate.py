@@ -128,8 +128,10 @@ def test_save_grid_lays_rows_out(tmp_path):
 
 def test_a_vae_codec_run_trains_and_translates_in_latent_space(tmp_path):
     d0, d1 = make_discs(tmp_path / "data", n=8, size=32)
-    raw = {**json.loads(TINY.read_text()), "train_images": 8 * 3, "codec_train_images": 32, "codec_batch_size": 8,
-           "codec_net": {"type": "VAE", "latent_channels": 4, "model_channels": 16, "ch_mult": [1, 2]}}
+    raw = {**json.loads(TINY.read_text()), "train_images": 8 * 3, "codec_train_images": 32, "codec_train_batch_size": 8,
+           "codec_losses": [{"type": "L1Loss"}, {"type": "KLLoss"}],
+           "codec_net": {"type": "VAE", "latent_channels": 4, "model_channels": 16, "ch_mult": [1, 2],
+                         "normalization": "GroupNormAuto", "num_res_blocks": 1}}
     run = train_run(config_from_dict(raw), [d0], [d1], run_id="vae", device="cpu", progress=False)
     assert {"codec.pt", "saliency.pt", "velocity.pt"} <= {p.name for p in run.iterdir()}
     sal = torch.load(run / "saliency.pt", map_location="cpu", weights_only=True)

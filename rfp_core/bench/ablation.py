@@ -8,7 +8,7 @@ first); "mse" is plain rectified flow. Same data, seed and budget; rows differ o
 held-out real frames) and measured by `evaluate_run`; the table goes to docs/ABLATION.md and into
 the ablation section of docs/BENCHMARKS.md (a `--quick` smoke run writes it under $RFP_HOME
 instead, keeping the docs).
-method.md predicts the trade-off: the saliency loss keeps the shapes (high mask IoU) but on its own
+docs/METHOD.md predicts the trade-off: the saliency loss keeps the shapes (high mask IoU) but on its own
 lets the background drift (a colour cast, which the anchor holds); MSE breaks the shapes.
 """
 
@@ -26,7 +26,7 @@ from typing import Any
 
 import torch
 
-from rfp_core.config import ModelConfig, config_from_dict, load_config
+from rfp_core.config import ConfigError, ModelConfig, config_from_dict, load_config
 from rfp_core.paths import project_root, rfp_home, runs_dir
 
 
@@ -52,22 +52,6 @@ def variants(base: ModelConfig) -> list[Variant]:
     return [v for v in VARIANTS if v is not NO_ANCHOR or base.velocity.mse_weight > 0]
 
 
-# Used only when configs/demo.json is missing (said so in the table's header).
-FALLBACK_CONFIG: dict[str, Any] = {
-    "type": "RFPix2pixModel", "max_size": 32, "seed": 0,
-    "velocity": {
-        "net": {"model_channels": 32, "ch_mult": [1, 2, 2], "num_res_blocks": 1, "attention_resolutions": []},
-        "learning_rate": 1e-3, "train_images": 24_000, "train_batch_size": 16, "train_minibatch_size": 16,
-        "timestep_sampling": "uniform", "lr_schedule": "cosine", "warmup_fraction": 0.05, "ema": 0.99,
-        "num_inference_steps": 8, "sample_every_images": 8_000,
-    },
-    "saliency": {
-        "net": {"backbone": "resnet18", "pretrained": False, "latent_channels": 64},
-        "learning_rate": 1e-3, "accuracy_threshold": 0.98, "warmup_threshold": 0.9,
-        "augmentations": ["hflip"], "batch_size": 16, "max_steps": 1500, "eval_every": 25,
-    },
-    "structure": {"encoder": "thumbnail"},
-}
 COLUMNS = [
     ("transfer_rate", "transfer rate ↑", "{:.3f}"),
     ("mask_iou", "mask IoU ↑", "{:.3f}"),
@@ -83,11 +67,11 @@ COLUMNS = [
 
 
 def demo_config() -> tuple[ModelConfig, str]:
-    """configs/demo.json when present, else the built-in fallback; and which one it was."""
+    """configs/demo.json, and its name for the table's header."""
     path = project_root() / "configs" / "demo.json"
-    if path.exists():
-        return load_config(path), "configs/demo.json"
-    return config_from_dict(FALLBACK_CONFIG, source="ablation fallback"), "built-in fallback (configs/demo.json was missing)"
+    if not path.exists():
+        raise ConfigError(f"{path} is missing: the ablation varies the demo config; restore it from git")
+    return load_config(path), "configs/demo.json"
 
 
 def _encoder(cfg: ModelConfig, device: torch.device):
@@ -140,7 +124,7 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
         "",
         "What to read: `mask IoU` is the content kept (each input's true shape mask against the output's "
         "foreground); `transfer rate` is the share of outputs the judge calls domain 1. "
-        f"{saliency_row} method.md predicts that the pure saliency-weighted loss keeps the shapes but lets the "
+        f"{saliency_row} docs/METHOD.md predicts that the pure saliency-weighted loss keeps the shapes but lets the "
         "background drift (a colour cast: it gives almost no gradient to what does not change the domain), and "
         f"that plain MSE breaks the shapes into fragments. {parts}",
         "",

@@ -28,20 +28,25 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from rfp_core import flow
-from rfp_core.config import SaliencyNetConfig, UNetConfig
+from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig
 from rfp_core.nets.saliency import SaliencyNet
-from rfp_core.nets.unet import UNet
+from rfp_core.nets import build_velocity_net
 
 # Headline: the nets this project trains on CPU (configs/tiny.json: UNet 16 ch [1,2] x1 res block,
 # ResNet-18, 32 px, minibatch 8). Beside it, the original trainer's smallest real config ("small":
 # UNet 64 ch [1,2,4,4] x2, ResNet-18) at 64 px, where the UNet is ~50x the saliency net's FLOPs.
-TINY = dict(name="project_tiny_32px", size=32, batch=8, unet=dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1),
+TINY = dict(name="project_tiny_32px", size=32, batch=8, unet=dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto"),
             backbone="resnet18", rounds=15, block=2, loss_rounds=15,
             sizes="configs/tiny.json nets: UNet 16ch [1,2] x1 res block + ResNet-18 (11.4M), 32 px, minibatch 8")
 ORIGINAL_SMALL = dict(name="original_small_64px", size=64, batch=2,
                       unet=dict(model_channels=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2), backbone="resnet18",
                       rounds=3, block=1, loss_rounds=5,
                       sizes="the original trainer's 'small' config: UNet 64ch [1,2,4,4] x2 + ResNet-18, at 64 px, batch 2")
+ORIGINAL_SMALL_DIT = dict(name="original_small_dit_64px", size=64, batch=2,
+                          unet=dict(type="DiT", patch_size=2, hidden_size=256, depth=12, num_heads=4), backbone="resnet18",
+                          rounds=3, block=1, loss_rounds=5,
+                          sizes="the original trainer's 'small_dit' config: DiT patch 2, 256 wide, depth 12 + ResNet-18, "
+                                "at 64 px, batch 2")
 QUICK = dict(TINY, name="project_tiny_32px_quick", rounds=2, block=1, loss_rounds=2)
 
 TARGETS = {"speedup_vs_reference": 1.8, "translation_over_generative": 1.6}
@@ -86,8 +91,9 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     result["targets"] = {k: (">= " if k.startswith("speedup") else "<= ") + str(v) for k, v in TARGETS.items()}
     result["configs"] = {head["config"]["name"]: head}
     if not quick:
-        other = measure(ORIGINAL_SMALL, dev)
-        result["configs"][other["config"]["name"]] = other
+        for spec in (ORIGINAL_SMALL, ORIGINAL_SMALL_DIT):
+            other = measure(spec, dev)
+            result["configs"][other["config"]["name"]] = other
     result.update(
         device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
         threads=torch.get_num_threads(), torch=torch.__version__, bf16_autocast=dev.type == "cuda",
@@ -101,7 +107,8 @@ def measure(spec: dict, dev: torch.device) -> dict:
     torch.manual_seed(0)
     sal = SaliencyNet(SaliencyNetConfig(backbone=spec["backbone"], pretrained=False)).to(dev).eval().requires_grad_(False)
     frozen_h = sal.frozen_h()
-    base = UNet(UNetConfig(**spec["unet"])).to(dev)
+    net_cfg = spec["unet"]
+    base = build_velocity_net((DiTConfig if net_cfg.get("type") == "DiT" else UNetConfig)(**net_cfg)).to(dev)
     b, s = spec["batch"], spec["size"]
     x0 = torch.rand(b, 3, s, s, device=dev) * 2 - 1
     x1 = torch.rand(b, 3, s, s, device=dev) * 2 - 1

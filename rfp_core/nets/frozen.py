@@ -148,15 +148,17 @@ class FrozenSaliency(nn.Module):
 
     def __init__(self, net: nn.Module):
         super().__init__()
-        bb = net.backbone
+        bb = list(net.backbone)  # [stem conv, bn, relu, (maxpool), layer1..layer4]
         self.latent_input = net.latent_input
-        self.stem = FoldedConv(bb.conv1, bb.bn1)
-        self.pool = None if isinstance(bb.maxpool, nn.Identity) else bb.maxpool
-        self.blocks = nn.ModuleList(FrozenBlock(b) for layer in (bb.layer1, bb.layer2, bb.layer3, bb.layer4) for b in layer)
+        self.stem = FoldedConv(bb[0], bb[1])
+        self.pool = None if net.latent_input else bb[3]
+        self.blocks = nn.ModuleList(FrozenBlock(b) for layer in bb[-4:] for b in layer)
         self.register_buffer("proj_w", net.latent_proj.weight.detach().clone())
         self.register_buffer("proj_b", net.latent_proj.bias.detach().clone())
-        self.register_buffer("in_scale", net.in_scale.detach().clone())
-        self.register_buffer("in_shift", net.in_shift.detach().clone())
+        # ((x + 1) / 2 - mean) / std folded into one affine map: x * scale + shift
+        mean, std = net.imagenet_mean.detach().clone(), net.imagenet_std.detach().clone()
+        self.register_buffer("in_scale", 0.5 / std)
+        self.register_buffer("in_shift", (0.5 - mean) / std)
         self.requires_grad_(False)
         self.eval()
 

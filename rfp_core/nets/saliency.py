@@ -1,8 +1,10 @@
-"""Saliency network h(x): a torchvision ResNet, global pool, `latent_proj` (= h(x)), `classifier`.
+"""Saliency network h(x): the original trainer's `ResNetSaliencyNet`, same layout and parameter names.
 
-The Jacobian of h is the saliency map of the velocity loss (method.md). Pixel input is in
-[-1, 1] and gets ImageNet normalisation inside the net; latent (codec) input swaps the 7x7/2
-stem and max-pool for one 3x3 stride-1 conv, since a latent is already small and not an RGB image.
+`backbone` is an nn.Sequential of a torchvision ResNet's stem and four layers; global average
+pool; `latent_proj` (its output is h(x), the style feature whose Jacobian weights the velocity
+loss); `classifier` -> 2 logits. Pixel input (3 channels, in [-1, 1]) is mapped to ImageNet
+statistics with the `imagenet_mean` / `imagenet_std` buffers. Latent (codec) input replaces the
+7x7 stride-2 stem and the max-pool with one 3x3 stride-1 conv: a latent is small and not an RGB image.
 """
 
 from __future__ import annotations
@@ -17,9 +19,6 @@ from torch import nn
 from rfp_core.config import ConfigError, SaliencyNetConfig
 from rfp_core.nets.frozen import FrozenSaliency
 
-_IMAGENET_MEAN = (0.485, 0.456, 0.406)
-_IMAGENET_STD = (0.229, 0.224, 0.225)
-
 _WEIGHTS = {
     "resnet18": "ResNet18_Weights",
     "resnet34": "ResNet34_Weights",
@@ -27,6 +26,9 @@ _WEIGHTS = {
     "resnet101": "ResNet101_Weights",
     "resnet152": "ResNet152_Weights",
 }
+# torchvision names -> index in `backbone` (pixel path: conv1 bn1 relu maxpool layer1..4)
+_PIXEL_INDEX = {"conv1": 0, "bn1": 1, "layer1": 4, "layer2": 5, "layer3": 6, "layer4": 7}
+_LATENT_INDEX = {"bn1": 1, "layer1": 3, "layer2": 4, "layer3": 5, "layer4": 6}
 
 
 class PretrainedWeightsMissing(ConfigError):
@@ -34,33 +36,37 @@ class PretrainedWeightsMissing(ConfigError):
 
 
 class SaliencyNet(nn.Module):
-    def __init__(self, cfg: SaliencyNetConfig, in_channels: int = 3, latent_input: bool = False):
+    def __init__(self, cfg: SaliencyNetConfig, in_channels: int = 3):
         super().__init__()
-        if not latent_input and in_channels != 3:
-            raise ValueError(f"pixel input must have 3 channels (ImageNet stem), got {in_channels}; use latent_input=True for codec latents")
         self.cfg = cfg
-        self.latent_input = latent_input
-        backbone = getattr(torchvision.models, cfg.backbone)(weights=None)
-        if latent_input:
-            backbone.conv1 = nn.Conv2d(in_channels, backbone.conv1.out_channels, 3, stride=1, padding=1, bias=False)
-            backbone.maxpool = nn.Identity()
-        feature_dim = backbone.fc.in_features
-        backbone.fc = nn.Identity()  # the backbone now ends in the global average pool
-        self.backbone = backbone
-        self.latent_proj = nn.Linear(feature_dim, cfg.latent_channels)
+        self.in_channels = in_channels
+        self.latent_input = in_channels != 3
+        base = getattr(torchvision.models, cfg.backbone)(weights=None)
+        if self.latent_input:
+            stem = nn.Conv2d(in_channels, 64, 3, stride=1, padding=1)
+            nn.init.kaiming_normal_(stem.weight, mode="fan_out", nonlinearity="relu")
+            layers = [stem, base.bn1, base.relu]
+        else:
+            layers = [base.conv1, base.bn1, base.relu, base.maxpool]
+        self.backbone = nn.Sequential(*layers, base.layer1, base.layer2, base.layer3, base.layer4)
+        self.register_buffer("imagenet_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
+        self.register_buffer("imagenet_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.pool = nn.AdaptiveAvgPool2d((1, 1))
+        self.latent_proj = nn.Linear(base.fc.in_features, cfg.latent_channels)
         self.classifier = nn.Linear(cfg.latent_channels, cfg.num_classes)
-        # [-1, 1] -> ImageNet statistics folded into one affine map: x * scale + shift
-        mean, std = torch.tensor(_IMAGENET_MEAN), torch.tensor(_IMAGENET_STD)
-        self.register_buffer("in_scale", (0.5 / std).view(1, 3, 1, 1), persistent=False)
-        self.register_buffer("in_shift", ((0.5 - mean) / std).view(1, 3, 1, 1), persistent=False)
         if cfg.pretrained:
             load_pretrained_backbone(self, cfg)
 
+    def normalize_input(self, x: torch.Tensor) -> torch.Tensor:
+        if self.latent_input:
+            return x
+        return ((x + 1.0) / 2.0 - self.imagenet_mean.to(x.dtype)) / self.imagenet_std.to(x.dtype)
+
     def h(self, x: torch.Tensor) -> torch.Tensor:
-        """The style feature h(x), shape (B, latent_channels)."""
-        if not self.latent_input:
-            x = x * self.in_scale.to(x.dtype) + self.in_shift.to(x.dtype)
-        return self.latent_proj(self.backbone(x))
+        """The style feature h(x), shape (B, latent_channels) (the original's `get_latent`)."""
+        return self.latent_proj(self.pool(self.backbone(self.normalize_input(x))).flatten(1))
+
+    get_latent = h
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         """Two logits: domain 0 vs domain 1."""
@@ -89,6 +95,17 @@ def pretrained_weights_file(backbone: str) -> tuple[Path, str]:
     return Path(torch.hub.get_dir()) / "checkpoints" / Path(url).name, url
 
 
+def _to_backbone_keys(state: dict, latent_input: bool) -> dict:
+    """torchvision ResNet keys (`layer1.0.conv1.weight`) -> `backbone` indices (`4.0.conv1.weight`)."""
+    index = _LATENT_INDEX if latent_input else _PIXEL_INDEX
+    out = {}
+    for key, value in state.items():
+        head, _, rest = key.partition(".")
+        if head in index:
+            out[f"{index[head]}.{rest}"] = value
+    return out
+
+
 def load_pretrained_backbone(net: SaliencyNet, cfg: SaliencyNetConfig) -> Path:
     """Load ImageNet weights into `net.backbone` from `cfg.pretrained_path` or torchvision's cache.
 
@@ -108,12 +125,12 @@ def load_pretrained_backbone(net: SaliencyNet, cfg: SaliencyNetConfig) -> Path:
     try:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or pickled-object files
-        raise PretrainedWeightsMissing(f"saliency net: cannot load pretrained weights {path}: {exc}; replace the file or set \"pretrained\": false") from None
-    state = {k: v for k, v in state.items() if not k.startswith("fc.")}
-    if net.latent_input:
-        state = {k: v for k, v in state.items() if not k.startswith("conv1.")}
+        raise PretrainedWeightsMissing(
+            f"saliency net: cannot load pretrained weights {path}: {exc}; replace the file or set \"pretrained\": false"
+        ) from None
+    state = _to_backbone_keys(state, net.latent_input)
     missing, unexpected = net.backbone.load_state_dict(state, strict=False)
-    missing = [k for k in missing if not (net.latent_input and k.startswith("conv1."))]
+    missing = [k for k in missing if not (net.latent_input and k.startswith("0."))]
     if missing or unexpected:
         raise PretrainedWeightsMissing(
             f"saliency net: {path} does not match a torchvision {cfg.backbone} "

@@ -1,38 +1,36 @@
-"""Phase 0: train the VAE codec on frames of both domains (L1 + structure term + small KL).
+"""Phase 0: train the codec on frames of both domains with the losses `codec.losses` lists.
 
-The perceptual term is a multi-scale structure loss: L1 between image gradients plus
-(1 - SSIM)/2, at full, half and quarter resolution. L1 alone is minimised by blurred
-edges; matching gradients and local contrast/structure (SSIM) penalises exactly that blur,
-across scales. It needs no network weights, so it is deterministic and works offline, where
-LPIPS would need downloaded VGG/AlexNet weights.
-
-The KL is summed per image and divided by its pixel count, the same balance against the
-per-pixel L1 as Stable Diffusion's autoencoder, so `kl_weight` 1e-6 means what it does there:
-just enough to keep the latent bounded and smooth.
+The loop is the original's: `train_images / train_batch_size` optimizer steps, each accumulated
+over minibatches of `train_minibatch_size`, the codec's own `augmentations`, LR warm-up then
+constant or cosine, gradient-norm clipping (0 = off). The weighted sum is minimised and every
+loss is logged under its `id` (rfp_core/train/codec_losses.py). The phase checkpoints every
+`checkpoint_every_minutes` and a rerun continues from there.
 """
 
 from __future__ import annotations
 
 import itertools
 import json
+import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Callable
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
-from rfp_core.config import ModelConfig, config_from_dict
+from rfp_core.config import ConfigError, ModelConfig, config_from_dict
 from rfp_core.data import FrameDataset
 from rfp_core.frame_store import FrameStore
-from rfp_core.nets.codec import VAE, build_codec
+from rfp_core.nets.autoencoder import build_codec
+from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)
+from rfp_core.train.saliency import augment_batch, build_augment
+from rfp_core.train.schedule import lr_at
 
 LogFn = Callable[[dict, int], None]
 MAX_EVAL_IMAGES = 256  # held-out images scored for recon_l1
-MAX_STATS_IMAGES = 512  # training images whose latents set the per-channel standardisation
 LOG_EVERY = 25
 
 
@@ -42,40 +40,6 @@ class CodecResult:
     recon_l1: float  # held-out mean |decode(encode(x)) - x|, [-1, 1] units
     steps: int
     recon_l1_init: float = float("nan")  # the same before training
-
-
-def _gradients(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    return x[..., :, 1:] - x[..., :, :-1], x[..., 1:, :] - x[..., :-1, :]
-
-
-def _ssim(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Mean SSIM with a 3x3 uniform window, inputs in [0, 1]."""
-    c1, c2 = 0.01**2, 0.03**2
-    pool = lambda t: F.avg_pool2d(t, 3, 1, 1, count_include_pad=False)  # noqa: E731
-    mx, my = pool(x), pool(y)
-    vx, vy, cxy = pool(x * x) - mx**2, pool(y * y) - my**2, pool(x * y) - mx * my
-    return (((2 * mx * my + c1) * (2 * cxy + c2)) / ((mx**2 + my**2 + c1) * (vx + vy + c2))).mean()
-
-
-def structure_loss(x: torch.Tensor, y: torch.Tensor, scales: int = 3) -> torch.Tensor:
-    """Multi-scale gradient L1 + (1 - SSIM)/2 between images in [-1, 1]; 0 iff equal."""
-    total = x.new_zeros(())
-    used = 0
-    for s in range(scales):
-        if s:
-            if min(x.shape[-2:]) < 8:
-                break
-            x, y = F.avg_pool2d(x, 2), F.avg_pool2d(y, 2)
-        (gx, gy), (hx, hy) = _gradients(x), _gradients(y)
-        grad = (gx - hx).abs().mean() + (gy - hy).abs().mean()
-        total = total + grad + (1 - _ssim((x + 1) / 2, (y + 1) / 2)) / 2
-        used += 1
-    return total / used
-
-
-def kl_per_pixel(mean: torch.Tensor, logvar: torch.Tensor, pixels: int) -> torch.Tensor:
-    kl = 0.5 * (mean.pow(2) + logvar.exp() - 1.0 - logvar).flatten(1).sum(1)
-    return kl.mean() / pixels
 
 
 def _datasets(cfg: ModelConfig, manifest: Path, store, split: str) -> ConcatDataset:
@@ -106,6 +70,59 @@ def _same_setup(ckpt: dict, cfg: ModelConfig) -> bool:
     return old.get("codec") == json.loads(cfg.to_json())["codec"] and old.get("max_size") == cfg.max_size
 
 
+def _check_trainable(cfg: ModelConfig) -> None:
+    cc = cfg.codec
+    if not cc.losses or cc.total_steps < 1:
+        raise ConfigError(
+            f"codec {cc.net.type}: nothing to train it with (codec.losses has {len(cc.losses)} entries, "
+            f"codec.train_images {cc.train_images} < train_batch_size {cc.train_batch_size}). List codec.losses "
+            '(e.g. [{"type": "L1Loss"}, {"type": "StructureLoss", "weight": 0.1}, {"type": "KLLoss"}]) and set '
+            "codec.train_images, or load a trained codec with --codec-ckpt"
+        )
+    check_losses(cc.losses, cc.net.type)
+
+
+def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: int, save, log, progress: bool) -> int:
+    """Optimizer steps `step` .. `total_steps`, accumulating minibatches; returns the last step."""
+    cc = cfg.codec
+    total, accum, mb = cc.total_steps, cc.accumulation_steps, cc.minibatch
+    # a fresh shuffle per (seed, step) so a continued run does not replay the same batches
+    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
+    loader = DataLoader(train, batch_size=min(mb, len(train)), shuffle=True, drop_last=True, generator=gen)
+    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    augment = build_augment(list(cc.augmentations))
+    codec.train()
+    bar = tqdm(total=total, initial=step, desc="codec", disable=not progress, dynamic_ncols=True)
+    last_save = time.monotonic()
+    while step < total:
+        for group in opt.param_groups:
+            group["lr"] = lr_at(step, total, cc.learning_rate, cc.lr_schedule, cc.warmup_fraction)
+        opt.zero_grad(set_to_none=True)
+        parts: dict[str, float] = {}
+        for _ in range(accum):
+            x = augment_batch(next(batches), augment).to(device)
+            loss, values, _ = codec_losses(codec, x, cc.losses)
+            (loss / accum).backward()
+            for k, v in values.items():
+                parts[k] = parts.get(k, 0.0) + v / accum
+            parts["loss"] = parts.get("loss", 0.0) + float(loss.detach()) / accum
+        if cc.gradient_clip > 0:
+            torch.nn.utils.clip_grad_norm_(codec.parameters(), cc.gradient_clip)
+        opt.step()
+        step += 1
+        bar.update(1)
+        if step % LOG_EVERY == 0 or step == total:
+            bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
+            if log is not None:
+                log({f"codec/{k}": v for k, v in parts.items()}, step)
+        if time.monotonic() - last_save >= cc.checkpoint_every_minutes * 60 and step < total:
+            save(step)
+            last_save = time.monotonic()
+    bar.close()
+    codec.eval()
+    return step
+
+
 def train_codec(
     cfg: ModelConfig, manifest: Path, out_dir: Path, device: str | torch.device = "cpu",
     store=None, log: LogFn | None = None, progress: bool = True,
@@ -113,7 +130,7 @@ def train_codec(
     """Train the codec `cfg.codec` names; writes out_dir/codec.pt ({"codec": state, "config": ...}).
 
     Identity needs no training: its (empty) checkpoint is written so every run has one.
-    A finished checkpoint for the same codec config is reused, not retrained.
+    A finished checkpoint for the same codec config is reused; an unfinished one is continued.
     """
     from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 
@@ -123,64 +140,47 @@ def train_codec(
     path = out_dir / "codec.pt"
     cfg_json = json.loads(cfg.to_json())
     if cc.net.type == "Identity":
-        save_checkpoint(path, {"codec": {}, "config": cfg_json, "recon_l1": 0.0, "recon_l1_init": 0.0, "steps": 0})
+        save_checkpoint(path, {"codec": {}, "config": cfg_json, "recon_l1": 0.0, "recon_l1_init": 0.0, "steps": 0,
+                               "finished": True})
         return CodecResult(path, 0.0, 0, 0.0)
-    if path.exists():
-        old = load_checkpoint(path, map_location="cpu")
-        if _same_setup(old, cfg) and old.get("finished"):
-            return CodecResult(path, float(old["recon_l1"]), int(old["steps"]), float(old.get("recon_l1_init", "nan")))
+    old = load_checkpoint(path, map_location="cpu") if path.exists() else {}
+    if old and not _same_setup(old, cfg):
+        old = {}
+    if old.get("finished"):
+        return CodecResult(path, float(old["recon_l1"]), int(old["steps"]), float(old.get("recon_l1_init", "nan")))
+    _check_trainable(cfg)
 
     device = torch.device(device)
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     torch.manual_seed(cfg.seed)
-    codec: VAE = build_codec(cc.net).to(device)
+    codec = build_codec(cc.net).to(device)
     if cfg.max_size % codec.downsample:
-        raise ValueError(f"max_size {cfg.max_size} must be a multiple of the codec's downsampling {codec.downsample} (len(ch_mult) - 1 halvings)")
-    train = _datasets(cfg, manifest, store, "train")
-    holdout = _evenly(_datasets(cfg, manifest, store, "holdout"), MAX_EVAL_IMAGES)
-    recon_init = reconstruction_l1(codec, holdout, device)
-
-    steps = max(1, cc.train_images // cc.batch_size)
-    loader = DataLoader(train, batch_size=min(cc.batch_size, len(train)), shuffle=True, drop_last=True)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+        raise ValueError(f"max_size {cfg.max_size} must be a multiple of the codec's downsampling {codec.downsample} "
+                         "(len(ch_mult) - 1 halvings)")
     opt = torch.optim.AdamW(codec.parameters(), lr=cc.learning_rate, weight_decay=0.0)
-    pixels = 3 * cfg.max_size**2
-    codec.train()
-    bar = tqdm(range(steps), desc="codec", disable=not progress, dynamic_ncols=True)
-    for step in bar:
-        x = next(batches).to(device)
-        mean, logvar = codec.encode_dist(x)
-        raw = mean + torch.randn_like(mean) * torch.exp(0.5 * logvar)
-        y = codec.decode_raw(raw)
-        l1 = (y - x).abs().mean()
-        perceptual = structure_loss(y, x)
-        kl = kl_per_pixel(mean, logvar, pixels)
-        loss = cc.l1_weight * l1 + cc.perceptual_weight * perceptual + cc.kl_weight * kl
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        torch.nn.utils.clip_grad_norm_(codec.parameters(), 1.0)
-        opt.step()
-        if step % LOG_EVERY == 0 or step == steps - 1:
-            metrics = {"codec/loss": loss.item(), "codec/l1": l1.item(), "codec/perceptual": perceptual.item(), "codec/kl": kl.item()}
-            bar.set_postfix(l1=f"{metrics['codec/l1']:.4f}", refresh=False)
-            if log is not None:
-                log(metrics, step)
-    bar.close()
+    holdout = _evenly(_datasets(cfg, manifest, store, "holdout"), MAX_EVAL_IMAGES)
+    step = 0
+    if old:  # an interrupted run of the same codec: continue where it stopped
+        codec.load_state_dict(old["codec"])
+        opt.load_state_dict(old["optimizer"])
+        step, recon_init = int(old["steps"]), float(old["recon_l1_init"])
+    else:
+        recon_init = reconstruction_l1(codec, holdout, device)
 
-    # standardise latents on centred crops of training frames (no jitter: the statistic of the data)
-    codec.eval()
-    stats = _evenly(_datasets(cfg, manifest, store, "all"), MAX_STATS_IMAGES)
-    with torch.no_grad():
-        means = torch.cat([codec.encode_dist(x.to(device))[0] for x in DataLoader(stats, batch_size=32)])
-    codec.fit_latent_stats(means)
+    def save(at: int, finished: bool = False, recon: float = float("nan")) -> None:
+        save_checkpoint(path, {
+            "codec": {k: v.cpu() for k, v in codec.state_dict().items()}, "config": cfg_json,
+            "optimizer": opt.state_dict(), "recon_l1": recon, "recon_l1_init": recon_init, "steps": at,
+            "finished": finished,
+        })
+
+    train = _datasets(cfg, manifest, store, "train")
+    step = _train_steps(cfg, codec, opt, train, device, step, save, log, progress)
     recon = reconstruction_l1(codec, holdout, device)
     if log is not None:
-        log({"codec/recon_l1": recon, "codec/recon_l1_init": recon_init}, steps)
-    save_checkpoint(path, {
-        "codec": {k: v.cpu() for k, v in codec.state_dict().items()}, "config": cfg_json,
-        "recon_l1": recon, "recon_l1_init": recon_init, "steps": steps, "finished": True,
-    })
-    return CodecResult(path, recon, steps, recon_init)
+        log({"codec/recon_l1": recon, "codec/recon_l1_init": recon_init}, step)
+    save(step, finished=True, recon=recon)
+    return CodecResult(path, recon, step, recon_init)
 
 
 def load_codec(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:

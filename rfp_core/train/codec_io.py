@@ -9,7 +9,7 @@ from torch import nn
 
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config import ModelConfig
-from rfp_core.nets.codec import build_codec
+from rfp_core.nets.autoencoder import build_codec
 
 
 def load_codec(cfg: ModelConfig, checkpoint: Path | None, device: str | torch.device, state: dict | None = None) -> nn.Module:

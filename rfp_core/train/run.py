@@ -9,8 +9,11 @@ phase is skipped, and velocity resumes from `--checkpoint` or the newest interme
 from __future__ import annotations
 
 import argparse
+import contextlib
+import json
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -36,14 +39,19 @@ def pick_device(requested: str | torch.device | None = None) -> torch.device:
     return torch.device("cpu")
 
 
-def dev_config(cfg: ModelConfig) -> ModelConfig:
-    """`--dev`: a budget of 20 optimizer steps, frequent samples and capped saliency steps."""
+def smoke_config(cfg: ModelConfig) -> ModelConfig:
+    """`--smoke`: a budget of 20 optimizer steps, frequent samples and capped saliency steps."""
     v, s = cfg.velocity, cfg.saliency
-    return config_from_dict(cfg.model_dump(mode="json"), source="--dev", overrides={
+    return config_from_dict(cfg.model_dump(mode="json"), source="--smoke", overrides={
         "velocity": {"train_images": 20 * v.train_batch_size, "sample_every_images": 5 * v.train_batch_size,
                      "checkpoint_every_minutes": 1.0},
         "saliency": {"max_steps": min(s.max_steps, 500), "eval_every": min(s.eval_every, 25)},
     })
+
+
+def default_run_id(dev: bool) -> str:
+    """`run_<YYYYmmddHHMM>`, `_dev` appended in dev mode: the original trainer's run names."""
+    return time.strftime("run_%Y%m%d%H%M") + ("_dev" if dev else "")
 
 
 def _folders(value: list[str] | str | None, flag: str) -> list[Path] | str:
@@ -63,6 +71,15 @@ def _folders(value: list[str] | str | None, flag: str) -> list[Path] | str:
     return out
 
 
+@dataclass
+class Imports:
+    """Checkpoints to start from instead of training a phase (the original's --*-ckpt flags)."""
+
+    codec: Path | None = None
+    saliency: Path | None = None
+    velocity: Path | None = None
+
+
 def train_run(
     cfg: ModelConfig,
     domain0: list[Path] | str,
@@ -72,50 +89,123 @@ def train_run(
     dev: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    imports: Imports | None = None,
+    only: str | None = None,
+    smoke: bool = False,
+    track: bool = False,
 ) -> Path:
-    """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder."""
+    """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder.
+
+    `only`: "codec" or "saliency" stops after that phase (--codec-only, --saliency-only).
+    `track`: one MLflow run for the whole training (params, per-phase metrics, artifacts).
+    """
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
-    from rfp_core.train.saliency import train_saliency
-    from rfp_core.train.velocity import train_velocity
 
     device = pick_device(device)
-    run_id = run_id or time.strftime("%Y%m%d-%H%M%S")
+    run_id = run_id or default_run_id(dev)
     run_dir = runs_dir() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
-    if dev:
-        cfg = dev_config(cfg)
+    imports = imports or Imports()
+    if smoke:
+        cfg = smoke_config(cfg)
     cfg = config_from_dict(cfg.model_dump(mode="json"), source="rfp train", overrides={
         "domain0": "random" if domain0 == "random" else [str(p) for p in domain0],
         "domain1": [str(p) for p in domain1],
     })
     print(f"run {run_id}: {run_dir} (device {device})", file=sys.stderr)
-
     store = FrameStore(max_side=cfg.store_max_side)
     report = ingest(domain0, list(domain1), out=run_dir / "manifest.parquet", store=store, progress=progress)
     print(f"ingest: {report.n_ok} frames, {report.n_skipped} skipped -> {report.manifest_path}", file=sys.stderr)
     atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+    with _tracked(track, cfg, run_id, run_dir) as log:
+        _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log)
+    return run_dir
+
+
+@contextlib.contextmanager
+def _tracked(track: bool, cfg: ModelConfig, run_id: str, run_dir: Path):
+    if not track:
+        yield None
+        return
+    import mlflow
+
+    from rfp_core import tracking
+
+    with tracking.start_run("rfp-train", run_id, {"stage": "train", "run_dir": str(run_dir)}):
+        mlflow.log_params(cfg.flat_params())
+        mlflow.log_artifact(str(run_dir / "config.json"), "config")
+        yield tracking.metric_logger()
+        for grid in sorted((run_dir / "samples").glob("*.png"))[-1:]:
+            mlflow.log_artifact(str(grid), "samples")
+
+
+def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, checkpoint, log) -> None:
+    from rfp_core.train.saliency import train_saliency
+    from rfp_core.train.velocity import train_velocity
 
     codec_ckpt = None
-    if cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
+    if imports.codec is not None:
+        codec_ckpt = import_codec(imports.codec, cfg, run_dir)
+    elif cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
         from rfp_core.train.codec import train_codec
 
-        codec = train_codec(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress)
+        codec = train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress, log=log)
         print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
         codec_ckpt = codec.checkpoint
+    if only == "codec":
+        return
     saliency_ckpt = None
-    if not cfg.generative and cfg.velocity.loss == "saliency":
-        sal = train_saliency(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress,
-                             codec_checkpoint=codec_ckpt)
+    if imports.saliency is not None:
+        saliency_ckpt = import_saliency(imports.saliency, cfg, run_dir)
+    elif not cfg.generative and cfg.velocity.loss == "saliency":
+        sal = train_saliency(cfg, manifest, run_dir, device=device, store=store, progress=progress,
+                             codec_checkpoint=codec_ckpt, log=log)
         print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
-    pairs = _structure_pairs(cfg, report.manifest_path, run_dir, store, device, progress)
-    vel = train_velocity(cfg, report.manifest_path, run_dir, device=device, saliency_checkpoint=saliency_ckpt,
-                         store=store, resume_from=checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
-                         pairs=pairs)
+    if only == "saliency":
+        return
+    pairs = _structure_pairs(cfg, manifest, run_dir, store, device, progress)
+    vel = train_velocity(cfg, manifest, run_dir, device=device, saliency_checkpoint=saliency_ckpt, store=store,
+                         resume_from=imports.velocity or checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
+                         pairs=pairs, log=log)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
-    return run_dir
+
+
+def import_codec(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
+    """A codec checkpoint (the original's codec_*.ckpt or this project's codec.pt) as this run's codec.pt."""
+    from rfp_core.checkpoint import save_checkpoint
+    from rfp_core.nets.autoencoder import build_codec
+    from rfp_core.original import load_into
+
+    if Path(path).suffix != ".ckpt":
+        return Path(path)
+    codec = load_into(build_codec(cfg.codec.net), path)
+    out = run_dir / "codec.pt"
+    save_checkpoint(out, {"codec": codec.state_dict(), "config": json.loads(cfg.to_json()), "finished": True,
+                          "recon_l1": float("nan"), "recon_l1_init": float("nan"), "steps": 0, "imported_from": str(path)})
+    return out
+
+
+def import_saliency(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
+    """A saliency checkpoint (the original's saliency_*.ckpt or this project's saliency.pt) as this run's."""
+    from rfp_core.checkpoint import save_checkpoint
+    from rfp_core.nets.autoencoder import build_codec
+    from rfp_core.nets.saliency import SaliencyNet
+    from rfp_core.original import load_into, load_state
+
+    if Path(path).suffix != ".ckpt":
+        return Path(path)
+    holder, _ = load_state(path)
+    in_channels = int(holder.get("in_channels", build_codec(cfg.codec.net).latent_channels))
+    net_cfg = cfg.saliency.net.model_copy(update={"pretrained": False})
+    net = load_into(SaliencyNet(net_cfg, in_channels=in_channels), path)
+    out = run_dir / "saliency_imported.pt"
+    save_checkpoint(out, {"saliency": net.state_dict(), "config": json.loads(cfg.to_json()),
+                          "net": net_cfg.model_dump(mode="json"), "in_channels": in_channels,
+                          "latent_input": in_channels != 3, "imported_from": str(path)})
+    return out
 
 
 def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, device, progress: bool):
@@ -140,14 +230,25 @@ def cli_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     domain0 = _folders(args.domain0 if args.domain0 else cfg.domain0, "domain0")
     domain1 = _folders(args.domain1 if args.domain1 else cfg.domain1, "domain1")
-    checkpoint = Path(args.checkpoint) if args.checkpoint else None
-    if checkpoint is not None and not checkpoint.is_file():
-        raise ConfigError(f"--checkpoint {checkpoint}: no such file")
+    files = {name: _existing_file(getattr(args, attr), flag) for name, attr, flag in (
+        ("checkpoint", "checkpoint", "--checkpoint"), ("codec", "codec_ckpt", "--codec-ckpt"),
+        ("saliency", "saliency_ckpt", "--saliency-ckpt"), ("velocity", "velocity_ckpt", "--velocity-ckpt"))}
+    only = "codec" if args.codec_only else "saliency" if args.saliency_only else None
     try:
-        run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=checkpoint, dev=args.dev,
-                            device=args.device)
+        run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
+                            device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
+                            only=only, smoke=args.smoke, track=not args.dev)
     except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(run_dir)
     return 0
+
+
+def _existing_file(value: str | None, flag: str) -> Path | None:
+    if value is None:
+        return None
+    path = Path(value)
+    if not path.is_file():
+        raise ConfigError(f"{flag} {path}: no such file")
+    return path

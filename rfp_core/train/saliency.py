@@ -133,11 +133,8 @@ def _read_state(path: Path) -> dict:
 def load_saliency(path: str | Path, device: str | torch.device = "cpu") -> SaliencyNet:
     """The trained classifier from `saliency.pt`, in eval mode with every parameter frozen."""
     ckpt = load_checkpoint(Path(path), map_location="cpu")
-    net = SaliencyNet(
-        SaliencyNetConfig.model_validate({**ckpt["net"], "pretrained": False}),
-        in_channels=int(ckpt["in_channels"]),
-        latent_input=bool(ckpt["latent_input"]),
-    )
+    net = SaliencyNet(SaliencyNetConfig.model_validate({**ckpt["net"], "pretrained": False}),
+                      in_channels=int(ckpt["in_channels"]))
     net.load_state_dict(ckpt["saliency"])
     return net.to(device).eval().requires_grad_(False)
 
@@ -163,7 +160,7 @@ def train_saliency(
 
     codec = load_codec(cfg, codec_checkpoint, device)
     latent_input = not codec.is_identity
-    net = SaliencyNet(sc.net, in_channels=codec.latent_channels, latent_input=latent_input).to(device)
+    net = SaliencyNet(sc.net, in_channels=codec.latent_channels).to(device)
 
     state = _read_state(state_path) if ckpt_path.exists() else {}
     if state:

@@ -30,7 +30,7 @@ from rfp_core.config import ModelConfig, config_from_dict
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.images import save_grid
-from rfp_core.nets.unet import UNet
+from rfp_core.nets import build_velocity_net
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.ema import EMA
 from rfp_core.train.saliency import load_saliency
@@ -151,7 +151,7 @@ def train_velocity(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
-    model = UNet(vc.net, in_channels=codec.latent_channels).to(device)
+    model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
     ema = EMA(model, vc.ema)
     opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
     h = None
@@ -162,6 +162,17 @@ def train_velocity(
 
     # --- resume: an explicit checkpoint, else the newest loadable intermediate one here
     step, resume_state, source = 0, None, None
+    start = 0  # the step this call's budget counts from (an original checkpoint's step, else 0)
+    if resume_from is not None and Path(resume_from).suffix == ".ckpt":
+        # the original trainer's velocity_<run>_<step>.ckpt: its weights, its step, a fresh budget after it
+        from rfp_core.original import checkpoint_step, load_into
+
+        load_into(model, resume_from)
+        ema = EMA(model, vc.ema)
+        step = start = checkpoint_step(resume_from) or 0
+        total = start + total
+        print(f"velocity: continuing from {resume_from} at step {start}; training to step {total}", file=sys.stderr)
+        resume_from = None
     if resume_from is not None:
         resume_state, source = load_checkpoint(Path(resume_from), map_location="cpu"), Path(resume_from)
         if not _same_training(resume_state.get("config", {}), cfg_json):
@@ -228,7 +239,8 @@ def train_velocity(
                 if sample_noise is None:
                     g = torch.Generator().manual_seed(cfg.seed)
                     side = cfg.max_size // codec.downsample
-                    sample_noise = torch.randn(vc.sample_batch_size, codec.latent_channels, side, side, generator=g)
+                    sample_noise = codec.sample_random_latent((vc.sample_batch_size, codec.latent_channels, side, side),
+                                                              generator=g)
                 z = flow.integrate(net, sample_noise.to(device), vc.num_inference_steps, sampler=vc.sampler)
                 rows = [codec.decode(z)]
             else:
@@ -246,7 +258,7 @@ def train_velocity(
     run_start, run_start_step = time.perf_counter(), step
     final_loss = float("nan")
     while step < total:
-        lr = lr_at(step, total, vc.learning_rate, vc.lr_schedule, vc.warmup_fraction)
+        lr = lr_at(step - start, total - start, vc.learning_rate, vc.lr_schedule, vc.warmup_fraction)
         for group in opt.param_groups:
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
@@ -255,7 +267,7 @@ def train_velocity(
             batch = next(batches)
             with torch.no_grad():
                 x1 = codec.encode(batch["domain_1"].to(device, non_blocking=True))
-                x0 = torch.randn_like(x1) if cfg.generative else codec.encode(batch["domain_0"].to(device, non_blocking=True))
+                x0 = codec.sample_random_latent(x1.shape, x1.device) if cfg.generative else codec.encode(batch["domain_0"].to(device, non_blocking=True))
             t = flow.sample_timesteps(x1.shape[0], vc.timestep_sampling, device)
             x_t = flow.interpolate(x0, x1, t)
             target = x1 - x0
@@ -278,7 +290,7 @@ def train_velocity(
                 f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "
                 f"({vc.gradient_clip}), or turn velocity.bf16 off."
             )
-        if vc.gradient_clip is not None:
+        if vc.gradient_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), vc.gradient_clip)
         opt.step()
         ema.update(model)
@@ -331,11 +343,11 @@ def _last_logged_loss(path: Path) -> float:
         return float("nan")
 
 
-def load_velocity(path: str | Path, device: str | torch.device = "cpu") -> tuple[UNet, dict]:
+def load_velocity(path: str | Path, device: str | torch.device = "cpu") -> tuple[nn.Module, dict]:
     """The EMA net from `velocity.pt` (or an intermediate checkpoint) and the checkpoint dict."""
     ckpt = load_checkpoint(Path(path), map_location="cpu")
     cfg = config_from_dict(ckpt["config"], source=str(path))
-    net = UNet(cfg.velocity.net, in_channels=int(ckpt["in_channels"]))
+    net = build_velocity_net(cfg.velocity.net, in_channels=int(ckpt["in_channels"]))
     weights = ckpt["velocity"] if "velocity" in ckpt else ckpt.get("ema", {}).get("model")
     if weights is None:
         raise CheckpointError(f"{path}: not a velocity checkpoint (no 'velocity' or 'ema' weights)")

@@ -1,0 +1,62 @@
+"""MLflow tracking shared by `rfp train` and the Dagster pipeline (the original tracked in wandb).
+
+The store is $MLFLOW_TRACKING_URI, else the sqlite file under $RFP_HOME; new experiments keep
+their artifacts under $RFP_HOME/mlartifacts (MLflow's own default is ./mlruns of whatever folder
+the process started in).
+"""
+
+from __future__ import annotations
+
+import contextlib
+import os
+from pathlib import Path
+from typing import Any, Callable, Iterator
+
+from rfp_core import paths
+
+LogFn = Callable[[dict, int], None]
+
+
+def tracking_uri(explicit: str = "") -> str:
+    return explicit or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
+
+
+def artifact_root(explicit: str = "") -> Path:
+    return Path(explicit or str(paths.rfp_home() / "mlartifacts")).expanduser().resolve()
+
+
+def experiment_id(name: str, uri: str = "", artifacts: str = "") -> str:
+    """Get or create the MLflow experiment `name` (restoring it if it was deleted in the UI)."""
+    import mlflow
+
+    mlflow.set_tracking_uri(tracking_uri(uri))
+    client = mlflow.MlflowClient(tracking_uri(uri))
+    found = client.get_experiment_by_name(name)
+    if found is not None:
+        if found.lifecycle_stage == "deleted":
+            client.restore_experiment(found.experiment_id)
+        return found.experiment_id
+    try:
+        return client.create_experiment(name, artifact_location=(artifact_root(artifacts) / name).as_uri())
+    except mlflow.exceptions.MlflowException:  # another process created it between lookup and create
+        return client.get_experiment_by_name(name).experiment_id
+
+
+@contextlib.contextmanager
+def start_run(experiment: str, run_name: str, tags: dict[str, Any], uri: str = "", artifacts: str = "") -> Iterator[Any]:
+    """An active MLflow run; ended (FAILED on error) on exit."""
+    import mlflow
+
+    exp = experiment_id(experiment, uri, artifacts)
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()}) as run:
+        yield run
+
+
+def metric_logger(prefix: str = "") -> LogFn:
+    """A `log(metrics, step)` callback for the training phases that writes to the active run."""
+    import mlflow
+
+    def log(metrics: dict, step: int) -> None:
+        mlflow.log_metrics({f"{prefix}{k}": float(v) for k, v in metrics.items()}, step=step)
+
+    return log
