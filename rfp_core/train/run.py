@@ -3,12 +3,16 @@
 
 Mirrors the original `train.py --config --domain0 --domain1 [--checkpoint] [--run-id] [--dev]`.
 Re-running with the same `--run-id` continues: ingest re-decodes nothing, a finished saliency
-phase is skipped, and velocity resumes from `--checkpoint` or the newest intermediate checkpoint.
+phase is skipped, and velocity resumes from `--checkpoint` or the newest intermediate checkpoint -
+as long as each phase is built from the same inputs (data, config, the checkpoints it reads; see
+`train/resume.py`). Otherwise the call is refused with what changed, unless `--restart` (force)
+asks to train those phases afresh in the folder (their old files move to `superseded/`).
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import sys
 import time
 from pathlib import Path
@@ -72,8 +76,12 @@ def train_run(
     dev: bool = False,
     device: str | torch.device | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> Path:
-    """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder."""
+    """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder.
+
+    `force`: a phase whose saved work is built from other inputs trains afresh (instead of a
+    ResumeRefused); phases built from the same inputs still continue."""
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
     from rfp_core.train.saliency import train_saliency
@@ -100,22 +108,38 @@ def train_run(
     if cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
         from rfp_core.train.codec import train_codec
 
-        codec = train_codec(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress)
+        codec = _codec_phase(train_codec, cfg, report.manifest_path, run_dir, device, store, progress, force)
         print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
         codec_ckpt = codec.checkpoint
     saliency_ckpt = None
     if not cfg.generative and cfg.velocity.loss == "saliency":
         sal = train_saliency(cfg, report.manifest_path, run_dir, device=device, store=store, progress=progress,
-                             codec_checkpoint=codec_ckpt)
+                             codec_checkpoint=codec_ckpt, force=force)
         print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
     pairs = _structure_pairs(cfg, report.manifest_path, run_dir, store, device, progress)
     vel = train_velocity(cfg, report.manifest_path, run_dir, device=device, saliency_checkpoint=saliency_ckpt,
                          store=store, resume_from=checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
-                         pairs=pairs)
+                         pairs=pairs, force=force)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
     return run_dir
+
+
+CODEC_LINEAGE = "codec_lineage.json"
+
+
+def _codec_phase(train_codec, cfg: ModelConfig, manifest: Path, run_dir: Path, device, store, progress: bool, force: bool):
+    """train_codec reuses a finished codec.pt of the same codec config; this makes sure it was also
+    trained on the same frames (recorded in codec_lineage.json beside it)."""
+    from rfp_core.train.resume import codec_inputs, continue_saved, lineage_record, saved_json
+
+    inputs = codec_inputs(json.loads(cfg.to_json()), manifest)
+    saved = (saved_json(run_dir / CODEC_LINEAGE) or {}) if (run_dir / "codec.pt").exists() else None
+    continue_saved("codec", run_dir, saved, inputs, force, ("codec.pt", CODEC_LINEAGE))
+    codec = train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress)
+    atomic_write_text(run_dir / CODEC_LINEAGE, json.dumps(lineage_record(inputs), indent=2) + "\n")
+    return codec
 
 
 def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, device, progress: bool):
@@ -134,6 +158,7 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
 
 def cli_train(args: argparse.Namespace) -> int:
     from rfp_core.checkpoint import CheckpointError
+    from rfp_core.train.resume import ResumeRefused
     from rfp_core.train.saliency import SaliencyThresholdNotReached
     from rfp_core.train.velocity import NonFiniteLoss
 
@@ -145,8 +170,8 @@ def cli_train(args: argparse.Namespace) -> int:
         raise ConfigError(f"--checkpoint {checkpoint}: no such file")
     try:
         run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=checkpoint, dev=args.dev,
-                            device=args.device)
-    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError) as exc:
+                            device=args.device, force=args.restart)
+    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(run_dir)
