@@ -171,7 +171,7 @@ def refusal(phase: str, where: Path, changes: list[str]) -> ResumeRefused:
     )
 
 
-def supersede(directory: Path, names: Iterable[str], phase: str) -> Path | None:
+def supersede(directory: Path, names: Iterable[str], phase: str, why: str = "starting afresh") -> Path | None:
     """Move the phase's files (names, or glob patterns) to `directory/superseded/<phase>-<time>/`."""
     found = sorted({p for name in names for p in directory.glob(name)})
     if not found:
@@ -183,7 +183,7 @@ def supersede(directory: Path, names: Iterable[str], phase: str) -> Path | None:
     dest.mkdir(parents=True)
     for p in found:
         shutil.move(str(p), dest / p.name)
-    print(f"{phase}: starting afresh; the previous {phase} files are in {dest}", file=sys.stderr)
+    print(f"{phase}: {why}; moved {', '.join(p.name for p in found)} to {dest}", file=sys.stderr)
     return dest
 
 
@@ -239,6 +239,17 @@ def resume_point(out_dir: Path, prefix: str, inputs: dict, resume_from: Path | N
                 describe_changes(state.get("lineage_inputs"), inputs))])
         supersede(out_dir, VELOCITY_FILES, prefix)
     return None
+
+
+def make_room(path: Path, lineage: str) -> None:
+    """Before writing `path`: a file of that name from another lineage moves to superseded/, so a
+    run never overwrites another run's checkpoint of the same step."""
+    try:
+        theirs = path.is_file() and checkpoint_lineage(path) != lineage
+    except CheckpointError:
+        theirs = False  # torn: nothing worth keeping
+    if theirs:
+        supersede(path.parent, [path.name], path.stem, why=f"{path.name} here belongs to another lineage")
 
 
 def budget_note(state: dict, total: int, batch_size: int) -> str | None:

@@ -34,8 +34,8 @@ from rfp_core.train.codec_io import load_codec
 from rfp_core.train.ema import EMA
 from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
-from rfp_core.train.resume import (StepSampler, budget_note, lineage_record, resume_point, rng_state, set_rng_state,
-                                   trim_metrics, velocity_inputs)
+from rfp_core.train.resume import (StepSampler, budget_note, lineage_record, make_room, resume_point, rng_state,
+                                   set_rng_state, trim_metrics, velocity_inputs)
 
 LogFn = Callable[[dict, int], None]
 CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
@@ -168,6 +168,7 @@ def train_velocity(
 
     def save_state(at: int) -> Path:
         path = out_dir / f"{CKPT_PREFIX}_{at:08d}.pt"
+        make_room(path, lineage["lineage"])
         save_checkpoint(path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
             "rng": rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
@@ -270,6 +271,7 @@ def train_velocity(
     save_state(step)
     sample_grid = write_samples(step)
     final = out_dir / "velocity.pt"
+    make_room(final, lineage["lineage"])
     save_checkpoint(final, {
         "velocity": ema.model.state_dict(), "config": cfg_json, "in_channels": codec.latent_channels,
         "step": step, "final_loss": final_loss, "codec": codec.state_dict(),
