@@ -149,3 +149,62 @@ def test_a_metrics_line_torn_by_a_kill_is_skipped_with_a_warning(tmp_path, data)
     assert result.steps == 8
     steps = [json.loads(line)["step"] for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert steps == list(range(1, 9))
+
+
+def _other_data(tmp_path, store):
+    d0, d1 = make_discs(tmp_path / "other", n=12, size=32, seed=1)
+    return d0, d1, ingest([d0], [d1], out=tmp_path / "other.parquet", store=store, progress=False).manifest_path
+
+
+def test_a_finished_saliency_phase_on_other_frames_is_not_reused(tmp_path, data):
+    from rfp_core.train.resume import ResumeRefused
+    from rfp_core.train.saliency import train_saliency
+
+    manifest, store = data
+    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
+        "accuracy_threshold": 0.75, "warmup_threshold": 0.6, "eval_every": 2, "max_steps": 200, "augmentations": []}})
+    run = tmp_path / "run"
+    first = train_saliency(cfg, manifest, run, store=store, progress=False)
+    assert first.accuracy >= 0.75 and first.steps > 0
+    again = train_saliency(cfg, manifest, run, store=store, progress=False)  # same frames: finished, reused
+    assert again.steps == first.steps
+
+    _, _, other = _other_data(tmp_path, store)
+    with pytest.raises(ResumeRefused) as err:
+        train_saliency(cfg, other, run, store=store, progress=False)
+    assert "the data (manifest content version)" in str(err.value) and "--restart" in str(err.value)
+    fresh = train_saliency(cfg, other, run, store=store, progress=False, force=True)
+    state = json.loads((run / "saliency_state.json").read_text())
+    assert fresh.steps > 0 and state["steps"] == fresh.steps and fresh.accuracy >= 0.75
+    moved = list((run / "superseded").glob("saliency-*/saliency_state.json"))
+    assert len(moved) == 1 and json.loads(moved[0].read_text())["steps"] == first.steps
+
+
+def test_rfp_train_on_new_data_is_refused_and_restart_retrains_every_phase_built_from_it(tmp_path, capsys):
+    from rfp_core.cli import main
+    from rfp_core.config import load_config
+    from rfp_core.paths import runs_dir
+
+    raw = load_config(TINY).model_dump(mode="json")
+    raw["velocity"].update(loss="mse", train_images=8 * 2, sample_every_images=10**6)
+    raw["codec"].update(net={"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2]},
+                        train_images=16 * 4, batch_size=16)
+    cfg_path = tmp_path / "vae.json"
+    cfg_path.write_text(json.dumps(raw))
+    d0, d1 = make_discs(tmp_path / "data", n=12, size=32)
+    args = ["train", "-c", str(cfg_path), "--run-id", "r", "--device", "cpu"]
+    assert main([*args, "-d0", str(d0), "-d1", str(d1)]) == 0
+    run = runs_dir() / "r"
+    codec_before = (run / "codec.pt").read_bytes()
+
+    e0, e1 = make_discs(tmp_path / "new", n=12, size=32, seed=1)
+    capsys.readouterr()
+    assert main([*args, "-d0", str(e0), "-d1", str(e1)]) == 1
+    err = capsys.readouterr().err
+    assert "codec:" in err and "the data (manifest content version)" in err and "--restart" in err
+    assert (run / "codec.pt").read_bytes() == codec_before  # refused before anything was trained
+
+    assert main([*args, "-d0", str(e0), "-d1", str(e1), "--restart"]) == 0
+    assert (run / "codec.pt").read_bytes() != codec_before
+    moved = {p.parent.name.split("-")[0] for p in (run / "superseded").glob("*/*")}
+    assert moved == {"codec", "velocity"}
