@@ -54,6 +54,9 @@ def build_parser() -> argparse.ArgumentParser:
     train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: run_<YYYYmmddHHMM>)")
     train.add_argument("--dev", action="store_true", help="development mode: no experiment tracking, '_dev' in the run name")
     train.add_argument("--smoke", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
+    train.add_argument("--restart", action="store_true",
+                       help="phases of this --run-id built from other inputs (data, config, checkpoints) train afresh "
+                       "instead of being refused; their old files move to superseded/ in the run folder")
     _device(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
 

@@ -417,9 +417,13 @@ def _flat_to_nested(raw: dict[str, Any]) -> tuple[dict[str, Any], dict[tuple, st
 
 
 def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]:
+    """`override` on top of `base`, dict by dict; a section whose `type` changes (a DiT net over
+    a UNet one) is replaced whole, since the old type's keys mean nothing to the new one."""
     out = copy.deepcopy(base)
     for key, value in override.items():
-        if isinstance(value, dict) and isinstance(out.get(key), dict):
+        old = out.get(key)
+        retyped = isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) != old.get("type")
+        if isinstance(value, dict) and isinstance(old, dict) and not retyped:
             out[key] = deep_merge(out[key], value)
         else:
             out[key] = copy.deepcopy(value)

@@ -1,7 +1,9 @@
 """Asset checks, evaluated inside the materialisation they judge (so they see its partition).
 
 Blocking checks stop the stages after them in the same run: no training on an empty domain,
-no velocity on a classifier that cannot tell the domains apart, no evaluation of a NaN flow.
+no velocity on a classifier that cannot tell the domains apart, no evaluation of a NaN flow, and
+nothing after an evaluation that misses its transfer-rate or mask-IoU limit. A blocking check that
+fails also fails its step, so the run shows as failed.
 Limits come from the `thresholds` resource (environment variables in definitions.py).
 (Separate `@asset_check`s on dynamic partitions are a preview feature in Dagster 1.13.)
 """
@@ -26,12 +28,14 @@ SALIENCY_CHECKS = [
          description="held-out accuracy reached the threshold (the config's, unless min_saliency_accuracy is set)"),
 ]
 VELOCITY_CHECKS = [
-    Spec("loss_finite", asset="velocity_checkpoint", blocking=True, description="the final training loss is a finite number"),
+    Spec("loss_finite", asset="velocity_checkpoint", blocking=True,
+         description="every training step's loss was a finite number (a NaN/inf stops training: this check then "
+         "fails with the step and the last good checkpoint, and no model is registered)"),
 ]
 EVALUATION_CHECKS = [
-    Spec("transfer_rate", asset="evaluation_samples",
+    Spec("transfer_rate", asset="evaluation_samples", blocking=True,
          description="the judge assigns at least `min_transfer_rate` of the translations to domain 1"),
-    Spec("mask_iou", asset="evaluation_samples",
+    Spec("mask_iou", asset="evaluation_samples", blocking=True,
          description="shapes stay put: IoU of output masks with the true masks is at least `min_mask_iou`"),
 ]
 
@@ -74,6 +78,15 @@ def velocity_checks(final_loss: float) -> list[dg.AssetCheckResult]:
     finite = final_loss is not None and math.isfinite(final_loss)
     return [dg.AssetCheckResult(check_name="loss_finite", passed=finite,
                                 metadata={"final_loss": final_loss if finite else str(final_loss)})]
+
+
+def non_finite_loss_check(message: str, step: int | None, last_checkpoint, partition: str) -> dg.AssetCheckResult:
+    """The failed `loss_finite` result of a training stopped by a NaN/inf loss (velocity.NonFiniteLoss)."""
+    return dg.AssetCheckResult(
+        check_name="loss_finite", passed=False, description=message,
+        metadata={"final_loss": "non-finite", "step": step if step is not None else -1, "partition": partition,
+                  "last_good_checkpoint": str(last_checkpoint) if last_checkpoint else "none written yet"},
+    )
 
 
 def evaluation_checks(metrics: dict[str, Any], t: CheckThresholds) -> list[dg.AssetCheckResult]:

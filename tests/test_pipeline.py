@@ -246,3 +246,52 @@ def test_failing_blocking_check_stops_the_stages_after_it(built):
     assert checks == {"accuracy": False}
     done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
     assert done == {"saliency_checkpoint"}  # the velocity never trained on a classifier below the limit
+
+
+def test_a_failing_evaluation_check_is_blocking_and_reported_failed_for_its_partition(built):
+    from rfp_pipeline.checks import EVALUATION_CHECKS
+
+    assert {s.name: s.blocking for s in EVALUATION_CHECKS} == {"transfer_rate": True, "mask_iou": True}
+    instance = built["instance"]
+    resources = {**built["resources"], "thresholds": CheckThresholds(min_transfer_rate=1.01, min_mask_iou=0.0)}
+    result = dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
+                            selection=["evaluation_samples"], run_config=RUN_CONFIG, raise_on_error=False)
+    assert not result.success  # a failed blocking check fails its step: later stages of the run would not run
+    evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
+    assert evals["transfer_rate"].passed is False and evals["transfer_rate"].metadata["min_transfer_rate"].value == 1.01
+    assert evals["mask_iou"].passed is True  # alpha has no true masks: nothing to fail
+    # the failed check judged alpha's new materialisation
+    latest = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_samples"), asset_partitions=["alpha"]), limit=1).records[0]
+    assert evals["transfer_rate"].target_materialization_data.storage_id == latest.storage_id
+    assert latest.event_log_entry.dagster_event.partition == "alpha"
+    failure = result.get_step_failure_events()[0].step_failure_data.error.message
+    assert "blocking asset check failed" in failure and "transfer_rate" in failure
+
+
+def test_a_non_finite_velocity_loss_fails_loss_finite_visibly_and_registers_nothing(built):
+    root, instance = built["root"], built["instance"]
+    velocity = {**TINY_OVERRIDES["velocity"], "loss": "mse", "learning_rate": 1e30, "gradient_clip": None,
+                "lr_schedule": "constant", "warmup_fraction": 0.0, "checkpoint_every_steps": 1}
+    (root / "experiments" / "nan.json").write_text(json.dumps({
+        "domain0": ["data/alpha/domain0"], "domain1": ["data/alpha/domain1"], "config": str(TINY),
+        "overrides": {**TINY_OVERRIDES, "velocity": velocity}}))
+    instance.add_dynamic_partitions("experiments", ["nan"])
+    try:
+        result = dg.materialize(assets, instance=instance, resources=built["resources"], partition_key="nan",
+                                run_config=RUN_CONFIG, raise_on_error=False)
+    finally:
+        (root / "experiments" / "nan.json").unlink()
+    assert not result.success
+    done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
+    assert "velocity_checkpoint" not in done and "evaluation_samples" not in done and "frame_store" in done
+    check = {e.check_name: e for e in result.get_asset_check_evaluations()}["loss_finite"]
+    md = {k: v.value for k, v in check.metadata.items()}
+    assert check.passed is False and md["partition"] == "nan" and md["step"] >= 2
+    assert md["last_good_checkpoint"].endswith(f"velocity_{md['step'] - 1:08d}.pt") and Path(md["last_good_checkpoint"]).is_file()
+    failure = result.get_step_failure_events()[0].step_failure_data
+    assert "velocity loss became" in failure.user_failure_data.description
+    client = mlflow.MlflowClient(built["uri"])
+    assert client.search_model_versions("name='nan'") == []
+    runs = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
+    assert [(r.data.tags["stage"], r.info.status) for r in runs] == [("velocity", "FAILED")]

@@ -119,7 +119,7 @@ def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, data):
     _, _, manifest, store = data
-    cfg = _mse_cfg(train_images=8 * 20, checkpoint_every_steps=1, learning_rate=1e30, gradient_clip=None,
+    cfg = _mse_cfg(train_images=8 * 20, checkpoint_every_steps=1, learning_rate=1e30, gradient_clip=0,
                    warmup_fraction=0.0, lr_schedule="constant")
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLoss) as err:

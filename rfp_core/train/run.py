@@ -3,7 +3,10 @@
 
 Mirrors the original `train.py --config --domain0 --domain1 [--checkpoint] [--run-id] [--dev]`.
 Re-running with the same `--run-id` continues: ingest re-decodes nothing, a finished saliency
-phase is skipped, and velocity resumes from `--checkpoint` or the newest intermediate checkpoint.
+phase is skipped, and velocity resumes from `--checkpoint` or the newest intermediate checkpoint -
+as long as each phase is built from the same inputs (data, config, the checkpoints it reads; see
+`train/resume.py`). Otherwise the call is refused with what changed, unless `--restart` (force)
+asks to train those phases afresh in the folder (their old files move to `superseded/`).
 """
 
 from __future__ import annotations
@@ -93,11 +96,14 @@ def train_run(
     only: str | None = None,
     smoke: bool = False,
     track: bool = False,
+    force: bool = False,
 ) -> Path:
     """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder.
 
     `only`: "codec" or "saliency" stops after that phase (--codec-only, --saliency-only).
     `track`: one MLflow run for the whole training (params, per-phase metrics, artifacts).
+    `force`: a phase whose saved work is built from other inputs trains afresh (instead of a
+    ResumeRefused); phases built from the same inputs still continue.
     """
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
@@ -119,7 +125,7 @@ def train_run(
     print(f"ingest: {report.n_ok} frames, {report.n_skipped} skipped -> {report.manifest_path}", file=sys.stderr)
     atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     with _tracked(track, cfg, run_id, run_dir) as log:
-        _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log)
+        _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log, force)
     return run_dir
 
 
@@ -140,7 +146,7 @@ def _tracked(track: bool, cfg: ModelConfig, run_id: str, run_dir: Path):
             mlflow.log_artifact(str(grid), "samples")
 
 
-def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, checkpoint, log) -> None:
+def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, checkpoint, log, force) -> None:
     from rfp_core.train.saliency import train_saliency
     from rfp_core.train.velocity import train_velocity
 
@@ -150,7 +156,7 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
     elif cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
         from rfp_core.train.codec import train_codec
 
-        codec = train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress, log=log)
+        codec = _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log)
         print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
         codec_ckpt = codec.checkpoint
     if only == "codec":
@@ -160,7 +166,7 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
         saliency_ckpt = import_saliency(imports.saliency, cfg, run_dir)
     elif not cfg.generative and cfg.velocity.loss == "saliency":
         sal = train_saliency(cfg, manifest, run_dir, device=device, store=store, progress=progress,
-                             codec_checkpoint=codec_ckpt, log=log)
+                             codec_checkpoint=codec_ckpt, log=log, force=force)
         print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
     if only == "saliency":
@@ -168,7 +174,7 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
     pairs = _structure_pairs(cfg, manifest, run_dir, store, device, progress)
     vel = train_velocity(cfg, manifest, run_dir, device=device, saliency_checkpoint=saliency_ckpt, store=store,
                          resume_from=imports.velocity or checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
-                         pairs=pairs, log=log)
+                         pairs=pairs, log=log, force=force)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
 
@@ -208,6 +214,23 @@ def import_saliency(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
     return out
 
 
+CODEC_LINEAGE = "codec_lineage.json"
+
+
+def _codec_phase(train_codec, cfg: ModelConfig, manifest: Path, run_dir: Path, device, store, progress: bool, force: bool,
+                 log=None):
+    """train_codec reuses a finished codec.pt of the same codec config; this makes sure it was also
+    trained on the same frames (recorded in codec_lineage.json beside it)."""
+    from rfp_core.train.resume import codec_inputs, continue_saved, lineage_record, saved_json
+
+    inputs = codec_inputs(json.loads(cfg.to_json()), manifest)
+    saved = (saved_json(run_dir / CODEC_LINEAGE) or {}) if (run_dir / "codec.pt").exists() else None
+    continue_saved("codec", run_dir, saved, inputs, force, ("codec.pt", CODEC_LINEAGE))
+    codec = train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress, log=log)
+    atomic_write_text(run_dir / CODEC_LINEAGE, json.dumps(lineage_record(inputs), indent=2) + "\n")
+    return codec
+
+
 def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, device, progress: bool):
     """Structure-aware pairing (optional): top-k domain-1 candidates per domain-0 frame, plus a proof sheet."""
     if not cfg.structure.pairing or cfg.generative:
@@ -224,6 +247,7 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
 
 def cli_train(args: argparse.Namespace) -> int:
     from rfp_core.checkpoint import CheckpointError
+    from rfp_core.train.resume import ResumeRefused
     from rfp_core.train.saliency import SaliencyThresholdNotReached
     from rfp_core.train.velocity import NonFiniteLoss
 
@@ -237,8 +261,8 @@ def cli_train(args: argparse.Namespace) -> int:
     try:
         run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
                             device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
-                            only=only, smoke=args.smoke, track=not args.dev)
-    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError) as exc:
+                            only=only, smoke=args.smoke, track=not args.dev, force=args.restart)
+    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(run_dir)

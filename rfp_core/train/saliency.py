@@ -5,7 +5,9 @@ accuracy reaches `warmup_threshold` (random heads must not wreck pretrained feat
 1b fine-tune: every layer trains, the backbone at 0.1x the head learning rate, until
 `accuracy_threshold`. Accuracy is the mean per-domain accuracy on held-out frames (centred
 crop), so a domain with many more frames (a video) cannot hide a failing one.
-`saliency_state.json` beside the checkpoint lets a resumed call skip finished sub-phases.
+`saliency_state.json` beside the checkpoint lets a resumed call skip finished sub-phases; it
+records what the phase was built from (its lineage: the frames, the codec, the net), and state of
+another lineage is never continued or taken as finished (`train/resume.py`).
 """
 
 from __future__ import annotations
@@ -31,12 +33,14 @@ from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.train.codec_io import load_codec
+from rfp_core.train.resume import continue_saved, lineage_record, saliency_inputs
 
 LogFn = Callable[[dict, int], None]
 BACKBONE_LR_FACTOR = 0.1
 # held-out frames scored per domain at each evaluation (an evenly spaced, fixed subset)
 MAX_EVAL_PER_DOMAIN = 256
 SAVE_EVERY_S = 300.0
+SALIENCY_FILES = ("saliency.pt", "saliency_state.json")
 
 
 class SaliencyThresholdNotReached(RuntimeError):
@@ -130,6 +134,16 @@ def _read_state(path: Path) -> dict:
         return {}
 
 
+def _saved_lineage(state: dict, ckpt_path: Path) -> dict | None:
+    """What the saliency work in this folder was built from (None: there is none)."""
+    if not ckpt_path.exists():
+        return None
+    if "lineage" in state:
+        return state
+    ckpt = load_checkpoint(ckpt_path, mmap=True)  # the state file is gone or older than lineages
+    return {k: ckpt[k] for k in ("lineage", "lineage_inputs") if k in ckpt}
+
+
 def load_saliency(path: str | Path, device: str | torch.device = "cpu") -> SaliencyNet:
     """The trained classifier from `saliency.pt`, in eval mode with every parameter frozen."""
     ckpt = load_checkpoint(Path(path), map_location="cpu")
@@ -148,8 +162,12 @@ def train_saliency(
     log: LogFn | None = None,
     codec_checkpoint: Path | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> SaliencyResult:
-    """Train (or finish training) the saliency classifier; writes saliency.pt + saliency_state.json."""
+    """Train (or finish training) the saliency classifier; writes saliency.pt + saliency_state.json.
+
+    Saliency work here built from other inputs (frames, codec, net) raises ResumeRefused, or with
+    `force` is moved to `superseded/` and the phase trains afresh."""
     sc = cfg.saliency
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -162,7 +180,11 @@ def train_saliency(
     latent_input = not codec.is_identity
     net = SaliencyNet(sc.net, in_channels=codec.latent_channels).to(device)
 
+    inputs = saliency_inputs(json.loads(cfg.to_json()), manifest, codec_checkpoint)
+    lineage = lineage_record(inputs)
     state = _read_state(state_path) if ckpt_path.exists() else {}
+    if not continue_saved("saliency", out_dir, _saved_lineage(state, ckpt_path), inputs, force, SALIENCY_FILES):
+        state = {}
     if state:
         previous = load_checkpoint(ckpt_path, map_location="cpu")
         if previous.get("net") == sc.net.model_dump(mode="json") and previous.get("in_channels") == codec.latent_channels:
@@ -178,12 +200,12 @@ def train_saliency(
         save_checkpoint(ckpt_path, {
             "saliency": net.state_dict(), "config": json.loads(cfg.to_json()), "net": sc.net.model_dump(mode="json"),
             "in_channels": codec.latent_channels, "latent_input": latent_input,
-            "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps,
+            "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps, **lineage,
         })
         atomic_write_text(state_path, json.dumps({
             "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps,
             "accuracy_threshold": sc.accuracy_threshold, "warmup_threshold": sc.warmup_threshold,
-            "checkpoint": ckpt_path.name,
+            "checkpoint": ckpt_path.name, **lineage,
         }, indent=2))
 
     def result() -> SaliencyResult:

@@ -1,7 +1,8 @@
 """Phase 2: the velocity UNet, trained with the saliency-weighted loss (plain MSE in generative mode).
 
 Resume is exact: the data order is a function of the step (`StepSampler`), the LR a function of
-the step (`lr_at`), and a checkpoint holds model, EMA, optimizer, step and the RNG states.
+the step (`lr_at`), and a checkpoint holds model, EMA, optimizer, step and the RNG states. It only
+continues checkpoints of the same lineage (what the run is built from; `train/resume.py`).
 """
 
 from __future__ import annotations
@@ -15,17 +16,15 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 from torch import nn
-from torch.utils.data import DataLoader, Sampler
+from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rfp_core import flow
-from rfp_core.atomic import atomic_write_text
-from rfp_core.checkpoint import (CheckpointError, latest_checkpoint, load_checkpoint, load_latest, prune_checkpoints,
-                                 save_checkpoint)
+from rfp_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from rfp_core.config import ModelConfig, config_from_dict
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
@@ -35,6 +34,8 @@ from rfp_core.train.codec_io import load_codec
 from rfp_core.train.ema import EMA
 from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
+from rfp_core.train.resume import (StepSampler, budget_note, lineage_record, make_room, resume_point, rng_state,
+                                   set_rng_state, trim_metrics, velocity_inputs)
 
 LogFn = Callable[[dict, int], None]
 CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
@@ -42,6 +43,10 @@ CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
 
 class NonFiniteLoss(RuntimeError):
     """The loss became NaN or inf; training stopped, the last good checkpoint is untouched."""
+
+    def __init__(self, message: str, step: int | None = None, last_checkpoint: Path | None = None):
+        super().__init__(message)
+        self.step, self.last_checkpoint = step, last_checkpoint
 
 
 @dataclass
@@ -52,50 +57,6 @@ class VelocityResult:
     images_per_s: float
     sample_grid: Path | None
     metrics_path: Path
-
-
-class StepSampler(Sampler[int]):
-    """Endless shuffled epochs, each permutation seeded by (seed, epoch), starting at `start`.
-
-    The k-th index drawn depends only on (seed, k), so a resumed run sees the same data order.
-    """
-
-    def __init__(self, n: int, seed: int, start: int = 0):
-        self.n, self.seed, self.start = n, seed, start
-
-    def __iter__(self) -> Iterator[int]:
-        epoch, offset = divmod(self.start, self.n)
-        while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
-            yield from perm[offset:]
-            epoch, offset = epoch + 1, 0
-
-
-def _rng_state(device: torch.device) -> dict:
-    state = {"cpu": torch.get_rng_state(), "python": list(random.getstate()[1])}
-    if device.type == "cuda":
-        state["cuda"] = torch.cuda.get_rng_state(device)
-    return state
-
-
-def _set_rng_state(state: dict, device: torch.device) -> None:
-    torch.set_rng_state(state["cpu"])
-    if "python" in state:
-        random.setstate((3, tuple(int(v) for v in state["python"]), None))
-    if device.type == "cuda" and "cuda" in state:
-        torch.cuda.set_rng_state(state["cuda"], device)
-
-
-# settings that change how a run is watched, not what it trains: a resume may change them
-_WATCH_KEYS = {"sample_every_images", "sample_batch_size", "checkpoint_every_minutes", "checkpoint_every_steps",
-               "num_inference_steps", "sampler"}
-
-
-def _same_training(a: dict, b: dict) -> bool:
-    """Whether a checkpoint's config trains the same model the same way (resume is meaningful)."""
-    strip = lambda v: {k: x for k, x in (v or {}).items() if k not in _WATCH_KEYS}  # noqa: E731
-    return strip(a.get("velocity")) == strip(b.get("velocity")) and all(
-        a.get(k) == b.get(k) for k in ("max_size", "codec", "seed"))
 
 
 def _sample_inputs(cfg: ModelConfig, manifest: Path, store, n: int) -> torch.Tensor | None:
@@ -112,14 +73,6 @@ def _sample_inputs(cfg: ModelConfig, manifest: Path, store, n: int) -> torch.Ten
     return None
 
 
-def _trim_metrics(path: Path, step: int) -> None:
-    """Drop lines logged after `step` (they belong to the run that was killed)."""
-    if not path.exists():
-        return
-    keep = [line for line in path.read_text().splitlines() if line.strip() and json.loads(line).get("step", 0) <= step]
-    atomic_write_text(path, "".join(line + "\n" for line in keep))
-
-
 def train_velocity(
     cfg: ModelConfig,
     manifest: Path,
@@ -132,8 +85,12 @@ def train_velocity(
     pairs=None,
     codec_checkpoint: Path | None = None,
     progress: bool = True,
+    force: bool = False,
 ) -> VelocityResult:
-    """Train v(x, t) for `cfg.velocity.total_steps` optimizer steps; returns the EMA checkpoint."""
+    """Train v(x, t) for `cfg.velocity.total_steps` optimizer steps; returns the EMA checkpoint.
+
+    `force`: velocity work of another lineage in `out_dir` is moved to `superseded/` and training
+    starts afresh, instead of refusing (ResumeRefused)."""
     vc = cfg.velocity
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -160,7 +117,9 @@ def train_velocity(
         # the BN-folded copy with a batched primal+tangent jvp is the fast path of the loss
         h = saliency.frozen_h() if hasattr(saliency, "frozen_h") else saliency.h
 
-    # --- resume: an explicit checkpoint, else the newest loadable intermediate one here
+    # --- resume: an explicit checkpoint, else the newest loadable one of this lineage here
+    inputs = velocity_inputs(cfg_json, manifest, saliency_checkpoint if use_saliency else None, codec_checkpoint, pairs)
+    lineage = lineage_record(inputs)
     step, resume_state, source = 0, None, None
     start = 0  # the step this call's budget counts from (an original checkpoint's step, else 0)
     if resume_from is not None and Path(resume_from).suffix == ".ckpt":
@@ -172,14 +131,9 @@ def train_velocity(
         step = start = checkpoint_step(resume_from) or 0
         total = start + total
         print(f"velocity: continuing from {resume_from} at step {start}; training to step {total}", file=sys.stderr)
-        resume_from = None
-    if resume_from is not None:
-        resume_state, source = load_checkpoint(Path(resume_from), map_location="cpu"), Path(resume_from)
-        if not _same_training(resume_state.get("config", {}), cfg_json):
-            print(f"velocity: {source} was trained with a different config; using the current one", file=sys.stderr)
     else:
-        found = load_latest(out_dir, CKPT_PREFIX)
-        if found and _same_training(found[1].get("config", {}), cfg_json):
+        found = resume_point(out_dir, CKPT_PREFIX, inputs, resume_from=resume_from, force=force)
+        if found is not None:
             source, resume_state = found
     if resume_state is not None:
         try:
@@ -188,8 +142,10 @@ def train_velocity(
                 ema.load_state_dict(resume_state["ema"])
                 opt.load_state_dict(resume_state["optimizer"])
                 step = int(resume_state["step"])
-                _set_rng_state(resume_state["rng"], device)
+                set_rng_state(resume_state["rng"], device)
                 print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
+                if (note := budget_note(resume_state, total, vc.train_batch_size)) is not None:
+                    print(note, file=sys.stderr)
             else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
                 model.load_state_dict(resume_state["velocity"])
                 ema = EMA(model, vc.ema)
@@ -201,7 +157,7 @@ def train_velocity(
             ) from None
 
     metrics_path = out_dir / "metrics.jsonl"
-    _trim_metrics(metrics_path, step)
+    trim_metrics(metrics_path, step)
     samples_dir = out_dir / "samples"
     sample_x = None if cfg.generative else _sample_inputs(cfg, manifest, store, vc.sample_batch_size)
     sample_noise = None
@@ -223,12 +179,14 @@ def train_velocity(
 
     def save_state(at: int) -> Path:
         path = out_dir / f"{CKPT_PREFIX}_{at:08d}.pt"
+        make_room(path, lineage["lineage"])
         save_checkpoint(path, {
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
-            "rng": _rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
+            "rng": rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
             "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
+            "total_steps": total, **lineage,
         })
-        prune_checkpoints(out_dir, CKPT_PREFIX, keep=2)
+        prune_checkpoints(out_dir, CKPT_PREFIX, keep=2, lineage=lineage["lineage"])  # never another run's files
         return path
 
     def write_samples(at: int) -> Path:
@@ -283,12 +241,12 @@ def train_velocity(
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
             bar.close()
-            last = latest_checkpoint(out_dir, CKPT_PREFIX)
+            last = latest_checkpoint(out_dir, CKPT_PREFIX, lineage=lineage["lineage"])
             kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
             raise NonFiniteLoss(
                 f"velocity loss became {loss_value} at step {step + 1}/{total}; training stopped and {kept}. "
                 f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "
-                f"({vc.gradient_clip}), or turn velocity.bf16 off."
+                f"({vc.gradient_clip}), or turn velocity.bf16 off.", step=step + 1, last_checkpoint=last,
             )
         if vc.gradient_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), vc.gradient_clip)
@@ -325,10 +283,11 @@ def train_velocity(
     save_state(step)
     sample_grid = write_samples(step)
     final = out_dir / "velocity.pt"
+    make_room(final, lineage["lineage"])
     save_checkpoint(final, {
         "velocity": ema.model.state_dict(), "config": cfg_json, "in_channels": codec.latent_channels,
         "step": step, "final_loss": final_loss, "codec": codec.state_dict(),
-        "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None,
+        "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None, **lineage,
     })
     if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
         final_loss = _last_logged_loss(metrics_path)

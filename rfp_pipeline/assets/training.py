@@ -17,7 +17,7 @@ from rfp_pipeline import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.assets.structure import current_pairs, structure_pairs
 from rfp_pipeline.automation import on_retrain_cron
-from rfp_pipeline.checks import SALIENCY_CHECKS, VELOCITY_CHECKS, saliency_checks, velocity_checks
+from rfp_pipeline.checks import SALIENCY_CHECKS, VELOCITY_CHECKS, non_finite_loss_check, saliency_checks, velocity_checks
 from rfp_pipeline.metadata import (
     markdown_image,
     previous_result,
@@ -33,8 +33,8 @@ from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 
 GROUP = "training"
 CODEC_CODE_VERSION = "1"
-SALIENCY_CODE_VERSION = "1"
-VELOCITY_CODE_VERSION = "1"
+SALIENCY_CODE_VERSION = "2"  # 2: saliency_state.json records its lineage (older folders cannot be resumed)
+VELOCITY_CODE_VERSION = "2"  # 2: checkpoints carry their lineage; a NaN loss fails loss_finite
 IDENTITY = "identity codec: the flow works in pixel space, nothing to train"
 
 
@@ -300,13 +300,15 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     "codec's latent space when there is one, domain-1 partners drawn from the structure pairs when pairing is on. "
     "Logs an MLflow pyfunc translator and registers a model version named after the experiment.",
 )
-def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
+def velocity_checkpoint(
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking
+) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     import math
 
     import mlflow
 
     from rfp_core.structure import read_pairs
-    from rfp_core.train.velocity import train_velocity
+    from rfp_core.train.velocity import NonFiniteLoss, train_velocity
 
     name = context.partition_key
     spec = load_spec(rfp, name)
@@ -328,25 +330,33 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
     tags = run_tags(context, stage="velocity", input_data_version=manifest_version, spec_version=spec_version,
                     saliency_run_id=sal.get("mlflow_run_id", ""), codec_run_id=(codec or {}).get("mlflow_run_id", ""),
                     pairs_version=pairs_version or "")
-    with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags) as run:
-        _log_config(mlflow, spec, cfg)
-        if saliency_ckpt is not None:
-            mlflow.log_artifact(str(sal["state"]), "saliency")
-        if paired is not None:
-            mlflow.log_artifact(paired["proof_sheet"], "structure")
-        res = train_velocity(cfg, manifest, out_dir, device=rfp.resolve_device(), saliency_checkpoint=saliency_ckpt,
-                             store=store, log=_mlflow_logger(mlflow), progress=False,
-                             pairs=read_pairs(paired["pairs"]) if paired else None,
-                             codec_checkpoint=Path(codec["checkpoint"]) if codec else None)
-        final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
-        if math.isfinite(res.final_loss):
-            final["velocity/final_loss"] = res.final_loss
-        mlflow.log_metrics(final)
-        if res.sample_grid is not None:
-            mlflow.log_artifact(str(res.sample_grid), "samples")
-        mlflow.log_artifact(str(res.metrics_path), "metrics")
-        model_uri, model_version = mlflow_tracking.log_translator(res.checkpoint, registered_name=name)
-        url = mlflow_tracking.run_url(run)
+    try:
+        with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags) as run:
+            _log_config(mlflow, spec, cfg)
+            if saliency_ckpt is not None:
+                mlflow.log_artifact(str(sal["state"]), "saliency")
+            if paired is not None:
+                mlflow.log_artifact(paired["proof_sheet"], "structure")
+            res = train_velocity(cfg, manifest, out_dir, device=rfp.resolve_device(), saliency_checkpoint=saliency_ckpt,
+                                 store=store, log=_mlflow_logger(mlflow), progress=False,
+                                 pairs=read_pairs(paired["pairs"]) if paired else None,
+                                 codec_checkpoint=Path(codec["checkpoint"]) if codec else None)
+            final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
+            if math.isfinite(res.final_loss):
+                final["velocity/final_loss"] = res.final_loss
+            mlflow.log_metrics(final)
+            if res.sample_grid is not None:
+                mlflow.log_artifact(str(res.sample_grid), "samples")
+            mlflow.log_artifact(str(res.metrics_path), "metrics")
+            model_uri, model_version = mlflow_tracking.log_translator(res.checkpoint, registered_name=name)
+            url = mlflow_tracking.run_url(run)
+    except NonFiniteLoss as exc:
+        # a NaN/inf loss: the check fails where it can be seen, the step fails, nothing is registered
+        yield non_finite_loss_check(str(exc), exc.step, exc.last_checkpoint, name)
+        raise dg.Failure(description=str(exc), metadata={
+            "step": exc.step if exc.step is not None else -1,
+            "last_good_checkpoint": str(exc.last_checkpoint) if exc.last_checkpoint else "none written yet",
+        }) from exc
     write_result(rfp.out_dir(name, "velocity"), {
         "checkpoint": str(res.checkpoint), "key": key, "final_loss": res.final_loss, "steps": res.steps,
         "images_per_s": res.images_per_s, "sample_grid": str(res.sample_grid) if res.sample_grid else None,
@@ -370,4 +380,4 @@ def velocity_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_
     }
     if res.sample_grid is not None:
         metadata["samples"] = markdown_image(Path(res.sample_grid), "samples: inputs above, outputs below")
-    return dg.MaterializeResult(metadata=metadata, check_results=velocity_checks(res.final_loss))
+    yield dg.MaterializeResult(metadata=metadata, check_results=velocity_checks(res.final_loss))
