@@ -106,15 +106,26 @@ class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str = Field(
         default="", description="empty = $MLFLOW_TRACKING_URI or sqlite:///$RFP_HOME/mlflow.db"
     )
-    artifact_root: str = Field(default="", description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts")
+    artifact_root: str = Field(
+        default="",
+        description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts, or for a tracking "
+        "server (http[s] URI) the server's own --artifacts-destination, uploaded through it",
+    )
     ui_url: str = Field(default="", description="base URL of `mlflow ui` for run links; empty = $MLFLOW_UI_URL or http://127.0.0.1:5000")
 
     def uri(self) -> str:
         return _env(self.tracking_uri, "MLFLOW_TRACKING_URI") or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
 
-    def _artifact_root(self) -> Path:
+    def is_server(self) -> bool:
+        return self.uri().startswith(("http://", "https://"))
+
+    def _artifact_location(self, name: str) -> str | None:
+        """A file URI under our artifact root; None (the server decides) for a tracking server, whose
+        clients may run on other machines: a local path there would be unreadable from the UI."""
+        if self.is_server() and not self.artifact_root:
+            return None
         root = self.artifact_root or str(paths.rfp_home() / "mlartifacts")
-        return Path(root).expanduser().resolve()
+        return (Path(root).expanduser().resolve() / name).as_uri()
 
     def client(self):
         import mlflow
@@ -124,7 +135,8 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def experiment_id(self, name: str) -> str:
         """Get or create the MLflow experiment `name`, its artifacts under our artifact root
-        (MLflow's own default would be ./mlruns in whatever folder the process started in)."""
+        (MLflow's own default would be ./mlruns in whatever folder the process started in) or,
+        against a tracking server, where the server keeps them."""
         import mlflow
 
         client = self.client()
@@ -134,7 +146,7 @@ class MlflowTracking(dg.ConfigurableResource):
                 client.restore_experiment(found.experiment_id)
             return found.experiment_id
         try:
-            return client.create_experiment(name, artifact_location=(self._artifact_root() / name).as_uri())
+            return client.create_experiment(name, artifact_location=self._artifact_location(name))
         except mlflow.exceptions.MlflowException:
             # another process created it between our lookup and create
             return client.get_experiment_by_name(name).experiment_id
