@@ -3,9 +3,12 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
-# Scaling out (README): RFP_POSTGRES_URL=postgresql://user:pw@host:port/db moves the Dagster instance
-# (runs, event logs, schedules) onto PostgreSQL; RFP_MLFLOW_BACKEND_URI=postgresql://.../db is the store of
+# Scaling out (README): RFP_POSTGRES_URL=postgresql+psycopg2://user:pw@host:port/db moves the Dagster instance
+# (runs, event logs, schedules) onto PostgreSQL; RFP_MLFLOW_BACKEND_URI=postgresql+psycopg2://.../db is the store of
 # `make mlflow-server`, and training then logs to that server. Unset: sqlite files, as before.
+# SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3, which dagster-postgres cannot use: name the driver
+$(foreach v,RFP_POSTGRES_URL RFP_MLFLOW_BACKEND_URI,$(if $(filter postgresql://% postgres://%,$($(v))),\
+  $(error $(v) must name the driver: postgresql+psycopg2://user:pw@host:port/db, not $($(v)))))
 ifneq ($(strip $(RFP_POSTGRES_URL)),)
 export DAGSTER_HOME := $(CURDIR)/dagster_home_pg
 else
@@ -55,7 +58,7 @@ mlflow-ui: $(STAMP)
 
 # MLflow tracking server on $(RFP_MLFLOW_BACKEND_URI); artifacts go through it into $(RFP_HOME)/mlartifacts
 mlflow-server: $(STAMP)
-	@test -n "$(RFP_MLFLOW_BACKEND_URI)" || { echo "set RFP_MLFLOW_BACKEND_URI=postgresql://user:pw@host:port/db (the server's store)"; exit 1; }
+	@test -n "$(RFP_MLFLOW_BACKEND_URI)" || { echo "set RFP_MLFLOW_BACKEND_URI=postgresql+psycopg2://user:pw@host:port/db (the server's store)"; exit 1; }
 	$(BIN)/mlflow server --backend-store-uri '$(RFP_MLFLOW_BACKEND_URI)' --artifacts-destination $(RFP_HOME)/mlartifacts \
 		--host 127.0.0.1 --port $(MLFLOW_PORT)
 

@@ -3,7 +3,8 @@
 #
 #   scripts/pg_server.sh start DIR PORT [DB ...]   initdb DIR if new, start on 127.0.0.1:PORT, create the DBs
 #   scripts/pg_server.sh stop DIR                  fast shutdown (no-op when it is not running)
-#   scripts/pg_server.sh url DIR DB                print postgresql://rfp@127.0.0.1:PORT/DB
+#   scripts/pg_server.sh url DIR DB                print postgresql+psycopg2://rfp@127.0.0.1:PORT/DB, the
+#                                                  SQLAlchemy URL RFP_POSTGRES_URL / RFP_MLFLOW_BACKEND_URI take
 #
 # The superuser is `rfp`, loopback connections are trusted (no password): the server listens on
 # 127.0.0.1 and a socket inside DIR only. PostgreSQL refuses to run as root, so as root the server
@@ -91,6 +92,6 @@ cmd=${1:-}
 case "$cmd" in
     start) [[ $# -ge 3 ]] || die "usage: $0 start DIR PORT [DB ...]"; start "${@:2}" ;;
     stop) [[ $# -eq 2 ]] || die "usage: $0 stop DIR"; stop "$2" ;;
-    url) [[ $# -eq 3 ]] || die "usage: $0 url DIR DB"; echo "postgresql://rfp@127.0.0.1:$(cat "$2/port")/$3" ;;
+    url) [[ $# -eq 3 ]] || die "usage: $0 url DIR DB"; echo "postgresql+psycopg2://rfp@127.0.0.1:$(cat "$2/port")/$3" ;;
     *) die "usage: $0 start DIR PORT [DB ...] | stop DIR | url DIR DB" ;;
 esac

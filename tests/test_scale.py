@@ -16,7 +16,7 @@ from pathlib import Path
 import dagster as dg
 import mlflow
 import numpy as np
-import psycopg
+import psycopg2
 import pytest
 from scale_servers import ROOT, free_port, mlflow_server, postgres
 from test_pipeline import RUN_CONFIG, STAGES, TINY_OVERRIDES, make_project, register_partitions, resources_for
@@ -35,8 +35,14 @@ def pg_instance_home(folder: Path) -> Path:
 
 
 def sql(url: str, query: str, *args) -> list[tuple]:
-    with psycopg.connect(url) as conn:
-        return conn.execute(query, args).fetchall()
+    """Rows straight from the database (libpq takes the URL without SQLAlchemy's driver part)."""
+    conn = psycopg2.connect(url.replace("postgresql+psycopg2://", "postgresql://"))
+    try:
+        with conn.cursor() as cur:
+            cur.execute(query, args)
+            return cur.fetchall()
+    finally:
+        conn.close()
 
 
 def make_vars(**env: str) -> dict[str, str]:
@@ -69,12 +75,17 @@ def test_makefile_switches_stores_by_environment_variables():
     plain = make_vars()
     assert plain["DAGSTER_HOME"] == str(ROOT / "dagster_home")
     assert plain["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/rfp-home/mlflow.db"
-    scaled = make_vars(RFP_POSTGRES_URL="postgresql://u@127.0.0.1:5433/d", RFP_MLFLOW_BACKEND_URI="postgresql://u@127.0.0.1:5433/m")
+    scaled = make_vars(RFP_POSTGRES_URL="postgresql+psycopg2://u@127.0.0.1:5433/d",
+                       RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://u@127.0.0.1:5433/m")
     assert scaled["DAGSTER_HOME"] == str(PG_HOME)
     assert scaled["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5001"
     assert scaled["MLFLOW_UI_URL"] == "http://127.0.0.1:5001"
+    # a URL without the driver stops make with the fix in the message
+    bad = subprocess.run(["make", "-n", "setup"], cwd=ROOT, capture_output=True, text=True,
+                         env={**os.environ, "RFP_POSTGRES_URL": "postgresql://u@h/d"})
+    assert bad.returncode != 0 and "RFP_POSTGRES_URL must name the driver: postgresql+psycopg2://" in bad.stderr
     # an explicit tracking URI wins
-    assert make_vars(RFP_MLFLOW_BACKEND_URI="postgresql://m", MLFLOW_TRACKING_URI="http://h:9")["MLFLOW_TRACKING_URI"] == "http://h:9"
+    assert make_vars(RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://m", MLFLOW_TRACKING_URI="http://h:9")["MLFLOW_TRACKING_URI"] == "http://h:9"
 
 
 def test_tracking_server_keeps_artifacts_where_it_says(tmp_path):
@@ -90,6 +101,8 @@ def test_tracking_server_keeps_artifacts_where_it_says(tmp_path):
 @pytest.fixture(scope="module")
 def pg():
     with postgres("rfp_dagster", "rfp_mlflow") as base:
+        # SQLAlchemy URLs, naming the driver as the Makefile asks
+        base = base.replace("postgresql://", "postgresql+psycopg2://")
         yield {"dagster": f"{base}/rfp_dagster", "mlflow": f"{base}/rfp_mlflow"}
 
 
