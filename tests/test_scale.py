@@ -151,7 +151,7 @@ def test_dagster_runs_and_event_logs_live_in_postgres(built, pg):
     # the rows are in Postgres, and no sqlite file was written instead
     mats = sql(pg["dagster"], "SELECT asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type = %s",
                run_id, "ASSET_MATERIALIZATION")
-    assert sorted(json.loads(k)["path"][0] for (k,) in mats) == sorted(STAGES)
+    assert sorted(json.loads(k)[0] for (k,) in mats) == sorted(STAGES)
     assert sql(pg["dagster"], "SELECT status FROM runs WHERE run_id = %s", run_id) == [("SUCCESS",)]
     assert not (built["dagster_home"] / "history").exists() and not (built["dagster_home"] / "schedules").exists()
 
