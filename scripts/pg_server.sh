@@ -9,14 +9,13 @@
 # The superuser is `rfp`, loopback connections are trusted (no password): the server listens on
 # 127.0.0.1 and a socket inside DIR only. PostgreSQL refuses to run as root, so as root the server
 # runs as the `postgres` system user (created by the Debian package) or else `nobody`.
-# Binaries: $PG_BIN, else `pg_config --bindir`, else the newest /usr/lib/postgresql/<ver>/bin;
+# Binaries: $PG_BIN, else the newest /usr/lib/postgresql/<ver>/bin, else `pg_config --bindir` or PATH;
 # when none is found and we are root on Debian/Ubuntu, `apt-get install postgresql` first.
 set -euo pipefail
 
 die() { echo "pg_server.sh: $*" >&2; exit 1; }
 
 find_bin() {
-    if [[ -n "${PG_BIN:-}" ]]; then echo "$PG_BIN"; return; fi
     local d
     d=$(ls -d /usr/lib/postgresql/*/bin 2>/dev/null | sort -V | tail -n 1 || true)
     if [[ -n "$d" && -x "$d/initdb" ]]; then echo "$d"; return; fi
@@ -28,6 +27,10 @@ find_bin() {
 
 pg_bin() {
     local bin
+    if [[ -n "${PG_BIN:-}" ]]; then
+        [[ -x "$PG_BIN/initdb" && -x "$PG_BIN/pg_ctl" ]] || die "PG_BIN=$PG_BIN holds no initdb/pg_ctl: point it at PostgreSQL's bin folder"
+        echo "$PG_BIN"; return
+    fi
     bin=$(find_bin)
     if [[ -z "$bin" ]]; then
         if [[ $(id -u) -eq 0 ]] && command -v apt-get >/dev/null 2>&1; then
