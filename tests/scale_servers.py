@@ -61,7 +61,9 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
         proc = subprocess.Popen(
             [str(mlflow), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
              "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True, env={**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"},
+            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            # no background job consumer (trace archival and the like): it would only take CPU here
+            env={**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"},
         )
     try:
         deadline = time.monotonic() + 300  # the first start migrates the empty database

@@ -72,7 +72,8 @@ def test_saliency_trains_in_a_pipes_subprocess_and_streams_its_steps(project):
     assert md["pipes_steps_streamed"] == evaluations
     # the worker's log lines are in the run's event log, in step order, the last one at the final accuracy
     lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith("saliency step ")]
-    assert [int(line.split()[2].rstrip(":")) for line in lines] == sorted({min(s, md["steps"]) for s in range(every, md["steps"] + every, every)})
+    expected_steps = sorted({min(s, md["steps"]) for s in range(every, md["steps"] + every, every)})
+    assert [int(line.split()[2].rstrip(":")) for line in lines] == expected_steps
     assert f'"saliency/accuracy": {round(md["accuracy"], 6)}' in lines[-1]
     # ... and in the asset's MLflow run, which the worker logged into by id without ending it
     client = mlflow.MlflowClient(uri)

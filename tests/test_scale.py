@@ -86,7 +86,8 @@ def test_makefile_switches_stores_by_environment_variables():
                          env={**os.environ, "RFP_POSTGRES_URL": "postgresql://u@h/d"})
     assert bad.returncode != 0 and "RFP_POSTGRES_URL must name the driver: postgresql+psycopg2://" in bad.stderr
     # an explicit tracking URI wins
-    assert make_vars(RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://m", MLFLOW_TRACKING_URI="http://h:9")["MLFLOW_TRACKING_URI"] == "http://h:9"
+    pinned = make_vars(RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://m", MLFLOW_TRACKING_URI="http://h:9")
+    assert pinned["MLFLOW_TRACKING_URI"] == "http://h:9"
 
 
 def test_tracking_server_keeps_artifacts_where_it_says(tmp_path):
