@@ -3,15 +3,30 @@ PYTHON ?= python3.11
 VENV := .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
+# Scaling out (README): RFP_POSTGRES_URL=postgresql+psycopg2://user:pw@host:port/db moves the Dagster instance
+# (runs, event logs, schedules) onto PostgreSQL; RFP_MLFLOW_BACKEND_URI=postgresql+psycopg2://.../db is the store of
+# `make mlflow-server`, and training then logs to that server. Unset: sqlite files, as before.
+# SQLAlchemy 2.1 reads a plain postgresql:// as psycopg 3, which dagster-postgres cannot use: name the driver
+$(foreach v,RFP_POSTGRES_URL RFP_MLFLOW_BACKEND_URI,$(if $(filter postgresql://% postgres://%,$($(v))),\
+  $(error $(v) must name the driver: postgresql+psycopg2://user:pw@host:port/db, not $($(v)))))
+ifneq ($(strip $(RFP_POSTGRES_URL)),)
+export DAGSTER_HOME := $(CURDIR)/dagster_home_pg
+else
 export DAGSTER_HOME := $(CURDIR)/dagster_home
+endif
 export RFP_HOME ?= $(CURDIR)/.rfp_home
+MLFLOW_PORT ?= 5001
+ifneq ($(strip $(RFP_MLFLOW_BACKEND_URI)),)
+export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
+export MLFLOW_UI_URL ?= http://127.0.0.1:$(MLFLOW_PORT)
+endif
 export MLFLOW_TRACKING_URI ?= sqlite:///$(RFP_HOME)/mlflow.db
 # no telemetry, no hub downloads: everything runs offline
 export DAGSTER_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup test test-slow demo dev mlflow-ui bench validate clean
+.PHONY: setup test test-slow test-scale demo dev mlflow-ui mlflow-server bench validate clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -28,6 +43,10 @@ test: $(STAMP)
 test-slow: $(STAMP)
 	$(BIN)/pytest -q -m slow
 
+# Dagster and MLflow on a private PostgreSQL server (installs PostgreSQL with apt-get when missing)
+test-scale: $(STAMP)
+	$(BIN)/pytest -q -m scale tests/test_scale.py
+
 demo: $(STAMP)
 	$(BIN)/python -m rfp_pipeline.demo
 
@@ -36,6 +55,12 @@ dev: $(STAMP)
 
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)
+
+# MLflow tracking server on $(RFP_MLFLOW_BACKEND_URI); artifacts go through it into $(RFP_HOME)/mlartifacts
+mlflow-server: $(STAMP)
+	@test -n "$(RFP_MLFLOW_BACKEND_URI)" || { echo "set RFP_MLFLOW_BACKEND_URI=postgresql+psycopg2://user:pw@host:port/db (the server's store)"; exit 1; }
+	$(BIN)/mlflow server --backend-store-uri '$(RFP_MLFLOW_BACKEND_URI)' --artifacts-destination $(RFP_HOME)/mlartifacts \
+		--host 127.0.0.1 --port $(MLFLOW_PORT)
 
 validate: $(STAMP)
 	$(BIN)/dagster definitions validate -w workspace.yaml

@@ -21,8 +21,17 @@ def tracking_uri(explicit: str = "") -> str:
     return explicit or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
 
 
-def artifact_root(explicit: str = "") -> Path:
-    return Path(explicit or str(paths.rfp_home() / "mlartifacts")).expanduser().resolve()
+def is_server(uri: str) -> bool:
+    return uri.startswith(("http://", "https://"))
+
+
+def artifact_location(name: str, uri: str, explicit_root: str = "") -> str | None:
+    """A file URI under our artifact root; None (the server decides) for a tracking server, whose
+    clients may run on other machines: a local path there would be unreadable from the UI."""
+    if is_server(uri) and not explicit_root:
+        return None
+    root = Path(explicit_root or str(paths.rfp_home() / "mlartifacts")).expanduser().resolve()
+    return (root / name).as_uri()
 
 
 def experiment_id(name: str, uri: str = "", artifacts: str = "") -> str:
@@ -37,7 +46,7 @@ def experiment_id(name: str, uri: str = "", artifacts: str = "") -> str:
             client.restore_experiment(found.experiment_id)
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=(artifact_root(artifacts) / name).as_uri())
+        return client.create_experiment(name, artifact_location=artifact_location(name, tracking_uri(uri), artifacts))
     except mlflow.exceptions.MlflowException:  # another process created it between lookup and create
         return client.get_experiment_by_name(name).experiment_id
 

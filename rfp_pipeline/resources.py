@@ -106,11 +106,21 @@ class MlflowTracking(dg.ConfigurableResource):
     tracking_uri: str = Field(
         default="", description="empty = $MLFLOW_TRACKING_URI or sqlite:///$RFP_HOME/mlflow.db"
     )
-    artifact_root: str = Field(default="", description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts")
+    artifact_root: str = Field(
+        default="",
+        description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts, or for a tracking "
+        "server (http[s] URI) the server's own --artifacts-destination, uploaded through it",
+    )
     ui_url: str = Field(default="", description="base URL of `mlflow ui` for run links; empty = $MLFLOW_UI_URL or http://127.0.0.1:5000")
 
     def uri(self) -> str:
         return tracking.tracking_uri(self.tracking_uri)
+
+    def is_server(self) -> bool:
+        return tracking.is_server(self.uri())
+
+    def _artifact_location(self, name: str) -> str | None:
+        return tracking.artifact_location(name, self.uri(), self.artifact_root)
 
     def client(self):
         import mlflow

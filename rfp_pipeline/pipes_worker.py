@@ -1,0 +1,72 @@
+"""The training process `TrainingLauncher` starts through Dagster Pipes: `python -m rfp_pipeline.pipes_worker`.
+
+It imports `dagster_pipes` (the small protocol package), not `dagster`: the process that trains
+needs torch, rfp_core and MLflow's client only. Everything it needs arrives as Pipes extras.
+Per evaluation step it logs the metrics into the asset's MLflow run (by id: the run stays the
+asset's, this process never ends it), sends them to Dagster as a log line and a custom message,
+and at the end reports the materialisation metadata the asset returns.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+from dagster_pipes import PipesContext, open_dagster_pipes
+
+
+def _step_logger(pipes: PipesContext, extras: dict[str, Any]) -> Callable[[dict, int], None]:
+    from mlflow import MlflowClient
+    from mlflow.entities import Metric
+
+    client = MlflowClient(extras["mlflow_uri"])
+    run_id = extras["mlflow_run_id"]
+
+    def log(metrics: dict[str, float], step: int) -> None:
+        now = int(time.time() * 1000)
+        client.log_batch(run_id, metrics=[Metric(k, float(v), now, step) for k, v in metrics.items()])
+        values = {k: round(float(v), 6) for k, v in metrics.items()}
+        pipes.log.info(f"{extras['phase']} step {step}: {json.dumps(values)}")
+        pipes.report_custom_message({"step": step, "metrics": values})
+
+    return log
+
+
+def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
+    from rfp_core.config import config_from_dict
+    from rfp_core.frame_store import FrameStore
+    from rfp_core.train.saliency import train_saliency
+
+    cfg_path = Path(extras["config"])
+    cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    codec = extras.get("codec_checkpoint")
+    res = train_saliency(cfg, Path(extras["manifest"]), Path(extras["out_dir"]), device=extras["device"], store=store,
+                         log=_step_logger(pipes, extras), codec_checkpoint=Path(codec) if codec else None, progress=False)
+    pipes.report_asset_materialization(metadata={
+        "accuracy": res.accuracy,
+        "steps": res.steps,
+        "warmed_up": res.warmed_up,
+        "worker_pid": os.getpid(),
+        "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
+        "state": {"raw_value": str(res.state_path), "type": "path"},
+    })
+
+
+PHASES = {"saliency": saliency}
+
+
+def main() -> None:
+    with open_dagster_pipes() as pipes:
+        extras = dict(pipes.extras)
+        phase = extras.get("phase")
+        if phase not in PHASES:
+            raise ValueError(f"pipes_worker: unknown phase {phase!r}; known: {sorted(PHASES)}")
+        PHASES[phase](pipes, extras)
+
+
+if __name__ == "__main__":
+    main()

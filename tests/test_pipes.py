@@ -1,0 +1,114 @@
+"""Saliency training out of process through Dagster Pipes: a real subprocess on tiny data, its
+per-step metrics streamed into the Dagster event log and the asset's MLflow run."""
+
+import os
+from pathlib import Path
+
+import dagster as dg
+import mlflow
+import pytest
+from test_pipeline import TINY_OVERRIDES, make_project, register_partitions, resources_for
+
+from rfp_core.checkpoint import load_checkpoint
+from rfp_pipeline import experiments as exps
+from rfp_pipeline.assets import assets
+from rfp_pipeline.assets.ingest import load_spec
+from rfp_pipeline.assets.training import current_codec
+from rfp_pipeline.partitions import experiments_partitions
+from rfp_pipeline.pipes import TrainingLauncher
+from rfp_pipeline.resources import MlflowTracking, RfpHome
+
+UPSTREAM = ["experiment_config", "media_manifest", "frame_store", "codec_checkpoint"]
+
+
+@dg.asset(partitions_def=experiments_partitions, deps=["frame_store", "experiment_config", "codec_checkpoint"])
+def saliency_via_launcher(
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher
+) -> dg.MaterializeResult:
+    """The wiring the saliency asset gets: the launcher replaces the train_saliency call inside the MLflow run."""
+    name = context.partition_key
+    cfg = exps.model_config(load_spec(rfp, name))
+    codec = current_codec(rfp, name, cfg)
+    tags = {"stage": "saliency", "dagster_run_id": context.run.run_id}
+    with mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
+        launched = training_launcher.train_saliency(
+            context, cfg, rfp.out_dir(name) / "manifest.parquet", rfp.out_dir(name, "saliency_launcher"),
+            device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
+            codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
+            log=lambda m, step: mlflow.log_metrics(m, step=step), mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+    res = launched.result
+    return dg.MaterializeResult(metadata={"accuracy": res.accuracy, "steps": res.steps, "mlflow_run_id": run.info.run_id,
+                                          "checkpoint": dg.MetadataValue.path(str(res.checkpoint)), **launched.metadata})
+
+
+@pytest.fixture
+def project(tmp_path, isolated_rfp_home):
+    root, home = tmp_path / "project", isolated_rfp_home
+    uri = os.environ["MLFLOW_TRACKING_URI"]
+    make_project(root, {"alpha": TINY_OVERRIDES})
+    resources = resources_for(root, home, uri)
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        register_partitions(instance, resources)
+        assert dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
+                              selection=UPSTREAM).success
+        yield instance, resources, uri
+
+
+def launch(instance, resources, mode: str, **kw) -> dg.ExecuteInProcessResult:
+    return dg.materialize([saliency_via_launcher], instance=instance, partition_key="alpha",
+                          resources={**resources, "training_launcher": TrainingLauncher(mode=mode)}, **kw)
+
+
+@pytest.mark.slow
+def test_saliency_trains_in_a_pipes_subprocess_and_streams_its_steps(project):
+    instance, resources, uri = project
+    result = launch(instance, resources, "pipes")
+    assert result.success
+    md = {k: v.value for k, v in result.get_asset_materialization_events()[0].materialization.metadata.items()}
+    assert md["launcher"] == "pipes" and md["worker_pid"] != os.getpid()
+    every = TINY_OVERRIDES["saliency"]["eval_every"]
+    evaluations = -(-md["steps"] // every)  # an evaluation every `every` steps and at the last one
+    assert md["pipes_steps_streamed"] == evaluations
+    # the worker's log lines are in the run's event log, in step order, the last one at the final accuracy
+    lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith("saliency step ")]
+    expected_steps = sorted({min(s, md["steps"]) for s in range(every, md["steps"] + every, every)})
+    assert [int(line.split()[2].rstrip(":")) for line in lines] == expected_steps
+    assert f'"saliency/accuracy": {round(md["accuracy"], 6)}' in lines[-1]
+    # ... and in the asset's MLflow run, which the worker logged into by id without ending it
+    client = mlflow.MlflowClient(uri)
+    history = client.get_metric_history(md["mlflow_run_id"], "saliency/accuracy")
+    assert len(history) == evaluations and history[-1].value == pytest.approx(md["accuracy"])
+    assert client.get_run(md["mlflow_run_id"]).info.status == "FINISHED"
+    ckpt = load_checkpoint(Path(md["checkpoint"]), map_location="cpu")
+    assert "saliency" in ckpt
+
+
+@pytest.mark.slow
+def test_default_launcher_trains_in_process(project):
+    instance, resources, _ = project
+    result = launch(instance, resources, "")
+    md = result.get_asset_materialization_events()[0].materialization.metadata
+    assert result.success and "launcher" not in md
+    assert not [e for e in instance.all_logs(result.run_id) if e.user_message.startswith("saliency step ")]
+
+
+@pytest.mark.slow
+def test_worker_failure_fails_the_asset_with_its_error(project, monkeypatch):
+    instance, resources, _ = project
+    monkeypatch.setenv("RFP_TRAINING_LAUNCHER", "pipes")
+    manifest = resources["rfp"].out_dir("alpha") / "manifest.parquet"
+    manifest.write_bytes(b"not parquet")
+    result = launch(instance, resources, "", raise_on_error=False)
+    assert not result.success
+    closed = [e.dagster_event.engine_event_data.error for e in instance.all_logs(result.run_id)
+              if e.is_dagster_event and e.dagster_event.message == "[pipes] external process pipes closed with exception"]
+    # the worker's own message (naming the file) reaches the event log, not just "exit code 1"
+    assert len(closed) == 1 and f"{manifest} is not a readable parquet manifest" in closed[0].to_string()
+    failure = result.get_step_failure_events()[0].step_failure_data.error
+    assert "External execution process failed with code 1" in failure.to_string()
+
+
+def test_unknown_launcher_mode_says_how_to_fix_it():
+    with pytest.raises(ValueError, match="RFP_TRAINING_LAUNCHER"):
+        TrainingLauncher(mode="slurm").resolved_mode()
