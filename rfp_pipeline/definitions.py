@@ -8,6 +8,7 @@ import dagster as dg
 from dagster_duckdb import DuckDBResource
 
 from rfp_pipeline.assets import assets
+from rfp_pipeline.pipes import TrainingLauncher
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 from rfp_pipeline.sensors import sensors
 
@@ -22,6 +23,8 @@ def default_resources() -> dict[str, object]:
     return {
         "rfp": RfpHome(),
         "mlflow_tracking": MlflowTracking(),
+        # where training phases run: this process, or a Pipes subprocess ($RFP_TRAINING_LAUNCHER=pipes)
+        "training_launcher": TrainingLauncher(),
         # manifest queries run on parquet files; set RFP_DUCKDB to a file to keep views between queries
         "duckdb": DuckDBResource(database=os.environ.get("RFP_DUCKDB", ":memory:")),
         "thresholds": CheckThresholds(

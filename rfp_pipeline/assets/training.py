@@ -29,6 +29,7 @@ from rfp_pipeline.metadata import (
     write_result,
 )
 from rfp_pipeline.partitions import experiments_partitions
+from rfp_pipeline.pipes import TrainingLauncher
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 
 GROUP = "training"
@@ -213,10 +214,9 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
     "weights the velocity loss; in the codec's latent space when there is one. Skipped in generative mode.",
 )
 def saliency_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, thresholds: CheckThresholds
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, thresholds: CheckThresholds,
+    training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
-    from rfp_core.train.saliency import train_saliency
-
     name = context.partition_key
     spec = load_spec(rfp, name)
     cfg = exps.model_config(spec)
@@ -240,9 +240,12 @@ def saliency_checkpoint(
                     codec_run_id=(codec or {}).get("mlflow_run_id", ""))
     with transient_retry(), mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
-        res = train_saliency(cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
-                             codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
-                             log=_mlflow_logger(mlflow), progress=False)
+        # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
+        launched = training_launcher.train_saliency(
+            context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
+            codec_checkpoint=Path(codec["checkpoint"]) if codec else None, log=_mlflow_logger(mlflow),
+            mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+        res = launched.result
         mlflow.log_metrics({"saliency/final_accuracy": res.accuracy, "saliency/steps": res.steps})
         mlflow.log_artifact(str(res.state_path), "saliency")
         grid = _frames_grid(rfp, name, cfg, out_dir / "frames.png")
@@ -266,6 +269,7 @@ def saliency_checkpoint(
         "built_from_manifest": manifest_version,
         "built_from_spec": spec_version,
         "built_from_codec": codec_key or "identity",
+        **launched.metadata,
         **({"frames": markdown_image(grid, "training frames: domain 0 above, domain 1 below")} if grid else {}),
     })
 
