@@ -83,6 +83,13 @@ def build_parser() -> argparse.ArgumentParser:
     _device(split)
     split.set_defaults(handler="rfp_core.split:cli_split")
 
+    serve = sub.add_parser("serve", help="serve a registered translator over HTTP (MLflow scoring server, offline)")
+    serve.add_argument("--model", default="models:/demo@champion", help="model URI (default: models:/demo@champion)")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler="rfp_core.serve:cli_serve")
+
     demo_data = sub.add_parser("demo-data", help="generate the two-domain demo dataset")
     demo_data.add_argument("out")
     demo_data.add_argument("--num", type=int, default=None, help="images per domain")
