@@ -199,6 +199,8 @@ def test_registered_pyfunc_translates_like_the_checkpoint(built):
     client = mlflow.MlflowClient(built["uri"])
     versions = client.search_model_versions("name='alpha'")
     assert [str(v.version) for v in versions] == ["1"]
+    # the evaluation's checks passed (thresholds 0 here): the champion alias names that version
+    assert str(client.get_model_version_by_alias("alpha", "champion").version) == "1"
     model = mlflow.pyfunc.load_model("models:/alpha/1")
     images = np.stack([np.full((16, 16, 3), warm(i), np.uint8) for i in range(3)])
     out = model.predict(images)
