@@ -29,11 +29,11 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "velocity_checkpoint": ("final_loss", "steps", "images_per_s", "registered_model"),
     "evaluation_samples": ("transfer_rate", "mask_iou", "fd", "cycle_error", "champion"),
 }
-# training stage -> (MLflow run-name prefix, the metric the progress bar shows)
-TRAINING: dict[str, tuple[str, str]] = {
-    "codec_checkpoint": ("codec", "codec/l1"),
-    "saliency_checkpoint": ("saliency", "saliency/loss"),
-    "velocity_checkpoint": ("velocity", "velocity/loss"),
+# training stage -> (MLflow run-name prefix, the metrics the progress bar shows; the first sets its step)
+TRAINING: dict[str, tuple[str, tuple[str, ...]]] = {
+    "codec_checkpoint": ("codec", ("codec/l1",)),
+    "saliency_checkpoint": ("saliency", ("saliency/loss", "saliency/accuracy")),
+    "velocity_checkpoint": ("velocity", ("velocity/loss", "velocity/images_per_s")),
 }
 EVENTS = {
     dg.DagsterEventType.STEP_START, dg.DagsterEventType.ASSET_MATERIALIZATION, dg.DagsterEventType.ASSET_CHECK_EVALUATION,
@@ -98,15 +98,15 @@ def format_event(entry, started: dict[str, float], t0: float) -> str | None:
 
 
 class _TrainingBar:
-    """A tqdm bar fed from the metric history of the stage's running MLflow run."""
+    """A tqdm bar fed from the metric history of the stage's running MLflow run; it appears with
+    the first logged step (a stage that trains nothing shows none) and redraws only on a new one."""
 
     def __init__(self, client, experiment: str, stage: str, since: float, total: int | None, out: TextIO):
-        from tqdm.auto import tqdm
-
-        self.client, self.experiment, self.since = client, experiment, since
-        self.prefix, self.metric = TRAINING[stage]
+        self.client, self.experiment, self.since, self.total, self.out = client, experiment, since, total, out
+        self.prefix, self.metrics = TRAINING[stage]
         self.run_id: str | None = None
-        self.bar = tqdm(total=total, desc=f"  {self.prefix}", unit="step", file=out, dynamic_ncols=True, leave=False)
+        self.bar = None
+        self.step = -1
 
     def _find_run(self) -> str | None:
         exp = self.client.get_experiment_by_name(self.experiment)
@@ -119,18 +119,32 @@ class _TrainingBar:
         return runs[0].info.run_id if runs else None
 
     def poll(self) -> None:
+        from tqdm.auto import tqdm
+
         self.run_id = self.run_id or self._find_run()
         if self.run_id is None:
             return
-        history = self.client.get_metric_history(self.run_id, self.metric)
-        if history:
-            last = max(history, key=lambda m: m.step)
-            self.bar.n = last.step + 1 if self.bar.total is None else min(self.bar.total, last.step + 1)
-            self.bar.set_postfix({self.metric.split("/")[-1]: f"{last.value:.4g}"}, refresh=False)
-            self.bar.refresh()
+        history = self.client.get_metric_history(self.run_id, self.metrics[0])
+        if not history:
+            return
+        step = max(m.step for m in history) + 1
+        if step == self.step:
+            return
+        post = {}
+        for key in self.metrics:
+            hist = history if key == self.metrics[0] else self.client.get_metric_history(self.run_id, key)
+            if hist:
+                post[key.split("/")[-1]] = f"{max(hist, key=lambda m: m.step).value:.4g}"
+        if self.bar is None:
+            self.bar = tqdm(total=self.total, desc=f"  {self.prefix}", unit="step", file=self.out, dynamic_ncols=True,
+                            leave=False, mininterval=0)
+        self.bar.update(min(step, self.total or step) - self.bar.n)
+        self.bar.set_postfix(post)
+        self.step = step
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
 
 
 class RunProgress:

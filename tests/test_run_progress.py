@@ -46,3 +46,29 @@ def test_demo_runner_prints_each_stage_start_end_and_figures(tmp_path):
     assert re.search(r"evaluation_samples: done in .* transfer_rate [\d.]+", text)
     assert re.search(r"check accuracy: (passed|FAILED)", text) and re.search(r"check mask_iou: passed", text)
     assert "structure_pairs: done in" in text and "skipped: " in text  # pairing is off in the tiny config
+
+
+def test_training_bar_follows_the_running_mlflow_run(tmp_path):
+    import time
+
+    import mlflow
+
+    from rfp_pipeline.run_progress import _TrainingBar
+
+    uri = f"sqlite:///{tmp_path}/mlflow.db"
+    client = mlflow.MlflowClient(uri)
+    exp = client.create_experiment("exp", artifact_location=(tmp_path / "art").as_uri())
+    out = io.StringIO()
+    bar = _TrainingBar(client, "exp", "velocity_checkpoint", time.time(), 100, out)
+    bar.poll()
+    assert bar.bar is None  # no run yet: no bar
+    run = client.create_run(exp, run_name="velocity exp")
+    client.create_run(exp, run_name="saliency exp")  # another stage's run is not followed
+    for step, loss in ((0, 0.9), (9, 0.5), (19, 0.25)):
+        client.log_metric(run.info.run_id, "velocity/loss", loss, step=step)
+    client.log_metric(run.info.run_id, "velocity/images_per_s", 12.5, step=19)
+    bar.poll()
+    assert bar.run_id == run.info.run_id and bar.bar.n == 20 and bar.bar.total == 100
+    bar.close()
+    shown = out.getvalue()
+    assert "20/100" in shown and "loss=0.25" in shown and "images_per_s=12.5" in shown
