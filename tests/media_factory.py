@@ -145,8 +145,9 @@ def make_video_with_audio(
     rotation: int | None = None,
     pts: list[int] | None = None,
     crf: int = 12,
+    video_codec: str = "libx264",
 ) -> Path:
-    """An H.264 video of `frame_array` frames plus a 440 Hz audio track as long as the video.
+    """An H.264 (or `video_codec`) video of `frame_array` frames plus a 440 Hz audio track as long as the video.
     `pts` (in units of 1/(fps*100)) gives explicit, possibly uneven, timestamps (variable frame
     rate); `rotation` writes a display matrix (degrees counter-clockwise)."""
     path = Path(path)
@@ -154,11 +155,11 @@ def make_video_with_audio(
     w, h = _wh(size)
     tb = Fraction(1, fps * 100)
     with av.open(str(path), "w") as container:
-        v = container.add_stream("libx264", rate=Fraction(fps))
+        v = container.add_stream(video_codec, rate=Fraction(fps))
         v.width, v.height, v.pix_fmt = w, h, "yuv420p"
         v.time_base = tb
         v.codec_context.time_base = tb
-        v.options = {"crf": str(crf), "preset": "veryfast"}
+        v.options = {"crf": str(crf), "preset": "veryfast"} if video_codec == "libx264" else {}
         if rotation is not None:
             v.set_display_rotation(rotation)
         a = container.add_stream(audio_codec, rate=audio_rate)

@@ -82,6 +82,23 @@ def test_variable_frame_rate_and_pcm_audio_in_mkv(tmp_path):
     assert all(f.rotation == 0 for f in _frames(out))
 
 
+def test_webm_becomes_mkv_with_its_opus_audio_copied(tmp_path):
+    from rfp_core.video_translate import video_outputs
+
+    src = make_video_with_audio(tmp_path / "in" / "clip.webm", n_frames=12, size=32, video_codec="libvpx-vp9",
+                                audio_codec="libopus", audio_rate=48000)
+    [dst] = video_outputs([src], tmp_path / "out", other_inputs=False)
+    assert dst == tmp_path / "out" / "clip.mkv"
+    r = translate_video(src, dst, mirror, 32, progress=False)
+    assert r["frames"] == 12 and len(_frames(dst)) == 12
+    with av.open(str(dst)) as c:
+        assert (c.streams.video[0].codec_context.name, c.streams.audio[0].codec_context.name) == ("h264", "opus")
+    assert _audio_packets(dst) == _audio_packets(src)
+    assert video_outputs([src, src], tmp_path / "out", False)[1].name == "clip-2.mkv"
+    with pytest.raises(VideoTranslateError, match="exactly one video"):
+        video_outputs([src, src], tmp_path / "one.mp4", False)
+
+
 def test_flicker_is_measured_against_the_input(tmp_path):
     src = make_video_with_audio(tmp_path / "in.mp4", n_frames=10, size=32)
     same = translate_video(src, tmp_path / "a.mp4", lambda x: x, 32, progress=False)
