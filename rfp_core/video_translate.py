@@ -114,6 +114,74 @@ def _to_uint8(y: torch.Tensor) -> np.ndarray:
     return y.permute(0, 2, 3, 1).numpy()
 
 
+class _FrameWriter:
+    """Batches decoded frames, translates them and encodes the results with the source frames'
+    own timestamps; feeds the flicker meter and the progress bar."""
+
+    def __init__(self, oc, out_v, in_v, translate_batch: TranslateBatch, size: int, batch_size: int, bar):
+        self.oc, self.out_v, self.tb = oc, out_v, in_v.time_base
+        self.translate_batch, self.size, self.batch_size, self.bar = translate_batch, size, batch_size, bar
+        self.pending: list[av.VideoFrame] = []
+        self.durations: dict[int, int] = {}
+        self.flicker = _Flicker()
+        self.frames = 0
+        self.last_pts: int | None = None
+        self.last_gap: int | None = None
+
+    def add(self, frame: av.VideoFrame) -> None:
+        self.pending.append(frame)
+        if len(self.pending) >= self.batch_size:
+            self.flush()
+
+    def _pts(self, src: av.VideoFrame) -> int:
+        pts = src.pts
+        if pts is None:  # no timestamp from the demuxer: continue the last frame's spacing
+            pts = 0 if self.last_pts is None else self.last_pts + (self.last_gap or 1)
+        if self.last_pts is not None:
+            self.last_gap = pts - self.last_pts
+        self.last_pts = pts
+        return pts
+
+    def _mux(self, packets) -> None:
+        # the encoder guesses packet durations from its rate; the source's own keep the last
+        # frame's duration, hence the stream's duration, as they were
+        for pk in packets:
+            if pk.pts is not None and pk.pts in self.durations:
+                pk.duration = self.durations.pop(pk.pts)
+            self.oc.mux(pk)
+
+    def flush(self) -> None:
+        if not self.pending:
+            return
+        crops = [np.asarray(center_square(f.to_image(), self.size)) for f in self.pending]
+        y = _to_uint8(self.translate_batch(torch.stack([to_tensor(Image.fromarray(c)) for c in crops])))
+        for src, crop, out in zip(self.pending, crops, y):
+            frame = av.VideoFrame.from_ndarray(out, format="rgb24")
+            frame.pts, frame.time_base = self._pts(src), self.tb
+            if src.duration:
+                self.durations[frame.pts] = src.duration
+            self._mux(self.out_v.encode(frame))
+            self.flicker.add(crop, out)
+        self.frames += len(self.pending)
+        self.bar.update(len(self.pending))
+        self.pending.clear()
+
+    def close(self) -> None:
+        self.flush()
+        self._mux(self.out_v.encode(None))
+
+
+def _check_output(out_path: Path, codec: str, size: int, pix_fmt: str) -> str:
+    muxer = MUXERS.get(out_path.suffix.lower())
+    if muxer is None:
+        raise VideoTranslateError(f"{out_path}: unknown video suffix; name the output .mp4, .mkv, .mov, .m4v or .avi")
+    if muxer == "webm" and codec in ("libx264", "libx265"):
+        raise VideoTranslateError(f"{out_path}: WebM cannot hold {codec}; name the output .mkv or .mp4")
+    if size % 2 and pix_fmt == "yuv420p":
+        raise VideoTranslateError(f"model size {size} is odd: yuv420p needs even sides; use pix_fmt='yuv444p'")
+    return muxer
+
+
 def translate_video(
     in_path: str | Path,
     out_path: str | Path,
@@ -132,91 +200,46 @@ def translate_video(
     from tqdm.auto import tqdm
 
     in_path, out_path = Path(in_path), Path(out_path)
-    muxer = MUXERS.get(out_path.suffix.lower())
-    if muxer is None:
-        raise VideoTranslateError(f"{out_path}: unknown video suffix; name the output .mp4, .mkv, .mov, .m4v or .avi")
-    if muxer == "webm" and codec in ("libx264", "libx265"):
-        raise VideoTranslateError(f"{out_path}: WebM cannot hold {codec}; name the output .mkv or .mp4")
-    if size % 2 and pix_fmt == "yuv420p":
-        raise VideoTranslateError(f"model size {size} is odd: yuv420p needs even sides; use pix_fmt='yuv444p'")
+    muxer = _check_output(out_path, codec, size, pix_fmt)
     try:
         matrix, rotation = _container_info(in_path)
         ic = av.open(str(in_path))
     except av.FFmpegError as exc:
         raise VideoTranslateError(f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4") from None
     start = time.perf_counter()
-    flicker = _Flicker()
-    frames = audio_packets = 0
-    last_pts = last_dur = None
+    audio_packets = 0
     with ic, atomic_path(out_path) as tmp:
         in_v = ic.streams.video[0]
         in_v.thread_type = "AUTO"
         in_audio = list(ic.streams.audio)
-        with av.open(str(tmp), "w", format=muxer) as oc:
+        with av.open(str(tmp), "w", format=muxer) as oc, \
+                tqdm(total=in_v.frames or None, desc=in_path.name, unit="frame", disable=not progress, dynamic_ncols=True) as bar:
             out_v = _open_video_out(oc, in_v, size, codec, crf, preset, pix_fmt, matrix)
             out_audio = {a.index: oc.add_stream_from_template(a) for a in in_audio}
-            bar = tqdm(total=in_v.frames or None, desc=in_path.name, unit="frame", disable=not progress, dynamic_ncols=True)
-            pending: list[av.VideoFrame] = []
-            durations: dict[int, int] = {}
-
-            def mux_video(packets) -> None:
-                # the encoder guesses packet durations from its rate; the source's own keep the
-                # last frame's duration, hence the stream's duration, as they were
-                for pk in packets:
-                    if pk.pts is not None and pk.pts in durations:
-                        pk.duration = durations.pop(pk.pts)
-                    oc.mux(pk)
-
-            def flush() -> None:
-                nonlocal frames, last_pts, last_dur
-                crops = [np.asarray(center_square(f.to_image(), size)) for f in pending]
-                x = torch.stack([to_tensor(Image.fromarray(c)) for c in crops])
-                y = _to_uint8(translate_batch(x))
-                for src, crop, out in zip(pending, crops, y):
-                    pts = src.pts
-                    if pts is None:  # no timestamp from the demuxer: continue the last frame's spacing
-                        pts = 0 if last_pts is None else last_pts + (last_dur or 1)
-                    if last_pts is not None:
-                        last_dur = pts - last_pts
-                    last_pts = pts
-                    frame = av.VideoFrame.from_ndarray(out, format="rgb24")
-                    frame.pts, frame.time_base = pts, in_v.time_base
-                    if src.duration:
-                        durations[pts] = src.duration
-                    mux_video(out_v.encode(frame))
-                    flicker.add(crop, out)
-                frames += len(pending)
-                bar.update(len(pending))
-                pending.clear()
-
+            writer = _FrameWriter(oc, out_v, in_v, translate_batch, size, batch_size, bar)
             try:
                 for packet in ic.demux(in_v, *in_audio):
-                    if packet.stream.type == "audio":
-                        if packet.dts is None:  # the demuxer's end-of-stream marker, not data
-                            continue
+                    if packet.stream.type != "audio":
+                        for f in packet.decode():
+                            writer.add(f)
+                    elif packet.dts is not None:  # None: the demuxer's end-of-stream marker, not data
                         packet.stream = out_audio[packet.stream.index]
                         oc.mux(packet)
                         audio_packets += 1
-                        continue
-                    for f in packet.decode():
-                        pending.append(f)
-                        if len(pending) >= batch_size:
-                            flush()
-                if pending:
-                    flush()
-                mux_video(out_v.encode(None))
+                writer.close()
             except av.FFmpegError as exc:
-                raise VideoTranslateError(f"{in_path}: decoding or writing failed after {frames} frames ({exc})") from None
-            finally:
-                bar.close()
+                raise VideoTranslateError(f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})") from None
+            if in_v.frames and writer.frames < in_v.frames:  # a truncated file can also end quietly
+                raise VideoTranslateError(f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames "
+                                          "(truncated?); nothing written")
         duration = float(in_v.duration * in_v.time_base) if in_v.duration else None
         fps = float(in_v.average_rate) if in_v.average_rate else None
     seconds = time.perf_counter() - start
     result = {
-        "input": str(in_path), "output": str(out_path), "frames": frames, "fps": fps, "duration_s": duration,
+        "input": str(in_path), "output": str(out_path), "frames": writer.frames, "fps": fps, "duration_s": duration,
         "size": size, "rotation": rotation, "audio_streams": len(in_audio), "audio_packets": audio_packets,
-        "codec": codec, "crf": crf, "seconds": seconds, "frames_per_s": frames / seconds if seconds > 0 else None,
-        **flicker.report(),
+        "codec": codec, "crf": crf, "seconds": seconds,
+        "frames_per_s": writer.frames / seconds if seconds > 0 else None, **writer.flicker.report(),
     }
     if progress:
         print(summary_line(result), file=sys.stderr)

@@ -11,7 +11,7 @@ import pytest
 import torch
 from PIL import Image
 
-from media_factory import make_video_with_audio
+from media_factory import make_video, make_video_with_audio
 from rfp_core.cli import main
 from rfp_core.images import center_square, load_image, to_tensor
 from rfp_core.video_translate import VideoTranslateError, split_video_inputs, translate_video
@@ -118,6 +118,12 @@ def test_bad_inputs_name_the_file(tmp_path):
     with pytest.raises(VideoTranslateError, match=r"o\.webm.*\.mkv"):
         translate_video(src, tmp_path / "o.webm", mirror, 32, progress=False)
     assert not (tmp_path / "o.mp4").exists() and not (tmp_path / "o.webm").exists()
+    whole = make_video(tmp_path / "whole.mp4", n_frames=24, size=32, faststart=True, noise=True)
+    cut = tmp_path / "cut.mp4"
+    cut.write_bytes(whole.read_bytes()[: whole.stat().st_size // 2])
+    with pytest.raises(VideoTranslateError, match=r"cut\.mp4.*(truncated|failed after)"):
+        translate_video(cut, tmp_path / "o.mp4", mirror, 32, progress=False)
+    assert not (tmp_path / "o.mp4").exists() and not list(tmp_path.glob(".o.mp4*"))
 
 
 def test_split_video_inputs(tmp_path):
