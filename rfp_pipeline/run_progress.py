@@ -10,6 +10,7 @@ thread (so Ctrl-C still stops the run).
 
 from __future__ import annotations
 
+import logging
 import sys
 import threading
 import time
@@ -68,10 +69,15 @@ def format_event(entry, started: dict[str, float], t0: float) -> str | None:
     """One console line for a run event, or None for events not shown. `started` maps step keys
     to their start times (filled here from STEP_START); `t0` is the run's start (the clock)."""
     ev = entry.dagster_event
+    clock = time.strftime("%M:%S", time.gmtime(max(0.0, entry.timestamp - t0)))
     if ev is None:
+        # a plain error log of a step, e.g. "Dependencies for step ... failed ... Not executing."
+        if entry.step_key and entry.level >= logging.ERROR:
+            return f"[{clock}] {entry.step_key}: {entry.user_message}"
+        return None
+    if ev.event_type not in EVENTS:
         return None
     step = ev.step_key or ""
-    clock = time.strftime("%M:%S", time.gmtime(max(0.0, entry.timestamp - t0)))
     kind = ev.event_type
     if kind == dg.DagsterEventType.STEP_START:
         started[step] = entry.timestamp
@@ -92,7 +98,7 @@ def format_event(entry, started: dict[str, float], t0: float) -> str | None:
         return f"[{clock}] {step}: will retry ({ev.message or 'transient error'})"
     if kind == dg.DagsterEventType.STEP_FAILURE:
         err = getattr(ev.event_specific_data, "error", None)
-        msg = (err.message.strip().splitlines() or [""])[-1] if err is not None else (ev.message or "")
+        msg = " ".join((err.message if err is not None else ev.message or "").split())[:300]
         return f"[{clock}] {step}: FAILED after {_duration(entry.timestamp - started.get(step, entry.timestamp))}: {msg}"
     return None
 
@@ -151,9 +157,9 @@ class RunProgress:
     """`with RunProgress(instance, ("rfp/progress", token), ...): dg.materialize(..., tags={"rfp/progress": token})`
     prints the run's progress to `out` while it executes and drains the last events on exit."""
 
-    def __init__(self, instance: dg.DagsterInstance, tag: tuple[str, str], experiment: str = "",
+    def __init__(self, instance: dg.DagsterInstance, tag: tuple[str, str] | None = None, experiment: str = "",
                  tracking_uri: str | None = None, totals: dict[str, int | None] | None = None,
-                 out: TextIO = sys.stderr, poll_s: float = 1.0):
+                 out: TextIO = sys.stderr, poll_s: float = 1.0, run_id: str | None = None):
         self.instance, self.tag, self.experiment = instance, tag, experiment
         self.tracking_uri, self.totals, self.out, self.poll_s = tracking_uri, totals or {}, out, poll_s
         self.lines: list[str] = []
@@ -163,7 +169,7 @@ class RunProgress:
         self._client = None
         self._cursor: str | None = None
         self._started: dict[str, float] = {}
-        self._run_id: str | None = None
+        self._run_id = run_id  # known already, or found by `tag` once the run exists
         self._t0 = time.time()
 
     def __enter__(self) -> "RunProgress":
@@ -184,15 +190,19 @@ class RunProgress:
         self.out.flush()
 
     def _find_run(self) -> str | None:
+        if self.tag is None:
+            return None
         runs = self.instance.get_runs(filters=dg.RunsFilter(tags={self.tag[0]: self.tag[1]}), limit=1)
         return runs[0].run_id if runs else None
 
     def _drain(self) -> None:
-        self._run_id = self._run_id or self._find_run()
         if self._run_id is None:
-            return
+            self._run_id = self._find_run()
+            if self._run_id is None:
+                return
         while True:
-            conn = self.instance.get_records_for_run(self._run_id, cursor=self._cursor, of_type=EVENTS)
+            # every record, not only EVENTS: a step that will not run says so in a plain log line
+            conn = self.instance.get_records_for_run(self._run_id, cursor=self._cursor)
             self._cursor = conn.cursor
             for rec in conn.records:
                 self._on_event(rec.event_log_entry)
@@ -241,3 +251,11 @@ def training_totals(cfg) -> dict[str, int | None]:
     get: Callable[[str, str], int | None] = lambda sec, key: getattr(getattr(cfg, sec, None), key, None)  # noqa: E731
     return {"velocity_checkpoint": get("velocity", "total_steps"), "saliency_checkpoint": get("saliency", "max_steps"),
             "codec_checkpoint": None}
+
+
+def replay(instance: dg.DagsterInstance, run_id: str, out: TextIO = sys.stderr) -> list[str]:
+    """The progress lines of a run that has finished (or is running), from its event log."""
+    progress = RunProgress(instance, out=out, run_id=run_id)
+    progress._t0 = instance.get_run_stats(run_id).start_time or progress._t0  # the clock starts with the run
+    progress._drain()
+    return progress.lines

@@ -3,7 +3,9 @@ a real MLflow sqlite store, real ingest and training (16 px, a few steps)."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -248,3 +250,25 @@ def test_failing_blocking_check_stops_the_stages_after_it(built):
     assert checks == {"accuracy": False}
     done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
     assert done == {"saliency_checkpoint"}  # the velocity never trained on a classifier below the limit
+    # what `make demo` would print for such a run
+    from rfp_pipeline.run_progress import replay
+
+    text = "\n".join(replay(built["instance"], result.run_id, out=io.StringIO()))
+    assert "check accuracy: FAILED (accuracy" in text and "velocity_checkpoint: Dependencies for step velocity_checkpoint failed" in text, text
+
+
+def test_progress_lines_name_each_stage_with_its_time_and_figures(built):
+    """`make demo`'s console lines, replayed from a finished run's event log."""
+    from rfp_pipeline.run_progress import replay
+
+    lines = replay(built["instance"], built["results"]["alpha"].run_id, out=io.StringIO())
+    for stage in STAGES:
+        start = [i for i, l in enumerate(lines) if l.endswith(f"] {stage}: started")]
+        done = [i for i, l in enumerate(lines) if re.search(rf"\] {stage}: done in [\d.]+ s", l)]
+        assert len(start) == 1 and len(done) == 1 and start[0] < done[0], (stage, lines)
+    text = "\n".join(lines)
+    assert re.search(r"media_manifest: done in .* frames_ok 24, frames_skipped 0", text)
+    assert re.search(r"saliency_checkpoint: done in .* accuracy [\d.]+", text)
+    assert re.search(r"velocity_checkpoint: done in .* final_loss [\d.e-]+, steps 4", text)
+    assert re.search(r"evaluation_samples: done in .* transfer_rate [\d.]+", text)
+    assert re.search(r"check mask_iou: passed", text) and "champion models:/alpha@champion = version 1" in text

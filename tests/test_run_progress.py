@@ -6,6 +6,7 @@ import io
 import re
 
 import dagster as dg
+import pytest
 
 from rfp_pipeline.run_progress import key_figures
 from test_pipeline import RUN_CONFIG, STAGES, TINY_OVERRIDES, make_project, resources_for
@@ -21,6 +22,7 @@ def test_key_figures_pick_the_stage_numbers_and_say_why_a_stage_skipped():
     assert key_figures("unknown_asset", {"a": 1}) == ""
 
 
+@pytest.mark.slow  # a whole tiny graph (~1 min on 2 busy cores); the default suite replays test_pipeline's runs
 def test_demo_runner_prints_each_stage_start_end_and_figures(tmp_path):
     from rfp_pipeline.demo import run_graph
 
