@@ -171,6 +171,7 @@ class RunProgress:
         self._started: dict[str, float] = {}
         self._run_id = run_id  # known already, or found by `tag` once the run exists
         self._t0 = time.time()
+        self._last_error = ""
 
     def __enter__(self) -> "RunProgress":
         self._thread.start()
@@ -243,7 +244,10 @@ class RunProgress:
                 if self._bar is not None:
                     self._bar.poll()
             except Exception as exc:  # noqa: BLE001 - a display hiccup (a locked sqlite read) must not end the run
-                self._emit(f"(progress display: {type(exc).__name__}: {exc})")
+                msg = f"(progress display: {type(exc).__name__}: {exc})"
+                if msg != self._last_error:  # once, not every poll
+                    self._emit(msg)
+                self._last_error = msg
 
 
 def training_totals(cfg) -> dict[str, int | None]:
