@@ -141,10 +141,12 @@ class _TrainingBar:
             hist = history if key == self.metrics[0] else self.client.get_metric_history(self.run_id, key)
             if hist:
                 post[key.split("/")[-1]] = f"{max(hist, key=lambda m: m.step).value:.4g}"
-        if self.bar is None:
-            self.bar = tqdm(total=self.total, desc=f"  {self.prefix}", unit="step", file=self.out, dynamic_ncols=True,
-                            leave=False, mininterval=0)
-        self.bar.update(min(step, self.total or step) - self.bar.n)
+        step = min(step, self.total or step)
+        if self.bar is None:  # starts at the first step seen (a resumed run's too): the rate counts from here
+            self.bar = tqdm(total=self.total, initial=step, desc=f"  {self.prefix}", unit="step", file=self.out,
+                            dynamic_ncols=True, leave=False, mininterval=0)
+        else:
+            self.bar.update(step - self.bar.n)
         self.bar.set_postfix(post)
         self.step = step
 

@@ -71,6 +71,9 @@ def test_training_bar_follows_the_running_mlflow_run(tmp_path):
     client.log_metric(run.info.run_id, "velocity/images_per_s", 12.5, step=19)
     bar.poll()
     assert bar.run_id == run.info.run_id and bar.bar.n == 20 and bar.bar.total == 100
+    client.log_metric(run.info.run_id, "velocity/loss", 0.125, step=39)
+    bar.poll()
+    assert bar.bar.n == 40
     bar.close()
     shown = out.getvalue()
-    assert "20/100" in shown and "loss=0.25" in shown and "images_per_s=12.5" in shown
+    assert "20/100" in shown and "40/100" in shown and "loss=0.25" in shown and "loss=0.125" in shown and "images_per_s=12.5" in shown
