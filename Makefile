@@ -53,6 +53,13 @@ demo: $(STAMP)
 dev: $(STAMP)
 	$(BIN)/dagster dev -w workspace.yaml
 
+# the demo's evaluated model over HTTP: POST JSON to http://127.0.0.1:$(PORT)/invocations
+.PHONY: serve
+MODEL ?= models:/demo@champion
+PORT ?= 5001
+serve: $(STAMP)
+	$(BIN)/rfp serve --model $(MODEL) --port $(PORT)
+
 mlflow-ui: $(STAMP)
 	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)
 

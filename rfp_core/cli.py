@@ -60,13 +60,17 @@ def build_parser() -> argparse.ArgumentParser:
     _device(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
 
-    translate = sub.add_parser("translate", help="translate images with a trained run")
+    translate = sub.add_parser("translate", help="translate images and videos with a trained run")
     translate.add_argument("--run", required=True, help="run folder (or a velocity checkpoint file)")
-    translate.add_argument("inputs", nargs="+", metavar="INPUT", help="image files or folders")
-    translate.add_argument("--out", required=True)
+    translate.add_argument("inputs", nargs="+", metavar="INPUT",
+                           help="image files (png jpg jpeg webp bmp), video files (mp4 mov mkv avi webm m4v) or folders "
+                           "of them; a video comes out S x S (its centred square translated), same frames, timestamps and audio")
+    translate.add_argument("--out", required=True, help="output folder, or a video file name for a single video input")
     translate.add_argument("--steps", type=int, default=None)
     translate.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     translate.add_argument("--reverse", action="store_true", help="domain 1 -> domain 0 (integrate t from 1 to 0)")
+    translate.add_argument("--crf", type=int, default=18, help="video quality: x264 CRF, 0 = lossless, 18 = visually lossless")
+    translate.add_argument("--video-codec", default="libx264", help="video encoder (PyAV/FFmpeg name)")
     _device(translate)
     translate.set_defaults(handler="rfp_core.translate:cli_translate")
 
@@ -89,6 +93,13 @@ def build_parser() -> argparse.ArgumentParser:
     split.add_argument("--ignore", default=None, help="file listing paths or md5s to leave out, one a line")
     _device(split)
     split.set_defaults(handler="rfp_core.split:cli_split")
+
+    serve = sub.add_parser("serve", help="serve a registered translator over HTTP (MLflow scoring server, offline)")
+    serve.add_argument("--model", default="models:/demo@champion", help="model URI (default: models:/demo@champion)")
+    serve.add_argument("--port", type=int, default=5001)
+    serve.add_argument("--host", default="127.0.0.1", help="address to listen on (0.0.0.0 for every interface)")
+    serve.add_argument("--workers", type=int, default=1)
+    serve.set_defaults(handler="rfp_core.serve:cli_serve")
 
     demo_data = sub.add_parser("demo-data", help="generate the two-domain demo dataset")
     demo_data.add_argument("out")

@@ -108,6 +108,12 @@ def cli_translate(args: argparse.Namespace) -> int:
     tr = Translator.from_run(args.run, device=args.device)
     if tr.generative:
         print(f"note: {args.run} was trained with domain0=random; translating from images anyway", file=sys.stderr)
+    from rfp_core.video_translate import cli_translate_videos, split_video_inputs
+
+    videos, args.inputs = split_video_inputs(args.inputs)  # videos go to rfp_core.video_translate
+    video_rc = cli_translate_videos(tr, videos, args, other_inputs=bool(args.inputs)) if videos else 0
+    if not args.inputs:
+        return video_rc
     try:
         paths = find_images(args.inputs)
     except FileNotFoundError as exc:
@@ -134,7 +140,7 @@ def cli_translate(args: argparse.Namespace) -> int:
             written += 1
     direction = "domain 1 -> 0" if args.reverse else "domain 0 -> 1"
     print(f"translated {written} image(s) ({direction}) into {out}" + (f"; {failed} skipped" if failed else ""), file=sys.stderr)
-    return 1 if failed else 0
+    return max(video_rc, 1 if failed else 0)
 
 
 def cli_generate(args: argparse.Namespace) -> int:

@@ -2,8 +2,10 @@
 
 Generates the demo data when missing, registers the `demo` partition in the instance at
 $DAGSTER_HOME (default: the project's dagster_home/), materialises the whole graph for it, so
-the runs show in `dagster dev` afterwards, and prints where the results are. The last line
-printed is the path of the evaluation's metrics.json.
+the runs show in `dagster dev` afterwards, and prints where the results are. While it runs, each
+stage is printed as it starts and ends (its time and key figures, each check's verdict) and a
+training stage shows a progress bar (`run_progress.RunProgress`: the run's event log and the
+metrics it logs to MLflow). The last line printed is the path of the evaluation's metrics.json.
 """
 
 from __future__ import annotations
@@ -11,7 +13,9 @@ from __future__ import annotations
 import json
 import os
 import sys
+import uuid
 from pathlib import Path
+from typing import Any, TextIO
 
 DEMO = "demo"
 
@@ -26,6 +30,25 @@ def _setup_env(root: Path) -> Path:
     return home
 
 
+def run_graph(instance, resources: dict[str, Any], partition: str, cfg=None, run_config: dict | None = None,
+              out: TextIO = sys.stderr, tags: dict[str, str] | None = None):
+    """Materialise every asset for `partition` in `instance`, printing each stage to `out` as it
+    runs. Dagster's own console logger stays at WARNING: the progress lines say what it would."""
+    import dagster as dg
+
+    from rfp_pipeline.assets import assets
+    from rfp_pipeline.run_progress import RunProgress, training_totals
+
+    token = uuid.uuid4().hex
+    run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
+    progress = RunProgress(instance, ("rfp/progress", token), experiment=partition,
+                           tracking_uri=resources["mlflow_tracking"].uri(), totals=training_totals(cfg) if cfg else None, out=out)
+    with progress:
+        result = dg.materialize(assets, instance=instance, resources=resources, partition_key=partition,
+                                tags={**(tags or {}), "rfp/progress": token}, run_config=run_config, raise_on_error=False)
+    return result
+
+
 def main(argv: list[str] | None = None) -> int:
     from rfp_core.paths import project_root, rfp_home
 
@@ -34,7 +57,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dagster as dg
 
-    from rfp_pipeline.assets import assets
+    from rfp_pipeline import experiments as exps
     from rfp_pipeline.definitions import default_resources
     from rfp_pipeline.partitions import EXPERIMENTS
 
@@ -57,10 +80,8 @@ def main(argv: list[str] | None = None) -> int:
     if not instance.has_dynamic_partition(EXPERIMENTS, DEMO):
         instance.add_dynamic_partitions(EXPERIMENTS, [DEMO])
     print(f"materialising the whole graph for '{DEMO}' in the Dagster instance at {dagster_home} ...", file=sys.stderr)
-    result = dg.materialize(
-        assets, instance=instance, resources=resources, partition_key=DEMO, tags={"rfp/source": "demo"},
-        run_config={"loggers": {"console": {"config": {"log_level": "WARNING"}}}},
-    )
+    cfg = exps.model_config(exps.resolved_spec(exp, rfp.root_path()))
+    result = run_graph(instance, resources, DEMO, cfg=cfg, tags={"rfp/source": "demo"})
     if not result.success:
         print("error: the demo run failed; open the run in `dagster dev` for the step logs", file=sys.stderr)
         return 1

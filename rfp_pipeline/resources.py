@@ -169,6 +169,7 @@ class MlflowTracking(dg.ConfigurableResource):
             artifacts={pyfunc_model.CHECKPOINT: str(checkpoint)},
             code_paths=[str(Path(paths.PACKAGE_DIR))],  # rfp_core travels with the model
             signature=pyfunc_model.SIGNATURE,
+            input_example=pyfunc_model.input_example(),  # the documented request format, in the UI and serving_input_example.json
             # explicit: MLflow's requirement inference would load the model in a subprocess
             pip_requirements=[pin(p) for p in ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyarrow", "tqdm")],
             registered_model_name=registered_name,

@@ -133,3 +133,51 @@ def decode_video(path: str | Path) -> list[tuple[float, np.ndarray]]:
     """Independent reference decode: (timestamp, RGB array) for every frame."""
     with av.open(str(path)) as container:
         return [(float(f.time), f.to_ndarray(format="rgb24")) for f in container.decode(video=0)]
+
+
+def make_video_with_audio(
+    path: str | Path,
+    n_frames: int = 24,
+    size: Size = (48, 32),
+    fps: int = 12,
+    audio_rate: int = 16000,
+    audio_codec: str = "aac",
+    rotation: int | None = None,
+    pts: list[int] | None = None,
+    crf: int = 12,
+    video_codec: str = "libx264",
+) -> Path:
+    """An H.264 (or `video_codec`) video of `frame_array` frames plus a 440 Hz audio track as long as the video.
+    `pts` (in units of 1/(fps*100)) gives explicit, possibly uneven, timestamps (variable frame
+    rate); `rotation` writes a display matrix (degrees counter-clockwise)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    w, h = _wh(size)
+    tb = Fraction(1, fps * 100)
+    with av.open(str(path), "w") as container:
+        v = container.add_stream(video_codec, rate=Fraction(fps))
+        v.width, v.height, v.pix_fmt = w, h, "yuv420p"
+        v.time_base = tb
+        v.codec_context.time_base = tb
+        v.options = {"crf": str(crf), "preset": "veryfast"} if video_codec == "libx264" else {}
+        if rotation is not None:
+            v.set_display_rotation(rotation)
+        a = container.add_stream(audio_codec, rate=audio_rate)
+        stamps = pts if pts is not None else [i * 100 for i in range(n_frames)]
+        for i, p in enumerate(stamps):
+            frame = av.VideoFrame.from_ndarray(frame_array(i, (w, h)), format="rgb24")
+            frame.pts, frame.time_base = p, tb
+            container.mux(v.encode(frame))
+        container.mux(v.encode())
+        n = int((stamps[-1] + 100) * tb * audio_rate)
+        t = np.arange(n) / audio_rate
+        fmt = "fltp" if audio_codec == "aac" else "s16"
+        samples = 0.2 * np.sin(2 * np.pi * 440 * t)
+        samples = samples.astype(np.float32) if fmt == "fltp" else (samples * 32767).astype(np.int16)
+        chunk = 1024
+        for start in range(0, n, chunk):
+            frame = av.AudioFrame.from_ndarray(samples[None, start:start + chunk].copy(), format=fmt, layout="mono")
+            frame.sample_rate, frame.pts = audio_rate, start
+            container.mux(a.encode(frame))
+        container.mux(a.encode())
+    return path

@@ -3,7 +3,9 @@ a real MLflow sqlite store, real ingest and training (16 px, a few steps)."""
 
 from __future__ import annotations
 
+import io
 import json
+import re
 from pathlib import Path
 
 import dagster as dg
@@ -199,6 +201,8 @@ def test_registered_pyfunc_translates_like_the_checkpoint(built):
     client = mlflow.MlflowClient(built["uri"])
     versions = client.search_model_versions("name='alpha'")
     assert [str(v.version) for v in versions] == ["1"]
+    # the evaluation's checks passed (thresholds 0 here): the champion alias names that version
+    assert str(client.get_model_version_by_alias("alpha", "champion").version) == "1"
     model = mlflow.pyfunc.load_model("models:/alpha/1")
     images = np.stack([np.full((16, 16, 3), warm(i), np.uint8) for i in range(3)])
     out = model.predict(images)
@@ -246,6 +250,11 @@ def test_failing_blocking_check_stops_the_stages_after_it(built):
     assert checks == {"accuracy": False}
     done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
     assert done == {"saliency_checkpoint"}  # the velocity never trained on a classifier below the limit
+    # what `make demo` would print for such a run
+    from rfp_pipeline.run_progress import replay
+
+    text = "\n".join(replay(built["instance"], result.run_id, out=io.StringIO()))
+    assert "check accuracy: FAILED (accuracy" in text and "velocity_checkpoint: Dependencies for step velocity_checkpoint failed" in text, text
 
 
 def test_a_failing_evaluation_check_is_blocking_and_reported_failed_for_its_partition(built):
@@ -271,7 +280,7 @@ def test_a_failing_evaluation_check_is_blocking_and_reported_failed_for_its_part
 
 def test_a_non_finite_velocity_loss_fails_loss_finite_visibly_and_registers_nothing(built):
     root, instance = built["root"], built["instance"]
-    velocity = {**TINY_OVERRIDES["velocity"], "loss": "mse", "learning_rate": 1e30, "gradient_clip": None,
+    velocity = {**TINY_OVERRIDES["velocity"], "loss": "mse", "learning_rate": 1e30, "gradient_clip": 0,
                 "lr_schedule": "constant", "warmup_fraction": 0.0, "checkpoint_every_steps": 1}
     (root / "experiments" / "nan.json").write_text(json.dumps({
         "domain0": ["data/alpha/domain0"], "domain1": ["data/alpha/domain1"], "config": str(TINY),
@@ -295,3 +304,20 @@ def test_a_non_finite_velocity_loss_fails_loss_finite_visibly_and_registers_noth
     assert client.search_model_versions("name='nan'") == []
     runs = client.search_runs([client.get_experiment_by_name("nan").experiment_id])
     assert [(r.data.tags["stage"], r.info.status) for r in runs] == [("velocity", "FAILED")]
+
+
+def test_progress_lines_name_each_stage_with_its_time_and_figures(built):
+    """`make demo`'s console lines, replayed from a finished run's event log."""
+    from rfp_pipeline.run_progress import replay
+
+    lines = replay(built["instance"], built["results"]["alpha"].run_id, out=io.StringIO())
+    for stage in STAGES:
+        start = [i for i, l in enumerate(lines) if l.endswith(f"] {stage}: started")]
+        done = [i for i, l in enumerate(lines) if re.search(rf"\] {stage}: done in [\d.]+ s", l)]
+        assert len(start) == 1 and len(done) == 1 and start[0] < done[0], (stage, lines)
+    text = "\n".join(lines)
+    assert re.search(r"media_manifest: done in .* frames_ok 24, frames_skipped 0", text)
+    assert re.search(r"saliency_checkpoint: done in .* accuracy [\d.]+", text)
+    assert re.search(r"velocity_checkpoint: done in .* final_loss [\d.e-]+, steps 4", text)
+    assert re.search(r"evaluation_samples: done in .* transfer_rate [\d.]+", text)
+    assert re.search(r"check mask_iou: passed", text) and "champion models:/alpha@champion = version 1" in text

@@ -18,6 +18,7 @@ from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 
 GROUP = "evaluation"
+CHAMPION = "champion"
 
 
 class EvaluationSettings(dg.Config):
@@ -114,4 +115,19 @@ def evaluation_samples(
     }
     if url:
         metadata["mlflow_run"] = dg.MetadataValue.url(url)
+    metadata.update(promote_champion(mlflow_tracking, name, vel.get("model_version"), evaluation_checks(metrics, thresholds), context.log))
     return dg.MaterializeResult(metadata=metadata, check_results=evaluation_checks(metrics, thresholds))
+
+
+def promote_champion(tracking: MlflowTracking, name: str, version: str | None, checks: list[dg.AssetCheckResult], log) -> dict[str, Any]:
+    """Point the registered model's `champion` alias (what `rfp serve` serves) at the evaluated
+    version when every evaluation check passed; otherwise leave it where it was."""
+    if not version:
+        return {}
+    failed = [c.check_name for c in checks if not c.passed]
+    if failed:
+        log.info(f"evaluation checks {failed} failed: models:/{name}@{CHAMPION} stays where it was")
+        return {"champion": f"unchanged (checks failed: {', '.join(failed)})"}
+    tracking.client().set_registered_model_alias(name, CHAMPION, str(version))
+    log.info(f"models:/{name}@{CHAMPION} -> version {version}")
+    return {"champion": f"models:/{name}@{CHAMPION} = version {version}"}
