@@ -1,0 +1,81 @@
+"""The reflow report of a run: straightness and the steps table for 1-RF, every k-RF, distilled.
+
+Inputs are held out from the couplings (held-out domain-0 frames, or noise with another seed);
+the reference is 1-RF's accurate ODE solve, what the fewer-step models try to reproduce.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import torch
+
+from rfp_core import flow
+from rfp_core.atomic import atomic_write_text
+from rfp_core.reflow_metrics import FlowModel, ScoreFn, markdown_table, steps_table
+
+REFERENCE_SOLVER = ("rk4", 32)
+
+
+def _models(run: Path, device) -> list[tuple[FlowModel, object]]:
+    from rfp_core.translate import Translator
+
+    found = [(run / "velocity.pt", "1-RF", False)]
+    flows = sorted(run.glob("reflow_*/velocity.pt"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    found += [(p, f"{int(p.parent.name.split('_')[-1]) + 1}-RF", False) for p in flows]
+    if (run / "distilled" / "velocity.pt").is_file():
+        found.append((run / "distilled" / "velocity.pt", "distilled", True))
+    out = []
+    for path, name, one in found:
+        tr = Translator.from_run(path, device=device)
+        out.append((FlowModel(name, tr.velocity, one_step_only=one), tr))
+    return out
+
+
+def _inputs(run: Path, tr, n: int) -> torch.Tensor:
+    """Images in [-1, 1] (translation) or latent noise (generative) not used for the couplings."""
+    cfg = tr.cfg
+    if cfg.generative:
+        side = cfg.max_size // tr.codec.downsample
+        g = torch.Generator().manual_seed(cfg.seed + 1_000_003)
+        return torch.randn(n, tr.codec.latent_channels, side, side, generator=g)
+    from rfp_core.data import FrameDataset
+    from rfp_core.frame_store import FrameStore
+
+    store = FrameStore(max_side=cfg.store_max_side)
+    for split in ("holdout", "all"):
+        try:
+            ds = FrameDataset(run / "manifest.parquet", store, 0, cfg.max_size, split=split,
+                              holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False)
+        except ValueError:
+            continue
+        return torch.stack([ds[i] for i in range(min(n, len(ds)))])
+    raise ValueError(f"{run}: no domain-0 frames to report on")
+
+
+@torch.no_grad()
+def reflow_rows(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None) -> list[dict]:
+    from rfp_core.train.run import pick_device
+
+    run, device = Path(run), pick_device(device)
+    models = _models(run, device)
+    base = models[0][1]
+    x = _inputs(run, base, n).to(device)
+    z0 = x if base.cfg.generative else base.encode(x)
+    reference = flow.integrate(base.velocity, z0, REFERENCE_SOLVER[1], sampler=REFERENCE_SOLVER[0])
+    images_in = None if base.cfg.generative else x
+    return steps_table([m for m, _ in models], z0, reference=reference, score=score, images_in=images_in,
+                       decode=base.decode)
+
+
+def write_report(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None) -> str:
+    """Write `<run>/reflow_report.md` and `.json`; returns the markdown."""
+    run = Path(run)
+    rows = reflow_rows(run, device=device, n=n, score=score)
+    md = (f"Reflow report for {run.name}: {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
+          f"{REFERENCE_SOLVER[0]} x {REFERENCE_SOLVER[1]} solve (model space); straightness S of each flow "
+          f"(rk4 x 16 path; 0 = straight).\n\n" + markdown_table(rows) + "\n")
+    atomic_write_text(run / "reflow_report.md", md)
+    atomic_write_text(run / "reflow_report.json", json.dumps(rows, indent=2) + "\n")
+    return md
