@@ -66,6 +66,7 @@ def steps_table(
     decode: Callable[[Tensor], Tensor] | None = None,
     straightness_steps: int = 16,
     sampler: flow.Sampler = "euler",
+    straightness_sampler: flow.Sampler = "rk4",
 ) -> list[dict]:
     """One row per (model, N): straightness S of the model, seconds per input, MSE to `reference`,
     plus `score(images_in, decode(z_N))`'s keys. `decode` maps model space to images (identity
@@ -74,7 +75,7 @@ def steps_table(
     images_in = images_in if images_in is not None else decode(z0)
     rows = []
     for m in models:
-        s = float("nan") if m.one_step_only else flow.straightness(m.velocity, z0, straightness_steps, sampler="rk4")
+        s = float("nan") if m.one_step_only else flow.straightness(m.velocity, z0, straightness_steps, sampler=straightness_sampler)
         for n in steps:
             if m.one_step_only and n != 1:
                 continue

@@ -13,9 +13,9 @@ import torch
 
 from rfp_core import flow
 from rfp_core.atomic import atomic_write_text
+from rfp_core.reflow import Solver
 from rfp_core.reflow_metrics import FlowModel, ScoreFn, markdown_table, steps_table
 
-REFERENCE_SOLVER = ("rk4", 32)
 
 
 def _models(run: Path, device) -> list[tuple[FlowModel, object]]:
@@ -55,27 +55,31 @@ def _inputs(run: Path, tr, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reflow_rows(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None) -> list[dict]:
+def reflow_rows(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None,
+                solver: Solver | None = None) -> list[dict]:
+    """The steps table; `solver` (default rk4 x 16, as the couplings) solves the reference and the
+    paths whose straightness is reported."""
     from rfp_core.train.run import pick_device
 
-    run, device = Path(run), pick_device(device)
+    run, device, solver = Path(run), pick_device(device), solver or Solver()
     models = _models(run, device)
     base = models[0][1]
     x = _inputs(run, base, n).to(device)
     z0 = x if base.cfg.generative else base.encode(x)
-    reference = flow.integrate(base.velocity, z0, REFERENCE_SOLVER[1], sampler=REFERENCE_SOLVER[0])
+    reference = flow.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     images_in = None if base.cfg.generative else x
     return steps_table([m for m, _ in models], z0, reference=reference, score=score, images_in=images_in,
-                       decode=base.decode)
+                       decode=base.decode, straightness_steps=solver.steps, straightness_sampler=solver.sampler)
 
 
-def write_report(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None) -> str:
+def write_report(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None,
+                 solver: Solver | None = None) -> str:
     """Write `<run>/reflow_report.md` and `.json`; returns the markdown."""
-    run = Path(run)
-    rows = reflow_rows(run, device=device, n=n, score=score)
-    md = (f"Reflow report for {run.name}: {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
-          f"{REFERENCE_SOLVER[0]} x {REFERENCE_SOLVER[1]} solve (model space); straightness S of each flow "
-          f"(rk4 x 16 path; 0 = straight).\n\n" + markdown_table(rows) + "\n")
+    run, solver = Path(run), solver or Solver()
+    rows = reflow_rows(run, device=device, n=n, score=score, solver=solver)
+    md = (f"Reflow report for {run.name}: up to {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
+          f"{solver.sampler} x {solver.steps} solve (model space); straightness S of each flow on its "
+          f"{solver.sampler} x {solver.steps} path (0 = straight).\n\n" + markdown_table(rows) + "\n")
     atomic_write_text(run / "reflow_report.md", md)
     atomic_write_text(run / "reflow_report.json", json.dumps(rows, indent=2) + "\n")
     return md

@@ -179,7 +179,7 @@ def cli_reflow(args: argparse.Namespace) -> int:
                      solver=Solver(args.solver, args.steps_solver), train_steps=args.train_steps, loss=args.loss,
                      from_scratch=args.from_scratch, shard_size=args.shard_size, device=args.device)
     if not args.no_report:
-        md = write_report(run, device=args.device, n=args.report_inputs)
+        md = write_report(run, device=args.device, n=args.report_inputs, solver=Solver(args.solver, args.steps_solver))
         print(md)
     print(json.dumps({"flows": [str(p) for p in res.flows], "distilled": str(res.distilled) if res.distilled else None,
                       "couplings": [str(c.root) for c in res.couplings]}))
