@@ -22,7 +22,7 @@ from pathlib import Path
 import torch
 
 from rfp_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from rfp_core.config import ConfigError
+from rfp_core.config import ConfigError, config_from_dict
 from rfp_core.reflow import Couplings, Solver, file_digest, frame_source, generate_couplings, noise_source
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, coupling_batches, fit
 
@@ -37,35 +37,50 @@ class ReflowResult:
     trained: list[Path] = field(default_factory=list)  # products (re)trained by this call
 
 
+@dataclass
+class RunPaths:
+    """Where a run's inputs are and where reflow writes (a run folder, or a pipeline partition)."""
+
+    base: Path  # the 1-RF velocity checkpoint
+    manifest: Path
+    out: Path  # reflow_k/ and distilled/ go here
+    saliency: Path | None = None
+    store: object | None = None  # a FrameStore; default: $RFP_HOME/store at the config's max side
+
+    @classmethod
+    def of_run(cls, run_dir: str | Path) -> "RunPaths":
+        run_dir = Path(run_dir)
+        return cls(run_dir / "velocity.pt", run_dir / "manifest.parquet", run_dir, run_dir / "saliency.pt")
+
+
 def _translator(path: Path, device):
     from rfp_core.translate import Translator
 
     return Translator.from_run(path, device=device)
 
 
-def _source(run_dir: Path, tr, pairs: int | None):
+def _source(paths: RunPaths, tr, pairs: int | None):
     cfg = tr.cfg
     if cfg.generative:
         side = cfg.max_size // tr.codec.downsample
         return noise_source(pairs or DEFAULT_GENERATIVE_PAIRS, (tr.codec.latent_channels, side, side), cfg.seed)
     from rfp_core.frame_store import FrameStore
 
-    manifest = run_dir / "manifest.parquet"
-    if not manifest.is_file():
-        raise ConfigError(f"{run_dir}: no manifest.parquet; reflow needs the run's training frames (rfp train writes it)")
-    return frame_source(manifest, FrameStore(max_side=cfg.store_max_side), cfg.max_size, tr.encode,
-                        cfg.saliency.holdout_fraction, split="train", limit=pairs)
+    if not paths.manifest.is_file():
+        raise ConfigError(f"{paths.manifest} does not exist; reflow needs the run's training frames (rfp train writes it)")
+    store = paths.store if paths.store is not None else FrameStore(max_side=cfg.store_max_side)
+    return frame_source(paths.manifest, store, cfg.max_size, tr.encode, cfg.saliency.holdout_fraction,
+                        split="train", limit=pairs)
 
 
-def _saliency_h(run_dir: Path, loss: Loss, device):
+def _saliency_h(paths: RunPaths, loss: Loss, device):
     if loss != "saliency":
         return None
     from rfp_core.train.saliency import load_saliency
 
-    path = run_dir / "saliency.pt"
-    if not path.is_file():
-        raise ConfigError(f"{path} does not exist: loss 'saliency' needs the run's saliency checkpoint; use --loss mse")
-    net = load_saliency(path, device)
+    if paths.saliency is None or not paths.saliency.is_file():
+        raise ConfigError(f"{paths.saliency}: loss 'saliency' needs the run's saliency checkpoint; use --loss mse")
+    net = load_saliency(paths.saliency, device)
     return net.frozen_h() if hasattr(net, "frozen_h") else net.h
 
 
@@ -76,18 +91,19 @@ def _is_current(path: Path, meta: dict) -> bool:
         return False
 
 
-def train_product(run_dir: Path, source_ckpt: Path, couplings: Couplings, out: Path, settings: FitSettings, *,
+def _shown(path: Path, root: Path) -> str:
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def train_product(paths: RunPaths, source_ckpt: Path, couplings: Couplings, out: Path, settings: FitSettings, *,
                   kind: str, round_: int, device, h=None, from_scratch: bool = False, progress: bool = True) -> bool:
     """Train one k-RF or distilled checkpoint at `out` from `couplings`; False when it was current."""
-    meta = {"kind": kind, "round": round_, "couplings": couplings.digest, "source": str(source_ckpt.relative_to(run_dir))
-            if source_ckpt.is_relative_to(run_dir) else str(source_ckpt), "source_digest": file_digest(source_ckpt),
-            "settings": settings.as_dict(), "from_scratch": from_scratch}
+    meta = {"kind": kind, "round": round_, "couplings": couplings.digest, "source": _shown(source_ckpt, paths.out),
+            "source_digest": file_digest(source_ckpt), "settings": settings.as_dict(), "from_scratch": from_scratch}
     if _is_current(out, meta):
         print(f"reflow: {out} is current (same couplings and settings); kept", file=sys.stderr)
         return False
     src = load_checkpoint(source_ckpt)
-    from rfp_core.config import config_from_dict
-
     cfg = config_from_dict(src["config"], source=str(source_ckpt))
     torch.manual_seed(settings.seed)
     net = build_velocity_net(cfg, int(src["in_channels"]))
@@ -95,8 +111,9 @@ def train_product(run_dir: Path, source_ckpt: Path, couplings: Couplings, out: P
         net.load_state_dict(src["velocity"] if "velocity" in src else src["ema"]["model"])
     z0, z1 = couplings.load()
     result = fit(net, coupling_batches(z0, z1, settings.batch_size, settings.seed), settings, device=device, h=h,
-                 state_path=out.parent / "state.pt", fingerprint={"meta": meta}, checkpoint_every=max(1, settings.steps // 10),
-                 progress=progress, desc=kind if kind == "distilled" else f"reflow {round_}")
+                 state_path=out.parent / "state.pt", fingerprint={"meta": meta},
+                 checkpoint_every=max(1, settings.steps // 10), progress=progress,
+                 desc=kind if kind == "distilled" else f"reflow {round_}")
     save_checkpoint(out, {"velocity": result.model.state_dict(), "config": src["config"], "in_channels": src["in_channels"],
                           "step": result.steps, "final_loss": result.final_loss, "codec": src.get("codec") or {},
                           "reflow": meta})
@@ -105,32 +122,40 @@ def train_product(run_dir: Path, source_ckpt: Path, couplings: Couplings, out: P
     return True
 
 
-def reflow_run(run_dir: str | Path, rounds: int = 1, pairs: int | None = None, distill: bool = False,
+def couplings_of(paths: RunPaths, flow_ckpt: Path, pairs: int | None = None, solver: Solver | None = None,
+                 shard_size: int = 64, device=None, progress: bool = True) -> Couplings:
+    """The couplings (z0, ODE_flow(z0)) of the training inputs under the flow in `flow_ckpt`."""
+    tr = _translator(flow_ckpt, device)
+    c = generate_couplings(tr.velocity, _source(paths, tr, pairs), file_digest(flow_ckpt), solver or Solver(),
+                           shard_size=shard_size, device=tr.device, progress=progress)
+    print(f"reflow: {len(c)} couplings from {flow_ckpt} in {c.root} ({c.computed} shard(s) solved, "
+          f"{c.reused} reused)", file=sys.stderr)
+    return c
+
+
+def reflow_run(run: str | Path | RunPaths, rounds: int = 1, pairs: int | None = None, distill: bool = False,
                solver: Solver | None = None, train_steps: int | None = None, loss: Loss = "mse",
                from_scratch: bool = False, shard_size: int = 64, device=None, progress: bool = True) -> ReflowResult:
-    """`rounds` reflow rounds on top of `<run_dir>/velocity.pt`, then (with `distill`) a one-step map."""
+    """`rounds` reflow rounds on top of the 1-RF checkpoint, then (with `distill`) a one-step map."""
     from rfp_core.train.run import pick_device
 
-    run_dir, device, solver = Path(run_dir), pick_device(device), solver or Solver()
+    paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
+    device = pick_device(device)
     if rounds < 0:
         raise ConfigError(f"--rounds must be >= 0, got {rounds}")
-    current = run_dir / "velocity.pt"
-    if not current.is_file():
-        raise ConfigError(f"{current} does not exist: train the run first (rfp train), then reflow it")
-    h = _saliency_h(run_dir, loss, device)
-    result = ReflowResult()
-    jobs = [("reflow", k, run_dir / f"reflow_{k}" / "velocity.pt") for k in range(1, rounds + 1)]
-    jobs += [("distilled", rounds, run_dir / "distilled" / "velocity.pt")] if distill else []
+    if not paths.base.is_file():
+        raise ConfigError(f"{paths.base} does not exist: train the run first (rfp train), then reflow it")
+    h = _saliency_h(paths, loss, device)
+    result, current = ReflowResult(), paths.base
+    jobs = [("reflow", k, paths.out / f"reflow_{k}" / "velocity.pt") for k in range(1, rounds + 1)]
+    jobs += [("distilled", rounds, paths.out / "distilled" / "velocity.pt")] if distill else []
     for kind, k, out in jobs:
-        tr = _translator(current, device)
-        couplings = generate_couplings(tr.velocity, _source(run_dir, tr, pairs), file_digest(current), solver,
-                                       shard_size=shard_size, device=device, progress=progress)
+        couplings = couplings_of(paths, current, pairs, solver, shard_size, device, progress)
         result.couplings.append(couplings)
-        print(f"reflow: {len(couplings)} couplings from {current} in {couplings.root} "
-              f"({couplings.computed} shard(s) solved, {couplings.reused} reused)", file=sys.stderr)
-        settings = FitSettings.from_config(tr.cfg, steps=train_steps, loss="mse" if kind == "distilled" else loss,
+        cfg = config_from_dict(load_checkpoint(current)["config"], source=str(current))
+        settings = FitSettings.from_config(cfg, steps=train_steps, loss="mse" if kind == "distilled" else loss,
                                            distill=kind == "distilled")
-        if train_product(run_dir, current, couplings, out, settings, kind=kind, round_=k, device=device,
+        if train_product(paths, current, couplings, out, settings, kind=kind, round_=k, device=device,
                          h=h if kind == "reflow" else None, from_scratch=from_scratch, progress=progress):
             result.trained.append(out)
         if kind == "reflow":
