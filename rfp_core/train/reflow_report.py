@@ -18,11 +18,13 @@ from rfp_core.reflow_metrics import FlowModel, ScoreFn, markdown_table, steps_ta
 
 
 
-def _models(run: Path, device) -> list[tuple[FlowModel, object]]:
+def _models(paths, device) -> list[tuple[FlowModel, object]]:
     from rfp_core.translate import Translator
 
-    found = [(run / "velocity.pt", "1-RF", False)]
-    flows = sorted(run.glob("reflow_*/velocity.pt"), key=lambda p: int(p.parent.name.split("_")[-1]))
+    run = paths.out
+    found = [(paths.base, "1-RF", False)]
+    flows = sorted((p for p in run.glob("reflow_*/velocity.pt") if p.parent.name.split("_")[-1].isdigit()),
+                   key=lambda p: int(p.parent.name.split("_")[-1]))
     found += [(p, f"{int(p.parent.name.split('_')[-1]) + 1}-RF", False) for p in flows]
     if (run / "distilled" / "velocity.pt").is_file():
         found.append((run / "distilled" / "velocity.pt", "distilled", True))
@@ -33,7 +35,7 @@ def _models(run: Path, device) -> list[tuple[FlowModel, object]]:
     return out
 
 
-def _inputs(run: Path, tr, n: int) -> torch.Tensor:
+def _inputs(paths, tr, n: int) -> torch.Tensor:
     """Images in [-1, 1] (translation) or latent noise (generative) not used for the couplings."""
     cfg = tr.cfg
     if cfg.generative:
@@ -43,28 +45,30 @@ def _inputs(run: Path, tr, n: int) -> torch.Tensor:
     from rfp_core.data import FrameDataset
     from rfp_core.frame_store import FrameStore
 
-    store = FrameStore(max_side=cfg.store_max_side)
+    store = paths.store if paths.store is not None else FrameStore(max_side=cfg.store_max_side)
     for split in ("holdout", "all"):
         try:
-            ds = FrameDataset(run / "manifest.parquet", store, 0, cfg.max_size, split=split,
+            ds = FrameDataset(paths.manifest, store, 0, cfg.max_size, split=split,
                               holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False)
         except ValueError:
             continue
         return torch.stack([ds[i] for i in range(min(n, len(ds)))])
-    raise ValueError(f"{run}: no domain-0 frames to report on")
+    raise ValueError(f"{paths.manifest}: no domain-0 frames to report on")
 
 
 @torch.no_grad()
-def reflow_rows(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None,
+def reflow_rows(run, device=None, n: int = 32, score: ScoreFn | None = None,
                 solver: Solver | None = None) -> list[dict]:
     """The steps table; `solver` (default rk4 x 16, as the couplings) solves the reference and the
     paths whose straightness is reported."""
+    from rfp_core.train.reflow_run import RunPaths
     from rfp_core.train.run import pick_device
 
-    run, device, solver = Path(run), pick_device(device), solver or Solver()
-    models = _models(run, device)
+    paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
+    device, solver = pick_device(device), solver or Solver()
+    models = _models(paths, device)
     base = models[0][1]
-    x = _inputs(run, base, n).to(device)
+    x = _inputs(paths, base, n).to(device)
     z0 = x if base.cfg.generative else base.encode(x)
     reference = flow.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     images_in = None if base.cfg.generative else x
@@ -72,14 +76,17 @@ def reflow_rows(run: str | Path, device=None, n: int = 32, score: ScoreFn | None
                        decode=base.decode, straightness_steps=solver.steps, straightness_sampler=solver.sampler)
 
 
-def write_report(run: str | Path, device=None, n: int = 32, score: ScoreFn | None = None,
+def write_report(run, device=None, n: int = 32, score: ScoreFn | None = None,
                  solver: Solver | None = None) -> str:
-    """Write `<run>/reflow_report.md` and `.json`; returns the markdown."""
-    run, solver = Path(run), solver or Solver()
-    rows = reflow_rows(run, device=device, n=n, score=score, solver=solver)
-    md = (f"Reflow report for {run.name}: up to {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
+    """Write `reflow_report.md` and `.json` beside the products (a run folder or RunPaths); returns the markdown."""
+    from rfp_core.train.reflow_run import RunPaths
+
+    paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
+    solver = solver or Solver()
+    rows = reflow_rows(paths, device=device, n=n, score=score, solver=solver)
+    md = (f"Reflow report for {paths.out.name}: up to {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
           f"{solver.sampler} x {solver.steps} solve (model space); straightness S of each flow on its "
           f"{solver.sampler} x {solver.steps} path (0 = straight).\n\n" + markdown_table(rows) + "\n")
-    atomic_write_text(run / "reflow_report.md", md)
-    atomic_write_text(run / "reflow_report.json", json.dumps(rows, indent=2) + "\n")
+    atomic_write_text(paths.out / "reflow_report.md", md)
+    atomic_write_text(paths.out / "reflow_report.json", json.dumps(rows, indent=2) + "\n")
     return md
