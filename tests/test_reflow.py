@@ -22,7 +22,8 @@ from rfp_core.ingest import ingest
 from rfp_core.reflow import Solver, generate_couplings, noise_source, open_couplings, tensor_source
 from rfp_core.reflow_metrics import FlowModel, markdown_table, order_flip_fraction, steps_table
 from rfp_core.train.reflow import FitSettings, coupling_batches, fit
-from rfp_core.train.reflow_run import pick_model, reflow_run
+from rfp_core.train.reflow_run import pick_model, reflow_run, translator_for_steps
+from rfp_core.train.run import train_run
 from rfp_core.train.velocity import train_velocity
 from rfp_core.translate import Translator
 
@@ -190,7 +191,9 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
     assert pick_model(run, 1) == (run / "distilled" / "velocity.pt", "distilled")
     assert pick_model(run, 2) == (run / "reflow_2" / "velocity.pt", "3-RF")
     assert pick_model(run, 12) == (run / "velocity.pt", "1-RF")
-    one = Translator.from_run(res.distilled).translate(torch.zeros(1, 3, 32, 32), steps=1)
+    tr, label, path = translator_for_steps(run, 1, device="cpu")
+    assert label == "distilled" and "model: distilled" in capsys.readouterr().err
+    one = tr.translate(torch.zeros(1, 3, 32, 32), steps=1)
     assert one.shape == (1, 3, 32, 32)
 
     again = reflow_run(run, rounds=2, pairs=5, distill=True, solver=Solver("rk4", 3), train_steps=2, shard_size=2,
@@ -210,3 +213,16 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
 def test_reflow_refuses_a_folder_without_a_run(tmp_path, capsys):
     assert main(["reflow", "--run", str(tmp_path), "--device", "cpu"]) == 2
     assert "train the run first" in capsys.readouterr().err
+
+
+def test_generative_reflow_couples_seeded_noise(tmp_path):
+    _, d1 = make_discs(tmp_path / "data", n=6, size=32)
+    raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 4, "train_minibatch_size": 4,
+           "train_images": 8, "sample_batch_size": 2}
+    run = train_run(config_from_dict(raw), "random", [d1], run_id="gen", device="cpu", progress=False)
+    res = reflow_run(run, rounds=1, pairs=3, solver=Solver("euler", 2), train_steps=1, device="cpu", progress=False)
+    c = res.couplings[0]
+    assert c.index.column("source_key").to_pylist() == ["noise:0:0", "noise:0:1", "noise:0:2"]
+    z0, _ = c.load()
+    assert z0.shape == (3, 3, 32, 32) and torch.equal(z0, noise_source(3, (3, 32, 32), 0).load([0, 1, 2], 0))
+    assert load_checkpoint(res.flows[0])["reflow"]["kind"] == "reflow"
