@@ -105,7 +105,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
 
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation"])
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")

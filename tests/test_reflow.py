@@ -12,7 +12,7 @@ from torch import nn
 
 from disc_data import make_discs
 from rfp_core import flow
-from rfp_core.bench.reflow_toy import ToyVelocity, run_toy
+from rfp_core.bench.reflow import ToyVelocity, run_toy
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import main
 from rfp_core.config import config_from_dict

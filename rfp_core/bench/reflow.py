@@ -3,12 +3,12 @@
 With the independent coupling half the straight lines go top-left -> bottom-right and cross the
 other half, so 1-RF's paths bend (straightness > 0) and one Euler step lands near the mean.
 Reflow on 1-RF's own ODE couplings straightens them; distillation makes one step accurate.
-Used by the tests and by `python -m rfp_core.bench.reflow_toy` (prints one JSON line).
+Used by the tests and by `rfp bench reflow [--quick]` (the last line is one JSON object).
 """
 
 from __future__ import annotations
 
-import json
+import math
 import sys
 import time
 
@@ -89,15 +89,22 @@ def run_toy(steps_1rf: int = 400, steps_reflow: int = 400, steps_distill: int = 
     }
 
 
-def main() -> int:
+def run(quick: bool = False, device: str | None = None) -> dict:
+    """`rfp bench reflow`: the toy's straightness, order flips and steps table (CPU; `device` unused)."""
     start = time.perf_counter()
-    out = run_toy(progress=True)
-    out.pop("models"), out.pop("test"), out.pop("reference")
+    steps = 150 if quick else 400
+    out = run_toy(steps, steps, steps, pairs=1024 if quick else 2048, progress=not quick)
+    for key in ("models", "test", "reference"):
+        out.pop(key)
     print(markdown_table(out["rows"]), file=sys.stderr)
+    # strict JSON: a distilled map has no straightness (NaN) -> null
+    out["rows"] = [{k: (None if isinstance(v, float) and math.isnan(v) else v) for k, v in r.items()} for r in out["rows"]]
     out["seconds"] = time.perf_counter() - start
-    print(json.dumps(out))
-    return 0
+    out["benchmark"] = "reflow-toy-2d"
+    return out
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from rfp_core.bench import emit
+
+    emit(run())
