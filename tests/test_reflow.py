@@ -226,3 +226,28 @@ def test_generative_reflow_couples_seeded_noise(tmp_path):
     z0, _ = c.load()
     assert z0.shape == (3, 3, 32, 32) and torch.equal(z0, noise_source(3, (3, 32, 32), 0).load([0, 1, 2], 0))
     assert load_checkpoint(res.flows[0])["reflow"]["kind"] == "reflow"
+
+
+def test_fit_resumes_exactly_after_a_kill(tmp_path):
+    z0 = torch.randn(40, 2, generator=torch.Generator().manual_seed(1))
+    z1 = z0.flip(1) * 2
+    settings = FitSettings(steps=10, batch_size=8, minibatch_size=4, learning_rate=1e-2, ema=0.9, seed=3)
+    batches = coupling_batches(z0, z1, 8, 3)
+
+    def run(state: Path, fail_at: int | None = None):
+        torch.manual_seed(0)
+        def draw(step):
+            if fail_at is not None and step == fail_at:
+                raise KeyboardInterrupt  # the kill
+            return batches(step)
+        return fit(ToyVelocity(16), draw, settings, state_path=state, fingerprint={"c": "x"}, checkpoint_every=4,
+                   progress=False)
+
+    whole = run(tmp_path / "a.pt")
+    with pytest.raises(KeyboardInterrupt):
+        run(tmp_path / "b.pt", fail_at=6)
+    assert load_checkpoint(tmp_path / "b.pt")["step"] == 4
+    resumed = run(tmp_path / "b.pt")
+    assert resumed.losses == whole.losses[4:]
+    for p, q in zip(resumed.model.parameters(), whole.model.parameters()):
+        assert torch.equal(p, q)
