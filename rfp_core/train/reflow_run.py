@@ -200,9 +200,13 @@ def cli_reflow(args: argparse.Namespace) -> int:
     run = Path(args.run)
     if not run.is_dir():
         raise ConfigError(f"--run {run}: not a run folder (expected $RFP_HOME/runs/<run_id>/ with velocity.pt)")
-    res = reflow_run(run, rounds=args.rounds, pairs=args.pairs, distill=args.distill,
-                     solver=Solver(args.solver, args.steps_solver), train_steps=args.train_steps, loss=args.loss,
-                     from_scratch=args.from_scratch, shard_size=args.shard_size, device=args.device)
+    try:
+        res = reflow_run(run, rounds=args.rounds, pairs=args.pairs, distill=args.distill,
+                         solver=Solver(args.solver, args.steps_solver), train_steps=args.train_steps, loss=args.loss,
+                         from_scratch=args.from_scratch, shard_size=args.shard_size, device=args.device)
+    except (FloatingPointError, CheckpointError, FileNotFoundError) as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     if not args.no_report:
         md = write_report(run, device=args.device, n=args.report_inputs, solver=Solver(args.solver, args.steps_solver))
         print(md)
