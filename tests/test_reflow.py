@@ -200,14 +200,20 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
                        device="cpu", progress=False)
     assert again.trained == [] and all(c.computed == 0 for c in again.couplings)
 
-    # the CLI: one more product budget retrains round 1 only... and the report table
-    assert main(["reflow", "--run", str(run), "--rounds", "1", "--pairs", "5", "--steps-solver", "3",
+
+
+def test_reflow_cli_writes_products_and_the_steps_table(tiny_run, capsys, monkeypatch):
+    run = tiny_run
+    monkeypatch.setenv("RFP_HOME", str(run.parents[1]))
+    assert main(["reflow", "--run", str(run), "--rounds", "1", "--distill", "--pairs", "5", "--steps-solver", "3",
                  "--train-steps", "3", "--shard-size", "2", "--device", "cpu", "--report-inputs", "2"]) == 0
     out = capsys.readouterr().out
     assert "| 1-RF | 12 |" in out and "| distilled | 1 |" in out
     rows = json.loads((run / "reflow_report.json").read_text())
-    assert {(r["model"], r["steps"]) for r in rows} >= {("1-RF", 1), ("2-RF", 4), ("3-RF", 2), ("distilled", 1)}
+    assert {(r["model"], r["steps"]) for r in rows} >= {("1-RF", 1), ("1-RF", 12), ("2-RF", 4), ("distilled", 1)}
+    assert all(r["mse_to_reference"] >= 0 and r["seconds_per_input"] > 0 for r in rows)
     assert load_checkpoint(run / "reflow_1" / "velocity.pt")["step"] == 3
+    assert load_checkpoint(run / "distilled" / "velocity.pt")["reflow"]["source"] == "reflow_1/velocity.pt"
 
 
 def test_reflow_refuses_a_folder_without_a_run(tmp_path, capsys):
