@@ -84,6 +84,24 @@ def build_parser() -> argparse.ArgumentParser:
     _device(generate)
     generate.set_defaults(handler="rfp_core.translate:cli_generate")
 
+    reflow = sub.add_parser("reflow", help="straighten a trained run (k-RF) and distil it to one step")
+    reflow.add_argument("--run", required=True, help="run folder holding velocity.pt (and manifest.parquet)")
+    reflow.add_argument("--rounds", type=int, default=1, help="reflow rounds: 1 -> reflow_1 (2-RF), 2 -> reflow_2 (3-RF)")
+    reflow.add_argument("--pairs", type=int, default=None,
+                        help="couplings per round (default: every training domain-0 frame; 1024 noise draws in generative mode)")
+    reflow.add_argument("--distill", action="store_true", help="also fit a one-step map -> distilled/velocity.pt")
+    reflow.add_argument("--steps-solver", type=int, default=16, help="ODE steps for the couplings (default 16)")
+    reflow.add_argument("--solver", choices=["euler", "heun", "rk4"], default="rk4")
+    reflow.add_argument("--train-steps", type=int, default=None, help="optimizer steps per product (default: the run's velocity budget)")
+    reflow.add_argument("--loss", choices=["mse", "saliency"], default="mse",
+                        help="k-RF loss on the coupling (default: straight-line MSE; saliency uses the run's saliency.pt)")
+    reflow.add_argument("--from-scratch", action="store_true", help="new nets start from random weights, not the previous flow")
+    reflow.add_argument("--shard-size", type=int, default=64, help="couplings per stored shard")
+    reflow.add_argument("--report-inputs", type=int, default=32, help="held-out inputs in the steps table")
+    reflow.add_argument("--no-report", action="store_true", help="skip the straightness / steps table")
+    _device(reflow)
+    reflow.set_defaults(handler="rfp_core.train.reflow_run:cli_reflow")
+
     split = sub.add_parser("split", help="sort an unsorted folder into domain0 / domain1 / uncertain")
     split.add_argument("--run", "--checkpoint", "-ckpt", dest="run", required=True,
                        help="run folder (this project's or the original trainer's) or a saliency checkpoint file")
@@ -109,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
 
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation"])
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")

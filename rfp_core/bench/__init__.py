@@ -1,4 +1,4 @@
-"""`rfp bench ingest|train|pairing|ablation`: each prints one JSON object as its last line."""
+"""`rfp bench ingest|train|pairing|ablation|reflow`: each prints one JSON object as its last line."""
 
 from __future__ import annotations
 
