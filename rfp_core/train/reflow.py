@@ -32,11 +32,10 @@ Loss = Literal["mse", "saliency"]
 
 
 def build_velocity_net(cfg: ModelConfig, in_channels: int) -> nn.Module:
-    """The velocity net of a run, built exactly as rfp_core/train/velocity.py builds it (one place
-    to change when the net constructor changes)."""
-    from rfp_core.nets.unet import UNet
+    """The velocity net of a run (UNet or DiT), built as rfp_core/train/velocity.py builds it."""
+    from rfp_core.nets import build_velocity_net as build
 
-    return UNet(cfg.velocity.net, in_channels=in_channels)
+    return build(cfg.velocity.net, in_channels=in_channels)
 
 
 @dataclass(frozen=True)
@@ -159,7 +158,7 @@ def fit(net: nn.Module, batches: BatchFn, settings: FitSettings, device: str | t
         if not math.isfinite(total):
             raise FloatingPointError(f"{desc}: loss became {total} at step {step + 1}; lower the learning rate "
                                      f"({settings.learning_rate}) or set a gradient clip")
-        if settings.gradient_clip is not None:
+        if settings.gradient_clip:  # None or 0 = off
             nn.utils.clip_grad_norm_(net.parameters(), settings.gradient_clip)
         opt.step()
         ema.update(net)
