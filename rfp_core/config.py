@@ -326,6 +326,8 @@ class ExperimentConfig(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     # optional folder of true shape masks for domain0 frames (same file stems), used by the evaluation
     masks: Path | None = None
+    # opt-in straightening after the velocity: {"rounds": 1, "pairs": N, "distill": true} (rfp_pipeline/assets/reflow.py)
+    reflow: dict[str, Any] | None = None
 
     @field_validator("domain0", mode="before")
     @classmethod

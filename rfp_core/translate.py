@@ -102,10 +102,23 @@ def _out_names(paths: list[Path]) -> list[str]:
     return names
 
 
+def _run_translator(run: str, steps: int | None, device) -> "Translator":
+    """The run's 1-RF flow, or for 1-2 steps its straighter reflowed / distilled model when
+    `rfp reflow` made one (it says which)."""
+    folder = Path(run)
+    reflowed = folder.is_dir() and (folder / "velocity.pt").is_file() and (
+        (folder / "distilled").is_dir() or any(folder.glob("reflow_*/velocity.pt")))
+    if reflowed and steps in (1, 2):
+        from rfp_core.train.reflow_run import translator_for_steps
+
+        return translator_for_steps(folder, steps, device)[0]
+    return Translator.from_run(run, device=device)
+
+
 def cli_translate(args: argparse.Namespace) -> int:
     from tqdm.auto import tqdm
 
-    tr = Translator.from_run(args.run, device=args.device)
+    tr = _run_translator(args.run, args.steps, args.device)
     if tr.generative:
         print(f"note: {args.run} was trained with domain0=random; translating from images anyway", file=sys.stderr)
     from rfp_core.video_translate import cli_translate_videos, split_video_inputs

@@ -69,6 +69,8 @@ def resolved_spec(exp: ExperimentConfig, root: Path) -> dict[str, Any]:
         "config_file": _portable(exp.config, root),
         "overrides": exp.overrides,
         "model_config": json.loads(cfg.to_json()),
+        # only when set, so an experiment without reflow keeps the spec (and the training) it had
+        **({"reflow": exp.reflow} if exp.reflow is not None else {}),
     }
 
 

@@ -90,13 +90,17 @@ def test_generate_from_an_original_run_folder(name, tmp_path):
     torch.testing.assert_close(images, tr.generate(2, seed=0))  # reproducible by seed
 
 
-def test_rfp_train_trains_a_dit_and_tracks_it_in_mlflow(tmp_path):
+def test_rfp_train_trains_an_sae_and_a_dit_and_tracks_them_in_mlflow(tmp_path):
     import mlflow
 
     from rfp_core.cli import main
 
     d0, d1 = make_discs(tmp_path / "data", n=6, size=16)
+    sae = {"type": "SAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
+           "num_res_blocks": 1}
     cfg = {"type": "RFPix2pixModel", "max_size": 16,
+           "codec": {"type": "Codec", "net": sae, "train_images": 8 * 6, "train_batch_size": 8, "learning_rate": 3e-3,
+                     "losses": [{"type": "L1Loss"}, {"type": "SAELatentConsistencyLoss", "weight": 0.1}]},
            "velocity": {"type": "Velocity", "net": {"type": "DiT", "patch_size": 2, "hidden_size": 32, "depth": 1,
                                                     "num_heads": 4},
                         "train_images": 4 * 3, "train_batch_size": 4, "train_minibatch_size": 4, "sample_batch_size": 2,
@@ -112,11 +116,12 @@ def test_rfp_train_trains_a_dit_and_tracks_it_in_mlflow(tmp_path):
 
     tr = Translator.from_run(runs_dir() / "dit", device="cpu")
     assert type(tr.net).__name__ == "DiT" and tr.translate(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    assert type(tr.codec).__name__ == "SAE" and tr.encode(torch.zeros(1, 3, 16, 16)).shape == (1, 4, 8, 8)
     client = mlflow.MlflowClient()
     exp = client.get_experiment_by_name("rfp-train")
     (run,) = client.search_runs([exp.experiment_id])
     assert run.info.run_name == "dit" and run.data.params["velocity.net.type"] == "DiT"
-    assert "velocity/loss" in run.data.metrics and "saliency/accuracy" in run.data.metrics
+    assert {"velocity/loss", "saliency/accuracy", "codec/l1_loss", "codec/lat_con_loss"} <= set(run.data.metrics)
 
 
 def test_the_mlflow_pyfunc_serves_an_original_run_folder(tmp_path):
