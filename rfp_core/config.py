@@ -120,14 +120,19 @@ class IdentityNetConfig(_Strict):
         return "Identity"
 
 
-class AutoEncoderConfig(_Strict):
-    type: Literal["AutoEncoder", "VAE", "SAE"] = "VAE"
+class _ConvCodecConfig(_Strict):
+    """What every convolutional codec net has: its latent, widths, levels and blocks."""
+
     latent_channels: int = Field(16, ge=1)
     model_channels: int = Field(64, ge=1)
     ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
     normalization: Normalization = "GroupNorm32"
     activation: Activation = "SiLU"
     num_res_blocks: int = Field(2, ge=1)
+
+
+class AutoEncoderConfig(_ConvCodecConfig):
+    type: Literal["AutoEncoder", "VAE", "SAE"] = "VAE"
     decoder_num_res_blocks: int | None = Field(None, ge=1)
     attention_resolutions: list[int] = Field(default_factory=list)
     mid_attention: bool = False
@@ -140,16 +145,10 @@ class AutoEncoderConfig(_Strict):
     noise_angle_degrees_max: float = Field(85.0, gt=0, lt=90)
 
 
-class ConvEncoderDecoderConfig(_Strict):
+class ConvEncoderDecoderConfig(_ConvCodecConfig):
     """The trainer's earlier codec net: its files load, training it is not supported yet."""
 
     type: Literal["ConvEncoderDecoder"] = "ConvEncoderDecoder"
-    latent_channels: int = Field(16, ge=1)
-    model_channels: int = Field(64, ge=1)
-    ch_mult: list[int] = Field(default_factory=lambda: [1, 2, 4], min_length=1)
-    normalization: Normalization = "GroupNorm32"
-    activation: Activation = "SiLU"
-    num_res_blocks: int = Field(2, ge=1)
 
 
 def _codec_net_kind(value: Any) -> str:
