@@ -118,7 +118,7 @@ def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_ho
     c = d["ceilings"]
     assert c["domain_judge_acc"] >= 0.8  # the domain judge beats chance on real images
     assert d["identity"]["transfer_rate"]["mean"] <= 0.2  # untranslated inputs are not called domain 1
-    raw = json.loads((isolated_rfp_home / "bench" / "quality" / "report" / "quality.json").read_text())
+    raw = {"tasks": {"digits": json.loads((isolated_rfp_home / "bench" / "quality" / "report" / "digits.json").read_text())}}
     rows = raw["tasks"]["digits"]["rows"]
     assert rows["identity"][0]["edge_agreement"] == pytest.approx(1.0)
     assert rows["identity"][0]["two_sample_acc"] >= 0.8  # domain 0 is trivially told from domain 1

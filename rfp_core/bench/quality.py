@@ -35,11 +35,12 @@ import numpy as np
 import torch
 
 from rfp_core.bench import quality_tasks as QT
+from rfp_core.train.saliency import SaliencyThresholdNotReached
 
 # ----------------------------------------------------------------------------------------
 # the configs: every training key explicit, so a change of the project's defaults does not move
 # the results. One dict per trained row in ROW_CONFIGS; rows differ only in velocity.loss /
-# velocity.mse_weight. Budget (full run): 500 optimizer steps of 16 at 32 px.
+# velocity.mse_weight. Budget (full run): 250 optimizer steps of 16 at 32 px (2 shared CPU cores).
 
 _BASE: dict[str, Any] = {
     "type": "RFPix2pixModel", "max_size": 32, "seed": 0, "store_max_side": 512,
@@ -49,7 +50,7 @@ _BASE: dict[str, Any] = {
     "saliency": {
         "net": {"type": "ResNetSaliencyNet", "backbone": "resnet18", "num_classes": 2, "pretrained": False,
                 "pretrained_path": None, "latent_channels": 64},
-        "learning_rate": 1e-3, "accuracy_threshold": 0.98, "warmup_threshold": 0.8, "blend_fraction": 0.1,
+        "learning_rate": 1e-3, "accuracy_threshold": 0.95, "warmup_threshold": 0.8, "blend_fraction": 0.1,
         "label_smoothing": 0.1, "augmentations": ["hflip"], "batch_size": 32, "max_steps": 1500, "eval_every": 25,
         "holdout_fraction": 0.1,
     },
@@ -57,7 +58,7 @@ _BASE: dict[str, Any] = {
         "net": {"type": "UNet", "model_channels": 32, "ch_mult": [1, 2, 2], "normalization": "GroupNorm32",
                 "activation": "SiLU", "num_res_blocks": 1, "zero_res_blocks": False, "zero_out": True,
                 "attention_resolutions": [], "num_attention_heads": 4, "dropout": 0.0},
-        "learning_rate": 5e-4, "weight_decay": 1e-4, "train_images": 8000, "train_batch_size": 16,
+        "learning_rate": 5e-4, "weight_decay": 1e-4, "train_images": 4000, "train_batch_size": 16,
         "train_minibatch_size": 16, "timestep_sampling": "logit-normal", "loss": "saliency", "mse_weight": 0.0,
         "lr_schedule": "cosine", "warmup_fraction": 0.05, "gradient_clip": 1.0, "ema": 0.995, "bf16": False,
         "num_inference_steps": 8, "sampler": "euler", "sample_batch_size": 8, "sample_every_images": 1_000_000,
@@ -93,7 +94,7 @@ QUICK_OVERRIDES: dict[str, Any] = {
 REFERENCE_ROWS = ("identity", "tint")
 ROWS = REFERENCE_ROWS + tuple(ROW_CONFIGS)
 # judge training steps (full, quick)
-JUDGE_STEPS = {"domain": (400, 60), "content": (1500, 150), "two_sample": (300, 60)}
+JUDGE_STEPS = {"domain": (400, 60), "content": (400, 60), "two_sample": (150, 100)}
 METRICS = ("content_kept", "transfer_rate", "two_sample_acc", "fd", "kid", "edge_agreement", "straightness", "nfe",
            "wall_s")
 
@@ -272,13 +273,20 @@ def run_task(name: str, rows: list[str], seeds: list[int], quick: bool, device: 
     grids: dict[str, str] = {}
     for seed in seeds:
         for row in rows:
+            if row in REFERENCE_ROWS and seed != seeds[0]:
+                continue  # no training, the same outputs every seed: scored once
             t_row = time.perf_counter()
             if row == "identity":
                 out, flow_stats, train_s = x.clone(), {"straightness": None, "nfe": 0}, 0.0
             elif row == "tint":
                 out, flow_stats, train_s = tint(x, stats0, stats1), {"straightness": None, "nfe": 0}, 0.0
             else:
-                run_dir, train_s = train_row(task, row, seed, quick, device, steps, shared)
+                try:
+                    run_dir, train_s = train_row(task, row, seed, quick, device, steps, shared)
+                except SaliencyThresholdNotReached as exc:  # a failed row is a result, not the end of the run
+                    print(f"{name}/{row}/seed {seed}: {exc}", file=sys.stderr)
+                    per_row[row].append({"seed": seed, "error": str(exc)[:300]})
+                    continue
                 out, flow_stats = translate_all(run_dir, x, device)
             wall = train_s + (time.perf_counter() - t_row)  # training + translation (not the scoring)
             res = {"seed": seed, **score(out, judges, quick, seed, device), **flow_stats, "wall_s": wall}
@@ -330,28 +338,39 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
         "size": example.max_size, "model_channels": example.velocity.net.model_channels,
         "ch_mult": example.velocity.net.ch_mult, "nfe": example.velocity.num_inference_steps,
         "sampler": example.velocity.sampler, "anchor": ROW_CONFIGS["anchored"]["velocity"]["mse_weight"],
-        "minutes": (time.perf_counter() - start) / 60.0, "out_dir": out_dir,
+        "minutes": (time.perf_counter() - start) / 60.0,
         "command": "rfp bench quality" + (" --quick" if quick else "") + f" --seeds {n_seeds}"
                    + f" --tasks {','.join(task_names)} --rows {','.join(row_names)}" + (f" --steps {steps}" if steps else ""),
     }
-    table = markdown(results, header)
     out_dir.mkdir(parents=True, exist_ok=True)
+    for name, res in results.items():  # one raw file per task: runs of one task each can share the folder
+        atomic_write_text(out_dir / f"{name}.json", json.dumps({"header": header, **res}, indent=1, default=str) + "\n")
+    table = markdown(collect(out_dir), out_dir, quick)
     atomic_write_text(out_dir / "QUALITY.md", table)
-    raw = {"header": {k: (str(v) if isinstance(v, Path) else v) for k, v in header.items()}, "tasks": results}
-    atomic_write_text(out_dir / "quality.json", json.dumps(raw, indent=1, default=str) + "\n")
     if not quick:
         splice_benchmarks(project_root() / "docs" / "BENCHMARKS.md", table, begin=BEGIN, end=END,
                           title="## Translation quality on real images — `rfp bench quality`")
-    print(f"quality table: {out_dir / 'QUALITY.md'}; raw: {out_dir / 'quality.json'}", file=sys.stderr)
+    print(f"quality table: {out_dir / 'QUALITY.md'}; raw: {out_dir}/<task>.json", file=sys.stderr)
 
     summary: dict[str, Any] = {}
     for name, res in results.items():
         summary[name] = {"ceilings": res["ceilings"], **{
-            row: {m: summarise([r[m] for r in per_seed]) for m in ("content_kept", "transfer_rate")}
+            row: {m: summarise([r.get(m) for r in per_seed]) for m in ("content_kept", "transfer_rate")}
             for row, per_seed in res["rows"].items()}}
     summary.update({"quick": quick, "seeds": n_seeds, "device": str(dev), "seconds": time.perf_counter() - start,
-                    "raw": str(out_dir / "quality.json")})
+                    "raw": [str(out_dir / f"{name}.json") for name in results]})
     return json.loads(json.dumps(summary, default=str))
 
 
 BEGIN, END = "<!-- quality:start -->", "<!-- quality:end -->"
+
+
+def collect(out_dir: Path) -> dict[str, dict]:
+    """Every task's raw results in `out_dir`, in the tasks' order (this run's and earlier runs')."""
+    found = {}
+    for name in QT.TASKS:
+        try:
+            found[name] = json.loads((out_dir / f"{name}.json").read_text())
+        except (OSError, json.JSONDecodeError):
+            continue
+    return found

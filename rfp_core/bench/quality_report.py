@@ -49,10 +49,20 @@ def _link(path: str, out_dir: Path, quick: bool) -> str:
     return path if quick else os.path.relpath(path, Path(out_dir).parent)
 
 
-def task_section(name: str, res: dict, header: dict) -> list[str]:
+def _budget(h: dict) -> str:
+    return (f"Made by `{h['command']}` on {h['date']} ({h['device']}, {h['platform']}; {h['minutes']:.0f} min). "
+            f"Budget per trained row and seed: {h['steps']} optimizer steps of {h['batch']} at {h['size']} px, UNet "
+            f"{h['model_channels']} ch × {h['ch_mult']}, pixel space, unpaired (no structure pairing), {h['nfe']} "
+            f"{h['sampler']} steps to translate; {h['seeds']} seed(s) (the training seed; data and judges fixed; the "
+            f"reference rows need no training and are scored once). Anchored: `mse_weight` {h['anchor']:g}.")
+
+
+def task_section(name: str, res: dict, out_dir: Path, quick: bool) -> list[str]:
     c = res["ceilings"]
     lines = [
         f"### {name}",
+        "",
+        _budget(res["header"]),
         "",
         f"{res['style']}. {res['n_eval']} held-out domain-0 inputs translated and scored; judges trained on "
         f"{res['n_judge']} other labelled real images (a disjoint pool the translator never saw). "
@@ -65,24 +75,23 @@ def task_section(name: str, res: dict, header: dict) -> list[str]:
         "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
     ]
     for row, per_seed in res["rows"].items():
-        cells = [cell([r.get(k) for r in per_seed], fmt) for k, _, fmt in COLUMNS]
+        cells = [cell([r.get(k) for r in per_seed if "error" not in r], fmt) for k, _, fmt in COLUMNS]
         lines.append(f"| {ROW_LABELS.get(row, row)} | " + " | ".join(cells) + " |")
-    grids = ", ".join(f"[{row}]({_link(p, header['out_dir'], header['quick'])})" for row, p in res["grids"].items())
+    grids = ", ".join(f"[{row}]({_link(p, out_dir, quick)})" for row, p in res["grids"].items())
+    failed = [f"{row} seed {r['seed']}" for row, per_seed in res["rows"].items() for r in per_seed if "error" in r]
+    if failed:
+        lines += ["", "Not trained (saliency threshold not reached): " + ", ".join(failed) + "."]
     lines += ["", f"Grids (top: inputs, bottom: outputs, seed 0): {grids}", ""]
     return lines
 
 
-def markdown(results: dict[str, dict], header: dict) -> str:
+def markdown(results: dict[str, dict], out_dir: Path, quick: bool) -> str:
     lines = [
         "# Translation quality on real images",
         "",
-        f"Made by `{header['command']}` on {header['date']} ({header['device']}, {header['platform']}; "
-        f"{header['minutes']:.0f} min in all). Budget per trained row and seed: {header['steps']} optimizer steps of "
-        f"{header['batch']} at {header['size']} px, UNet {header['model_channels']} ch × {header['ch_mult']}, pixel "
-        f"space, unpaired (no structure pairing), {header['nfe']} {header['sampler']} steps to translate; "
-        f"{header['seeds']} seed(s) (the training seed; the data and judges are fixed). Trained rows differ only in "
-        f"`velocity.loss` / `velocity.mse_weight` (anchored: {header['anchor']:g}); configs in "
-        "`rfp_core/bench/quality.py` (`ROW_CONFIGS`). Cells: mean ± std (min–max) over seeds.",
+        "Real images that ship with scikit-learn (nothing downloaded). Trained rows differ only in "
+        "`velocity.loss` / `velocity.mse_weight`; configs in `rfp_core/bench/quality.py` (`ROW_CONFIGS`). "
+        "Cells: mean ± std (min–max) over seeds.",
         "",
         "What to read: *content kept* is the content judge's accuracy on the translations against each input's "
         "true label (compare with the ceiling); *transfer rate* the share of translations the domain judge calls "
@@ -96,5 +105,5 @@ def markdown(results: dict[str, dict], header: dict) -> str:
         "",
     ]
     for name, res in results.items():
-        lines += task_section(name, res, header)
+        lines += task_section(name, res, out_dir, quick)
     return "\n".join(lines)

@@ -48,7 +48,7 @@ class TaskSpec:
 
 
 FULL = TaskSpec(n_train=600, n_judge=600, n_eval=400)
-QUICK = TaskSpec(n_train=32, n_judge=96, n_eval=32)
+QUICK = TaskSpec(n_train=32, n_judge=96, n_eval=64)
 
 
 @dataclass(frozen=True)

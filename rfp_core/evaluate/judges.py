@@ -1,6 +1,6 @@
 """Judges for `rfp bench quality`, each trained afresh on labelled real images, never on a model's nets.
 
-- `train_content_judge`: a small CNN (the domain judge's body with a class head) that reads the
+- `train_content_judge`: a small CNN (`ContentNet`) that reads the
   content label (a digit; which photo region) from target-domain images. Its accuracy on real
   held-out target images is its ceiling: content kept by a translation is read against that.
 - `two_sample_accuracy`: the classifier two-sample test. A fresh domain judge (`train_judge`) learns
@@ -18,7 +18,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm import tqdm
 
-from rfp_core.evaluate.judge import FEATURE_DIM, JudgeNet, train_judge
+from rfp_core.evaluate.judge import train_judge
 
 
 def shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> torch.Tensor:
@@ -28,6 +28,28 @@ def shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> 
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=gen).tolist()
     return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+
+
+class ContentNet(nn.Module):
+    """Conv blocks down to 4x4, then flattened: unlike the domain judge's global average pool it
+    keeps where the strokes are, which is what tells a 6 from a 9 (GAP: 0.22 accuracy on the
+    digits task after 300 steps)."""
+
+    def __init__(self, n_classes: int, width: int = 32, size: int = 32):
+        super().__init__()
+        act = nn.SiLU
+        self.body = nn.Sequential(
+            nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(8, width), act(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), act(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), act(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), act(),
+        )
+        side = -(-size // 8)
+        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, 128), act(), nn.Dropout(0.2),
+                                  nn.Linear(128, n_classes))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.body(x))
 
 
 @dataclass
@@ -63,9 +85,7 @@ def train_content_judge(x: torch.Tensor, labels: torch.Tensor, n_classes: int, s
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
-    net = JudgeNet(width)
-    net.head = nn.Linear(FEATURE_DIM, n_classes)  # JudgeNet's body and feature layer, a class head
-    net = net.to(device)
+    net = ContentNet(n_classes, width, x.shape[-1]).to(device)
     opt = torch.optim.AdamW(net.parameters(), lr=lr, weight_decay=1e-4)
     sched = torch.optim.lr_scheduler.CosineAnnealingLR(opt, max(1, steps))
     net.train()
