@@ -29,7 +29,7 @@ import shutil
 import sys
 import time
 from pathlib import Path
-from typing import Any
+from typing import Any, Callable
 
 import numpy as np
 import torch
@@ -40,7 +40,7 @@ from rfp_core.train.saliency import SaliencyThresholdNotReached
 # ----------------------------------------------------------------------------------------
 # the configs: every training key explicit, so a change of the project's defaults does not move
 # the results. One dict per trained row in ROW_CONFIGS; rows differ only in velocity.loss /
-# velocity.mse_weight. Budget (full run): 250 optimizer steps of 16 at 32 px (2 shared CPU cores).
+# velocity.mse_weight. Budget (full run): 200 optimizer steps of 16 at 32 px (2 shared CPU cores).
 
 _BASE: dict[str, Any] = {
     "type": "RFPix2pixModel", "max_size": 32, "seed": 0, "store_max_side": 512,
@@ -58,7 +58,7 @@ _BASE: dict[str, Any] = {
         "net": {"type": "UNet", "model_channels": 32, "ch_mult": [1, 2, 2], "normalization": "GroupNorm32",
                 "activation": "SiLU", "num_res_blocks": 1, "zero_res_blocks": False, "zero_out": True,
                 "attention_resolutions": [], "num_attention_heads": 4, "dropout": 0.0},
-        "learning_rate": 5e-4, "weight_decay": 1e-4, "train_images": 4000, "train_batch_size": 16,
+        "learning_rate": 5e-4, "weight_decay": 1e-4, "train_images": 3200, "train_batch_size": 16,
         "train_minibatch_size": 16, "timestep_sampling": "logit-normal", "loss": "saliency", "mse_weight": 0.0,
         "lr_schedule": "cosine", "warmup_fraction": 0.05, "gradient_clip": 1.0, "ema": 0.995, "bf16": False,
         "num_inference_steps": 8, "sampler": "euler", "sample_batch_size": 8, "sample_every_images": 1_000_000,
@@ -256,8 +256,9 @@ def _parse_list(value: str | list[str] | tuple[str, ...] | None, allowed: tuple[
 
 
 def run_task(name: str, rows: list[str], seeds: list[int], quick: bool, device: torch.device, steps: int | None,
-             grid_dir: Path) -> dict[str, Any]:
-    """Judges once, then every row x seed: train (trained rows), translate, score. Per-seed results."""
+             grid_dir: Path, save: Callable[[dict], None] | None = None) -> dict[str, Any]:
+    """Judges once, then every row x seed: train (trained rows), translate, score. Per-seed results;
+    `save` gets the results so far after every row and seed (a run stopped early keeps them)."""
     from rfp_core.images import save_grid
     from rfp_core.paths import rfp_home
 
@@ -271,6 +272,8 @@ def run_task(name: str, rows: list[str], seeds: list[int], quick: bool, device: 
     shared: dict[tuple, Path] = {}
     per_row: dict[str, list[dict]] = {r: [] for r in rows}
     grids: dict[str, str] = {}
+    result = {"rows": per_row, "ceilings": judges["ceilings"], "grids": grids, "n_eval": judges["n_eval"],
+              "n_judge": judges["n_judge"], "style": task.style, "labels": list(task.label_names)}
     for seed in seeds:
         for row in rows:
             if row in REFERENCE_ROWS and seed != seeds[0]:
@@ -295,8 +298,9 @@ def run_task(name: str, rows: list[str], seeds: list[int], quick: bool, device: 
                                                             if isinstance(v, float)), file=sys.stderr)
             if row not in grids:  # the first seed's outputs: inputs above, outputs below
                 grids[row] = str(save_grid([x[:8], out[:8].clamp(-1, 1)], grid_dir / f"{name}_{row}.png"))
-    return {"rows": per_row, "ceilings": judges["ceilings"], "grids": grids, "n_eval": judges["n_eval"],
-            "n_judge": judges["n_judge"], "style": task.style, "labels": list(task.label_names)}
+            if save is not None:
+                save(result)
+    return result
 
 
 def summarise(values: list[float | None]) -> dict[str, float | None]:
@@ -328,8 +332,7 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
         raise ConfigError(f"--seeds must be at least 1, got {n_seeds}")
     # quick runs write under $RFP_HOME and leave the docs as they are
     out_dir = (rfp_home() / "bench" / "quality" / "report") if quick else project_root() / "docs" / "quality"
-    results = {name: run_task(name, row_names, list(range(n_seeds)), quick, dev, steps, out_dir) for name in task_names}
-
+    out_dir.mkdir(parents=True, exist_ok=True)
     example = row_config(next((r for r in row_names if r in ROW_CONFIGS), "paper"), 0, quick, steps)
     header = {
         "quick": quick, "date": time.strftime("%Y-%m-%d"), "device": str(dev), "seeds": n_seeds,
@@ -338,18 +341,23 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
         "size": example.max_size, "model_channels": example.velocity.net.model_channels,
         "ch_mult": example.velocity.net.ch_mult, "nfe": example.velocity.num_inference_steps,
         "sampler": example.velocity.sampler, "anchor": ROW_CONFIGS["anchored"]["velocity"]["mse_weight"],
-        "minutes": (time.perf_counter() - start) / 60.0,
+        "minutes": 0.0,
         "command": "rfp bench quality" + (" --quick" if quick else "") + f" --seeds {n_seeds}"
                    + f" --tasks {','.join(task_names)} --rows {','.join(row_names)}" + (f" --steps {steps}" if steps else ""),
     }
-    out_dir.mkdir(parents=True, exist_ok=True)
-    for name, res in results.items():  # one raw file per task: runs of one task each can share the folder
-        atomic_write_text(out_dir / f"{name}.json", json.dumps({"header": header, **res}, indent=1, default=str) + "\n")
-    table = markdown(collect(out_dir), out_dir, quick)
-    atomic_write_text(out_dir / "QUALITY.md", table)
-    if not quick:
-        splice_benchmarks(project_root() / "docs" / "BENCHMARKS.md", table, begin=BEGIN, end=END,
-                          title="## Translation quality on real images — `rfp bench quality`")
+
+    def save(name: str, res: dict) -> None:
+        # one raw file per task (runs of one task each can share the folder); the table from all of them
+        stamp = {**header, "minutes": (time.perf_counter() - start) / 60.0}
+        atomic_write_text(out_dir / f"{name}.json", json.dumps({"header": stamp, **res}, indent=1, default=str) + "\n")
+        table = markdown(collect(out_dir), out_dir, quick)
+        atomic_write_text(out_dir / "QUALITY.md", table)
+        if not quick:
+            splice_benchmarks(project_root() / "docs" / "BENCHMARKS.md", table, begin=BEGIN, end=END,
+                              title="## Translation quality on real images — `rfp bench quality`")
+
+    results = {name: run_task(name, row_names, list(range(n_seeds)), quick, dev, steps, out_dir,
+                              save=lambda res, name=name: save(name, res)) for name in task_names}
     print(f"quality table: {out_dir / 'QUALITY.md'}; raw: {out_dir}/<task>.json", file=sys.stderr)
 
     summary: dict[str, Any] = {}
