@@ -6,7 +6,7 @@ the saliency-weighted loss E ||J_h(X_t) (X1 - X0 - v)||^2; generative mode with 
 
 from __future__ import annotations
 
-from typing import Callable, Literal
+from typing import Callable, Literal, NamedTuple
 
 import torch
 import torch.autograd.forward_ad as fwAD
@@ -110,6 +110,30 @@ def saliency_weighted_loss_func(h: Callable[[Tensor], Tensor], x_t: Tensor, targ
     return surrogate - surrogate.detach() + value
 
 
+class LossTerms(NamedTuple):
+    """The anchored loss and its two terms: `total` = `saliency` + mse_weight x `mse`.
+
+    `total` carries the gradient; `saliency` and `mse` are detached values for logging (`mse` is
+    the plain, unweighted MSE, measured even when the anchor's weight is 0)."""
+
+    total: Tensor
+    saliency: Tensor
+    mse: Tensor
+
+
+def anchored_saliency_loss_terms(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor,
+                                 mse_weight: float) -> LossTerms:
+    """`anchored_saliency_loss` with its two terms apart, so a trainer can log what each does."""
+    sal = saliency_weighted_loss(h, x_t, target, v_pred)
+    if mse_weight:
+        mse = velocity_mse_loss(v_pred, target)
+        return LossTerms(sal + mse_weight * mse, sal.detach(), mse.detach())
+    # weight 0: the MSE is only watched, so it must add nothing to the graph
+    with torch.no_grad():
+        mse = velocity_mse_loss(v_pred, target)
+    return LossTerms(sal, sal.detach(), mse)
+
+
 def anchored_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor, mse_weight: float) -> Tensor:
     """The saliency-weighted loss plus `mse_weight` x plain MSE (`velocity.mse_weight`).
 
@@ -117,8 +141,7 @@ def anchored_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: T
     loss alone lets the velocity wander off along everything else (docs/METHOD.md's colour cast); a
     small MSE term anchors those coordinates to the straight-line target.
     """
-    loss = saliency_weighted_loss(h, x_t, target, v_pred)
-    return loss + mse_weight * velocity_mse_loss(v_pred, target) if mse_weight else loss
+    return anchored_saliency_loss_terms(h, x_t, target, v_pred, mse_weight).total
 
 
 def reference_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor) -> Tensor:

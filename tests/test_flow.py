@@ -206,3 +206,28 @@ def test_straightness():
     s = flow.straightness(lambda z, t: t.view(-1, 1).expand_as(z), torch.zeros(2, 1, dtype=torch.float64), steps=4,
                           sampler="heun")
     assert s == pytest.approx(sum((0.5 - i / 4) ** 2 for i in range(4)) / 4)
+
+
+def test_anchored_loss_terms_add_up_and_leave_the_gradient_as_it_was():
+    sal = _saliency_f64()
+    torch.manual_seed(3)
+    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=False)).double()
+    x0 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    x1 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
+    t = torch.tensor([0.3, 0.7], dtype=torch.float64)
+    h = sal.frozen_h()
+    for weight in (0.0, 5.0):
+        terms = {}
+
+        def total(*a, w=weight):
+            out = flow.anchored_saliency_loss_terms(*a, mse_weight=w)
+            terms.update(sal=out.saliency, mse=out.mse)
+            return out.total
+
+        t_loss, t_grad = _grads(total, h, unet, x0, x1, t)
+        a_loss, a_grad = _grads(lambda *a, w=weight: flow.anchored_saliency_loss(*a, mse_weight=w), h, unet, x0, x1, t)
+        torch.testing.assert_close(t_loss, terms["sal"] + weight * terms["mse"])
+        torch.testing.assert_close(t_loss, a_loss)
+        for k in a_grad:
+            torch.testing.assert_close(t_grad[k], a_grad[k], rtol=0, atol=0)
+        assert float(terms["mse"]) > 0 and not terms["sal"].requires_grad and not terms["mse"].requires_grad

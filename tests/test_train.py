@@ -83,6 +83,16 @@ def test_velocity_loss_falls(trained):
     assert all(r["images_per_s"] > 0 and r["lr"] > 0 for r in rows)
 
 
+def test_metrics_log_the_two_loss_terms_apart(trained):
+    run, *_ = trained
+    rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
+    w = load_config(TINY).velocity.mse_weight
+    for r in rows:
+        assert r["loss_saliency"] > 0 and r["loss_mse"] > 0
+        # loss = saliency term + mse_weight x plain MSE, window by window
+        assert r["loss"] == pytest.approx(r["loss_saliency"] + w * r["loss_mse"], rel=1e-5)
+
+
 def test_checkpoints_load_with_weights_only(trained):
     run, *_ = trained
     for path in [run / "saliency.pt", run / "velocity.pt", *run.glob("velocity_*.pt")]:

@@ -1,4 +1,4 @@
-"""`rfp bench ingest|train|pairing|ablation|reflow`: each prints one JSON object as its last line."""
+"""`rfp bench ingest|train|pairing|ablation|reflow|quality`: each prints one JSON object as its last line."""
 
 from __future__ import annotations
 
@@ -11,7 +11,15 @@ def emit(result: dict) -> None:
     print(json.dumps(result, sort_keys=True), flush=True)
 
 
+QUALITY_ONLY = ("seeds", "tasks", "rows", "steps")
+
+
 def cli_bench(args) -> int:
+    from rfp_core.config import ConfigError
+
     module = importlib.import_module(f"rfp_core.bench.{args.which}")
-    emit(module.run(quick=args.quick, device=args.device))
+    extra = {k: getattr(args, k, None) for k in QUALITY_ONLY if getattr(args, k, None) is not None}
+    if extra and args.which != "quality":
+        raise ConfigError(f"--{' --'.join(extra)}: only `rfp bench quality` takes these options")
+    emit(module.run(quick=args.quick, device=args.device, **extra))
     return 0

@@ -138,19 +138,21 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
 BEGIN, END = "<!-- ablation:begin (written by rfp bench ablation) -->", "<!-- ablation:end -->"
 
 
-def splice_benchmarks(path: Path, table: str) -> None:
-    """Put the table (without its title) between the ablation markers of docs/BENCHMARKS.md,
-    appending a section with the markers when the file has none."""
+def splice_benchmarks(path: Path, table: str, begin: str = BEGIN, end: str = END,
+                      title: str = "## Ablation — `rfp bench ablation`") -> None:
+    """Put the table (without its title) between the `begin` / `end` markers of docs/BENCHMARKS.md
+    (the ablation's by default), replacing what was there; a file without the markers gets a
+    section `title` with them appended once."""
     from rfp_core.atomic import atomic_write_text
 
     body = table.split("\n", 2)[2].strip() if table.startswith("# ") else table.strip()
-    block = f"{BEGIN}\n{body}\n{END}"
+    block = f"{begin}\n{body}\n{end}"
     text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if BEGIN in text and END in text:
-        head, rest = text.split(BEGIN, 1)
-        text = head + block + rest.split(END, 1)[1]
+    if begin in text and end in text:
+        head, rest = text.split(begin, 1)
+        text = head + block + rest.split(end, 1)[1]
     else:
-        text = text.rstrip("\n") + "\n\n## Ablation — `rfp bench ablation`\n\n" + block + "\n"
+        text = text.rstrip("\n") + f"\n\n{title}\n\n" + block + "\n"
     atomic_write_text(path, text)
 
 

@@ -148,6 +148,31 @@ def cycle_error(x: torch.Tensor, x_back: torch.Tensor) -> float:
     return float((x.detach().float() - x_back.detach().float()).abs().mean())
 
 
+def edge_maps(images: torch.Tensor) -> torch.Tensor:
+    """(N, H, W) Sobel gradient magnitude of each image's luminance (edge-padded borders)."""
+    x = images.detach().float().cpu()
+    if x.ndim != 4 or x.shape[1] != 3:
+        raise ValueError(f"expected images (N, 3, H, W), got shape {tuple(images.shape)}")
+    gray = (0.299 * x[:, 0] + 0.587 * x[:, 1] + 0.114 * x[:, 2])[:, None]
+    gray = torch.nn.functional.pad(gray, (1, 1, 1, 1), mode="replicate")
+    kx = torch.tensor([[-1.0, 0.0, 1.0], [-2.0, 0.0, 2.0], [-1.0, 0.0, 1.0]]).view(1, 1, 3, 3)
+    gx = torch.nn.functional.conv2d(gray, kx)
+    gy = torch.nn.functional.conv2d(gray, kx.transpose(2, 3))
+    return torch.hypot(gx, gy)[:, 0]
+
+
+def edge_agreements(a: torch.Tensor, b: torch.Tensor) -> np.ndarray:
+    """Per-pair Pearson correlation of the two images' edge maps, (N,): 1 = the same edges
+    (whatever the colours), ~0 = unrelated. A flat image has no edges to agree with: 0."""
+    if a.shape != b.shape:
+        raise ValueError(f"shapes differ: {tuple(a.shape)} vs {tuple(b.shape)}")
+    ea, eb = edge_maps(a).flatten(1).double(), edge_maps(b).flatten(1).double()
+    ea, eb = ea - ea.mean(1, keepdim=True), eb - eb.mean(1, keepdim=True)
+    denom = ea.norm(dim=1) * eb.norm(dim=1)
+    corr = torch.where(denom > 1e-9, (ea * eb).sum(1) / denom.clamp_min(1e-12), torch.zeros_like(denom))
+    return corr.numpy()
+
+
 def stripe_energy(images: torch.Tensor) -> torch.Tensor:
     """Mean absolute vertical pixel difference per image, (N,): high for striped fills, ~0 for flat."""
     x = images.detach().float()
@@ -156,6 +181,6 @@ def stripe_energy(images: torch.Tensor) -> torch.Tensor:
 
 __all__ = [
     "frechet_distance", "frechet_distance_from_stats", "kid", "mask_iou", "mask_ious",
-    "foreground_mask", "cosine_similarity", "cycle_error", "stripe_energy",
+    "foreground_mask", "cosine_similarity", "cycle_error", "stripe_energy", "edge_maps", "edge_agreements",
 ]
 

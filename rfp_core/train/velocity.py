@@ -213,6 +213,7 @@ def train_velocity(
     sample_every = max(1, math.ceil(vc.sample_every_images / images_per_step))
     last_ckpt_time = time.monotonic()
     window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+    window_terms = torch.zeros(2)
     run_start, run_start_step = time.perf_counter(), step
     final_loss = float("nan")
     while step < total:
@@ -221,6 +222,7 @@ def train_velocity(
             group["lr"] = lr
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
+        step_terms = torch.zeros(2, device=device)  # (saliency term, plain MSE) of the step, for the log
         for _ in range(accum):
             batch = next(batches)
             with torch.no_grad():
@@ -233,7 +235,8 @@ def train_velocity(
                 v = model(x_t, t)
             v = v.float()
             if use_saliency:
-                loss = flow.anchored_saliency_loss(h, x_t, target, v, vc.mse_weight)
+                loss, term_sal, term_mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, vc.mse_weight)
+                step_terms += torch.stack([term_sal, term_mse]) / accum
             else:
                 loss = flow.velocity_mse_loss(v, target)
             (loss / accum).backward()
@@ -255,6 +258,7 @@ def train_velocity(
         step += 1
         final_loss = loss_value
         window_loss += loss_value
+        window_terms += step_terms.detach().cpu()
         window_steps += 1
         bar.update(1)
 
@@ -262,12 +266,18 @@ def train_velocity(
             elapsed = time.perf_counter() - window_start
             metrics = {"step": step, "loss": window_loss / window_steps, "lr": lr,
                        "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9), "images": step * images_per_step}
+            if use_saliency:  # the anchored loss's two terms apart: loss = loss_saliency + mse_weight * loss_mse
+                metrics["loss_saliency"], metrics["loss_mse"] = (window_terms / window_steps).tolist()
             with metrics_path.open("a") as fh:
                 fh.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
             if log:
-                log({"velocity/loss": metrics["loss"], "velocity/lr": lr, "velocity/images_per_s": metrics["images_per_s"]}, step)
+                logged = {"velocity/loss": metrics["loss"], "velocity/lr": lr, "velocity/images_per_s": metrics["images_per_s"]}
+                if use_saliency:
+                    logged.update({"velocity/loss_saliency": metrics["loss_saliency"], "velocity/loss_mse": metrics["loss_mse"]})
+                log(logged, step)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
+            window_terms = torch.zeros(2)
         if step % sample_every == 0 and step < total:
             sample_grid = write_samples(step)
         due_time = time.monotonic() - last_ckpt_time >= vc.checkpoint_every_minutes * 60

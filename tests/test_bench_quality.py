@@ -1,0 +1,132 @@
+"""`rfp bench quality`: the tasks, the judges, and a --quick run through the CLI.
+
+The reference rows are where the benchmark can be checked without a trained model: the untranslated
+inputs must fail on transfer and realism, and a flat colour wash must be told apart from real target
+images by the two-sample test even where it fools the domain judge.
+"""
+
+import json
+
+import pytest
+import torch
+
+from rfp_core.bench import quality as Q
+from rfp_core.bench import quality_tasks as QT
+from rfp_core.bench.ablation import splice_benchmarks
+from rfp_core.cli import main
+from rfp_core.config import ConfigError
+from rfp_core.evaluate.judges import train_content_judge, two_sample_accuracy
+from rfp_core.evaluate.metrics import edge_agreements
+
+
+@pytest.mark.parametrize("name", ["digits", "photo"])
+def test_task_pools_are_disjoint_labelled_and_unpaired(tmp_path, name):
+    task = QT.make_task(name, tmp_path / name, QT.QUICK, seed=1)
+    sources = {}
+    for pool in QT.POOLS:
+        for d in QT._pool_domains(pool):
+            folder = task.folder(pool, d)
+            x, y = task.load(pool, d)
+            assert x.shape[1:] == (3, QT.SIZE, QT.SIZE) and x.min() >= -1 and x.max() <= 1
+            assert len(x) == QT._counts(QT.QUICK)[pool] and int(y.max()) < task.n_classes
+            sources.setdefault(pool, set()).update(json.loads((folder / "sources.json").read_text()).values())
+    # no digit sample / photo tile is in two pools: the translator never sees the judges' or the scored material
+    pools = list(sources)
+    for i, a in enumerate(pools):
+        for b in pools[i + 1:]:
+            assert not sources[a] & sources[b], (a, b)
+    # domain 1 really is restyled: its colour statistics differ from domain 0's
+    m0, _ = Q.channel_stats(task.load("train0", 0)[0])
+    m1, _ = Q.channel_stats(task.load("train1", 1)[0])
+    assert float((m0 - m1).abs().max()) > 0.05
+    # a complete set is reused, not rewritten
+    stamp = (task.root / "task.json").stat().st_mtime_ns
+    QT.make_task(name, tmp_path / name, QT.QUICK, seed=1)
+    assert (task.root / "task.json").stat().st_mtime_ns == stamp
+
+
+def test_content_judge_and_two_sample_test_on_known_answers():
+    g = torch.Generator().manual_seed(0)
+    labels = torch.arange(120) % 3
+    # class = which third of the image is bright: learnable; noise makes every image different
+    x = torch.rand(120, 3, 16, 16, generator=g) * 0.4 - 1
+    for i, c in enumerate(labels.tolist()):
+        x[i, :, :, 5 * c:5 * c + 5] += 1.2
+    judge = train_content_judge(x[:90], labels[:90], 3, steps=120, seed=0)
+    assert judge.accuracy(x[90:], labels[90:]) >= 0.9
+    with pytest.raises(ValueError, match="labels must lie"):
+        train_content_judge(x[:10], labels[:10] + 5, 3, steps=1)
+    # same distribution: near chance; different: told apart
+    a, b = torch.rand(64, 3, 16, 16, generator=g) * 2 - 1, torch.rand(64, 3, 16, 16, generator=g) * 2 - 1
+    assert two_sample_accuracy(a, b, steps=60) <= 0.75
+    assert two_sample_accuracy(a, (b * 0.2 + 0.5), steps=60) >= 0.9
+
+
+def test_edge_agreement_and_tint():
+    g = torch.Generator().manual_seed(0)
+    x = torch.rand(4, 3, 16, 16, generator=g) * 2 - 1
+    assert edge_agreements(x, x) == pytest.approx([1.0] * 4)
+    flat = torch.zeros_like(x)
+    assert edge_agreements(x, flat) == pytest.approx([0.0] * 4)
+    assert float(edge_agreements(x, torch.rand(4, 3, 16, 16, generator=g)).mean()) < 0.5
+    stats0, stats1 = Q.channel_stats(x), (torch.tensor([0.2, -0.1, 0.4]), torch.tensor([0.1, 0.1, 0.1]))
+    m, s = Q.channel_stats(Q.tint(x, stats0, stats1))
+    torch.testing.assert_close(m, stats1[0], atol=0.02, rtol=0)
+    torch.testing.assert_close(s, stats1[1], atol=0.02, rtol=0)
+
+
+def test_splice_replaces_between_the_quality_markers(tmp_path):
+    path = tmp_path / "BENCHMARKS.md"
+    path.write_text("# Benchmarks\n\nintro\n")
+    for body in ("first table", "second table"):
+        splice_benchmarks(path, f"# Title\n\n{body}\n", begin=Q.BEGIN, end=Q.END, title="## Quality")
+    text = path.read_text()
+    assert text.count(Q.BEGIN) == 1 and text.count("## Quality") == 1
+    assert "second table" in text and "first table" not in text and text.startswith("# Benchmarks\n\nintro")
+
+
+def test_row_configs_set_every_training_key_and_differ_only_in_the_loss():
+    from rfp_core.config import ModelConfig
+
+    defaults = ModelConfig().model_dump(mode="json")
+
+    def keys(d, prefix=""):
+        return {prefix + k for k, v in d.items() if not isinstance(v, dict)} | {
+            kk for k, v in d.items() if isinstance(v, dict) for kk in keys(v, prefix + k + ".")}
+
+    for row, raw in Q.ROW_CONFIGS.items():
+        assert keys(defaults) - {"domain0", "domain1"} <= keys(raw), row
+        assert Q.row_config(row, 3, quick=False).seed == 3
+    strip = lambda r: {**r, "velocity": {k: v for k, v in r["velocity"].items() if k not in ("loss", "mse_weight")}}  # noqa: E731
+    assert strip(Q.ROW_CONFIGS["paper"]) == strip(Q.ROW_CONFIGS["mse"]) == strip(Q.ROW_CONFIGS["anchored"])
+    with pytest.raises(ConfigError, match="--rows"):
+        Q._parse_list("paper,bogus", Q.ROWS, "rows")
+
+
+def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_home):
+    from rfp_core.paths import project_root
+
+    bench_md = project_root() / "docs" / "BENCHMARKS.md"
+    before = bench_md.read_text() if bench_md.exists() else None
+    assert main(["bench", "quality", "--quick", "--tasks", "digits", "--rows", "identity,tint,mse"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])  # the contract: last line is one JSON object
+    d = out["digits"]
+    assert set(d) == {"ceilings", "identity", "tint", "mse"}
+    for row in ("identity", "tint", "mse"):
+        assert set(d[row]) == {"content_kept", "transfer_rate"}
+        assert {"mean", "std", "min", "max", "n"} <= set(d[row]["content_kept"])
+    c = d["ceilings"]
+    assert c["domain_judge_acc"] >= 0.8  # the domain judge beats chance on real images
+    assert d["identity"]["transfer_rate"]["mean"] <= 0.2  # untranslated inputs are not called domain 1
+    raw = {"tasks": {"digits": json.loads((isolated_rfp_home / "bench" / "quality" / "report" / "digits.json").read_text())}}
+    rows = raw["tasks"]["digits"]["rows"]
+    assert rows["identity"][0]["edge_agreement"] == pytest.approx(1.0)
+    assert rows["identity"][0]["two_sample_acc"] >= 0.8  # domain 0 is trivially told from domain 1
+    assert rows["tint"][0]["two_sample_acc"] >= 0.8  # the colour wash does not pass for real target images
+    assert rows["mse"][0]["nfe"] == Q.QUICK_OVERRIDES["velocity"]["num_inference_steps"]
+    assert rows["mse"][0]["straightness"] is not None and rows["mse"][0]["wall_s"] > 0
+    report = isolated_rfp_home / "bench" / "quality" / "report"
+    assert {"digits_identity.png", "digits_tint.png", "digits_mse.png", "QUALITY.md"} <= {p.name for p in report.iterdir()}
+    assert "tint baseline" in (report / "QUALITY.md").read_text()
+    # a --quick run leaves the docs alone
+    assert (bench_md.read_text() if bench_md.exists() else None) == before
