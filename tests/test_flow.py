@@ -211,7 +211,7 @@ def test_straightness():
 def test_anchored_loss_terms_add_up_and_leave_the_gradient_as_it_was():
     sal = _saliency_f64()
     torch.manual_seed(3)
-    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=False)).double()
+    unet = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto")).double()
     x0 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     x1 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     t = torch.tensor([0.3, 0.7], dtype=torch.float64)
