@@ -17,7 +17,7 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import Callable
 
 import torch
 import torch.nn.functional as F
@@ -32,6 +32,7 @@ from rfp_core.config import ModelConfig, SaliencyNetConfig
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
+from rfp_core.train import distributed
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.resume import continue_saved, lineage_record, saliency_inputs
 
@@ -41,6 +42,7 @@ BACKBONE_LR_FACTOR = 0.1
 MAX_EVAL_PER_DOMAIN = 256
 SAVE_EVERY_S = 300.0
 SALIENCY_FILES = ("saliency.pt", "saliency_state.json")
+SALT_BLEND, SALT_P, SALT_P_FLIP = 11, 12, 13  # per-step / per-sample draws (train/distributed.py)
 
 
 class SaliencyThresholdNotReached(RuntimeError):
@@ -78,9 +80,11 @@ def augment_batch(x: torch.Tensor, augment: v2.Compose | None) -> torch.Tensor:
     return torch.stack([augment(img) for img in x01]).clamp(0, 1) * 2 - 1
 
 
-def _cycle(loader: DataLoader) -> Iterator[dict]:
-    while True:
-        yield from loader
+def _augment_item(augment: v2.Compose | None) -> Callable[[dict], dict] | None:
+    """Augmentation per item, in the loader: its draws are then seeded by the sample's position."""
+    if augment is None:
+        return None
+    return lambda item: {**item, **{k: augment_batch(item[k][None], augment)[0] for k in ("domain_0", "domain_1")}}
 
 
 @torch.no_grad()
@@ -172,7 +176,7 @@ def train_saliency(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, state_path = out_dir / "saliency.pt", out_dir / "saliency_state.json"
-    device = torch.device(device)
+    world, device = distributed.init(device)  # one process, or this rank of torchrun's world
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     torch.manual_seed(cfg.seed)
 
@@ -182,9 +186,13 @@ def train_saliency(
 
     inputs = saliency_inputs(json.loads(cfg.to_json()), manifest, codec_checkpoint)
     lineage = lineage_record(inputs)
-    state = _read_state(state_path) if ckpt_path.exists() else {}
-    if not continue_saved("saliency", out_dir, _saved_lineage(state, ckpt_path), inputs, force, SALIENCY_FILES):
-        state = {}
+
+    def saved_state() -> dict:  # rank 0 decides (it may move other work aside); the others get its answer
+        state = _read_state(state_path) if ckpt_path.exists() else {}
+        return state if continue_saved("saliency", out_dir, _saved_lineage(state, ckpt_path), inputs, force,
+                                       SALIENCY_FILES) else {}
+
+    state = world.from_main(saved_state)
     if state:
         previous = load_checkpoint(ckpt_path, map_location="cpu")
         if previous.get("net") == sc.net.model_dump(mode="json") and previous.get("in_channels") == codec.latent_channels:
@@ -197,6 +205,8 @@ def train_saliency(
     steps = int(state.get("steps", 0))
 
     def save() -> None:
+        if not world.main:
+            return
         save_checkpoint(ckpt_path, {
             "saliency": net.state_dict(), "config": json.loads(cfg.to_json()), "net": sc.net.model_dump(mode="json"),
             "in_channels": codec.latent_channels, "latent_input": latent_input,
@@ -217,18 +227,24 @@ def train_saliency(
     holdout = _holdout_batches(manifest, store, cfg)
     pairs_per_batch = max(1, sc.batch_size // 2)  # each pair gives one image of each domain
     train = UnpairedDataset(manifest, store, cfg.max_size, split="train", holdout_fraction=sc.holdout_fraction)
-    gen = torch.Generator().manual_seed(cfg.seed + steps)
-    loader = DataLoader(train, batch_size=pairs_per_batch, shuffle=True, drop_last=len(train) >= pairs_per_batch, generator=gen)
-    batches = _cycle(loader)
-    augment = build_augment(list(sc.augmentations))
+    # step-indexed order (a resumed call continues it), this rank's shard of each step's pairs
+    shards = distributed.ShardBatches(pairs_per_batch, pairs_per_batch, world, start_step=steps,
+                                         what="saliency.batch_size / 2 (pairs)")
+    positions = distributed.Positions(train, cfg.seed, transform=_augment_item(build_augment(list(sc.augmentations))))
+    batches = iter(DataLoader(positions, batch_sampler=shards))
+    share = shards.count / pairs_per_batch  # of the global batch: DDP's mean over ranks is the batch mean
     eps = sc.label_smoothing
 
     net.set_backbone_trainable(warmed_up)
     opt = _optimizer(net, sc.learning_rate, finetune=warmed_up)
+    if world.distributed:
+        net = distributed.sync_batchnorm(net, device)  # BatchNorm statistics of the global batch
+    ddp = world.wrap(net, device)
     # train mode in 1a too: a frozen backbone's BatchNorm statistics still adapt to these domains
     # (a from-scratch backbone has no useful ones yet)
     net.train()
-    bar = tqdm(total=sc.max_steps, initial=min(steps, sc.max_steps), desc="saliency", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=sc.max_steps, initial=min(steps, sc.max_steps), desc="saliency", disable=not progress or not world.main,
+               dynamic_ncols=True)
     last_save, window = time.monotonic(), []
     while accuracy < sc.accuracy_threshold:
         if steps >= sc.max_steps:
@@ -244,38 +260,42 @@ def train_saliency(
                 f"({sc.learning_rate})."
             )
         batch = next(batches)
-        x0, x1 = augment_batch(batch["domain_0"], augment), augment_batch(batch["domain_1"], augment)
-        x0, x1 = codec.encode(x0.to(device)), codec.encode(x1.to(device))
+        pos = batch["position"]
+        x0, x1 = codec.encode(batch["domain_0"].to(device)), codec.encode(batch["domain_1"].to(device))
         n = x0.shape[0]
-        if sc.blend_fraction > 0 and torch.rand(()) < sc.blend_fraction:
+        blend = torch.rand((), generator=torch.Generator().manual_seed(distributed.position_seed(cfg.seed, steps, SALT_BLEND)))
+        if sc.blend_fraction > 0 and blend < sc.blend_fraction:
             # blend training: points on the path x_t, labelled [1 - t, t] by how far along they are
+            # (the flipped half pairs frames within a rank's shard: with several ranks, other pairs)
             x0, x1 = torch.cat([x0, x0.flip(0)]), torch.cat([x1, x1])
-            p1 = torch.rand(2 * n, device=device)
+            p1 = torch.cat([distributed.per_sample(lambda g: torch.rand(1, generator=g), cfg.seed, pos, salt)
+                            for salt in (SALT_P, SALT_P_FLIP)]).to(device)
             x = torch.lerp(x0, x1, p1.view(-1, 1, 1, 1))
         else:
             x = torch.cat([x0, x1])
             p1 = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
         p1 = p1 * (1 - eps) + eps / 2  # label smoothing
         target = torch.stack([1 - p1, p1], dim=1)
-        loss = F.cross_entropy(net(x), target)
+        loss = F.cross_entropy(ddp(x), target)
         opt.zero_grad(set_to_none=True)
-        loss.backward()
+        (loss * share * world.size).backward()
         opt.step()
         steps += 1
-        window.append(loss.item())
+        window.append(float(world.sum_(loss.detach().view(1) * share)))  # the global batch's loss
         bar.update(1)
 
         if steps % sc.eval_every == 0 or steps >= sc.max_steps:
-            accuracy = evaluate_accuracy(net, codec, holdout, device)
+            accuracy = world.from_main(lambda: evaluate_accuracy(net, codec, holdout, device))  # one verdict for all ranks
             metrics = {"saliency/loss": sum(window) / len(window), "saliency/accuracy": accuracy, "saliency/warmed_up": float(warmed_up)}
             window = []
             bar.set_postfix(loss=f"{metrics['saliency/loss']:.4f}", acc=f"{accuracy:.3f}", phase="1b" if warmed_up else "1a")
-            if log:
+            if log and world.main:
                 log(metrics, steps)
             if not warmed_up and accuracy >= sc.warmup_threshold:
                 warmed_up = True  # 1a -> 1b: unfreeze the backbone at a tenth of the head LR
                 net.set_backbone_trainable(True)
                 opt = _optimizer(net, sc.learning_rate, finetune=True)
+                ddp = world.wrap(net, device)  # DDP syncs the parameters that train at its construction
                 save()
                 last_save = time.monotonic()
             elif time.monotonic() - last_save > SAVE_EVERY_S:
@@ -283,4 +303,5 @@ def train_saliency(
                 last_save = time.monotonic()
     bar.close()
     save()
+    world.barrier()  # every rank returns once the checkpoint is on disk
     return result()

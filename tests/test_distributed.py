@@ -1,0 +1,122 @@
+"""Data-parallel training (train/distributed.py): 2 ranks on CPU (gloo) and 1 rank at the same global
+batch train the same nets: the same loss curve and final weights within float tolerance, for the
+velocity phase with the saliency-weighted loss and for the saliency phase (augmentations on, BatchNorm
+over the global batch, the 1a -> 1b switch re-wrapping DDP)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from disc_data import make_discs
+from dist_worker import spawn, train
+from rfp_core.checkpoint import load_checkpoint
+from rfp_core.config import ConfigError, config_from_dict, load_config
+from rfp_core.frame_store import FrameStore
+from rfp_core.ingest import ingest
+from rfp_core.train import distributed
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+# velocity: 6 images a step, minibatch 2: 1 rank accumulates 3 micro-batches, 2 ranks 2 + 1 each
+OVERRIDES = {
+    "max_size": 16,
+    "saliency": {"batch_size": 8, "max_steps": 6, "eval_every": 1, "accuracy_threshold": 1.0, "warmup_threshold": 0.5,
+                 "augmentations": ["hflip", "color_jitter"], "blend_fraction": 0.0, "label_smoothing": 0.1},
+    "velocity": {"train_batch_size": 6, "train_minibatch_size": 2, "train_images": 24, "loss": "saliency",
+                 "mse_weight": 0.1, "ema": 0.9, "gradient_clip": 1.0, "sample_every_images": 10_000,
+                 "timestep_sampling": "logit-normal"},
+}
+
+
+@pytest.fixture(scope="module")
+def data(tmp_path_factory):
+    root = tmp_path_factory.mktemp("dist")
+    d0, d1 = make_discs(root / "data", n=12, size=16)
+    store = FrameStore(root=root / "store", max_side=64)
+    report = ingest([d0], [d1], out=root / "manifest.parquet", store=store, progress=False)
+    base = load_config(TINY)
+    cfg = config_from_dict(base.model_dump(mode="json"), source="test", overrides={**OVERRIDES, "store_max_side": 64})
+    return root, cfg, report.manifest_path, store
+
+
+def _job(root: Path, cfg, manifest, store, phase: str, name: str, **extra) -> dict:
+    out = root / name
+    out.mkdir(exist_ok=True)
+    return {"phase": phase, "config": cfg.model_dump(mode="json"), "manifest": str(manifest), "store_root": str(store.root),
+            "out_dir": str(out), "log": str(out / "log.jsonl"), "rfp_home": str(root / "home"), **extra}
+
+
+def _rows(path: Path) -> list[dict]:
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def _assert_same_weights(a: dict, b: dict, lr: float, steps: int) -> None:
+    """Equal within float tolerance. The exception Adam makes: where a gradient is float noise (~0),
+    its first updates are ~lr * sign(noise), so a few elements in a million may differ by up to
+    lr per step; they are counted and bounded, the rest must match to 1e-5."""
+    assert a.keys() == b.keys()
+    off, total = 0, 0
+    for k in a:
+        if not a[k].is_floating_point():
+            assert torch.equal(a[k], b[k]), k
+            continue
+        diff = (a[k] - b[k]).abs()
+        off += int((diff > 1e-5 + 1e-4 * b[k].abs()).sum())
+        total += diff.numel()
+        assert float(diff.max()) <= 2 * lr * steps + 1e-5, k
+    assert off <= max(2, total * 1e-5), f"{off} of {total} weights differ"
+
+
+@pytest.fixture(scope="module")
+def saliency_runs(data):
+    root, cfg, manifest, store = data
+    one, two = (_job(root, cfg, manifest, store, "saliency", f"saliency_{n}") for n in (1, 2))
+    train(one)
+    spawn(two, 2)
+    return Path(one["out_dir"]), Path(two["out_dir"])
+
+
+def test_saliency_two_ranks_match_one_rank(data, saliency_runs):
+    one, two = saliency_runs
+    a, b = _rows(one / "log.jsonl"), _rows(two / "log.jsonl")
+    # warm-up ends at the first evaluation (0.5 >= 0.5): the fine-tune steps after it train the backbone too
+    assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
+    assert a[0]["saliency/warmed_up"] == 0.0 and a[-1]["saliency/warmed_up"] == 1.0
+    assert [r["saliency/loss"] for r in b] == pytest.approx([r["saliency/loss"] for r in a], rel=1e-4)
+    assert [r["saliency/accuracy"] for r in b] == [r["saliency/accuracy"] for r in a]
+    ca, cb = (load_checkpoint(p / "saliency.pt", map_location="cpu") for p in (one, two))
+    assert ca["steps"] == cb["steps"] == len(a) and ca["backbone_warmed_up"] and cb["backbone_warmed_up"]
+    _assert_same_weights(ca["saliency"], cb["saliency"], data[1].saliency.learning_rate, len(a))
+    assert len({round(r["saliency/loss"], 5) for r in a}) == len(a)  # a curve, not a constant
+
+
+def test_velocity_saliency_loss_two_ranks_match_one_rank(data, saliency_runs):
+    root, cfg, manifest, store = data
+    sal = saliency_runs[0] / "saliency.pt"
+    one, two = (_job(root, cfg, manifest, store, "velocity", f"velocity_{n}", saliency_checkpoint=str(sal)) for n in (1, 2))
+    train(one)
+    spawn(two, 2)
+    a, b = (_rows(Path(j["out_dir"]) / "metrics.jsonl") for j in (one, two))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
+    for key in ("loss", "loss_saliency", "loss_mse"):
+        assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4), key
+    assert len({round(r["loss"], 6) for r in a}) == 4  # a curve, not a constant
+    fa, fb = (load_checkpoint(Path(j["out_dir"]) / "velocity_00000004.pt", map_location="cpu") for j in (one, two))
+    lr = cfg.velocity.learning_rate
+    _assert_same_weights(fa["model"], fb["model"], lr, 4)
+    _assert_same_weights(fa["ema"]["model"], fb["ema"]["model"], lr, 4)
+    _assert_same_weights(*(load_checkpoint(Path(j["out_dir"]) / "velocity.pt", map_location="cpu")["velocity"]
+                           for j in (one, two)), lr, 4)
+
+
+def test_shards_split_the_global_batch_and_refuse_too_few_samples():
+    ranks = [distributed.World(r, 4) for r in range(4)]
+    assert [distributed.shard(10, w) for w in ranks] == [(0, 3), (3, 3), (6, 2), (8, 2)]
+    assert distributed.ShardBatches(10, 2, ranks[0]).micro_sizes() == [2, 1]
+    first_two_steps = iter(distributed.ShardBatches(10, 2, ranks[2], start_step=1))
+    assert [next(first_two_steps) for _ in range(2)] == [[16, 17], [26, 27]]
+    with pytest.raises(ConfigError, match="smaller than the 4 ranks"):
+        distributed.shard(3, ranks[0])
