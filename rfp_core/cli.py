@@ -19,6 +19,20 @@ def _device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 
 
+def _torchrun(parser: argparse.ArgumentParser) -> None:
+    """torchrun's own flags (README "Scaling out"), passed through to `python -m torch.distributed.run`."""
+    group = parser.add_argument_group("data-parallel training (torchrun)")
+    group.add_argument("--nproc-per-node", type=int, default=None,
+                       help="start N training processes on this machine through torchrun (one per GPU)")
+    for flag in TORCHRUN_FLAGS:
+        group.add_argument(flag, default=None, help=f"torchrun {flag} (multi-node)")
+
+
+# torchrun's multi-node flags: passed on as given
+TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend", "--rdzv-endpoint",
+                  "--rdzv-id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rfp", description="RF Pix2Pix: rectified-flow image translation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -58,6 +72,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="phases of this --run-id built from other inputs (data, config, checkpoints) train afresh "
                        "instead of being refused; their old files move to superseded/ in the run folder")
     _device(train)
+    _torchrun(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
 
     translate = sub.add_parser("translate", help="translate images and videos with a trained run")
@@ -141,7 +156,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `rfp train --nproc-per-node N` starts itself again under torchrun
     module_name, func_name = args.handler.split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

@@ -120,3 +120,48 @@ def test_shards_split_the_global_batch_and_refuse_too_few_samples():
     assert [next(first_two_steps) for _ in range(2)] == [[16, 17], [26, 27]]
     with pytest.raises(ConfigError, match="smaller than the 4 ranks"):
         distributed.shard(3, ranks[0])
+
+
+def test_torchrun_command_passes_the_command_line_on_without_its_own_flags(tmp_path):
+    from rfp_core.cli import build_parser
+    from rfp_core.train.launch import torchrun_command
+
+    def command(*extra: str) -> list[str]:
+        argv = ["train", "-c", "cfg.json", "-d0", "a", "-d1", "b", "--nproc-per-node", "2", *extra, "--dev"]
+        args = build_parser().parse_args(argv)
+        args.argv = argv
+        return torchrun_command(args)
+
+    one_node = command()
+    assert one_node[1:8] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "rfp_core.cli"]
+    assert one_node[8:] == ["train", "-c", "cfg.json", "-d0", "a", "-d1", "b", "--dev"]
+    two_nodes = command("--nnodes", "2", "--node-rank=1", "--master-addr", "10.0.0.1", "--master-port", "29500")
+    assert "--standalone" not in two_nodes
+    assert two_nodes[5:13] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"]
+    assert two_nodes[-8:] == one_node[-8:]
+
+
+@pytest.mark.slow
+def test_rfp_train_nproc_per_node_2_trains_like_one_process(data, tmp_path, monkeypatch):
+    """The user's command end to end: torchrun starts 2 ranks of `rfp train`; the velocity loss curve is
+    1 rank's (the saliency nets of the two runs differ by float noise, hence the looser tolerance)."""
+    import subprocess
+    import sys
+
+    root, cfg, _, _ = data
+    d0, d1 = root / "data" / "domain0", root / "data" / "domain1"
+    cfg_path = tmp_path / "cfg.json"
+    cfg_path.write_text(config_from_dict(cfg.model_dump(mode="json"), overrides={
+        "saliency": {"max_steps": 3, "accuracy_threshold": 0.5, "warmup_threshold": 0.5}}).to_json())
+    home = tmp_path / "home"
+    monkeypatch.setenv("RFP_HOME", str(home))
+    args = ["train", "-c", str(cfg_path), "-d0", str(d0), "-d1", str(d1), "--dev", "--device", "cpu"]
+    for run_id, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
+        proc = subprocess.run([sys.executable, "-m", "rfp_core.cli", *args, "--run-id", run_id, *extra],
+                              capture_output=True, text=True, timeout=600)
+        assert proc.returncode == 0, proc.stderr[-3000:]
+        assert proc.stdout.strip().splitlines() == [str(home / "runs" / run_id)]  # rank 0 prints the folder once
+    assert "torch.distributed.run --nproc-per-node 2 --standalone" in proc.stderr
+    a, b = (_rows(home / "runs" / r / "metrics.jsonl") for r in ("one", "two"))
+    assert [r["images"] for r in b] == [r["images"] for r in a] == [6, 12, 18, 24]  # the global batch, kept
+    assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3)

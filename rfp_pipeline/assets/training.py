@@ -305,14 +305,13 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     "Logs an MLflow pyfunc translator and registers a model version named after the experiment.",
 )
 def velocity_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     import math
 
     import mlflow
 
-    from rfp_core.structure import read_pairs
-    from rfp_core.train.velocity import NonFiniteLoss, train_velocity
+    from rfp_core.train.velocity import NonFiniteLoss
 
     name = context.partition_key
     spec = load_spec(rfp, name)
@@ -341,10 +340,14 @@ def velocity_checkpoint(
                 mlflow.log_artifact(str(sal["state"]), "saliency")
             if paired is not None:
                 mlflow.log_artifact(paired["proof_sheet"], "structure")
-            res = train_velocity(cfg, manifest, out_dir, device=rfp.resolve_device(), saliency_checkpoint=saliency_ckpt,
-                                 store=store, log=_mlflow_logger(mlflow), progress=False,
-                                 pairs=read_pairs(paired["pairs"]) if paired else None,
-                                 codec_checkpoint=Path(codec["checkpoint"]) if codec else None)
+            # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER);
+            # either way it resumes from the newest checkpoint in out_dir, so a retry continues a killed run
+            launched = training_launcher.train_velocity(
+                context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
+                saliency_checkpoint=saliency_ckpt, codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
+                pairs_path=paired["pairs"] if paired else None, log=_mlflow_logger(mlflow),
+                mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+            res = launched.result
             final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
             if math.isfinite(res.final_loss):
                 final["velocity/final_loss"] = res.final_loss
@@ -381,6 +384,7 @@ def velocity_checkpoint(
         "built_from_saliency": str(sal.get("key") or "skipped"),
         "built_from_codec": codec_key or "identity",
         "built_from_pairs": pairs_version or "unpaired",
+        **launched.metadata,
     }
     if res.sample_grid is not None:
         metadata["samples"] = markdown_image(Path(res.sample_grid), "samples: inputs above, outputs below")
