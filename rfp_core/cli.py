@@ -150,6 +150,8 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--rows", default=None,
                        help="quality: comma-separated, from identity,tint,paper,anchored,mse (default all)")
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
+    bench.add_argument("--nproc-per-node", type=int, default=None,
+                       help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")
     return parser

@@ -1,8 +1,8 @@
 """Training out of process through Dagster Pipes, behind a resource switch (default: in process).
 
-`TrainingLauncher.train_saliency(...)` / `.train_velocity(...)` are drop-ins for
-`rfp_core.train.saliency.train_saliency` / `rfp_core.train.velocity.train_velocity` inside the
-saliency and velocity assets: in process they call them; with mode "pipes" they start
+`TrainingLauncher.train_codec(...)` / `.train_saliency(...)` / `.train_velocity(...)` are drop-ins
+for `rfp_core.train.{codec,saliency,velocity}.train_*` inside the three training assets: in process
+they call them; with mode "pipes" they start
 `python -m rfp_pipeline.pipes_worker` through `dg.PipesSubprocessClient`. The worker trains there
 (its own interpreter: another CUDA context, another environment, a crash that does not take the
 run worker down), logs per-step metrics into the asset's open MLflow run and streams them back as
@@ -50,6 +50,20 @@ class TrainingLauncher(dg.ConfigurableResource):
             raise ValueError(f"training launcher mode '{mode}' is not one of {MODES}: fix the resource config "
                              "or $RFP_TRAINING_LAUNCHER")
         return mode
+
+    def train_codec(self, context: dg.AssetExecutionContext, cfg, manifest: Path, out_dir: Path, *, device: str, store,
+                    log: Callable[[dict, int], None], mlflow_uri: str, mlflow_run_id: str) -> Launched:
+        """Train the codec (phase 0); an unfinished codec.pt in `out_dir` is continued wherever it runs."""
+        from rfp_core.train.codec import CodecResult, train_codec
+
+        if self.resolved_mode() == "in_process":
+            return Launched(train_codec(cfg, manifest, out_dir, device=device, store=store, log=log, progress=False))
+        invocation = self._run(context, _extras("codec", cfg, manifest, out_dir, device, store, None, mlflow_uri,
+                                                mlflow_run_id))
+        md = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
+        result = CodecResult(checkpoint=Path(md["checkpoint"]), recon_l1=float(md["recon_l1"]), steps=int(md["steps"]),
+                             recon_l1_init=float(md["recon_l1_init"]))
+        return _launched(result, invocation, md)
 
     def train_saliency(
         self,

@@ -35,6 +35,22 @@ def _step_logger(pipes: PipesContext, extras: dict[str, Any]) -> Callable[[dict,
     return log
 
 
+def codec(pipes: PipesContext, extras: dict[str, Any]) -> None:
+    from rfp_core.config import config_from_dict
+    from rfp_core.frame_store import FrameStore
+    from rfp_core.train.codec import train_codec
+
+    cfg_path = Path(extras["config"])
+    cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
+    store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    res = train_codec(cfg, Path(extras["manifest"]), Path(extras["out_dir"]), device=extras["device"], store=store,
+                      log=_step_logger(pipes, extras), progress=False)
+    pipes.report_asset_materialization(metadata={
+        "recon_l1": res.recon_l1, "recon_l1_init": res.recon_l1_init, "steps": res.steps, "worker_pid": os.getpid(),
+        "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
+    })
+
+
 def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
     from rfp_core.config import config_from_dict
     from rfp_core.frame_store import FrameStore
@@ -87,7 +103,7 @@ def velocity(pipes: PipesContext, extras: dict[str, Any]) -> None:
     })
 
 
-PHASES = {"saliency": saliency, "velocity": velocity}
+PHASES = {"codec": codec, "saliency": saliency, "velocity": velocity}
 
 
 def main() -> None:

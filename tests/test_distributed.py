@@ -1,11 +1,13 @@
 """Data-parallel training (train/distributed.py): 2 ranks on CPU (gloo) and 1 rank at the same global
 batch train the same nets: the same loss curve and final weights within float tolerance, for the
 velocity phase with the saliency-weighted loss and for the saliency phase (augmentations on, BatchNorm
-over the global batch, the 1a -> 1b switch re-wrapping DDP)."""
+over the global batch, the 1a -> 1b switch re-wrapping DDP); a 1-rank checkpoint resumed by 2 ranks
+ends where 1 rank did."""
 
 from __future__ import annotations
 
 import json
+import shutil
 from pathlib import Path
 
 import pytest
@@ -26,7 +28,7 @@ OVERRIDES = {
     "saliency": {"batch_size": 8, "max_steps": 6, "eval_every": 1, "accuracy_threshold": 1.0, "warmup_threshold": 0.5,
                  "augmentations": ["hflip", "color_jitter"], "blend_fraction": 0.0, "label_smoothing": 0.1},
     "velocity": {"train_batch_size": 6, "train_minibatch_size": 2, "train_images": 24, "loss": "saliency",
-                 "mse_weight": 0.1, "ema": 0.9, "gradient_clip": 1.0, "sample_every_images": 10_000,
+                 "mse_weight": 0.1, "ema": 0.9, "gradient_clip": 1.0, "sample_every_images": 10_000, "checkpoint_every_steps": 2,
                  "timestep_sampling": "logit-normal"},
 }
 
@@ -110,6 +112,16 @@ def test_velocity_saliency_loss_two_ranks_match_one_rank(data, saliency_runs):
     _assert_same_weights(fa["ema"]["model"], fb["ema"]["model"], lr, 4)
     _assert_same_weights(*(load_checkpoint(Path(j["out_dir"]) / "velocity.pt", map_location="cpu")["velocity"]
                            for j in (one, two)), lr, 4)
+
+    # resume across a changed world size: 1 rank's step-2 checkpoint, continued by 2 ranks, ends where 1 rank did
+    resumed = _job(root, cfg, manifest, store, "velocity", "velocity_resumed", saliency_checkpoint=str(sal))
+    shutil.copy(Path(one["out_dir"]) / "velocity_00000002.pt", resumed["out_dir"])
+    spawn(resumed, 2)
+    c = _rows(Path(resumed["out_dir"]) / "metrics.jsonl")
+    assert [r["step"] for r in c] == [3, 4]
+    assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a[2:]], rel=1e-4)
+    fc = load_checkpoint(Path(resumed["out_dir"]) / "velocity_00000004.pt", map_location="cpu")
+    _assert_same_weights(fa["model"], fc["model"], lr, 2)
 
 
 def test_shards_split_the_global_batch_and_refuse_too_few_samples():

@@ -133,9 +133,9 @@ def _codec_metadata(rec: dict) -> dict[str, Any]:
     description="Phase 0: the VAE codec (L1 + structure loss + small KL) on frames of both domains; saliency and "
     "velocity then work in its latent space. Materialises at once for the Identity codec (pixel space).",
 )
-def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
-    from rfp_core.train.codec import train_codec
-
+def codec_checkpoint(
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
+) -> dg.MaterializeResult:
     name = context.partition_key
     spec = load_spec(rfp, name)
     cfg = exps.model_config(spec)
@@ -158,8 +158,11 @@ def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tra
     tags = run_tags(context, stage="codec", input_data_version=manifest_version, spec_version=exps.spec_digest(spec))
     with transient_retry(), mlflow_tracking.start_run(name, f"codec {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
-        res = train_codec(cfg, manifest, out_dir, device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
-                          log=_mlflow_logger(mlflow), progress=False)
+        # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
+        launched = training_launcher.train_codec(
+            context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
+            log=_mlflow_logger(mlflow), mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+        res = launched.result
         grid = _recon_grid(rfp, name, cfg, res.checkpoint, out_dir / "reconstructions.png")
         if grid is not None:
             mlflow.log_artifact(str(grid), "samples")
@@ -172,7 +175,8 @@ def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tra
     }
     write_result(stage_dir, rec)
     prune_stage_dirs(stage_dir, out_dir)
-    return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={**_codec_metadata(rec), "reused": False})
+    return dg.MaterializeResult(data_version=dg.DataVersion(key),
+                                metadata={**_codec_metadata(rec), "reused": False, **launched.metadata})
 
 
 def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> Path | None:
