@@ -1,5 +1,5 @@
-"""A rank of a local torch.distributed world (gloo on CPU), for tests: `spawn(job, n)` starts n
-processes with the environment torchrun would give them; each trains the job's phase."""
+"""A rank of a local torch.distributed world (gloo on CPU), for tests: `spawn(jobs, n)` starts n
+processes with the environment torchrun would give them; each trains the jobs' phases in turn."""
 
 from __future__ import annotations
 
@@ -45,16 +45,17 @@ def train(job: dict) -> None:
                        saliency_checkpoint=Path(job["saliency_checkpoint"]))
 
 
-def _rank_main(rank: int, size: int, port: int, job: dict) -> None:
+def _rank_main(rank: int, size: int, port: int, jobs: list[dict]) -> None:
     os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(size), RANK=str(rank),
-                      LOCAL_RANK=str(rank), RFP_HOME=job["rfp_home"])
+                      LOCAL_RANK=str(rank), RFP_HOME=jobs[0]["rfp_home"])
     torch.set_num_threads(1)
     try:
-        train(job)
+        for job in jobs:
+            train(job)
     finally:
         if dist.is_initialized():
             dist.destroy_process_group()
 
 
-def spawn(job: dict, nprocs: int) -> None:
-    mp.spawn(_rank_main, args=(nprocs, free_port(), job), nprocs=nprocs, join=True)
+def spawn(jobs: list[dict], nprocs: int) -> None:
+    mp.spawn(_rank_main, args=(nprocs, free_port(), jobs), nprocs=nprocs, join=True)

@@ -73,16 +73,23 @@ def _assert_same_weights(a: dict, b: dict, lr: float, steps: int) -> None:
 
 
 @pytest.fixture(scope="module")
-def saliency_runs(data):
+def runs(data):
+    """1 rank in this process; then one 2-rank world trains the same saliency and velocity jobs, and
+    continues 1 rank's step-2 velocity checkpoint to the end (resume at another world size)."""
     root, cfg, manifest, store = data
-    one, two = (_job(root, cfg, manifest, store, "saliency", f"saliency_{n}") for n in (1, 2))
-    train(one)
-    spawn(two, 2)
-    return Path(one["out_dir"]), Path(two["out_dir"])
+    sal = {n: _job(root, cfg, manifest, store, "saliency", f"saliency_{n}") for n in (1, 2)}
+    train(sal[1])
+    sal_ckpt = str(Path(sal[1]["out_dir"]) / "saliency.pt")  # both velocity runs use 1 rank's saliency net
+    vel = {n: _job(root, cfg, manifest, store, "velocity", name, saliency_checkpoint=sal_ckpt)
+           for n, name in ((1, "velocity_1"), (2, "velocity_2"), ("resumed", "velocity_resumed"))}
+    train(vel[1])
+    shutil.copy(Path(vel[1]["out_dir"]) / "velocity_00000002.pt", vel["resumed"]["out_dir"])
+    spawn([sal[2], vel[2], vel["resumed"]], 2)
+    return {k: Path(j["out_dir"]) for k, j in {"sal_1": sal[1], "sal_2": sal[2], **{f"vel_{n}": j for n, j in vel.items()}}.items()}
 
 
-def test_saliency_two_ranks_match_one_rank(data, saliency_runs):
-    one, two = saliency_runs
+def test_saliency_two_ranks_match_one_rank(data, runs):
+    one, two = runs["sal_1"], runs["sal_2"]
     a, b = _rows(one / "log.jsonl"), _rows(two / "log.jsonl")
     # warm-up ends at the first evaluation (0.5 >= 0.5): the fine-tune steps after it train the backbone too
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
@@ -95,33 +102,26 @@ def test_saliency_two_ranks_match_one_rank(data, saliency_runs):
     assert len({round(r["saliency/loss"], 5) for r in a}) == len(a)  # a curve, not a constant
 
 
-def test_velocity_saliency_loss_two_ranks_match_one_rank(data, saliency_runs):
-    root, cfg, manifest, store = data
-    sal = saliency_runs[0] / "saliency.pt"
-    one, two = (_job(root, cfg, manifest, store, "velocity", f"velocity_{n}", saliency_checkpoint=str(sal)) for n in (1, 2))
-    train(one)
-    spawn(two, 2)
-    a, b = (_rows(Path(j["out_dir"]) / "metrics.jsonl") for j in (one, two))
+def test_velocity_saliency_loss_two_ranks_match_one_rank(data, runs):
+    lr = data[1].velocity.learning_rate
+    a, b = (_rows(runs[k] / "metrics.jsonl") for k in ("vel_1", "vel_2"))
     assert [r["step"] for r in a] == [r["step"] for r in b] == [1, 2, 3, 4]
     for key in ("loss", "loss_saliency", "loss_mse"):
         assert [r[key] for r in b] == pytest.approx([r[key] for r in a], rel=1e-4), key
     assert len({round(r["loss"], 6) for r in a}) == 4  # a curve, not a constant
-    fa, fb = (load_checkpoint(Path(j["out_dir"]) / "velocity_00000004.pt", map_location="cpu") for j in (one, two))
-    lr = cfg.velocity.learning_rate
+    fa, fb = (load_checkpoint(runs[k] / "velocity_00000004.pt", map_location="cpu") for k in ("vel_1", "vel_2"))
     _assert_same_weights(fa["model"], fb["model"], lr, 4)
     _assert_same_weights(fa["ema"]["model"], fb["ema"]["model"], lr, 4)
-    _assert_same_weights(*(load_checkpoint(Path(j["out_dir"]) / "velocity.pt", map_location="cpu")["velocity"]
-                           for j in (one, two)), lr, 4)
+    _assert_same_weights(*(load_checkpoint(runs[k] / "velocity.pt", map_location="cpu")["velocity"]
+                           for k in ("vel_1", "vel_2")), lr, 4)
 
-    # resume across a changed world size: 1 rank's step-2 checkpoint, continued by 2 ranks, ends where 1 rank did
-    resumed = _job(root, cfg, manifest, store, "velocity", "velocity_resumed", saliency_checkpoint=str(sal))
-    shutil.copy(Path(one["out_dir"]) / "velocity_00000002.pt", resumed["out_dir"])
-    spawn(resumed, 2)
-    c = _rows(Path(resumed["out_dir"]) / "metrics.jsonl")
+
+def test_a_one_rank_checkpoint_continued_by_two_ranks_ends_where_one_rank_did(data, runs):
+    a, c = (_rows(runs[k] / "metrics.jsonl") for k in ("vel_1", "vel_resumed"))
     assert [r["step"] for r in c] == [3, 4]
     assert [r["loss"] for r in c] == pytest.approx([r["loss"] for r in a[2:]], rel=1e-4)
-    fc = load_checkpoint(Path(resumed["out_dir"]) / "velocity_00000004.pt", map_location="cpu")
-    _assert_same_weights(fa["model"], fc["model"], lr, 2)
+    fa, fc = (load_checkpoint(runs[k] / "velocity_00000004.pt", map_location="cpu") for k in ("vel_1", "vel_resumed"))
+    _assert_same_weights(fa["model"], fc["model"], data[1].velocity.learning_rate, 2)
 
 
 def test_shards_split_the_global_batch_and_refuse_too_few_samples():
@@ -177,3 +177,23 @@ def test_rfp_train_nproc_per_node_2_trains_like_one_process(data, tmp_path, monk
     a, b = (_rows(home / "runs" / r / "metrics.jsonl") for r in ("one", "two"))
     assert [r["images"] for r in b] == [r["images"] for r in a] == [6, 12, 18, 24]  # the global batch, kept
     assert [r["loss"] for r in b] == pytest.approx([r["loss"] for r in a], rel=1e-3)
+
+
+def test_bench_nproc_per_node_is_refused_where_it_cannot_compare(capsys):
+    from rfp_core.cli import main
+
+    assert main(["bench", "ingest", "--nproc-per-node", "2"]) == 2
+    assert "only `rfp bench train` takes it" in capsys.readouterr().err
+    assert main(["bench", "train", "--nproc-per-node", "1", "--device", "cpu"]) == 2
+    assert "compares 1 rank with N >= 2 ranks" in capsys.readouterr().err
+
+
+@pytest.mark.slow
+def test_bench_train_nproc_per_node_2_reports_both_rows_and_equal_curves(capsys):
+    from rfp_core.cli import main
+
+    assert main(["bench", "train", "--nproc-per-node", "2", "--quick", "--device", "cpu"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert [r["ranks"] for r in out["rows"]] == [1, 2] and all(r["images_per_s"] > 0 for r in out["rows"])
+    assert all(r["steps"] == out["steps"] for r in out["rows"]) and out["loss_curve_max_rel_diff"] < 1e-4
+    assert "correctness only" in out["note"]
