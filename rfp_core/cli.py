@@ -51,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the velocity from this checkpoint (an original .ckpt: its step is read from the file name)")
     train.add_argument("--codec-only", action="store_true", help="stop after the codec (phase 0)")
     train.add_argument("--saliency-only", action="store_true", help="stop after the saliency net (phase 1)")
+    train.add_argument("--paired", action="store_true",
+                       help="paired mode (pix2pix): files with the same name in -d0 and -d1 are pairs; plain MSE, no saliency")
     train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: run_<YYYYmmddHHMM>)")
     train.add_argument("--dev", action="store_true", help="development mode: no experiment tracking, '_dev' in the run name")
     train.add_argument("--smoke", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
