@@ -1,4 +1,4 @@
-"""`rfp bench ingest|train|pairing|ablation|reflow|quality`: each prints one JSON object as its last line."""
+"""`rfp bench ingest|train|pairing|ablation|reflow|reflow_quality|quality`: each prints one JSON object as its last line."""
 
 from __future__ import annotations
 
@@ -12,6 +12,7 @@ def emit(result: dict) -> None:
 
 
 QUALITY_ONLY = ("seeds", "tasks", "rows", "steps")
+REFLOW_QUALITY = ("seeds", "rows", "steps")
 
 
 def cli_bench(args) -> int:
@@ -19,7 +20,9 @@ def cli_bench(args) -> int:
 
     module = importlib.import_module(f"rfp_core.bench.{args.which}")
     extra = {k: getattr(args, k, None) for k in QUALITY_ONLY if getattr(args, k, None) is not None}
-    if extra and args.which != "quality":
-        raise ConfigError(f"--{' --'.join(extra)}: only `rfp bench quality` takes these options")
+    takes = QUALITY_ONLY if args.which == "quality" else REFLOW_QUALITY if args.which == "reflow_quality" else ()
+    if set(extra) - set(takes):
+        raise ConfigError(f"--{' --'.join(set(extra) - set(takes))}: only `rfp bench quality` "
+                          "(and reflow_quality: --seeds --rows --steps) takes these options")
     emit(module.run(quick=args.quick, device=args.device, **extra))
     return 0
