@@ -129,7 +129,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
 
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality"])
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
@@ -138,6 +138,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="quality: comma-separated, from identity,tint,paper,anchored,mse (default all); "
                        "reflow_quality: the 1-RF row (default mse)")
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
+    bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")
     return parser

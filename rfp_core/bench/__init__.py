@@ -1,4 +1,4 @@
-"""`rfp bench ingest|train|pairing|ablation|reflow|reflow_quality|quality`: each prints one JSON object as its last line."""
+"""`rfp bench ingest|train|pairing|ablation|reflow|reflow_quality|quality|run`: each prints one JSON object as its last line."""
 
 from __future__ import annotations
 
@@ -13,16 +13,18 @@ def emit(result: dict) -> None:
 
 QUALITY_ONLY = ("seeds", "tasks", "rows", "steps")
 REFLOW_QUALITY = ("seeds", "rows", "steps")
+OPTIONS = {"quality": QUALITY_ONLY, "reflow_quality": REFLOW_QUALITY, "run": ("config",)}
 
 
 def cli_bench(args) -> int:
     from rfp_core.config import ConfigError
 
     module = importlib.import_module(f"rfp_core.bench.{args.which}")
-    extra = {k: getattr(args, k, None) for k in QUALITY_ONLY if getattr(args, k, None) is not None}
-    takes = QUALITY_ONLY if args.which == "quality" else REFLOW_QUALITY if args.which == "reflow_quality" else ()
-    if set(extra) - set(takes):
-        raise ConfigError(f"--{' --'.join(set(extra) - set(takes))}: only `rfp bench quality` "
-                          "(and reflow_quality: --seeds --rows --steps) takes these options")
+    every = {k for ks in OPTIONS.values() for k in ks}
+    extra = {k: getattr(args, k) for k in sorted(every) if getattr(args, k, None) is not None}
+    wrong = sorted(set(extra) - set(OPTIONS.get(args.which, ())))
+    if wrong:
+        takers = "; ".join(f"{b}: --{' --'.join(ks)}" for b, ks in OPTIONS.items())
+        raise ConfigError(f"--{' --'.join(wrong)}: `rfp bench {args.which}` does not take these ({takers})")
     emit(module.run(quick=args.quick, device=args.device, **extra))
     return 0
