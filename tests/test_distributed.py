@@ -183,7 +183,7 @@ def test_bench_nproc_per_node_is_refused_where_it_cannot_compare(capsys):
     from rfp_core.cli import main
 
     assert main(["bench", "ingest", "--nproc-per-node", "2"]) == 2
-    assert "only `rfp bench train` takes it" in capsys.readouterr().err
+    assert "`rfp bench ingest` does not take these" in capsys.readouterr().err
     assert main(["bench", "train", "--nproc-per-node", "1", "--device", "cpu"]) == 2
     assert "compares 1 rank with N >= 2 ranks" in capsys.readouterr().err
 

@@ -98,6 +98,7 @@ def train_run(
     smoke: bool = False,
     track: bool = False,
     force: bool = False,
+    paired: bool = False,
 ) -> Path:
     """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder.
 
@@ -105,6 +106,8 @@ def train_run(
     `track`: one MLflow run for the whole training (params, per-phase metrics, artifacts).
     `force`: a phase whose saved work is built from other inputs trains afresh (instead of a
     ResumeRefused); phases built from the same inputs still continue.
+    `paired`: domain-0 and domain-1 files with the same stem are true pairs (pix2pix); the velocity
+    is fitted on them with plain MSE and no saliency phase (rfp_core/paired.py).
     """
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
@@ -130,7 +133,10 @@ def train_run(
     if world.main:
         atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
     with _tracked(track and world.main, cfg, run_id, run_dir) as log:
-        _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log, force)
+        if paired:
+            _paired_phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, force, log)
+        else:
+            _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log, force)
     return run_dir
 
 
@@ -185,6 +191,22 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
                          pairs=pairs, log=log, force=force)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
+
+
+def _paired_phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, force, log) -> None:
+    """Paired mode: the codec (trained or imported) as in unpaired mode, then the velocity on true pairs."""
+    from rfp_core.train.paired import train_paired
+
+    codec_ckpt = None
+    if imports.codec is not None:
+        codec_ckpt = import_codec(imports.codec, cfg, run_dir)
+    elif cfg.codec.net.type != "Identity":
+        from rfp_core.train.codec import train_codec
+
+        codec_ckpt = _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log).checkpoint
+    if only is not None:
+        return
+    train_paired(cfg, manifest, run_dir, store=store, device=device, codec_checkpoint=codec_ckpt, progress=progress)
 
 
 def import_codec(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
@@ -266,6 +288,8 @@ def cli_train(args: argparse.Namespace) -> int:
         ("checkpoint", "checkpoint", "--checkpoint"), ("codec", "codec_ckpt", "--codec-ckpt"),
         ("saliency", "saliency_ckpt", "--saliency-ckpt"), ("velocity", "velocity_ckpt", "--velocity-ckpt"))}
     only = "codec" if args.codec_only else "saliency" if args.saliency_only else None
+    if args.nproc_per_node is not None and args.paired:
+        raise ConfigError("--paired trains in one process (paired mode is not data-parallel): drop --nproc-per-node")
     if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start it
         from rfp_core.train.launch import torchrun
 
@@ -273,7 +297,7 @@ def cli_train(args: argparse.Namespace) -> int:
     try:
         run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
                             device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
-                            only=only, smoke=args.smoke, track=not args.dev, force=args.restart)
+                            only=only, smoke=args.smoke, track=not args.dev, force=args.restart, paired=args.paired)
     except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1

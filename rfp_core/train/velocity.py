@@ -99,7 +99,7 @@ def train_velocity(
     world, device = distributed.init(device)  # one process, or this rank of torchrun's world
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     cfg_json = json.loads(cfg.to_json())
-    total, accum, mb = vc.total_steps, vc.accumulation_steps, vc.train_minibatch_size
+    total, mb = vc.total_steps, vc.train_minibatch_size
     use_saliency = not cfg.generative and vc.loss == "saliency"
     if use_saliency and saliency_checkpoint is None:
         raise ValueError(
