@@ -229,7 +229,7 @@ def train_saliency(
     train = UnpairedDataset(manifest, store, cfg.max_size, split="train", holdout_fraction=sc.holdout_fraction)
     # step-indexed order (a resumed call continues it), this rank's shard of each step's pairs
     shards = distributed.ShardBatches(pairs_per_batch, pairs_per_batch, world, start_step=steps,
-                                         what="saliency.batch_size / 2 (pairs)")
+                                      what="saliency.batch_size / 2 (pairs)")
     positions = distributed.Positions(train, cfg.seed, transform=_augment_item(build_augment(list(sc.augmentations))))
     batches = iter(DataLoader(positions, batch_sampler=shards))
     share = shards.count / pairs_per_batch  # of the global batch: DDP's mean over ranks is the batch mean
