@@ -1,8 +1,9 @@
 """`rfp bench reflow_quality`: reflow and one-step distillation on the quality benchmark's digits task.
 
 Per seed: the 1-RF flow is a quality row (`rfp bench quality`'s config, default "mse"), trained
-with `train_run`; `reflow_run` then solves the couplings of its training inputs (RK4 x 16), trains
-the 2-RF flow on them and distils a one-step map, each with the 1-RF's optimizer budget. Every
+with `train_run`; `reflow_run` then solves the couplings of the first `PAIRS` training inputs
+(RK4 x 16), trains the 2-RF flow on them and distils a one-step map from the 2-RF's couplings,
+each with the 1-RF's optimizer budget. Every
 model translates the task's held-out inputs at N = 1, 2 and 12 Euler steps (the distilled map at
 N = 1 only) and is scored by the task's judges (trained afresh, as in `rfp bench quality`).
 
@@ -27,6 +28,7 @@ from rfp_core.bench import quality_tasks as QT
 
 STEPS = (1, 2, 12)
 TASK = "digits"
+PAIRS = (256, None)  # couplings per reflow round (full, quick: every training input); RK4 x 16 each
 
 
 def _score_fn(judges: dict, quick: bool, seed: int, device: torch.device):
@@ -131,7 +133,7 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
     per_seed = []
     for seed in range(n_seeds):
         run_dir, _ = Q.train_row(task, row, seed, quick, dev, steps, shared)
-        reflow_run(run_dir, rounds=1, distill=True, device=dev, progress=not quick)
+        reflow_run(run_dir, rounds=1, distill=True, pairs=PAIRS[int(quick)], device=dev, progress=not quick)
         per_seed.append(_steps_rows(run_dir, judges, quick, seed, dev))
         print(f"reflow_quality seed {seed}: " + json.dumps(acceptance(per_seed[-1:])), file=sys.stderr)
     example = Q.row_config(row, 0, quick, steps)
