@@ -239,6 +239,9 @@ class VelocityConfig(_Strict):
     # 0 = off (the raw weights are sampled and saved), as in the original
     ema: float = Field(0.0, ge=0, lt=1)
     bf16: bool = False
+    # this project's: steps over which the EMA's horizon 1/(1-d) ramps from 1 to 1/(1-ema); None =
+    # ema/(1-ema), the running mean until then (train/ema.py); 0 = the original's constant decay
+    ema_warmup_steps: int | None = Field(None, ge=0)
     # this project's additions
     weight_decay: float = Field(1e-4, ge=0)
     # "saliency" = the saliency-weighted loss; "mse" = plain rectified flow (forced in generative mode)
@@ -358,7 +361,7 @@ _FLAT_VELOCITY = {
     "train_batch_size", "train_minibatch_size", "train_images", "learning_rate", "weight_decay",
     "num_inference_steps", "timestep_sampling", "sample_batch_size", "lr_schedule",
     "warmup_fraction", "gradient_clip", "ema", "bf16", "sampler", "sample_every_images",
-    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight",
+    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight", "ema_warmup_steps",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),

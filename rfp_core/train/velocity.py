@@ -31,7 +31,7 @@ from rfp_core.frame_store import FrameStore
 from rfp_core.images import save_grid
 from rfp_core.nets import build_velocity_net
 from rfp_core.train.codec_io import load_codec
-from rfp_core.train.ema import EMA
+from rfp_core.train.ema import EMA, horizon_note
 from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
 from rfp_core.train.resume import (StepSampler, budget_note, lineage_record, make_room, resume_point, rng_state,
@@ -109,8 +109,10 @@ def train_velocity(
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
     model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
-    ema = EMA(model, vc.ema)
+    ema = EMA(model, vc.ema, vc.ema_warmup_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
+    if (note := horizon_note(vc.ema, total)) is not None:
+        print(note, file=sys.stderr)
     h = None
     if use_saliency:
         saliency = load_saliency(saliency_checkpoint, device)
@@ -127,7 +129,7 @@ def train_velocity(
         from rfp_core.original import checkpoint_step, load_into
 
         load_into(model, resume_from)
-        ema = EMA(model, vc.ema)
+        ema = EMA(model, vc.ema, vc.ema_warmup_steps)
         step = start = checkpoint_step(resume_from) or 0
         total = start + total
         print(f"velocity: continuing from {resume_from} at step {start}; training to step {total}", file=sys.stderr)
@@ -148,7 +150,7 @@ def train_velocity(
                     print(note, file=sys.stderr)
             else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
                 model.load_state_dict(resume_state["velocity"])
-                ema = EMA(model, vc.ema)
+                ema = EMA(model, vc.ema, vc.ema_warmup_steps)
                 print(f"velocity: initialised from the weights of {source}; training from step 0", file=sys.stderr)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(
