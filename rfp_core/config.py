@@ -108,6 +108,11 @@ class SaliencyConfig(_Strict):
     max_steps: int = Field(20_000, ge=1)
     eval_every: int = Field(50, ge=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    # which accuracy the thresholds are compared with: "train_smoothed" = the original's (training
+    # batches, mean of the last `smoothing_window`, window full); "holdout" = held-out frames (one
+    # half of the held-out sources; the other half reports). Both are logged (train/saliency_stop.py).
+    stop_on: Literal["train_smoothed", "holdout"] = "train_smoothed"
+    smoothing_window: int = Field(100, ge=1)
 
 
 class IdentityNetConfig(_Strict):

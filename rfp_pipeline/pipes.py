@@ -86,7 +86,9 @@ class TrainingLauncher(dg.ConfigurableResource):
 
         result = SaliencyResult(checkpoint=Path(metadata["checkpoint"]), state_path=Path(metadata["state"]),
                                 accuracy=float(metadata["accuracy"]), steps=int(metadata["steps"]),
-                                warmed_up=bool(metadata["warmed_up"]))
+                                warmed_up=bool(metadata["warmed_up"]), stopped_by=metadata.get("stopped_by") or None,
+                                train_accuracy=_number(metadata.get("train_accuracy")),
+                                report_accuracy=_number(metadata.get("report_accuracy")))
         steps = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "step" in m]
         return Launched(result, {"launcher": "pipes", "pipes_steps_streamed": len(steps),
                                  "worker_pid": int(metadata["worker_pid"])}, steps)
@@ -98,3 +100,8 @@ class TrainingLauncher(dg.ConfigurableResource):
         command = [self.python or sys.executable, "-m", WORKER_MODULE]
         context.log.info(f"training {extras['phase']} out of process: {' '.join(command)} ({json.dumps(extras['device'])})")
         return client.run(context=context, command=command, extras=extras)
+
+
+def _number(value) -> float | None:
+    """A float metadata value that is left out when there is none."""
+    return None if value is None else float(value)

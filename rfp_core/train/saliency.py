@@ -29,11 +29,12 @@ from tqdm.auto import tqdm
 from rfp_core.atomic import atomic_write_text
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig, SaliencyNetConfig
-from rfp_core.data import FrameDataset, UnpairedDataset
+from rfp_core.data import FrameDataset, UnpairedDataset, holdout_parts
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.resume import continue_saved, lineage_record, saliency_inputs
+from rfp_core.train.saliency_stop import StopRule
 
 LogFn = Callable[[dict, int], None]
 BACKBONE_LR_FACTOR = 0.1
@@ -51,9 +52,13 @@ class SaliencyThresholdNotReached(RuntimeError):
 class SaliencyResult:
     checkpoint: Path
     state_path: Path
-    accuracy: float
+    accuracy: float  # the accuracy that met accuracy_threshold (of the criterion `stopped_by` names)
     steps: int
     warmed_up: bool
+    stopped_by: str | None = None  # "train_smoothed" | "holdout"
+    train_accuracy: float | None = None  # the original's smoothed training accuracy (None: window not full)
+    report_accuracy: float | None = None  # on held-out frames that did not decide the stop
+    report_separate: bool = True  # False: too few held-out sources to keep stop and report apart
 
 
 def build_augment(names: list[str]) -> v2.Compose | None:
@@ -84,12 +89,12 @@ def _cycle(loader: DataLoader) -> Iterator[dict]:
 
 
 @torch.no_grad()
-def _holdout_batches(manifest: Path, store, cfg: ModelConfig) -> list[tuple[torch.Tensor, int]]:
+def _holdout_batches(manifest: Path, store, cfg: ModelConfig, split: str = "holdout") -> list[tuple[torch.Tensor, int]]:
     sc = cfg.saliency
     out = []
     for domain in (0, 1):
         try:
-            ds = FrameDataset(manifest, store, domain, cfg.max_size, split="holdout",
+            ds = FrameDataset(manifest, store, domain, cfg.max_size, split=split,
                               holdout_fraction=sc.holdout_fraction, train_crop=False)
         except ValueError:
             raise ValueError(
@@ -195,6 +200,8 @@ def train_saliency(
     accuracy = float(state.get("accuracy", 0.0))
     warmed_up = bool(state.get("backbone_warmed_up", False))
     steps = int(state.get("steps", 0))
+    rule = StopRule(sc, state.get("train_window", []))
+    report: dict = {k: state.get(k) for k in ("stopped_by", "report_accuracy", "holdout_accuracy")}
 
     def save() -> None:
         save_checkpoint(ckpt_path, {
@@ -205,23 +212,26 @@ def train_saliency(
         atomic_write_text(state_path, json.dumps({
             "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps,
             "accuracy_threshold": sc.accuracy_threshold, "warmup_threshold": sc.warmup_threshold,
+            "stop_on": sc.stop_on, "train_accuracy": rule.smoothed, "train_window": list(rule.window),
+            "report_split": rule.report_split, "report_separate": separate, **report,
             "checkpoint": ckpt_path.name, **lineage,
         }, indent=2))
 
     def result() -> SaliencyResult:
-        return SaliencyResult(ckpt_path, state_path, accuracy, steps, warmed_up)
+        return SaliencyResult(ckpt_path, state_path, accuracy, steps, warmed_up, report["stopped_by"], rule.smoothed,
+                              report["report_accuracy"], separate)
 
-    if accuracy >= sc.accuracy_threshold:
+    separate = _report_separate(manifest, sc) if rule.mode == "holdout" else True
+    if report["stopped_by"] is not None or (state and accuracy >= sc.accuracy_threshold and warmed_up):
         return result()  # a finished phase: nothing to do
 
-    holdout = _holdout_batches(manifest, store, cfg)
+    holdout = _holdout_batches(manifest, store, cfg, rule.eval_split)
     pairs_per_batch = max(1, sc.batch_size // 2)  # each pair gives one image of each domain
     train = UnpairedDataset(manifest, store, cfg.max_size, split="train", holdout_fraction=sc.holdout_fraction)
     gen = torch.Generator().manual_seed(cfg.seed + steps)
     loader = DataLoader(train, batch_size=pairs_per_batch, shuffle=True, drop_last=len(train) >= pairs_per_batch, generator=gen)
     batches = _cycle(loader)
     augment = build_augment(list(sc.augmentations))
-    eps = sc.label_smoothing
 
     net.set_backbone_trainable(warmed_up)
     opt = _optimizer(net, sc.learning_rate, finetune=warmed_up)
@@ -229,58 +239,113 @@ def train_saliency(
     # (a from-scratch backbone has no useful ones yet)
     net.train()
     bar = tqdm(total=sc.max_steps, initial=min(steps, sc.max_steps), desc="saliency", disable=not progress, dynamic_ncols=True)
-    last_save, window = time.monotonic(), []
-    while accuracy < sc.accuracy_threshold:
+    last_save, window, held_out = time.monotonic(), [], report["holdout_accuracy"]
+    while report["stopped_by"] is None:
         if steps >= sc.max_steps:
-            save()
             bar.close()
-            phase = "1b fine-tune" if warmed_up else "1a warm-up"
-            target = sc.accuracy_threshold if warmed_up else sc.warmup_threshold
-            raise SaliencyThresholdNotReached(
-                f"saliency phase {phase} stopped at saliency.max_steps={sc.max_steps}: held-out accuracy "
-                f"{accuracy:.4f} < {'accuracy_threshold' if warmed_up else 'warmup_threshold'} {target}. "
-                "The domains may be too alike (or too few frames to tell apart). Raise saliency.max_steps "
-                f"(training resumes from {ckpt_path}), lower the threshold, or raise saliency.learning_rate "
-                f"({sc.learning_rate})."
-            )
-        batch = next(batches)
-        x0, x1 = augment_batch(batch["domain_0"], augment), augment_batch(batch["domain_1"], augment)
-        x0, x1 = codec.encode(x0.to(device)), codec.encode(x1.to(device))
-        n = x0.shape[0]
-        if sc.blend_fraction > 0 and torch.rand(()) < sc.blend_fraction:
-            # blend training: points on the path x_t, labelled [1 - t, t] by how far along they are
-            x0, x1 = torch.cat([x0, x0.flip(0)]), torch.cat([x1, x1])
-            p1 = torch.rand(2 * n, device=device)
-            x = torch.lerp(x0, x1, p1.view(-1, 1, 1, 1))
-        else:
-            x = torch.cat([x0, x1])
-            p1 = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
-        p1 = p1 * (1 - eps) + eps / 2  # label smoothing
-        target = torch.stack([1 - p1, p1], dim=1)
-        loss = F.cross_entropy(net(x), target)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        opt.step()
+            fallback = rule.fallback(held_out)
+            if fallback is None:
+                save()
+                _not_reached(sc, warmed_up, accuracy, ckpt_path)
+            # the other criterion met the threshold (the original's, or held-out frames): the phase is done
+            print(f"saliency: the {sc.stop_on} accuracy did not reach accuracy_threshold {sc.accuracy_threshold} in "
+                  f"saliency.max_steps={sc.max_steps}; the {fallback[0]} accuracy did ({fallback[1]:.4f}), so the "
+                  "phase ends on it", file=sys.stderr)
+            report["stopped_by"], accuracy = fallback
+            break
+        loss, batch_acc = _train_step(net, codec, opt, next(batches), augment, sc, device)
+        rule.add_batch(batch_acc)
         steps += 1
-        window.append(loss.item())
+        window.append(loss)
         bar.update(1)
 
-        if steps % sc.eval_every == 0 or steps >= sc.max_steps:
-            accuracy = evaluate_accuracy(net, codec, holdout, device)
-            metrics = {"saliency/loss": sum(window) / len(window), "saliency/accuracy": accuracy, "saliency/warmed_up": float(warmed_up)}
+        evaluated = steps % sc.eval_every == 0 or steps >= sc.max_steps
+        if evaluated:
+            held_out = report["holdout_accuracy"] = evaluate_accuracy(net, codec, holdout, device)
+        value = rule.value(held_out if evaluated else None)
+        if evaluated:
+            metrics = {"saliency/loss": sum(window) / len(window), "saliency/holdout_accuracy": held_out,
+                       "saliency/warmed_up": float(warmed_up)}
+            if rule.smoothed is not None:
+                metrics["saliency/train_accuracy"] = rule.smoothed
+            if value is not None:
+                metrics["saliency/accuracy"] = value
             window = []
-            bar.set_postfix(loss=f"{metrics['saliency/loss']:.4f}", acc=f"{accuracy:.3f}", phase="1b" if warmed_up else "1a")
+            bar.set_postfix(loss=f"{metrics['saliency/loss']:.4f}", acc=f"{held_out:.3f}", phase="1b" if warmed_up else "1a")
             if log:
                 log(metrics, steps)
-            if not warmed_up and accuracy >= sc.warmup_threshold:
-                warmed_up = True  # 1a -> 1b: unfreeze the backbone at a tenth of the head LR
-                net.set_backbone_trainable(True)
-                opt = _optimizer(net, sc.learning_rate, finetune=True)
-                save()
-                last_save = time.monotonic()
-            elif time.monotonic() - last_save > SAVE_EVERY_S:
-                save()
-                last_save = time.monotonic()
+        if value is None:
+            pass
+        elif not warmed_up and value >= sc.warmup_threshold:
+            warmed_up, accuracy = True, value  # 1a -> 1b: unfreeze the backbone at a tenth of the head LR
+            net.set_backbone_trainable(True)
+            opt = _optimizer(net, sc.learning_rate, finetune=True)
+            rule.warmed_up()
+            save()
+            last_save = time.monotonic()
+            value = rule.value(held_out if evaluated else None)
+        else:
+            accuracy = value
+        if warmed_up and value is not None and value >= sc.accuracy_threshold:
+            report["stopped_by"], accuracy = sc.stop_on, value
+        elif time.monotonic() - last_save > SAVE_EVERY_S:
+            save()
+            last_save = time.monotonic()
     bar.close()
+    report["report_accuracy"] = evaluate_accuracy(net, codec, _holdout_batches(manifest, store, cfg, rule.report_split), device)
+    if log:
+        log({"saliency/report_accuracy": report["report_accuracy"], **({"saliency/train_accuracy": rule.smoothed}
+            if rule.smoothed is not None else {})}, steps)
     save()
     return result()
+
+
+def _train_step(net: SaliencyNet, codec: nn.Module, opt: torch.optim.Optimizer, batch: dict, augment, sc,
+                device) -> tuple[float, float]:
+    """One optimizer step; returns the loss and the batch's accuracy (label: the majority domain)."""
+    x0, x1 = augment_batch(batch["domain_0"], augment), augment_batch(batch["domain_1"], augment)
+    x0, x1 = codec.encode(x0.to(device)), codec.encode(x1.to(device))
+    n = x0.shape[0]
+    if sc.blend_fraction > 0 and torch.rand(()) < sc.blend_fraction:
+        # blend training: points on the path x_t, labelled [1 - t, t] by how far along they are
+        x0, x1 = torch.cat([x0, x0.flip(0)]), torch.cat([x1, x1])
+        p1 = torch.rand(2 * n, device=device)
+        x = torch.lerp(x0, x1, p1.view(-1, 1, 1, 1))
+    else:
+        x = torch.cat([x0, x1])
+        p1 = torch.cat([torch.zeros(n, device=device), torch.ones(n, device=device)])
+    eps = sc.label_smoothing
+    target = torch.stack([1 - p1, p1], dim=1) * (1 - eps) + eps / 2  # label smoothing
+    logits = net(x)
+    loss = F.cross_entropy(logits, target)
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    opt.step()
+    accuracy = (logits.detach().argmax(1) == (p1 > 0.5).long()).float().mean()
+    return loss.item(), float(accuracy)
+
+
+def _report_separate(manifest: Path, sc) -> bool:
+    """Whether every domain has >= 2 held-out sources, so stop and report frames differ."""
+    from rfp_core.manifest import ok_frames, read_manifest
+
+    table = read_manifest(manifest)
+    for domain in (0, 1):
+        stop, rep = holdout_parts(ok_frames(table, domain), sc.holdout_fraction)
+        if (stop & rep).any():
+            print(f"saliency: domain {domain} has one held-out source file, so the accuracy is reported on the frames "
+                  "that stop training; add files or raise saliency.holdout_fraction to keep them apart", file=sys.stderr)
+            return False
+    return True
+
+
+def _not_reached(sc, warmed_up: bool, accuracy: float, ckpt_path: Path) -> None:
+    phase = "1b fine-tune" if warmed_up else "1a warm-up"
+    target = sc.accuracy_threshold if warmed_up else sc.warmup_threshold
+    raise SaliencyThresholdNotReached(
+        f"saliency phase {phase} stopped at saliency.max_steps={sc.max_steps}: {sc.stop_on} accuracy "
+        f"{accuracy:.4f} < {'accuracy_threshold' if warmed_up else 'warmup_threshold'} {target}, and the other "
+        "criterion did not reach accuracy_threshold either. The domains may be too alike (or too few frames to tell "
+        f"apart). Raise saliency.max_steps (training resumes from {ckpt_path}), lower the threshold, or raise "
+        f"saliency.learning_rate ({sc.learning_rate})."
+    )
