@@ -255,6 +255,15 @@ class VelocityConfig(_Strict):
     # low-rank and spread over the whole frame, so the saliency loss alone lets what it does not see
     # drift (docs/METHOD.md, the colour cast); the anchor holds those coordinates to the straight line.
     mse_weight: float = Field(0.0, ge=0)
+    # "absolute": loss = saliency + mse_weight x MSE. "relative": mse_weight is the anchor's size as a
+    # share of the saliency term's (weight x running mean of the saliency term / running mean of the
+    # MSE), so one value means the same at any image size or latent width (train/anchor.py)
+    mse_weight_mode: Literal["absolute", "relative"] = "absolute"
+    # how (X0, X1) are paired in a minibatch: "independent" as drawn, or "minibatch_ot" (an exact
+    # assignment minimising the batch's pair cost in `coupling_space`: the flow's own space
+    # ("pixel") or the structure encoder's embeddings ("structure"); train/coupling.py)
+    coupling: Literal["independent", "minibatch_ot"] = "independent"
+    coupling_space: Literal["pixel", "structure"] = "pixel"
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
@@ -366,7 +375,8 @@ _FLAT_VELOCITY = {
     "train_batch_size", "train_minibatch_size", "train_images", "learning_rate", "weight_decay",
     "num_inference_steps", "timestep_sampling", "sample_batch_size", "lr_schedule",
     "warmup_fraction", "gradient_clip", "ema", "bf16", "sampler", "sample_every_images",
-    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight", "ema_warmup_steps",
+    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight", "ema_warmup_steps", "mse_weight_mode",
+    "coupling", "coupling_space",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),
