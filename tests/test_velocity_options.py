@@ -113,7 +113,22 @@ def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkey
     assert last["mse_weight_effective"] * last["loss_mse"] / last["loss_saliency"] == pytest.approx(0.5, rel=0.5)
     state = load_checkpoint(run / "velocity_00000006.pt")
     assert state["anchor"]["norm"] > 0 and state["config"]["velocity"]["coupling"] == "minibatch_ot"
-    assert (run / "velocity.pt").exists()
+    # resuming at step 3 continues the anchor's scales: the same final weights, bit for bit
+    import shutil
+
+    from rfp_core.config import config_from_dict
+    from rfp_core.frame_store import FrameStore
+    from rfp_core.train.velocity import train_velocity
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(run / "velocity_00000003.pt", resumed_dir / "from3.pt")
+    cfg_run = config_from_dict(json.loads((run / "config.json").read_text()))
+    resumed = train_velocity(cfg_run, run / "manifest.parquet", resumed_dir, saliency_checkpoint=run / "saliency.pt",
+                             store=FrameStore(max_side=cfg_run.store_max_side), progress=False,
+                             resume_from=resumed_dir / "from3.pt")
+    a, b = load_checkpoint(run / "velocity.pt")["velocity"], load_checkpoint(resumed.checkpoint)["velocity"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
 
 
 def test_training_runs_with_structure_space_coupling(tmp_path, monkeypatch):
