@@ -71,17 +71,25 @@ def holdout_split(frame_keys: Sequence[str], fraction: float) -> np.ndarray:
     return np.array([held[g] for g in groups], dtype=bool)
 
 
+# fewer held-out sources than this are not halved: one or two frames cannot decide a stop
+MIN_SOURCES_TO_HALVE = 6
+
+
 def holdout_parts(frame_keys: Sequence[str], fraction: float) -> tuple[np.ndarray, np.ndarray]:
     """(stop, report) masks over the held-out frames: the saliency phase stops on one half of the
     held-out source files and reports its accuracy on the other, so the figure it reports was not
-    used to end training. With a single held-out source both masks are that source
-    (`stop & report` is then non-empty: the caller says so)."""
+    used to end training. With fewer than MIN_SOURCES_TO_HALVE held-out sources both masks are all
+    of them (`stop & report` is then non-empty: the caller says so)."""
     held = holdout_split(frame_keys, fraction)
     groups = source_groups(frame_keys)
     held_groups = [g for g, h in zip(groups, held) if h]
-    if len(set(held_groups)) < 2:
+    names = sorted(set(held_groups))
+    if len(names) < MIN_SOURCES_TO_HALVE:
         return held.copy(), held.copy()
-    report = _group_mask(held_groups, 0.5, salt="report:")
+    # halves of equal size (a threshold on the hash could leave one or two sources to stop on),
+    # in the order of a second hash of each source
+    ranked = sorted(names, key=lambda g: _unit_hash("report:" + g))
+    report = {g: i >= (len(ranked) + 1) // 2 for i, g in enumerate(ranked)}
     rep = np.array([h and report[g] for g, h in zip(groups, held)], dtype=bool)
     return held & ~rep, rep
 

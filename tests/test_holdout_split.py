@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rfp_core.data import VIDEO_RUNS, holdout_parts, holdout_split, source_groups
+from rfp_core.data import MIN_SOURCES_TO_HALVE, VIDEO_RUNS, holdout_parts, holdout_split, source_groups
 
 
 def _video(md5: str, n: int) -> list[str]:
@@ -40,8 +40,17 @@ def test_stop_and_report_halves_are_disjoint_sources():
     stop, report = holdout_parts(keys, 0.3)
     assert not (stop & report).any() and np.array_equal(stop | report, held)
     assert stop.any() and report.any()
+    n_stop, n_report = len({k.split(":frame:")[0] for k, m in zip(keys, stop) if m}), len(
+        {k.split(":frame:")[0] for k, m in zip(keys, report) if m})
+    assert abs(n_stop - n_report) <= 1  # equal halves of the held-out sources
     source = lambda mask: {k.split(":frame:")[0] for k, m in zip(keys, mask) if m}  # noqa: E731
     assert not source(stop) & source(report)
-    # one held-out source cannot be halved: both masks are it, and the caller can see they overlap
+    # fewer than MIN_SOURCES_TO_HALVE held-out sources are not halved: both masks are all of them,
+    # and the caller can see they overlap
     stop1, report1 = holdout_parts(["a", "b", "c"], 0.1)
     assert np.array_equal(stop1, report1) and stop1.sum() == 1
+    few = [f"{i:04d}" for i in range(40)]
+    held = holdout_split(few, 0.06)
+    assert 0 < held.sum() < MIN_SOURCES_TO_HALVE
+    stop2, report2 = holdout_parts(few, 0.06)
+    assert np.array_equal(stop2, held) and np.array_equal(report2, held)

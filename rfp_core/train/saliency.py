@@ -29,7 +29,7 @@ from tqdm.auto import tqdm
 from rfp_core.atomic import atomic_write_text
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig, SaliencyNetConfig
-from rfp_core.data import FrameDataset, UnpairedDataset, holdout_parts
+from rfp_core.data import MIN_SOURCES_TO_HALVE, FrameDataset, UnpairedDataset, holdout_parts
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.train.codec_io import load_codec
@@ -333,8 +333,9 @@ def _report_separate(manifest: Path, sc) -> bool:
     for domain in (0, 1):
         stop, rep = holdout_parts(ok_frames(table, domain), sc.holdout_fraction)
         if (stop & rep).any():
-            print(f"saliency: domain {domain} has one held-out source file, so the accuracy is reported on the frames "
-                  "that stop training; add files or raise saliency.holdout_fraction to keep them apart", file=sys.stderr)
+            print(f"saliency: domain {domain} has fewer than {MIN_SOURCES_TO_HALVE} held-out source files, so the "
+                  "accuracy is reported on the frames that stop training; add files or raise "
+                  "saliency.holdout_fraction to keep them apart", file=sys.stderr)
             return False
     return True
 
