@@ -1,7 +1,6 @@
 """The EMA's warm-up: short runs reach the configured decay (issue 17, item 3)."""
 
 import pytest
-import torch
 from torch import nn
 
 from rfp_core.config import config_from_dict
