@@ -1,10 +1,13 @@
 """Phase 1: the saliency classifier whose latent layer h(x) weights the velocity loss.
 
-1a warm-up: backbone frozen, only `latent_proj` and `classifier` train, until the held-out
-accuracy reaches `warmup_threshold` (random heads must not wreck pretrained features).
+1a warm-up: backbone frozen, only `latent_proj` and `classifier` train, until the accuracy
+reaches `warmup_threshold` (random heads must not wreck pretrained features).
 1b fine-tune: every layer trains, the backbone at 0.1x the head learning rate, until
-`accuracy_threshold`. Accuracy is the mean per-domain accuracy on held-out frames (centred
-crop), so a domain with many more frames (a video) cannot hide a failing one.
+`accuracy_threshold`. Which accuracy is compared is `saliency.stop_on` (`train/saliency_stop.py`):
+the original's training accuracy smoothed over `smoothing_window` batches, or the mean per-domain
+accuracy on held-out frames (centred crop), so a domain with many more frames (a video) cannot
+hide a failing one. Both are logged; the accuracy reported at the end is measured on held-out
+frames that did not decide the stop.
 `saliency_state.json` beside the checkpoint lets a resumed call skip finished sub-phases; it
 records what the phase was built from (its lineage: the frames, the codec, the net), and state of
 another lineage is never continued or taken as finished (`train/resume.py`).
