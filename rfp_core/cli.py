@@ -150,8 +150,9 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
     bench.add_argument("--tasks", default=None, help="quality: comma-separated, from digits,photo (default both)")
     bench.add_argument("--rows", default=None,
-                       help="quality: comma-separated, from identity,tint,paper,anchored,mse (default all); "
-                       "reflow_quality: the 1-RF row (default mse)")
+                       help="quality: comma-separated, from identity,tint,paper,anchored,mse,anchored_relative,paper_ot,"
+                            "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
+                            "reflow_quality: the 1-RF row (default mse)")
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
     bench.add_argument("--nproc-per-node", type=int, default=None,
                        help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)")

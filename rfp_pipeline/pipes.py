@@ -93,7 +93,9 @@ class TrainingLauncher(dg.ConfigurableResource):
 
         result = SaliencyResult(checkpoint=Path(metadata["checkpoint"]), state_path=Path(metadata["state"]),
                                 accuracy=float(metadata["accuracy"]), steps=int(metadata["steps"]),
-                                warmed_up=bool(metadata["warmed_up"]))
+                                warmed_up=bool(metadata["warmed_up"]), stopped_by=metadata.get("stopped_by") or None,
+                                train_accuracy=_number(metadata.get("train_accuracy")),
+                                report_accuracy=_number(metadata.get("report_accuracy")))
         return _launched(result, invocation, metadata)
 
     def train_velocity(
@@ -164,3 +166,8 @@ def _launched(result: Any, invocation: dg.PipesClientCompletedInvocation, metada
     steps = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "step" in m]
     return Launched(result, {"launcher": "pipes", "pipes_steps_streamed": len(steps),
                              "worker_pid": int(metadata["worker_pid"])}, steps)
+
+
+def _number(value) -> float | None:
+    """A float metadata value that is left out when there is none."""
+    return None if value is None else float(value)

@@ -66,6 +66,9 @@ def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
         "accuracy": res.accuracy,
         "steps": res.steps,
         "warmed_up": res.warmed_up,
+        "stopped_by": res.stopped_by or "",
+        **{k: v for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
+           if v is not None},
         "worker_pid": os.getpid(),
         "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
         "state": {"raw_value": str(res.state_path), "type": "path"},

@@ -181,7 +181,9 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
     elif not cfg.generative and cfg.velocity.loss == "saliency":
         sal = train_saliency(cfg, manifest, run_dir, device=device, store=store, progress=progress,
                              codec_checkpoint=codec_ckpt, log=log, force=force)
-        print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
+        reported = "" if sal.report_accuracy is None else f", reported held-out accuracy {sal.report_accuracy:.4f}"
+        print(f"saliency: {sal.stopped_by or cfg.saliency.stop_on} accuracy {sal.accuracy:.4f}{reported} after {sal.steps} "
+              f"steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
     if only == "saliency":
         return

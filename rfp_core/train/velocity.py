@@ -32,7 +32,9 @@ from rfp_core.images import save_grid
 from rfp_core.nets import build_velocity_net
 from rfp_core.train import distributed
 from rfp_core.train.codec_io import load_codec
-from rfp_core.train.ema import EMA
+from rfp_core.train.anchor import RelativeAnchor
+from rfp_core.train.coupling import Coupler
+from rfp_core.train.ema import EMA, horizon_note
 from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
 from rfp_core.train.resume import (budget_note, lineage_record, make_room, resume_point, rng_state,
@@ -111,13 +113,19 @@ def train_velocity(
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
     model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
-    ema = EMA(model, vc.ema)
+    ema = EMA(model, vc.ema, vc.ema_warmup_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
+    if (note := horizon_note(vc.ema, total)) is not None:
+        print(note, file=sys.stderr)
     h = None
     if use_saliency:
         saliency = load_saliency(saliency_checkpoint, device)
         # the BN-folded copy with a batched primal+tangent jvp is the fast path of the loss
         h = saliency.frozen_h() if hasattr(saliency, "frozen_h") else saliency.h
+    # the anchor's weight: a number, or a share of the saliency term (train/anchor.py)
+    anchor = RelativeAnchor(vc.mse_weight) if vc.mse_weight_mode == "relative" and vc.mse_weight > 0 else None
+    mse_weight = anchor if anchor is not None else vc.mse_weight
+    couple = Coupler(cfg, device) if vc.coupling == "minibatch_ot" else None
 
     # --- resume: an explicit checkpoint, else the newest loadable one of this lineage here
     inputs = velocity_inputs(cfg_json, manifest, saliency_checkpoint if use_saliency else None, codec_checkpoint, pairs)
@@ -129,7 +137,7 @@ def train_velocity(
         from rfp_core.original import checkpoint_step, load_into
 
         load_into(model, resume_from)
-        ema = EMA(model, vc.ema)
+        ema = EMA(model, vc.ema, vc.ema_warmup_steps)
         step = start = checkpoint_step(resume_from) or 0
         total = start + total
         print(f"velocity: continuing from {resume_from} at step {start}; training to step {total}", file=sys.stderr)
@@ -150,6 +158,8 @@ def train_velocity(
                 model.load_state_dict(resume_state["model"])
                 ema.load_state_dict(resume_state["ema"])
                 opt.load_state_dict(resume_state["optimizer"])
+                if anchor is not None and "anchor" in resume_state:
+                    anchor.load_state_dict(resume_state["anchor"])
                 step = int(resume_state["step"])
                 set_rng_state(resume_state["rng"], device)
                 print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
@@ -157,7 +167,7 @@ def train_velocity(
                     print(note, file=sys.stderr)
             else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
                 model.load_state_dict(resume_state["velocity"])
-                ema = EMA(model, vc.ema)
+                ema = EMA(model, vc.ema, vc.ema_warmup_steps)
                 print(f"velocity: initialised from the weights of {source}; training from step 0", file=sys.stderr)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(
@@ -195,7 +205,7 @@ def train_velocity(
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
             "rng": rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
             "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
-            "total_steps": total, **lineage,
+            "total_steps": total, **lineage, **({"anchor": anchor.state_dict()} if anchor is not None else {}),
         })
         prune_checkpoints(out_dir, CKPT_PREFIX, keep=2, lineage=lineage["lineage"])  # never another run's files
         return path
@@ -243,6 +253,8 @@ def train_velocity(
                 x0 = distributed.per_sample(lambda g: codec.sample_random_latent((1, *x1.shape[1:]), generator=g),
                                             cfg.seed, pos, SALT_NOISE).to(device) if cfg.generative \
                     else codec.encode(batch["domain_0"].to(device, non_blocking=True))
+                if couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
+                    x1 = couple(batch, x0, x1)
             t = distributed.per_sample(lambda g: flow.sample_timesteps(1, vc.timestep_sampling, generator=g),
                                        cfg.seed, pos, SALT_T).to(device)
             x_t = flow.interpolate(x0, x1, t)
@@ -253,7 +265,7 @@ def train_velocity(
                     v = ddp(x_t, t)
                 v = v.float()
                 if use_saliency:
-                    loss, term_sal, term_mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, vc.mse_weight)
+                    loss, term_sal, term_mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, mse_weight)
                     step_terms += torch.stack([term_sal, term_mse]) * share
                 else:
                     loss = flow.velocity_mse_loss(v, target)
@@ -288,6 +300,8 @@ def train_velocity(
                        "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9), "images": step * images_per_step}
             if use_saliency:  # the anchored loss's two terms apart: loss = loss_saliency + mse_weight * loss_mse
                 metrics["loss_saliency"], metrics["loss_mse"] = (window_terms / window_steps).tolist()
+                if anchor is not None:  # the MSE weight the relative anchor used last
+                    metrics["mse_weight_effective"] = anchor.effective
             if world.main:
                 with metrics_path.open("a") as fh:
                     fh.write(json.dumps(metrics) + "\n")
@@ -296,6 +310,8 @@ def train_velocity(
                 logged = {"velocity/loss": metrics["loss"], "velocity/lr": lr, "velocity/images_per_s": metrics["images_per_s"]}
                 if use_saliency:
                     logged.update({"velocity/loss_saliency": metrics["loss_saliency"], "velocity/loss_mse": metrics["loss_mse"]})
+                    if anchor is not None:
+                        logged["velocity/mse_weight_effective"] = metrics["mse_weight_effective"]
                 log(logged, step)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
             window_terms = torch.zeros(2)

@@ -268,6 +268,11 @@ def saliency_checkpoint(
         "accuracy_threshold": cfg.saliency.accuracy_threshold,
         "steps": res.steps,
         "backbone_warmed_up": res.warmed_up,
+        # which accuracy met the threshold, the original's smoothed training one, and the held-out
+        # figure measured on frames that did not decide the stop (rfp_core/train/saliency_stop.py)
+        "stopped_by": res.stopped_by or "",
+        **{k: v for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
+           if v is not None},
         "checkpoint": dg.MetadataValue.path(str(res.checkpoint)),
         "mlflow_run": dg.MetadataValue.url(url),
         "built_from_manifest": manifest_version,
