@@ -90,7 +90,10 @@ def runs(data):
 
 def test_saliency_two_ranks_match_one_rank(data, runs):
     one, two = runs["sal_1"], runs["sal_2"]
-    a, b = _rows(one / "log.jsonl"), _rows(two / "log.jsonl")
+    # the training rows (the last row is the report-split accuracy, logged once at the end)
+    a, b = ([r for r in _rows(p / "log.jsonl") if "saliency/loss" in r] for p in (one, two))
+    ra, rb = ([r for r in _rows(p / "log.jsonl") if "saliency/report_accuracy" in r] for p in (one, two))
+    assert len(ra) == len(rb) == 1 and ra[0]["saliency/report_accuracy"] == rb[0]["saliency/report_accuracy"]
     # warm-up ends at the first evaluation (0.5 >= 0.5): the fine-tune steps after it train the backbone too
     assert [r["step"] for r in a] == [r["step"] for r in b] and len(a) >= 3
     assert a[0]["saliency/warmed_up"] == 0.0 and a[-1]["saliency/warmed_up"] == 1.0

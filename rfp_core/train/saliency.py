@@ -314,7 +314,7 @@ def train_saliency(
             last_save = time.monotonic()
     bar.close()
     report["report_accuracy"] = evaluate_accuracy(net, codec, _holdout_batches(manifest, store, cfg, rule.report_split), device)
-    if log:
+    if log and world.main:
         log({"saliency/report_accuracy": report["report_accuracy"], **({"saliency/train_accuracy": rule.smoothed}
             if rule.smoothed is not None else {})}, steps)
     save()
