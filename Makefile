@@ -16,11 +16,15 @@ export DAGSTER_HOME := $(CURDIR)/dagster_home
 endif
 export RFP_HOME ?= $(CURDIR)/.rfp_home
 MLFLOW_PORT ?= 5001
+# `make mlflow-ui` serves here, and the run links written into Dagster's metadata point here
+# (they are stored when a stage materialises: set the port before `make demo`, not after)
+MLFLOW_UI_PORT ?= 5000
 ifneq ($(strip $(RFP_MLFLOW_BACKEND_URI)),)
 export MLFLOW_TRACKING_URI ?= http://127.0.0.1:$(MLFLOW_PORT)
 export MLFLOW_UI_URL ?= http://127.0.0.1:$(MLFLOW_PORT)
 endif
 export MLFLOW_TRACKING_URI ?= sqlite:///$(RFP_HOME)/mlflow.db
+export MLFLOW_UI_URL ?= http://127.0.0.1:$(MLFLOW_UI_PORT)
 # no telemetry, no hub downloads: everything runs offline
 export DAGSTER_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
@@ -32,7 +36,7 @@ $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
 	test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
-	$(BIN)/pip install --quiet -e '.[test]'
+	$(BIN)/pip install --quiet -e '.[test,system-metrics]'
 	touch $(STAMP)
 
 setup: $(STAMP)
@@ -61,7 +65,7 @@ serve: $(STAMP)
 	$(BIN)/rfp serve --model $(MODEL) --port $(PORT)
 
 mlflow-ui: $(STAMP)
-	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI)
+	$(BIN)/mlflow ui --backend-store-uri $(MLFLOW_TRACKING_URI) --host 127.0.0.1 --port $(MLFLOW_UI_PORT)
 
 # MLflow tracking server on $(RFP_MLFLOW_BACKEND_URI); artifacts go through it into $(RFP_HOME)/mlartifacts
 mlflow-server: $(STAMP)
