@@ -30,7 +30,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup test test-slow test-scale demo dev mlflow-ui mlflow-server bench validate clean
+.PHONY: setup test test-slow test-scale test-ui ui-browser demo dev mlflow-ui mlflow-server bench validate clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -50,6 +50,16 @@ test-slow: $(STAMP)
 # Dagster and MLflow on a private PostgreSQL server (installs PostgreSQL with apt-get when missing)
 test-scale: $(STAMP)
 	$(BIN)/pytest -q -m scale tests/test_scale.py
+
+# headless Chromium + its driver from the OS packages (Debian/Ubuntu: apt-get, as root or with sudo) and Selenium
+ui-browser: $(STAMP)
+	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y chromium chromium-driver; }
+	$(BIN)/pip install --quiet -e '.[test,system-metrics,ui-test]'
+
+# the UIs looked at: a tiny demo state, dagster-webserver + mlflow ui on free ports, screenshots into docs/ui/
+test-ui: ui-browser
+	RFP_SCREENSHOTS_DIR=$(CURDIR)/docs/ui $(BIN)/pytest -q -m slow tests/test_ui_screens.py
 
 demo: $(STAMP)
 	$(BIN)/python -m rfp_pipeline.demo

@@ -23,6 +23,9 @@ from rfp_pipeline import experiments as exps
 
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s own default address
+# MLflow 3.17's UI picks GenAI or model-training pages from this query parameter (else its own
+# stored choice, GenAI at first); the experimentKind tag (rfp_core.tracking) is what older 3.x read
+ML_WORKFLOW = "workflowType=machine_learning"
 
 
 def _env(value: str, var: str) -> str:
@@ -196,8 +199,13 @@ class MlflowTracking(dg.ConfigurableResource):
 
     def run_url(self, run: Any) -> str:
         """The run's page under `ui_base()` as it is now: Dagster stores the link with the
-        materialisation, so a UI moved to another address later needs a re-materialisation."""
-        return f"{self.ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        materialisation, so a UI moved to another address later needs a re-materialisation.
+        MLflow 3 opens on its GenAI pages unless told the workflow (`?workflowType=`)."""
+        return f"{self.ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{ML_WORKFLOW}"
+
+    def experiment_url(self, experiment_id: str) -> str:
+        """The experiment's training-runs table (not the GenAI overview MLflow 3 opens by default)."""
+        return f"{self.ui_base()}/#/experiments/{experiment_id}?{ML_WORKFLOW}"
 
 
 class CheckThresholds(dg.ConfigurableResource):

@@ -103,7 +103,7 @@ def test_system_metrics_are_sampled_during_training(built):
 def test_mlflow_links_use_the_configured_ui_address(built):
     for asset in ("saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"):
         url = _md(built["result"], asset)["mlflow_run"]
-        assert url.startswith(f"{UI}/#/experiments/") and "5000" not in url
+        assert url.startswith(f"{UI}/#/experiments/") and url.endswith("?workflowType=machine_learning")
 
 
 def test_grids_are_readable_pictures_of_every_evaluated_image(built):

@@ -120,6 +120,7 @@ def evaluation_samples(
     })
     if url:
         metadata["mlflow_run"] = dg.MetadataValue.url(url)
+        metadata["mlflow_runs"] = dg.MetadataValue.url(mlflow_tracking.experiment_url(run.info.experiment_id))
     checks = evaluation_checks(metrics, thresholds, partition=name)
     metadata.update(promote_champion(mlflow_tracking, name, vel.get("model_version"), checks, context.log))
     return dg.MaterializeResult(metadata=metadata, check_results=checks)
