@@ -54,7 +54,7 @@ test-scale: $(STAMP)
 # headless Chromium + its driver from the OS packages (Debian/Ubuntu: apt-get, as root or with sudo) and Selenium
 ui-browser: $(STAMP)
 	@command -v chromium >/dev/null 2>&1 && command -v chromedriver >/dev/null 2>&1 || { \
-	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get install -y chromium chromium-driver; }
+	  SUDO=$$( [ "$$(id -u)" = 0 ] || echo sudo ); $$SUDO apt-get update && $$SUDO apt-get install -y chromium chromium-driver; }
 	$(BIN)/pip install --quiet -e '.[test,system-metrics,ui-test]'
 
 # the UIs looked at: a tiny demo state, dagster-webserver + mlflow ui on free ports, screenshots into docs/ui/
