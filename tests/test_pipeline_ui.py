@@ -153,10 +153,14 @@ def test_translated_media_translates_the_listed_clips_under_the_partition(built)
     assert preview.width >= READABLE_WIDTH // 2
 
 
-def test_an_experiment_without_media_to_translate_skips_and_says_how():
-    from rfp_pipeline.assets.translated import NOTHING
+def test_an_experiment_without_media_to_translate_skips_and_says_how(built):
+    from rfp_pipeline.assets.translated import NOTHING, _media
 
-    assert "translate" in NOTHING and "clips/" in NOTHING
+    assert "clips/" in NOTHING
+    with pytest.raises(FileNotFoundError, match=r"'translate' lists .*no-such-clips.*fix the experiment file"):
+        _media(built["root"] / "no-such-clips")
+    videos, stills = _media(built["root"] / "clips")
+    assert [v.name for v in videos] == ["walk.mp4"] and [s.name for s in stills] == ["still.png"]
 
 
 def test_proof_sheet_rows_come_from_different_files():

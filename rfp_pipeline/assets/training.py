@@ -306,7 +306,10 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     check_specs=VELOCITY_CHECKS,
     description="Phase 2: the velocity UNet v(x, t), saliency-weighted (plain MSE in generative mode), in the "
     "codec's latent space when there is one, domain-1 partners drawn from the structure pairs when pairing is on. "
-    "Logs an MLflow pyfunc translator and registers a model version named after the experiment.",
+    "Logs an MLflow pyfunc translator and registers a model version named after the experiment. Metadata "
+    "`final_loss` is the loss of the last optimiser step (one batch: noisy); MLflow's `velocity/loss` is its mean "
+    "over each logging window (with the saliency loss also logged apart: `velocity/loss_saliency` + mse_weight x "
+    "`velocity/loss_mse`).",
 )
 def velocity_checkpoint(
     context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
