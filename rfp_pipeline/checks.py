@@ -10,11 +10,10 @@ Each spec carries the experiments partitions, so every evaluation is recorded wi
 names its partition in its metadata and description too, so several experiments' results read apart.
 """
 
-import math
-from typing import Any
-
 import functools
+import math
 import warnings
+from typing import Any
 
 import dagster as dg
 
