@@ -27,10 +27,11 @@ from rfp_core.evaluate.judge import Judge, train_judge
 from rfp_core.flow import nfe as flow_nfe
 from rfp_core.flow import straightness as flow_straightness
 from rfp_core.frame_store import FrameStore
-from rfp_core.images import save_grid, to_pil
+from rfp_core.images import paired_rows, save_grid, to_pil
 from rfp_core.manifest import read_manifest
 
-GRID_COLUMNS = 8
+# every evaluated image is in the grids, GRID_COLUMNS to a row pair (input row above its output row)
+GRID_COLUMNS = 10
 # DINOv2 ids as `build_encoder` names a model with the released weights (an injected one gets "-custom")
 _REAL_DINO = {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14"}
 
@@ -226,10 +227,10 @@ def evaluate_run(
 
     # -- pictures and the file
     # still images first: consecutive video frames would fill the grid with one scene
-    pick = sorted(range(len(keys0)), key=lambda i: ":" in keys0[i])[:GRID_COLUMNS]
+    pick = sorted(range(len(keys0)), key=lambda i: ":" in keys0[i])
     paths = {
-        "grid_translate": str(save_grid([x0[pick], out[pick]], out_dir / "grid_translate.png")),
-        "grid_cycle": str(save_grid([out[pick], back[pick].clamp(-1, 1)], out_dir / "grid_cycle.png")),
+        "grid_translate": str(save_grid(paired_rows(x0[pick], out[pick], GRID_COLUMNS), out_dir / "grid_translate.png")),
+        "grid_cycle": str(save_grid(paired_rows(out[pick], back[pick].clamp(-1, 1), GRID_COLUMNS), out_dir / "grid_cycle.png")),
         "metrics": str(out_dir / "metrics.json"),
     }
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}

@@ -100,7 +100,7 @@ def media_manifest(
     counts = {(int(d), str(st)): int(n) for d, st, n in distinct}
     return dg.MaterializeResult(
         data_version=dg.DataVersion(report.content_version),
-        check_results=manifest_checks(counts, cfg.generative, thresholds, str(report.manifest_path)),
+        check_results=manifest_checks(counts, cfg.generative, thresholds, str(report.manifest_path), partition=name),
         metadata={
             "dagster/row_count": total,
             "dagster/uri": dg.MetadataValue.path(str(report.manifest_path)),

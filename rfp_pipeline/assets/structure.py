@@ -38,6 +38,13 @@ def _frames(rfp: RfpHome, name: str) -> dict[int, list[str]]:
     return {d: ok_frames(table, d) for d in (0, 1)}
 
 
+def _sources(rfp: RfpHome, name: str) -> dict[str, str]:
+    """frame key -> the file it came from (its md5), for a proof sheet drawn from many files."""
+    table = read_manifest(rfp.out_dir(name) / "manifest.parquet")
+    return {k: s or p for k, s, p in zip(table.column("frame_key").to_pylist(), table.column("source_md5").to_pylist(),
+                                         table.column("source_path").to_pylist())}
+
+
 def pairs_digest(table: pa.Table) -> str:
     """Content version of a pairs table: who is paired with whom, in which rank order."""
     h = hashlib.sha256()
@@ -150,7 +157,8 @@ def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mater
     version = pairs_digest(table)
     out_dir = rfp.out_dir(name, "pairs", version[:16])
     path = write_pairs(table, out_dir / "pairs.parquet")
-    sheet = proof_sheet(table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE)
+    sheet = proof_sheet(table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE,
+                        sources=_sources(rfp, name))
     png = atomic_write_with(out_dir / "proof_sheet.png", lambda p: sheet.save(p, format="PNG"))
     context.log.info(f"{table.num_rows} pairs -> {path}; proof sheet {png}")
     top1 = table.filter(pc.equal(table["rank"], 0))["similarity"]
