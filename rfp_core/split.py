@@ -95,12 +95,12 @@ def load_classifier(run: Path, device: torch.device):
     net = load_saliency(ckpt_path, device)
     codec = None
     if net.latent_input:
-        from rfp_core.train.codec import load_codec
+        from rfp_core.train.codec_io import load_codec
 
         codec_path = ckpt_path.parent / "codec.pt"
         if not codec_path.is_file():
             raise ConfigError(f"{ckpt_path} classifies codec latents but {codec_path} is missing; copy the run's codec.pt beside it")
-        codec = load_codec(codec_path, device)
+        codec = load_codec(None, codec_path, device)
     return net, codec, cfg.max_size
 
 
@@ -119,7 +119,7 @@ def split_folder(
     device: str | torch.device | None = None, batch_size: int = 32, progress: bool = True,
 ) -> SplitReport:
     """Copy every image under `inputs` into output/domain0, /domain1 or /uncertain."""
-    from rfp_core.train.run import pick_device
+    from rfp_core.device import pick_device
 
     if not 0.5 < threshold <= 1.0:
         raise ConfigError(f"threshold must be in (0.5, 1], got {threshold}: below 0.5 an image could belong to both domains")

@@ -95,15 +95,9 @@ class RfpHome(dg.ConfigurableResource):
 
     def resolve_device(self) -> str:
         dev = _env(self.device, "RFP_DEVICE")
-        if dev:
-            return dev
-        import torch
+        from rfp_core.device import pick_device
 
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return str(pick_device(dev or None))
 
 
 class MlflowTracking(dg.ConfigurableResource):

@@ -185,7 +185,7 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
 
     from rfp_core.data import FrameDataset
     from rfp_core.images import save_grid
-    from rfp_core.train.codec import load_codec
+    from rfp_core.train.codec_io import load_codec
 
     manifest = rfp.out_dir(name) / "manifest.parquet"
     store = rfp.frame_store(cfg.store_max_side)
@@ -199,7 +199,7 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
     if not frames:
         return None
     x = torch.stack(frames)
-    codec = load_codec(checkpoint)
+    codec = load_codec(None, checkpoint)
     with torch.no_grad():
         y = codec.decode(codec.encode(x)).clamp(-1, 1)
     return save_grid([x, y], path)
