@@ -14,7 +14,6 @@ import json
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,11 +24,11 @@ from rfp_core.config import ConfigError, ModelConfig
 from rfp_core.data import FrameDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.autoencoder import build_codec
+from rfp_core.tracking import LogFn
 from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)
 from rfp_core.train.saliency import augment_batch, build_augment
 from rfp_core.train.schedule import lr_at
 
-LogFn = Callable[[dict, int], None]
 MAX_EVAL_IMAGES = 256  # held-out images scored for recon_l1
 LOG_EVERY = 25
 
