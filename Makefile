@@ -30,7 +30,7 @@ export DAGSTER_DISABLE_TELEMETRY := 1
 export HF_HUB_OFFLINE := 1
 export MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR := false
 
-.PHONY: setup test test-slow test-scale test-ui ui-browser demo dev mlflow-ui mlflow-server bench validate clean
+.PHONY: setup lint test test-slow test-scale test-ui ui-browser demo dev mlflow-ui mlflow-server bench validate clean
 
 $(STAMP): pyproject.toml
 	@command -v $(PYTHON) >/dev/null 2>&1 || { echo "Python 3.11 is required (set PYTHON=/path/to/python3.11)"; exit 1; }
@@ -40,6 +40,9 @@ $(STAMP): pyproject.toml
 	touch $(STAMP)
 
 setup: $(STAMP)
+
+lint: $(STAMP)
+	$(BIN)/ruff check rfp_core rfp_pipeline tests
 
 test: $(STAMP)
 	$(BIN)/pytest -q
