@@ -58,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dagster as dg
 
-    from rfp_pipeline import experiments as exps
+    from rfp_core import experiments as exps
     from rfp_pipeline.definitions import default_resources
     from rfp_pipeline.partitions import EXPERIMENTS
 

@@ -19,7 +19,7 @@ from rfp_core import paths, tracking
 from rfp_core.config import ConfigError, ExperimentConfig
 from rfp_core.frame_store import FrameStore
 from rfp_core.hashing import HashCache
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s own default address

@@ -9,7 +9,7 @@ import dagster as dg
 from pydantic import Field
 
 from rfp_core.evaluate import explain
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import frame_store, load_spec
 from rfp_pipeline.assets.training import velocity_checkpoint
 from rfp_pipeline.automation import follows

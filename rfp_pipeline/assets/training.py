@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import dagster as dg
 
 from rfp_core.manifest import content_version
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.assets.structure import current_pairs, structure_pairs
 from rfp_pipeline.automation import on_retrain_cron
