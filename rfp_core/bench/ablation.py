@@ -173,79 +173,27 @@ def _finished(run_dir: Path, cfg: ModelConfig, quick: bool) -> float | None:
 def run(quick: bool = False, device: str | None = None, retrain: bool = False) -> dict:
     """Train (or reuse finished runs of the same config) and evaluate every variant; write the table."""
     from rfp_core.atomic import atomic_write_text
-    from rfp_core.data import FrameDataset
     from rfp_core.demo_data import DEFAULT_NUM, make_demo_data
-    from rfp_core.evaluate import evaluate_run, train_judge
-    from rfp_core.frame_store import FrameStore
     from rfp_core.device import pick_device
-    from rfp_core.train.run import train_run
-    from rfp_core.translate import Translator
 
     start = time.perf_counter()
     dev = pick_device(device)
     base, config_name = demo_config()
     work = rfp_home() / "bench" / "ablation"
     data = make_demo_data(work / "demo_data", num=DEFAULT_NUM if not quick else 64)
-
     rows_to_run = variants(base)
-    lead = rows_to_run[0].label
-
-    trained: dict[str, tuple[Path, float]] = {}
-    for v in rows_to_run:
-        cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides=v.overrides)
-        run_id = f"ablation-{v.slug}" + ("-quick" if quick else "")
-        done = _finished(runs_dir() / run_id, cfg, quick)
-        if done is not None and not retrain:
-            print(f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)", file=sys.stderr)
-            trained[v.label] = (runs_dir() / run_id, done)
-            continue
-        shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # a fresh run, never a resumed one
-        t0 = time.perf_counter()
-        run_dir = train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
-        trained[v.label] = (run_dir, time.perf_counter() - t0)
-        atomic_write_text(run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick,
-                                                                 "train_seconds": trained[v.label][1]}))
-
-    # one judge for all rows, trained on the same held-out real frames evaluate_run uses
-    first = Translator.from_run(trained[lead][0], dev)
-    cfg = first.cfg
-    store = FrameStore(max_side=cfg.store_max_side)
-    manifest = trained[lead][0] / "manifest.parquet"
-    frac = cfg.saliency.holdout_fraction
-    held = [torch.stack(list(FrameDataset(manifest, store, d, cfg.max_size, split="holdout", holdout_fraction=frac,
-                                          train_crop=False))) for d in (0, 1)]
-    judge = train_judge(held[0], held[1], steps=60 if quick else 300, device=dev, seed=cfg.seed)
-    encoder = _encoder(cfg, dev)
+    trained = {v.label: _train_variant(base, config_name, v, data, quick, dev, retrain) for v in rows_to_run}
+    rows, grids, first, judge = _evaluate_rows(rows_to_run, trained, data, quick, dev)
 
     docs = project_root() / "docs"
     table_path = (work / "ABLATION.md") if quick else docs / "ABLATION.md"
-    rows: dict[str, dict] = {}
-    grids: dict[str, str] = {}
-    for v in rows_to_run:
-        run_dir, seconds = trained[v.label]
-        translator = first if v.label == lead else Translator.from_run(run_dir, dev)
-        res = evaluate_run(translator, manifest, store, run_dir / "evaluation", masks_dir=data.masks_dir(0),
-                           structure_encoder=encoder, device=dev, judge=judge)
-        res["train_seconds"] = seconds
-        res["run_dir"] = str(run_dir)
-        rows[v.label] = res
-        grid = Path(res["paths"]["grid_translate"])
-        if not quick:
-            # the grids beside the table, so the docs show the pictures as well as the numbers
-            target = docs / "ablation" / f"{v.slug}_translate.png"
-            target.parent.mkdir(parents=True, exist_ok=True)
-            shutil.copyfile(grid, target)
-            grids[v.label] = f"ablation/{v.slug}_translate.png"
-        else:
-            grids[v.label] = str(grid)
-
-    some = rows[lead]
+    some = rows[rows_to_run[0].label]
     header = {
         "quick": quick, "date": time.strftime("%Y-%m-%d"), "device": str(dev),
         "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "config": config_name, "seed": cfg.seed, "train_images": cfg.velocity.train_images,
-        "steps": cfg.velocity.total_steps, "batch": cfg.velocity.train_batch_size,
-        "size": cfg.max_size, "data_num": data.num, "n_eval": some["n_eval"], "nfe": some["nfe"],
+        "config": config_name, "seed": first.cfg.seed, "train_images": first.cfg.velocity.train_images,
+        "steps": first.cfg.velocity.total_steps, "batch": first.cfg.velocity.train_batch_size,
+        "size": first.cfg.max_size, "data_num": data.num, "n_eval": some["n_eval"], "nfe": some["nfe"],
         "sampler": some["sampler"], "judge_accuracy": judge.accuracy,
         "fid_floor": some.get("fid_judge_floor"), "kid_floor": some.get("kid_judge_floor"),
         "structure_encoder": some.get("structure_encoder", "none"), "grids": grids,
@@ -263,6 +211,66 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     out.update({"table": str(table_path), "config": config_name, "quick": quick, "device": str(dev),
                 "seconds": time.perf_counter() - start})
     return json.loads(json.dumps(out, default=str))
+
+
+def _train_variant(base: ModelConfig, config_name: str, v: Variant, data, quick: bool, dev, retrain: bool):
+    """(run folder, training seconds) of one row: a finished run of exactly this config is reused."""
+    from rfp_core.atomic import atomic_write_text
+    from rfp_core.train.run import train_run
+
+    cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides=v.overrides)
+    run_id = f"ablation-{v.slug}" + ("-quick" if quick else "")
+    done = _finished(runs_dir() / run_id, cfg, quick)
+    if done is not None and not retrain:
+        print(f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)", file=sys.stderr)
+        return runs_dir() / run_id, done
+    shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # a fresh run, never a resumed one
+    t0 = time.perf_counter()
+    run_dir = train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
+    seconds = time.perf_counter() - t0
+    atomic_write_text(run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick,
+                                                             "train_seconds": seconds}))
+    return run_dir, seconds
+
+
+def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool, dev):
+    """Every row measured by `evaluate_run`, graded by one judge trained once on the held-out real frames
+    evaluate_run uses; the grids copied beside the table (full runs)."""
+    from rfp_core.data import FrameDataset
+    from rfp_core.evaluate import evaluate_run, train_judge
+    from rfp_core.frame_store import FrameStore
+    from rfp_core.translate import Translator
+
+    lead = rows_to_run[0].label
+    first = Translator.from_run(trained[lead][0], dev)
+    cfg = first.cfg
+    store = FrameStore(max_side=cfg.store_max_side)
+    manifest = trained[lead][0] / "manifest.parquet"
+    frac = cfg.saliency.holdout_fraction
+    held = [torch.stack(list(FrameDataset(manifest, store, d, cfg.max_size, split="holdout", holdout_fraction=frac,
+                                          train_crop=False))) for d in (0, 1)]
+    judge = train_judge(held[0], held[1], steps=60 if quick else 300, device=dev, seed=cfg.seed)
+    encoder = _encoder(cfg, dev)
+    docs = project_root() / "docs"
+    rows: dict[str, dict] = {}
+    grids: dict[str, str] = {}
+    for v in rows_to_run:
+        run_dir, seconds = trained[v.label]
+        translator = first if v.label == lead else Translator.from_run(run_dir, dev)
+        res = evaluate_run(translator, manifest, store, run_dir / "evaluation", masks_dir=data.masks_dir(0),
+                           structure_encoder=encoder, device=dev, judge=judge)
+        res.update(train_seconds=seconds, run_dir=str(run_dir))
+        rows[v.label] = res
+        grid = Path(res["paths"]["grid_translate"])
+        if quick:
+            grids[v.label] = str(grid)
+            continue
+        # the grids beside the table, so the docs show the pictures as well as the numbers
+        target = docs / "ablation" / f"{v.slug}_translate.png"
+        target.parent.mkdir(parents=True, exist_ok=True)
+        shutil.copyfile(grid, target)
+        grids[v.label] = f"ablation/{v.slug}_translate.png"
+    return rows, grids, first, judge
 
 
 def _json_safe(v: Any) -> Any:

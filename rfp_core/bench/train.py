@@ -149,6 +149,16 @@ def measure(spec: dict, dev: torch.device) -> dict:
     loss_ms, loss_cpu = _alternate({k: (lambda k=k: loss_step(k)) for k in ("fast", "fast_plain", "reference")},
                                    spec["loss_rounds"], 1, sync, "loss steps")
 
+    params = {"unet_params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
+              "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2)}
+    return _summary(spec, (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf), params, bf16)
+
+
+def _summary(spec: dict, steps: tuple[dict, dict], loss_steps: tuple[dict, dict], gflops: tuple[float, dict],
+             params: dict, bf16: bool) -> dict:
+    """The measured times and FLOPs as the benchmark's ratios and the config they were made with."""
+    (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf) = steps, loss_steps, gflops
+    b, s = spec["batch"], spec["size"]
     return {
         "speedup_vs_reference": round(step_ms["reference"] / step_ms["fast"], 3),
         "translation_over_generative": round(step_ms["fast"] / step_ms["generative"], 3),
@@ -172,8 +182,7 @@ def measure(spec: dict, dev: torch.device) -> dict:
         "config": {
             "name": spec["name"], "sizes": spec["sizes"], "image_size": s, "batch": b, "unet": spec["unet"],
             "saliency_backbone": spec["backbone"], "saliency_pretrained": False,
-            "unet_params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
-            "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2),
+            **params,
             "optimizer": "AdamW(lr=2e-4, weight_decay=1e-4)", "timesteps": "logit-normal", "data": "random tensors",
             "rounds": spec["rounds"], "steps_per_block": spec["block"], "loss_rounds": spec["loss_rounds"],
             "bf16_autocast": bf16,
