@@ -70,11 +70,17 @@ def load_checkpoint(path: str | os.PathLike, map_location: str | torch.device = 
                 f"checkpoint {path} holds pickled code/objects{what}, which could run code when loaded, so it is "
                 "refused (this tool loads checkpoints with weights_only=True). Re-save it with tensors, "
                 "state_dicts and plain Python values only: in a trusted session, "
-                "`s = torch.load(path, weights_only=False)`, convert objects to state_dict()/dicts, then torch.save(s, path)."
+                "`s = torch.load(path, weights_only=False)`, convert objects to state_dict()/dicts, then torch.save(s, "
+                "path)."
             ) from None
-        raise CheckpointError(f"checkpoint {path} is corrupt or not a torch checkpoint: {str(exc).splitlines()[0][:200]}") from None
+        raise CheckpointError(
+            f"checkpoint {path} is corrupt or not a torch checkpoint: {str(exc).splitlines()[0][:200]}"
+        ) from None
     except (RuntimeError, EOFError, OSError, ValueError) as exc:
-        raise CheckpointError(f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: {str(exc).splitlines()[0][:200] if str(exc) else 'no data'})") from None
+        raise CheckpointError(
+            f"checkpoint {path} is truncated or corrupt ({type(exc).__name__}: "
+            f"{str(exc).splitlines()[0][:200] if str(exc) else 'no data'})"
+        ) from None
     if not isinstance(state, dict):
         raise CheckpointError(f"checkpoint {path} holds a {type(state).__name__}, expected a dict")
     return state
@@ -105,8 +111,9 @@ def list_checkpoints(directory: str | os.PathLike, prefix: str) -> list[Path]:
     return [p for _, p in sorted(found, key=lambda sp: sp[0], reverse=True)]
 
 
-def load_latest(directory: str | os.PathLike, prefix: str, map_location: str | torch.device = "cpu",
-                lineage: str | None = None) -> tuple[Path, dict] | None:
+def load_latest(
+    directory: str | os.PathLike, prefix: str, map_location: str | torch.device = "cpu", lineage: str | None = None
+) -> tuple[Path, dict] | None:
     """The newest checkpoint that loads (of `lineage`, when given); corrupt newer ones are skipped
     with a warning naming them, checkpoints of other lineages silently."""
     for path in list_checkpoints(directory, prefix):
@@ -125,7 +132,9 @@ def latest_checkpoint(directory: str | os.PathLike, prefix: str, lineage: str | 
     return found[0] if found else None
 
 
-def prune_checkpoints(directory: str | os.PathLike, prefix: str, keep: int = 2, lineage: str | None = None) -> list[Path]:
+def prune_checkpoints(
+    directory: str | os.PathLike, prefix: str, keep: int = 2, lineage: str | None = None
+) -> list[Path]:
     """Delete all but the `keep` newest checkpoints; returns what was deleted.
 
     With `lineage`, only that lineage's checkpoints are counted and deleted: other runs' files
@@ -134,7 +143,7 @@ def prune_checkpoints(directory: str | os.PathLike, prefix: str, keep: int = 2, 
     mine = list_checkpoints(directory, prefix)
     if lineage is not None:
         mine = [p for p in mine if _lineage_or_none(p) == lineage]
-    doomed = mine[max(keep, 0):]
+    doomed = mine[max(keep, 0) :]
     for path in doomed:
         path.unlink(missing_ok=True)
     return doomed

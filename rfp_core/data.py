@@ -200,7 +200,11 @@ class UnpairedDataset(Dataset):
         self.size = int(size)
         self.generative = generative
         self.d1 = FrameDataset(table, store, 1, size, split, holdout_fraction, train_crop=split == "train")
-        self.d0 = None if generative else FrameDataset(table, store, 0, size, split, holdout_fraction, train_crop=split == "train")
+        self.d0 = (
+            None
+            if generative
+            else FrameDataset(table, store, 0, size, split, holdout_fraction, train_crop=split == "train")
+        )
         self.length = int(length) if length is not None else max(len(self.d1), 0 if self.d0 is None else len(self.d0))
         self.candidates: list[list[int]] | None = None
         if pairs is not None and self.d0 is not None:

@@ -132,8 +132,10 @@ class _Shape:
         # a square's corners sit at r·√2 would leave the canvas; keep its half-side = 0.8 r
         radius = self.r * (1.13 if self.kind == "square" else 1.0)
         return [
-            (self.cx + radius * math.cos(self.angle + 2 * math.pi * k / corners),
-             self.cy + radius * math.sin(self.angle + 2 * math.pi * k / corners))
+            (
+                self.cx + radius * math.cos(self.angle + 2 * math.pi * k / corners),
+                self.cy + radius * math.sin(self.angle + 2 * math.pi * k / corners),
+            )
             for k in range(corners)
         ]
 
@@ -236,13 +238,18 @@ def _clear(data: DemoData) -> None:
     """Remove a previous (other-parameter or partial) set's files; only names this module writes."""
     (data.root / MARKER).unlink(missing_ok=True)
     for domain in (0, 1):
-        for pattern_dir, pattern in ((data.domain_dir(domain), f"d{domain}_*.png"), (data.masks_dir(domain), f"d{domain}_*.png")):
+        for pattern_dir, pattern in (
+            (data.domain_dir(domain), f"d{domain}_*.png"),
+            (data.masks_dir(domain), f"d{domain}_*.png"),
+        ):
             for p in pattern_dir.glob(pattern):
                 p.unlink()
         (data.domain_dir(domain) / "clip.mp4").unlink(missing_ok=True)
 
 
-def make_demo_data(out: str | Path, num: int = DEFAULT_NUM, size: int = DEFAULT_SIZE, seed: int = 0, video_frames: int = 24) -> DemoData:
+def make_demo_data(
+    out: str | Path, num: int = DEFAULT_NUM, size: int = DEFAULT_SIZE, seed: int = 0, video_frames: int = 24
+) -> DemoData:
     """Create the demo dataset under `out` (skipped when a complete one with these parameters is there)."""
     if num < 1:
         raise ValueError(f"num must be at least 1 (got {num})")

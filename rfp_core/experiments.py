@@ -35,9 +35,7 @@ def experiment_files(experiments_dir: Path) -> dict[str, Path]:
 def check_name(name: str, path: Path) -> None:
     # the name becomes a partition key, a folder name and an MLflow experiment/model name
     if not name or not set(name) <= NAME_CHARS or name.startswith("."):
-        raise ValueError(
-            f"{path}: experiment names may use letters, digits, '_', '-' and '.' only; rename the file"
-        )
+        raise ValueError(f"{path}: experiment names may use letters, digits, '_', '-' and '.' only; rename the file")
 
 
 def load(path: Path, root: Path) -> ExperimentConfig:

@@ -23,8 +23,12 @@ _NFE_PER_STEP = {"euler": 1, "heun": 2, "rk4": 4}
 # Training-time pieces
 
 
-def sample_timesteps(n: int, kind: Literal["uniform", "logit-normal"], device: torch.device | str | None = None,
-                     generator: torch.Generator | None = None) -> Tensor:
+def sample_timesteps(
+    n: int,
+    kind: Literal["uniform", "logit-normal"],
+    device: torch.device | str | None = None,
+    generator: torch.Generator | None = None,
+) -> Tensor:
     """n training times in [0, 1]: uniform, or logit-normal (sigmoid of N(0, 1), denser mid-path)."""
     gen_device = generator.device if generator is not None else device
     if kind == "uniform":
@@ -73,7 +77,7 @@ def saliency_weighted_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: T
     with torch.autocast(device_type=x_t.device.type, enabled=False):
         dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         x = x_t.detach().to(dtype).requires_grad_(True)
-        e = (target.detach().to(dtype) - v_pred.detach().to(dtype))
+        e = target.detach().to(dtype) - v_pred.detach().to(dtype)
         with torch.enable_grad():
             y, u = _value_and_jvp(h, x, e)
             u = u.detach()  # dual-tensor tangents may carry a graph; we only need their values
@@ -99,7 +103,7 @@ def saliency_weighted_loss_func(h: Callable[[Tensor], Tensor], x_t: Tensor, targ
     with torch.autocast(device_type=x_t.device.type, enabled=False):
         dtype = torch.float64 if x_t.dtype == torch.float64 else torch.float32
         x = x_t.detach().to(dtype)
-        e = (target.detach().to(dtype) - v_pred.detach().to(dtype))
+        e = target.detach().to(dtype) - v_pred.detach().to(dtype)
         with torch.no_grad():
             _, u = torch.func.jvp(h, (x,), (e,))
             _, vjp_fn = torch.func.vjp(h, x)
@@ -121,8 +125,13 @@ class LossTerms(NamedTuple):
     mse: Tensor
 
 
-def anchored_saliency_loss_terms(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor,
-                                 mse_weight: float | Callable[[Tensor, Tensor], Tensor]) -> LossTerms:
+def anchored_saliency_loss_terms(
+    h: Callable[[Tensor], Tensor],
+    x_t: Tensor,
+    target: Tensor,
+    v_pred: Tensor,
+    mse_weight: float | Callable[[Tensor, Tensor], Tensor],
+) -> LossTerms:
     """`anchored_saliency_loss` with its two terms apart, so a trainer can log what each does.
 
     `mse_weight` may be a function of the two detached terms that returns the weight (the relative
@@ -138,7 +147,9 @@ def anchored_saliency_loss_terms(h: Callable[[Tensor], Tensor], x_t: Tensor, tar
     return LossTerms(sal, sal.detach(), mse)
 
 
-def anchored_saliency_loss(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor, mse_weight: float) -> Tensor:
+def anchored_saliency_loss(
+    h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor, mse_weight: float
+) -> Tensor:
     """The saliency-weighted loss plus `mse_weight` x plain MSE (`velocity.mse_weight`).
 
     h's Jacobian has rank <= latent_channels and is spread over the whole image, so the saliency

@@ -96,7 +96,7 @@ def paired_rows(top: torch.Tensor, bottom: torch.Tensor, columns: int) -> list[t
     rows = []
     for i in range(0, len(top), columns):
         for half in (top, bottom):
-            chunk = half[i:i + columns].detach().float().cpu()
+            chunk = half[i : i + columns].detach().float().cpu()
             if len(chunk) < columns:
                 chunk = torch.cat([chunk, torch.ones(columns - len(chunk), *chunk.shape[1:])])
             rows.append(chunk)

@@ -131,7 +131,10 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
     header = ("domain", "media_type", "status", "count")
     body = [tuple(str(r[h]) for h in header) for r in rows]
     widths = [max(len(h), *(len(b[i]) for b in body)) if body else len(h) for i, h in enumerate(header)]
-    line = lambda cells: "  ".join(c.rjust(w) if i in (0, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
+
+    def line(cells) -> str:
+        return "  ".join(c.rjust(w) if i in (0, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
+
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *(line(b) for b in body)])
 
 

@@ -58,8 +58,9 @@ def find_original_run(folder: str | Path) -> OriginalRun:
     velocity = finals[-1] if finals else _newest(folder, "velocity")
     if velocity is None:
         raise ConfigError(f"{folder}: no velocity checkpoint (velocity_<run>_<step>.ckpt)")
-    return OriginalRun(folder, load_config(folder / "config.json"), velocity, _newest(folder, "codec"),
-                       _newest(folder, "saliency"))
+    return OriginalRun(
+        folder, load_config(folder / "config.json"), velocity, _newest(folder, "codec"), _newest(folder, "saliency")
+    )
 
 
 def load_state(path: str | Path) -> tuple[dict, dict]:
@@ -89,7 +90,9 @@ def load_original_nets(run: OriginalRun, device: str | torch.device = "cpu") -> 
     codec = build_codec(run.cfg.codec.net)
     if not codec.is_identity:
         if run.codec is None:
-            raise ConfigError(f"{run.folder}: the config names a {run.cfg.codec.net.type} codec but no codec_*.ckpt is there")
+            raise ConfigError(
+                f"{run.folder}: the config names a {run.cfg.codec.net.type} codec but no codec_*.ckpt is there"
+            )
         load_into(codec, run.codec)
     velocity = load_into(build_velocity_net(run.cfg.velocity.net, in_channels=codec.latent_channels), run.velocity)
     return (velocity.to(device).eval().requires_grad_(False), codec.to(device).eval().requires_grad_(False))

@@ -28,13 +28,15 @@ from rfp_core.manifest import read_manifest
 PAIRING_KEY = "pairing"
 PAIRING_MODES = ("unpaired", "filenames")
 PAIRED_DEFAULT_LOSS = "mse"
-PAIRS_SCHEMA = pa.schema([  # the structure-pairs columns (so UnpairedDataset(pairs=...) accepts it) + the stem
-    pa.field("d0_key", pa.string(), nullable=False),
-    pa.field("d1_key", pa.string(), nullable=False),
-    pa.field("rank", pa.int32(), nullable=False),
-    pa.field("similarity", pa.float32(), nullable=False),
-    pa.field("stem", pa.string(), nullable=False),
-])
+PAIRS_SCHEMA = pa.schema(
+    [  # the structure-pairs columns (so UnpairedDataset(pairs=...) accepts it) + the stem
+        pa.field("d0_key", pa.string(), nullable=False),
+        pa.field("d1_key", pa.string(), nullable=False),
+        pa.field("rank", pa.int32(), nullable=False),
+        pa.field("similarity", pa.float32(), nullable=False),
+        pa.field("stem", pa.string(), nullable=False),
+    ]
+)
 
 
 def pairing_mode(raw: dict, source: str = "<config>") -> Literal["unpaired", "filenames"]:
@@ -53,7 +55,10 @@ def _stem(source_path: str, media_type: str, frame_index: int) -> str:
 def _stems(table: pa.Table, domain: int) -> dict[str, str]:
     """stem -> frame key of the ok frames of `domain`; two different frames with one stem is an error."""
     out: dict[str, tuple[str, str]] = {}
-    cols = [table.column(c).to_pylist() for c in ("frame_key", "domain", "source_path", "media_type", "frame_index", "status")]
+    cols = [
+        table.column(c).to_pylist()
+        for c in ("frame_key", "domain", "source_path", "media_type", "frame_index", "status")
+    ]
     for key, dom, path, media, idx, status in zip(*cols):
         if dom != domain or status != "ok":
             continue
@@ -61,7 +66,8 @@ def _stems(table: pa.Table, domain: int) -> dict[str, str]:
         if stem in out and out[stem][0] != key:
             raise ValueError(
                 f"paired mode: domain {domain} has two different files with the stem {stem!r} "
-                f"({out[stem][1]} and {path}); rename one so each stem names one image")
+                f"({out[stem][1]} and {path}); rename one so each stem names one image"
+            )
         out.setdefault(stem, (key, path))
     return {s: k for s, (k, _) in out.items()}
 
@@ -74,11 +80,15 @@ def pairing_from_filenames(manifest: str | os.PathLike | pa.Table) -> pa.Table:
     if not common:
         raise ValueError(
             "paired mode: no file stem is in both domains (e.g. domain0/0001.png and domain1/0001.png); "
-            "name each pair's two files alike, or train unpaired")
+            "name each pair's two files alike, or train unpaired"
+        )
     lonely = len(s0) - len(common), len(s1) - len(common)
     if any(lonely):
-        warnings.warn(f"paired mode: {lonely[0]} domain-0 and {lonely[1]} domain-1 frame(s) have no partner "
-                      "of the same name and are left out", stacklevel=2)
+        warnings.warn(
+            f"paired mode: {lonely[0]} domain-0 and {lonely[1]} domain-1 frame(s) have no partner "
+            "of the same name and are left out",
+            stacklevel=2,
+        )
     rows = [{"d0_key": s0[s], "d1_key": s1[s], "rank": 0, "similarity": 1.0, "stem": s} for s in common]
     return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
 
@@ -89,8 +99,15 @@ class PairedDataset(Dataset):
     The box is drawn once per item (TrainCrop's jitter) in domain 0's frame and mapped onto
     domain 1's by relative position, so pixel (i, j) of x0 and x1 show the same place."""
 
-    def __init__(self, pairs: pa.Table, store, size: int, split: str = "train", holdout_fraction: float = 0.1,
-                 train_crop: bool = True):
+    def __init__(
+        self,
+        pairs: pa.Table,
+        store,
+        size: int,
+        split: str = "train",
+        holdout_fraction: float = 0.1,
+        train_crop: bool = True,
+    ):
         d0, d1, stems = (pairs.column(c).to_pylist() for c in ("d0_key", "d1_key", "stem"))
         items = list(zip(d0, d1, stems))
         if split != "all":
@@ -107,8 +124,9 @@ class PairedDataset(Dataset):
 
     def _cut(self, image, rel: tuple[float, float, float, float]) -> torch.Tensor:
         top, left, h, w = (round(r * s) for r, s in zip(rel, (image.height, image.width, image.height, image.width)))
-        image = TF.resized_crop(image, top, left, max(1, h), max(1, w), [self.size, self.size],
-                                interpolation=InterpolationMode.LANCZOS)
+        image = TF.resized_crop(
+            image, top, left, max(1, h), max(1, w), [self.size, self.size], interpolation=InterpolationMode.LANCZOS
+        )
         return to_tensor(image)
 
     def __getitem__(self, index: int) -> dict:
@@ -120,10 +138,12 @@ class PairedDataset(Dataset):
         return {"domain_0": self._cut(a, rel), "domain_1": self._cut(b, rel), "stem": stem}
 
 
-def paired_batches(dataset: PairedDataset, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int,
-                   seed: int) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
+def paired_batches(
+    dataset: PairedDataset, encode: Callable[[torch.Tensor], torch.Tensor], batch_size: int, seed: int
+) -> Callable[[int], tuple[torch.Tensor, torch.Tensor]]:
     """A `rfp_core.train.reflow.fit` batch function over true pairs: the items and their crops are
     a pure function of (seed, step), so training on pairs resumes exactly like reflow."""
+
     def batch(step: int) -> tuple[torch.Tensor, torch.Tensor]:
         g = torch.Generator().manual_seed(int(seed) * 1_000_003 + step)
         idx = torch.randint(len(dataset), (batch_size,), generator=g).tolist()
@@ -134,4 +154,5 @@ def paired_batches(dataset: PairedDataset, encode: Callable[[torch.Tensor], torc
             x0 = encode(torch.stack([it["domain_0"] for it in items]))
             x1 = encode(torch.stack([it["domain_1"] for it in items]))
         return x0.cpu(), x1.cpu()
+
     return batch

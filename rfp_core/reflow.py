@@ -33,12 +33,14 @@ from rfp_core.checkpoint import CheckpointError, load_checkpoint
 from rfp_core.paths import rfp_home
 
 Tensor = torch.Tensor
-INDEX_SCHEMA = pa.schema([
-    pa.field("index", pa.int64(), nullable=False),
-    pa.field("source_key", pa.string(), nullable=False),
-    pa.field("shard", pa.string(), nullable=False),
-    pa.field("offset", pa.int32(), nullable=False),
-])
+INDEX_SCHEMA = pa.schema(
+    [
+        pa.field("index", pa.int64(), nullable=False),
+        pa.field("source_key", pa.string(), nullable=False),
+        pa.field("shard", pa.string(), nullable=False),
+        pa.field("offset", pa.int32(), nullable=False),
+    ]
+)
 
 
 def file_digest(path: str | os.PathLike) -> str:
@@ -82,8 +84,15 @@ def tensor_source(z0: Tensor, name: str = "tensor") -> CouplingSource:
     return CouplingSource([f"{name}:{i}" for i in range(len(z0))], lambda idx, _shard: z0[idx], digest)
 
 
-def frame_source(manifest: str | os.PathLike, store, size: int, encode: Callable[[Tensor], Tensor],
-                 holdout_fraction: float, split: str = "train", limit: int | None = None) -> CouplingSource:
+def frame_source(
+    manifest: str | os.PathLike,
+    store,
+    size: int,
+    encode: Callable[[Tensor], Tensor],
+    holdout_fraction: float,
+    split: str = "train",
+    limit: int | None = None,
+) -> CouplingSource:
     """Translation mode: the run's domain-0 frames, centred crop (no jitter), encoded by the codec."""
     from rfp_core.data import FrameDataset
 
@@ -132,8 +141,12 @@ class Couplings:
 
 
 def couplings_digest(velocity_digest: str, source: CouplingSource, solver: Solver, shard_size: int) -> str:
-    payload = {"velocity": velocity_digest, "inputs": source.digest, "solver": solver.as_dict(),
-               "shard_size": int(shard_size)}
+    payload = {
+        "velocity": velocity_digest,
+        "inputs": source.digest,
+        "solver": solver.as_dict(),
+        "shard_size": int(shard_size),
+    }
     return hashlib.sha256(json.dumps(payload, sort_keys=True).encode()).hexdigest()[:32]
 
 
@@ -171,8 +184,13 @@ def generate_couplings(
     digest = couplings_digest(velocity_digest, source, solver, shard_size)
     out = (root if root is not None else rfp_home() / "reflow") / digest
     out.mkdir(parents=True, exist_ok=True)
-    spec = {"velocity": velocity_digest, "inputs": source.digest, "solver": solver.as_dict(),
-            "shard_size": shard_size, "pairs": n}
+    spec = {
+        "velocity": velocity_digest,
+        "inputs": source.digest,
+        "solver": solver.as_dict(),
+        "shard_size": shard_size,
+        "pairs": n,
+    }
     atomic_write_text(out / "spec.json", json.dumps(spec, indent=2) + "\n")
 
     spans = [(k, list(range(s, min(s + shard_size, n)))) for k, s in enumerate(range(0, n, shard_size))]
@@ -191,8 +209,11 @@ def generate_couplings(
         computed += 1
         bar.update(1)
     bar.close()
-    rows = [{"index": i, "source_key": source.keys[i], "shard": f"shard_{k:05d}.pt", "offset": j}
-            for k, idx in spans for j, i in enumerate(idx)]
+    rows = [
+        {"index": i, "source_key": source.keys[i], "shard": f"shard_{k:05d}.pt", "offset": j}
+        for k, idx in spans
+        for j, i in enumerate(idx)
+    ]
     index = pa.Table.from_pylist(rows, schema=INDEX_SCHEMA)
     with atomic_path(out / "index.parquet") as tmp:
         pq.write_table(index, tmp)

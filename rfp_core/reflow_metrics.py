@@ -75,13 +75,22 @@ def steps_table(
     images_in = images_in if images_in is not None else decode(z0)
     rows = []
     for m in models:
-        s = float("nan") if m.one_step_only else flow.straightness(m.velocity, z0, straightness_steps, sampler=straightness_sampler)
+        s = (
+            float("nan")
+            if m.one_step_only
+            else flow.straightness(m.velocity, z0, straightness_steps, sampler=straightness_sampler)
+        )
         for n in steps:
             if m.one_step_only and n != 1:
                 continue
-            out, per = _timed(lambda: flow.integrate(m.velocity, z0, n, sampler=sampler), len(z0))
-            row = {"model": m.name, "steps": int(n), "nfe": flow.nfe(sampler, n), "straightness": s,
-                   "seconds_per_input": per}
+            out, per = _timed(lambda m=m, n=n: flow.integrate(m.velocity, z0, n, sampler=sampler), len(z0))
+            row = {
+                "model": m.name,
+                "steps": int(n),
+                "nfe": flow.nfe(sampler, n),
+                "straightness": s,
+                "seconds_per_input": per,
+            }
             if reference is not None:
                 row["mse_to_reference"] = float((out.float() - reference.float()).pow(2).mean())
             if score is not None:

@@ -31,8 +31,23 @@ def server_env(environ: dict[str, str] | None = None) -> dict[str, str]:
 
 
 def server_command(model: str, port: int, host: str, workers: int) -> list[str]:
-    return [sys.executable, "-m", "mlflow", "models", "serve", "-m", model, "--port", str(port), "--host", host,
-            "--workers", str(workers), "--env-manager", "local"]
+    return [
+        sys.executable,
+        "-m",
+        "mlflow",
+        "models",
+        "serve",
+        "-m",
+        model,
+        "--port",
+        str(port),
+        "--host",
+        host,
+        "--workers",
+        str(workers),
+        "--env-manager",
+        "local",
+    ]
 
 
 def check_model_uri(model: str, tracking_uri: str) -> None:
@@ -55,16 +70,27 @@ def check_model_uri(model: str, tracking_uri: str) -> None:
         else:
             client.get_registered_model(ref)
     except MlflowException as exc:
-        hint = (" The evaluation asset sets the 'champion' alias when its checks pass (make demo), or set it by hand: "
-                "MlflowClient().set_registered_model_alias(NAME, 'champion', VERSION).") if "@" in ref else ""
-        raise ConfigError(f"{model} does not resolve in the tracking store {tracking_uri}: {exc.message.splitlines()[0]}.{hint}") from None
+        hint = (
+            (
+                " The evaluation asset sets the 'champion' alias when its checks pass (make demo), or set it by hand: "
+                "MlflowClient().set_registered_model_alias(NAME, 'champion', VERSION)."
+            )
+            if "@" in ref
+            else ""
+        )
+        raise ConfigError(
+            f"{model} does not resolve in the tracking store {tracking_uri}: {exc.message.splitlines()[0]}.{hint}"
+        ) from None
 
 
 def cli_serve(args: argparse.Namespace) -> int:
     env = server_env()
     check_model_uri(args.model, env["MLFLOW_TRACKING_URI"])
     cmd = server_command(args.model, args.port, args.host, args.workers)
-    print(f"serving {args.model} at http://{args.host}:{args.port}/invocations (tracking {env['MLFLOW_TRACKING_URI']})",
-          file=sys.stderr, flush=True)
+    print(
+        f"serving {args.model} at http://{args.host}:{args.port}/invocations (tracking {env['MLFLOW_TRACKING_URI']})",
+        file=sys.stderr,
+        flush=True,
+    )
     os.execvpe(cmd[0], cmd, env)
     return 0  # not reached

@@ -90,7 +90,9 @@ def load_classifier(run: Path, device: torch.device):
         return load_original_saliency(found, device), (None if codec.is_identity else codec), found.cfg.max_size
     ckpt_path = run / "saliency.pt" if run.is_dir() else run
     if not ckpt_path.is_file():
-        raise ConfigError(f"{ckpt_path}: no saliency checkpoint; train the run first (rfp train) or pass its folder with --run")
+        raise ConfigError(
+            f"{ckpt_path}: no saliency checkpoint; train the run first (rfp train) or pass its folder with --run"
+        )
     cfg = config_from_dict(load_checkpoint(ckpt_path, map_location="cpu")["config"], source=str(ckpt_path))
     net = load_saliency(ckpt_path, device)
     codec = None
@@ -99,7 +101,9 @@ def load_classifier(run: Path, device: torch.device):
 
         codec_path = ckpt_path.parent / "codec.pt"
         if not codec_path.is_file():
-            raise ConfigError(f"{ckpt_path} classifies codec latents but {codec_path} is missing; copy the run's codec.pt beside it")
+            raise ConfigError(
+                f"{ckpt_path} classifies codec latents but {codec_path} is missing; copy the run's codec.pt beside it"
+            )
         codec = load_codec(None, codec_path, device)
     return net, codec, cfg.max_size
 
@@ -115,14 +119,22 @@ def _existing_md5s(output: Path) -> set[str]:
 
 @torch.inference_mode()
 def split_folder(
-    run: Path, inputs: list[Path], output: Path, threshold: float = 0.7, ignore: Path | None = None,
-    device: str | torch.device | None = None, batch_size: int = 32, progress: bool = True,
+    run: Path,
+    inputs: list[Path],
+    output: Path,
+    threshold: float = 0.7,
+    ignore: Path | None = None,
+    device: str | torch.device | None = None,
+    batch_size: int = 32,
+    progress: bool = True,
 ) -> SplitReport:
     """Copy every image under `inputs` into output/domain0, /domain1 or /uncertain."""
     from rfp_core.device import pick_device
 
     if not 0.5 < threshold <= 1.0:
-        raise ConfigError(f"threshold must be in (0.5, 1], got {threshold}: below 0.5 an image could belong to both domains")
+        raise ConfigError(
+            f"threshold must be in (0.5, 1], got {threshold}: below 0.5 an image could belong to both domains"
+        )
     run, output = Path(run), Path(output)
     device = pick_device(device)
     net, codec, size = load_classifier(run, device)
@@ -144,8 +156,9 @@ def split_folder(
     return report
 
 
-def _to_sort(files: list[Path], report: SplitReport, ignore_md5: set[str], ignore_paths: set[Path],
-             existing: set[str]) -> list[tuple[Path, str]]:
+def _to_sort(
+    files: list[Path], report: SplitReport, ignore_md5: set[str], ignore_paths: set[Path], existing: set[str]
+) -> list[tuple[Path, str]]:
     """(path, md5) of the files still to sort; ignored, duplicate and already sorted ones counted."""
     seen: set[str] = set()
     todo: list[tuple[Path, str]] = []
@@ -167,8 +180,9 @@ def _to_sort(files: list[Path], report: SplitReport, ignore_md5: set[str], ignor
 
 
 @torch.no_grad()
-def _sort_batch(chunk: list[tuple[Path, str]], net, codec, size: int, device, threshold: float, output: Path,
-                report: SplitReport) -> None:
+def _sort_batch(
+    chunk: list[tuple[Path, str]], net, codec, size: int, device, threshold: float, output: Path, report: SplitReport
+) -> None:
     """Classify one batch and copy each image (atomically) into its label's folder."""
     batch, tensors = [], []
     for path, md5 in chunk:
@@ -201,13 +215,22 @@ def _write_report(report: SplitReport) -> None:
 def cli_split(args) -> int:
     """`rfp split --run DIR --input DIR... --output DIR [--threshold 0.7] [--ignore FILE]`."""
     try:
-        report = split_folder(Path(args.run), [Path(p) for p in args.input], Path(args.output),
-                              threshold=args.threshold, ignore=Path(args.ignore) if args.ignore else None, device=args.device)
+        report = split_folder(
+            Path(args.run),
+            [Path(p) for p in args.input],
+            Path(args.output),
+            threshold=args.threshold,
+            ignore=Path(args.ignore) if args.ignore else None,
+            device=args.device,
+        )
     except FileNotFoundError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     print(", ".join(f"{label}: {report.counts[label]}" for label in LABELS))
-    print(f"duplicates skipped {report.duplicates}, already in the output {report.already_sorted}, ignored {report.ignored}")
+    print(
+        f"duplicates skipped {report.duplicates}, already in the output {report.already_sorted}, ignored "
+        f"{report.ignored}"
+    )
     for problem in report.unreadable:
         print(f"unreadable: {problem}", file=sys.stderr)
     print(f"report: {report.report_path}")

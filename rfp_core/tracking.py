@@ -21,7 +21,9 @@ EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(explicit: str = "") -> str:
-    return explicit or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
+    return (
+        explicit or os.environ.get("MLFLOW_TRACKING_URI", "").strip() or f"sqlite:///{paths.rfp_home() / 'mlflow.db'}"
+    )
 
 
 def is_server(uri: str) -> bool:
@@ -51,8 +53,9 @@ def experiment_id(name: str, uri: str = "", artifacts: str = "") -> str:
             client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(name, tracking_uri(uri), artifacts),
-                                        tags=dict([EXPERIMENT_KIND]))
+        return client.create_experiment(
+            name, artifact_location=artifact_location(name, tracking_uri(uri), artifacts), tags=dict([EXPERIMENT_KIND])
+        )
     except mlflow.exceptions.MlflowException:  # another process created it between lookup and create
         return client.get_experiment_by_name(name).experiment_id
 
@@ -79,16 +82,26 @@ def log_manifest_input(manifest: str | Path, digest: str, name: str) -> Any:
 
 
 @contextlib.contextmanager
-def start_run(experiment: str, run_name: str, tags: dict[str, Any], uri: str = "", artifacts: str = "",
-              manifest: tuple[str | Path, str] | None = None) -> Iterator[Any]:
+def start_run(
+    experiment: str,
+    run_name: str,
+    tags: dict[str, Any],
+    uri: str = "",
+    artifacts: str = "",
+    manifest: tuple[str | Path, str] | None = None,
+) -> Iterator[Any]:
     """An active MLflow run; ended (FAILED on error) on exit. System metrics are sampled while it
     is open when psutil is installed. `manifest` = (parquet path, content version): logged as the
     run's training dataset."""
     import mlflow
 
     exp = experiment_id(experiment, uri, artifacts)
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()},
-                          log_system_metrics=system_metrics_available()) as run:
+    with mlflow.start_run(
+        experiment_id=exp,
+        run_name=run_name,
+        tags={k: str(v) for k, v in tags.items()},
+        log_system_metrics=system_metrics_available(),
+    ) as run:
         if manifest is not None:
             log_manifest_input(manifest[0], manifest[1], f"{experiment}-manifest")
         yield run

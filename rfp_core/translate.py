@@ -25,9 +25,9 @@ class Translator:
     def from_run(cls, path: str | Path, device: str | torch.device | None = None) -> "Translator":
         """`path` = a run folder of this project (its velocity.pt) or of the original trainer
         (config.json + velocity_*.ckpt), or a velocity checkpoint file of either."""
+        from rfp_core.device import pick_device
         from rfp_core.original import find_original_run, is_original_run, load_original_nets
         from rfp_core.train.codec_io import load_codec
-        from rfp_core.device import pick_device
         from rfp_core.train.velocity import load_velocity
 
         path = Path(path)
@@ -42,8 +42,10 @@ class Translator:
         if path.is_dir():
             path = path / "velocity.pt"
         if not path.is_file():
-            raise ConfigError(f"{path}: no velocity checkpoint; train the run first (rfp train) or name a velocity "
-                              ".pt file (or an original run folder with config.json and velocity_*.ckpt)")
+            raise ConfigError(
+                f"{path}: no velocity checkpoint; train the run first (rfp train) or name a velocity "
+                ".pt file (or an original run folder with config.json and velocity_*.ckpt)"
+            )
         net, ckpt = load_velocity(path, device)
         cfg = config_from_dict(ckpt["config"], source=str(path))
         codec = load_codec(cfg, None, device, state=ckpt.get("codec") or None)
@@ -71,10 +73,17 @@ class Translator:
         return self.codec.decode(z).clamp(-1, 1)
 
     @torch.no_grad()
-    def translate(self, x: torch.Tensor, steps: int | None = None, sampler: str | None = None, reverse: bool = False) -> torch.Tensor:
+    def translate(
+        self, x: torch.Tensor, steps: int | None = None, sampler: str | None = None, reverse: bool = False
+    ) -> torch.Tensor:
         """Images in [-1, 1] -> translated images; `reverse` integrates t from 1 to 0 (domain 1 -> 0)."""
-        z = flow.integrate(self.velocity, self.encode(x), steps or self.cfg.velocity.num_inference_steps,
-                           sampler=sampler or self.cfg.velocity.sampler, reverse=reverse)
+        z = flow.integrate(
+            self.velocity,
+            self.encode(x),
+            steps or self.cfg.velocity.num_inference_steps,
+            sampler=sampler or self.cfg.velocity.sampler,
+            reverse=reverse,
+        )
         return self.decode(z)
 
     @torch.no_grad()
@@ -83,8 +92,12 @@ class Translator:
         side = self.size // self.codec.downsample
         g = torch.Generator().manual_seed(seed)
         z = self.codec.sample_random_latent((n, self.codec.latent_channels, side, side), self.device, generator=g)
-        z = flow.integrate(self.velocity, z, steps or self.cfg.velocity.num_inference_steps,
-                           sampler=sampler or self.cfg.velocity.sampler)
+        z = flow.integrate(
+            self.velocity,
+            z,
+            steps or self.cfg.velocity.num_inference_steps,
+            sampler=sampler or self.cfg.velocity.sampler,
+        )
         return self.decode(z)
 
     def load_images(self, paths: Sequence[str | Path]) -> torch.Tensor:
@@ -106,8 +119,11 @@ def _run_translator(run: str, steps: int | None, device) -> "Translator":
     """The run's 1-RF flow, or for 1-2 steps its straighter reflowed / distilled model when
     `rfp reflow` made one (it says which)."""
     folder = Path(run)
-    reflowed = folder.is_dir() and (folder / "velocity.pt").is_file() and (
-        (folder / "distilled").is_dir() or any(folder.glob("reflow_*/velocity.pt")))
+    reflowed = (
+        folder.is_dir()
+        and (folder / "velocity.pt").is_file()
+        and ((folder / "distilled").is_dir() or any(folder.glob("reflow_*/velocity.pt")))
+    )
     if reflowed and steps in (1, 2):
         from rfp_core.train.reflow_run import translator_for_steps
 
@@ -139,7 +155,7 @@ def cli_translate(args: argparse.Namespace) -> int:
     items = list(zip(paths, _out_names(paths)))
     for i in tqdm(range(0, len(items), batch), desc="translate", unit="batch"):
         chunk = []
-        for path, name in items[i:i + batch]:
+        for path, name in items[i : i + batch]:
             try:
                 chunk.append((load_image(path, tr.size), name))
             except ImageLoadError as exc:
@@ -147,12 +163,17 @@ def cli_translate(args: argparse.Namespace) -> int:
                 failed += 1
         if not chunk:
             continue
-        y = tr.translate(torch.stack([x for x, _ in chunk]), steps=args.steps, sampler=args.sampler, reverse=args.reverse)
+        y = tr.translate(
+            torch.stack([x for x, _ in chunk]), steps=args.steps, sampler=args.sampler, reverse=args.reverse
+        )
         for img, (_, name) in zip(y, chunk):
             save_png(img, out / name)
             written += 1
     direction = "domain 1 -> 0" if args.reverse else "domain 0 -> 1"
-    print(f"translated {written} image(s) ({direction}) into {out}" + (f"; {failed} skipped" if failed else ""), file=sys.stderr)
+    print(
+        f"translated {written} image(s) ({direction}) into {out}" + (f"; {failed} skipped" if failed else ""),
+        file=sys.stderr,
+    )
     return max(video_rc, 1 if failed else 0)
 
 

@@ -40,8 +40,9 @@ class Variant:
 
 
 SALIENCY = Variant("saliency", "saliency", {"velocity": {"loss": "saliency"}})
-NO_ANCHOR = Variant("saliency, no MSE anchor", "saliency-no-anchor",
-                    {"velocity": {"loss": "saliency", "mse_weight": 0.0}})
+NO_ANCHOR = Variant(
+    "saliency, no MSE anchor", "saliency-no-anchor", {"velocity": {"loss": "saliency", "mse_weight": 0.0}}
+)
 MSE = Variant("mse", "mse", {"velocity": {"loss": "mse", "mse_weight": 0.0}})
 VARIANTS = (SALIENCY, NO_ANCHOR, MSE)
 
@@ -92,12 +93,18 @@ def _cell(value: Any, fmt: str) -> str:
 def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
     w = float(header.get("mse_weight") or 0.0)
     if w > 0:
-        differ = ("rows differ only in `velocity.loss` and `velocity.mse_weight` "
-                  f"(the MSE anchor weight, {w:g} in the demo config)")
-        saliency_row = (f"The `{SALIENCY.label}` row is the demo config as it is: the saliency-weighted loss plus "
-                        f"the MSE anchor of weight {w:g}.")
-        parts = (f"The rows show what each part does: `{SALIENCY.label}` against `{NO_ANCHOR.label}` is the "
-                 f"anchor alone, `{NO_ANCHOR.label}` against `{MSE.label}` the saliency weighting alone.")
+        differ = (
+            "rows differ only in `velocity.loss` and `velocity.mse_weight` "
+            f"(the MSE anchor weight, {w:g} in the demo config)"
+        )
+        saliency_row = (
+            f"The `{SALIENCY.label}` row is the demo config as it is: the saliency-weighted loss plus "
+            f"the MSE anchor of weight {w:g}."
+        )
+        parts = (
+            f"The rows show what each part does: `{SALIENCY.label}` against `{NO_ANCHOR.label}` is the "
+            f"anchor alone, `{NO_ANCHOR.label}` against `{MSE.label}` the saliency weighting alone."
+        )
     else:
         differ = "rows differ only in `velocity.loss` (the demo config has no MSE anchor: `velocity.mse_weight` 0)"
         saliency_row = f"The `{SALIENCY.label}` row is the demo config as it is (no MSE anchor)."
@@ -138,8 +145,9 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
 BEGIN, END = "<!-- ablation:begin (written by rfp bench ablation) -->", "<!-- ablation:end -->"
 
 
-def splice_benchmarks(path: Path, table: str, begin: str = BEGIN, end: str = END,
-                      title: str = "## Ablation — `rfp bench ablation`") -> None:
+def splice_benchmarks(
+    path: Path, table: str, begin: str = BEGIN, end: str = END, title: str = "## Ablation — `rfp bench ablation`"
+) -> None:
     """Put the table (without its title) between the `begin` / `end` markers of docs/BENCHMARKS.md
     (the ablation's by default), replacing what was there; a file without the markers gets a
     section `title` with them appended once."""
@@ -189,14 +197,25 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     table_path = (work / "ABLATION.md") if quick else docs / "ABLATION.md"
     some = rows[rows_to_run[0].label]
     header = {
-        "quick": quick, "date": time.strftime("%Y-%m-%d"), "device": str(dev),
+        "quick": quick,
+        "date": time.strftime("%Y-%m-%d"),
+        "device": str(dev),
         "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-        "config": config_name, "seed": first.cfg.seed, "train_images": first.cfg.velocity.train_images,
-        "steps": first.cfg.velocity.total_steps, "batch": first.cfg.velocity.train_batch_size,
-        "size": first.cfg.max_size, "data_num": data.num, "n_eval": some["n_eval"], "nfe": some["nfe"],
-        "sampler": some["sampler"], "judge_accuracy": judge.accuracy,
-        "fid_floor": some.get("fid_judge_floor"), "kid_floor": some.get("kid_judge_floor"),
-        "structure_encoder": some.get("structure_encoder", "none"), "grids": grids,
+        "config": config_name,
+        "seed": first.cfg.seed,
+        "train_images": first.cfg.velocity.train_images,
+        "steps": first.cfg.velocity.total_steps,
+        "batch": first.cfg.velocity.train_batch_size,
+        "size": first.cfg.max_size,
+        "data_num": data.num,
+        "n_eval": some["n_eval"],
+        "nfe": some["nfe"],
+        "sampler": some["sampler"],
+        "judge_accuracy": judge.accuracy,
+        "fid_floor": some.get("fid_judge_floor"),
+        "kid_floor": some.get("kid_judge_floor"),
+        "structure_encoder": some.get("structure_encoder", "none"),
+        "grids": grids,
         "mse_weight": base.velocity.mse_weight,
     }
     table = markdown(rows, header)
@@ -205,11 +224,24 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
         splice_benchmarks(docs / "BENCHMARKS.md", table)
     print(f"ablation table: {table_path}", file=sys.stderr)
 
-    keep = [key for key, _, _ in COLUMNS] + ["fid_judge_floor", "kid_judge_floor", "mask_iou_input", "judge_accuracy",
-                                             "n_eval", "run_dir"]
+    keep = [key for key, _, _ in COLUMNS] + [
+        "fid_judge_floor",
+        "kid_judge_floor",
+        "mask_iou_input",
+        "judge_accuracy",
+        "n_eval",
+        "run_dir",
+    ]
     out: dict[str, Any] = {label: {k: _json_safe(m.get(k)) for k in keep} for label, m in rows.items()}
-    out.update({"table": str(table_path), "config": config_name, "quick": quick, "device": str(dev),
-                "seconds": time.perf_counter() - start})
+    out.update(
+        {
+            "table": str(table_path),
+            "config": config_name,
+            "quick": quick,
+            "device": str(dev),
+            "seconds": time.perf_counter() - start,
+        }
+    )
     return json.loads(json.dumps(out, default=str))
 
 
@@ -222,14 +254,18 @@ def _train_variant(base: ModelConfig, config_name: str, v: Variant, data, quick:
     run_id = f"ablation-{v.slug}" + ("-quick" if quick else "")
     done = _finished(runs_dir() / run_id, cfg, quick)
     if done is not None and not retrain:
-        print(f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)", file=sys.stderr)
+        print(
+            f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)",
+            file=sys.stderr,
+        )
         return runs_dir() / run_id, done
     shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # a fresh run, never a resumed one
     t0 = time.perf_counter()
     run_dir = train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
     seconds = time.perf_counter() - t0
-    atomic_write_text(run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick,
-                                                             "train_seconds": seconds}))
+    atomic_write_text(
+        run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick, "train_seconds": seconds})
+    )
     return run_dir, seconds
 
 
@@ -247,8 +283,14 @@ def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool,
     store = FrameStore(max_side=cfg.store_max_side)
     manifest = trained[lead][0] / "manifest.parquet"
     frac = cfg.saliency.holdout_fraction
-    held = [torch.stack(list(FrameDataset(manifest, store, d, cfg.max_size, split="holdout", holdout_fraction=frac,
-                                          train_crop=False))) for d in (0, 1)]
+    held = [
+        torch.stack(
+            list(
+                FrameDataset(manifest, store, d, cfg.max_size, split="holdout", holdout_fraction=frac, train_crop=False)
+            )
+        )
+        for d in (0, 1)
+    ]
     judge = train_judge(held[0], held[1], steps=60 if quick else 300, device=dev, seed=cfg.seed)
     encoder = _encoder(cfg, dev)
     docs = project_root() / "docs"
@@ -257,8 +299,16 @@ def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool,
     for v in rows_to_run:
         run_dir, seconds = trained[v.label]
         translator = first if v.label == lead else Translator.from_run(run_dir, dev)
-        res = evaluate_run(translator, manifest, store, run_dir / "evaluation", masks_dir=data.masks_dir(0),
-                           structure_encoder=encoder, device=dev, judge=judge)
+        res = evaluate_run(
+            translator,
+            manifest,
+            store,
+            run_dir / "evaluation",
+            masks_dir=data.masks_dir(0),
+            structure_encoder=encoder,
+            device=dev,
+            judge=judge,
+        )
         res.update(train_seconds=seconds, run_dir=str(run_dir))
         rows[v.label] = res
         grid = Path(res["paths"]["grid_translate"])

@@ -58,18 +58,28 @@ def _texture(h: int, w: int, seed: int) -> np.ndarray:
     return np.clip(base + grain, 0, 255).astype(np.uint8)
 
 
-def make_bench_video(path: Path, n_frames: int, width: int, height: int, fps: int = 30, gop: int = 60, seed: int = 0) -> Path:
+def make_bench_video(
+    path: Path, n_frames: int, width: int, height: int, fps: int = 30, gop: int = 60, seed: int = 0
+) -> Path:
     """H.264 video of a camera panning over a textured scene, keyframe every `gop` frames."""
     pan = 2
     scene = _texture(height + pan * n_frames // 4 + 8, width + pan * n_frames + 8, seed)
     with av.open(str(path), "w") as container:
         stream = container.add_stream("libx264", rate=Fraction(fps))
         stream.width, stream.height, stream.pix_fmt = width, height, "yuv420p"
-        stream.options = {"crf": "23", "preset": "veryfast", "keyint": str(gop), "min-keyint": str(gop), "scenecut": "0"}
+        stream.options = {
+            "crf": "23",
+            "preset": "veryfast",
+            "keyint": str(gop),
+            "min-keyint": str(gop),
+            "scenecut": "0",
+        }
         stream.codec_context.gop_size = gop
         for i in range(n_frames):
             x, y = pan * i, (pan * i) // 4
-            frame = av.VideoFrame.from_ndarray(np.ascontiguousarray(scene[y : y + height, x : x + width]), format="rgb24")
+            frame = av.VideoFrame.from_ndarray(
+                np.ascontiguousarray(scene[y : y + height, x : x + width]), format="rgb24"
+            )
             for packet in stream.encode(frame):
                 container.mux(packet)
         for packet in stream.encode():
@@ -113,8 +123,13 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     # full: 1080p, the common camera / phone format; GOP 60 (2 s at 30 fps)
     n_videos, n_frames, (vw, vh) = (2, 90, (320, 240)) if quick else (2, 300, (1920, 1080))
     torch.manual_seed(0)
-    result: dict = {"quick": quick, "device": "cpu", "cpu_count": os.cpu_count(), "machine": platform.machine(),
-                    "torch_threads": torch.get_num_threads()}
+    result: dict = {
+        "quick": quick,
+        "device": "cpu",
+        "cpu_count": os.cpu_count(),
+        "machine": platform.machine(),
+        "torch_threads": torch.get_num_threads(),
+    }
     with _temp_home() as root:
         store = FrameStore(max_side=512)
         empty = root / "empty"
@@ -125,8 +140,17 @@ def run(quick: bool = False, device: str | None = None) -> dict:
     return result
 
 
-def _ingest_videos(root: Path, store: FrameStore, empty: Path, n_videos: int, n_frames: int, vw: int, vh: int,
-                   result: dict, gop: int = 60):
+def _ingest_videos(
+    root: Path,
+    store: FrameStore,
+    empty: Path,
+    n_videos: int,
+    n_frames: int,
+    vw: int,
+    vh: int,
+    result: dict,
+    gop: int = 60,
+):
     """(a) ingest frames/s over a folder of videos, cold store."""
     videos = root / "videos"
     videos.mkdir()
@@ -134,14 +158,20 @@ def _ingest_videos(root: Path, store: FrameStore, empty: Path, n_videos: int, n_
     paths = [make_bench_video(videos / f"clip{i}.mp4", n_frames, vw, vh, gop=gop, seed=i) for i in range(n_videos)]
     report = ingest([videos], [empty], out=root / "videos.parquet", store=store, progress=False)
     frames = report.n_ok
-    result.update(ingest_frames=frames, ingest_s=round(report.seconds, 3),
-                  ingest_frames_per_s=round(frames / report.seconds, 2), video_size=f"{vw}x{vh}", gop=gop)
+    result.update(
+        ingest_frames=frames,
+        ingest_s=round(report.seconds, 3),
+        ingest_frames_per_s=round(frames / report.seconds, 2),
+        video_size=f"{vw}x{vh}",
+        gop=gop,
+    )
     log(f"(a) ingested {frames} frames in {report.seconds:.2f} s: {frames / report.seconds:.1f} frames/s")
     return report, paths
 
 
-def _loader_vs_seek(report, store: FrameStore, paths: list[Path], n_samples: int, result: dict,
-                    crop_size: int = 128) -> None:
+def _loader_vs_seek(
+    report, store: FrameStore, paths: list[Path], n_samples: int, result: dict, crop_size: int = 128
+) -> None:
     """(b) samples/s: FrameDataset from the store vs seek-and-decode, same random frames, same crop."""
     ds = FrameDataset(report.table, store, domain=0, size=crop_size, split="all")
     picks = torch.randint(len(ds), (n_samples,)).tolist()
@@ -169,12 +199,20 @@ def _loader_vs_seek(report, store: FrameStore, paths: list[Path], n_samples: int
     reopened.close()
     store_rate = n_seek * per_seek / spent["store"]
     seek_rate, reopen_rate = n_seek / spent["seek"], n_seek / spent["reopen"]
-    result.update(store_samples_per_s=round(store_rate, 2), seek_samples_per_s=round(seek_rate, 2),
-                  seek_reopen_samples_per_s=round(reopen_rate, 2), loader_speedup_vs_seek=round(store_rate / seek_rate, 2),
-                  loader_speedup_vs_seek_reopen=round(store_rate / reopen_rate, 2), crop_size=crop_size,
-                  store_min_side=ds.min_side)
-    log(f"(b) store {store_rate:.1f} samples/s, seek-decode {seek_rate:.1f} samples/s (containers kept open): "
-        f"x{store_rate / seek_rate:.1f}; opening the file per sample {reopen_rate:.1f}/s: x{store_rate / reopen_rate:.1f}")
+    result.update(
+        store_samples_per_s=round(store_rate, 2),
+        seek_samples_per_s=round(seek_rate, 2),
+        seek_reopen_samples_per_s=round(reopen_rate, 2),
+        loader_speedup_vs_seek=round(store_rate / seek_rate, 2),
+        loader_speedup_vs_seek_reopen=round(store_rate / reopen_rate, 2),
+        crop_size=crop_size,
+        store_min_side=ds.min_side,
+    )
+    log(
+        f"(b) store {store_rate:.1f} samples/s, seek-decode {seek_rate:.1f} samples/s (containers kept open): "
+        f"x{store_rate / seek_rate:.1f}; opening the file per sample {reopen_rate:.1f}/s: "
+        f"x{store_rate / reopen_rate:.1f}"
+    )
 
 
 def _rescan(root: Path, store: FrameStore, empty: Path, n_small: int, result: dict) -> None:
@@ -197,7 +235,13 @@ def _rescan(root: Path, store: FrameStore, empty: Path, n_small: int, result: di
         cache.md5(media.path)
     hash_only = time.perf_counter() - start
     scale = 10_000 / n_small
-    result.update(rescan_files=n_small, rescan_s=round(again.seconds, 3), rescan_10k_s=round(again.seconds * scale, 3),
-                  rescan_discover_hash_10k_s=round(hash_only * scale, 3), first_ingest_small_s=round(first.seconds, 3),
-                  rescan_files_hashed=again.files_hashed, rescan_frames_decoded=again.frames_decoded)
+    result.update(
+        rescan_files=n_small,
+        rescan_s=round(again.seconds, 3),
+        rescan_10k_s=round(again.seconds * scale, 3),
+        rescan_discover_hash_10k_s=round(hash_only * scale, 3),
+        first_ingest_small_s=round(first.seconds, 3),
+        rescan_files_hashed=again.files_hashed,
+        rescan_frames_decoded=again.frames_decoded,
+    )
     log(f"(c) re-scan of {n_small} unchanged files: {again.seconds:.3f} s (discover + hash lookups {hash_only:.3f} s)")

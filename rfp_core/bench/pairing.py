@@ -46,14 +46,27 @@ def _child(n0: int, n1: int, dim: int, k: int, chunk_size: int, device: str) -> 
         path = write_pairs(table, Path(tmp) / "pairs.parquet")
         write_s = time.perf_counter() - t1
         size_mib = path.stat().st_size / 2**20
-    print(json.dumps({
-        "n0": n0, "n1": n1, "dim": dim, "k": k, "chunk_size": chunk_size, "device": device,
-        "torch_threads": torch.get_num_threads(), "rows": table.num_rows,
-        "topk_s": round(seconds, 3), "pairs_per_s": round(n0 * n1 / seconds),
-        "d0_frames_per_s": round(n0 / seconds, 1), "write_s": round(write_s, 3),
-        "pairs_parquet_mib": round(size_mib, 2), "rss_after_inputs_gib": round(rss_inputs, 3),
-        "peak_rss_gib": round(rss_gib(), 3),
-    }))
+    print(
+        json.dumps(
+            {
+                "n0": n0,
+                "n1": n1,
+                "dim": dim,
+                "k": k,
+                "chunk_size": chunk_size,
+                "device": device,
+                "torch_threads": torch.get_num_threads(),
+                "rows": table.num_rows,
+                "topk_s": round(seconds, 3),
+                "pairs_per_s": round(n0 * n1 / seconds),
+                "d0_frames_per_s": round(n0 / seconds, 1),
+                "write_s": round(write_s, 3),
+                "pairs_parquet_mib": round(size_mib, 2),
+                "rss_after_inputs_gib": round(rss_inputs, 3),
+                "peak_rss_gib": round(rss_gib(), 3),
+            }
+        )
+    )
 
 
 def run(quick: bool = False, device: str | None = None, chunk_size: int = 4096) -> dict:

@@ -50,12 +50,14 @@ def _link(path: str, out_dir: Path, quick: bool) -> str:
 
 
 def _budget(h: dict) -> str:
-    return (f"Made by `{h['command']}` on {h['date']} ({h['device']}, {h['platform']}; {h['minutes']:.0f} min). "
-            f"Budget per trained row and seed: {h['steps']} optimizer steps of {h['batch']} at {h['size']} px, UNet "
-            f"{h['model_channels']} ch × {h['ch_mult']}, pixel space, unpaired (no structure pairing), {h['nfe']} "
-            f"{h['sampler']} steps to translate; {h['seeds']} seed(s) (the training seed; data and judges fixed; the "
-            f"reference rows need no training and are scored once). Anchored: `mse_weight` {h['anchor']:g}."
-            + (f" **{h['note']}**" if h.get("note") else ""))
+    return (
+        f"Made by `{h['command']}` on {h['date']} ({h['device']}, {h['platform']}; {h['minutes']:.0f} min). "
+        f"Budget per trained row and seed: {h['steps']} optimizer steps of {h['batch']} at {h['size']} px, UNet "
+        f"{h['model_channels']} ch × {h['ch_mult']}, pixel space, unpaired (no structure pairing), {h['nfe']} "
+        f"{h['sampler']} steps to translate; {h['seeds']} seed(s) (the training seed; data and judges fixed; the "
+        f"reference rows need no training and are scored once). Anchored: `mse_weight` {h['anchor']:g}."
+        + (f" **{h['note']}**" if h.get("note") else "")
+    )
 
 
 def task_section(name: str, res: dict, out_dir: Path, quick: bool) -> list[str]:

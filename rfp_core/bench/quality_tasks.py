@@ -79,8 +79,10 @@ def _sklearn_datasets():
     try:
         from sklearn import datasets
     except ImportError:
-        raise RuntimeError("rfp bench quality builds its tasks from scikit-learn's bundled images: install it "
-                           "(pip install 'scikit-learn>=1.5', or the project's `test` extra)") from None
+        raise RuntimeError(
+            "rfp bench quality builds its tasks from scikit-learn's bundled images: install it "
+            "(pip install 'scikit-learn>=1.5', or the project's `test` extra)"
+        ) from None
     return datasets
 
 
@@ -111,7 +113,7 @@ def _texture(photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
     photo = photos[int(rng.integers(len(photos)))]
     side = int(rng.integers(SIZE, 2 * SIZE + 1))
     top, left = int(rng.integers(photo.shape[0] - side)), int(rng.integers(photo.shape[1] - side))
-    crop = Image.fromarray(photo[top:top + side, left:left + side]).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
+    crop = Image.fromarray(photo[top : top + side, left : left + side]).resize((SIZE, SIZE), Image.Resampling.BILINEAR)
     return np.asarray(crop, dtype=np.float32)
 
 
@@ -149,7 +151,7 @@ def painterly(img: Image.Image) -> Image.Image:
     ink = np.clip((np.hypot(gx, gy) - 6.0) / 40.0, 0, 0.8)[..., None]
     # canvas: diagonal brush hatching, so even a flat patch of sky shows the look (without it the
     # domain judge told real flat patches apart only 75% of the time)
-    yy, xx = np.mgrid[0:img.height, 0:img.width]
+    yy, xx = np.mgrid[0 : img.height, 0 : img.width]
     canvas = 1.0 + 0.12 * np.sin((xx + yy) * (2 * np.pi / 4.0))[..., None]
     return Image.fromarray(np.clip(poster * (1 - ink) * canvas, 0, 255).astype(np.uint8))
 
@@ -177,7 +179,7 @@ def _photo_tiles(photos: list[np.ndarray], rng: np.random.Generator) -> dict[str
 def render_patch(photo: np.ndarray, top: int, left: int, domain: int, rng: np.random.Generator) -> Image.Image:
     side = int(rng.integers(SIZE, TILE + 1))
     dy, dx = (int(v) for v in rng.integers(0, TILE - side + 1, size=2))
-    crop = Image.fromarray(photo[top + dy:top + dy + side, left + dx:left + dx + side])
+    crop = Image.fromarray(photo[top + dy : top + dy + side, left + dx : left + dx + side])
     crop = crop.resize((SIZE, SIZE), Image.Resampling.LANCZOS)
     if rng.random() < 0.5:
         crop = ImageOps.mirror(crop)
@@ -235,24 +237,41 @@ def make_task(name: str, root: Path, spec: TaskSpec, seed: int = 0) -> Task:
             for d in _pool_domains(pool):
                 # each image draws its own source sample and pose: few digits, many renders
                 src = rng.choice(pools[pool], size=count, replace=count > len(pools[pool]))
-                _write_pool(task.folder(pool, d), [(render_digit(digits.images[i], d, rng, photos), digits.target[i],
-                                                    f"digit{i}") for i in src], pool)
+                _write_pool(
+                    task.folder(pool, d),
+                    [(render_digit(digits.images[i], d, rng, photos), digits.target[i], f"digit{i}") for i in src],
+                    pool,
+                )
     else:
         tiles = _photo_tiles(photos, rng)
         for pool, count in _counts(spec).items():
             for d in _pool_domains(pool):
                 src = rng.choice(len(tiles[pool]), size=count, replace=count > len(tiles[pool]))
                 chosen = [tiles[pool][i] for i in src]
-                _write_pool(task.folder(pool, d), [(render_patch(photos[p], top, left, d, rng), label,
-                                                    f"photo{p}:{top}:{left}") for p, top, left, label in chosen], pool)
+                _write_pool(
+                    task.folder(pool, d),
+                    [
+                        (render_patch(photos[p], top, left, d, rng), label, f"photo{p}:{top}:{left}")
+                        for p, top, left, label in chosen
+                    ],
+                    pool,
+                )
     atomic_write_text(task.root / "task.json", json.dumps(params))
     return task
 
 
 # name -> (classes, label names, what domain 1 is)
 TASKS: dict[str, tuple[int, tuple[str, ...], str]] = {
-    "digits": (10, tuple(str(i) for i in range(10)),
-               "load_digits digits (32 px, white on black) -> the same digits blended with colour-photo texture (MNIST-M style)"),
-    "photo": (4, ("china top", "china bottom", "flower top", "flower bottom"),
-              "plain 32 px patches of china.jpg / flower.jpg -> a fixed painterly look (median, saturation, posterise, inked edges, hatched canvas)"),
+    "digits": (
+        10,
+        tuple(str(i) for i in range(10)),
+        "load_digits digits (32 px, white on black) -> the same digits blended with colour-photo texture (MNIST-M "
+        "style)",
+    ),
+    "photo": (
+        4,
+        ("china top", "china bottom", "flower top", "flower bottom"),
+        "plain 32 px patches of china.jpg / flower.jpg -> a fixed painterly look (median, saturation, posterise, inked "
+        "edges, hatched canvas)",
+    ),
 }

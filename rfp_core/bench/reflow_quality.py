@@ -36,6 +36,7 @@ def _score_fn(judges: dict, quick: bool, seed: int, device: torch.device):
         with torch.enable_grad():  # the two-sample test trains a classifier; the steps table runs under no_grad
             s = Q.score(out.detach(), judges, quick, seed, device)
         return {k: s[k] for k in ("content_kept", "transfer_rate", "two_sample_acc", "edge_agreement")}
+
     return score
 
 
@@ -54,9 +55,17 @@ def _steps_rows(run_dir, judges: dict, quick: bool, seed: int, device: torch.dev
     z0 = base.encode(x)
     solver = Solver()
     reference = flow.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
-    return steps_table([m for m, _ in models], z0, steps=STEPS, reference=reference,
-                       score=_score_fn(judges, quick, seed, device), images_in=x, decode=base.decode,
-                       straightness_steps=solver.steps, straightness_sampler=solver.sampler)
+    return steps_table(
+        [m for m, _ in models],
+        z0,
+        steps=STEPS,
+        reference=reference,
+        score=_score_fn(judges, quick, seed, device),
+        images_in=x,
+        decode=base.decode,
+        straightness_steps=solver.steps,
+        straightness_sampler=solver.sampler,
+    )
 
 
 def _pick(rows: list[dict], model: str, steps: int) -> dict:
@@ -65,20 +74,26 @@ def _pick(rows: list[dict], model: str, steps: int) -> dict:
 
 def acceptance(per_seed: list[list[dict]]) -> dict[str, Any]:
     """The three checks of the module docstring, on the means over seeds."""
+
     def mean(model: str, steps: int, key: str) -> float:
         vals = [float(_pick(rows, model, steps)[key]) for rows in per_seed]
         return sum(vals) / len(vals)
 
     s1, s2 = mean("1-RF", 12, "straightness"), mean("2-RF", 12, "straightness")
-    out: dict[str, Any] = {"straightness_1rf": s1, "straightness_2rf": s2,
-                           "straightness_ratio": s1 / max(s2, 1e-12)}
+    out: dict[str, Any] = {"straightness_1rf": s1, "straightness_2rf": s2, "straightness_ratio": s1 / max(s2, 1e-12)}
     for key in ("content_kept", "transfer_rate"):
         ref, one = mean("1-RF", 12, key), mean("distilled", 1, key)
         out[f"{key}_1rf_n12"], out[f"{key}_distilled_n1"] = ref, one
         out[f"{key}_within_10pct"] = one >= 0.9 * ref
-    out["speedup_n1_vs_n12"] = mean("1-RF", 12, "seconds_per_input") / max(mean("distilled", 1, "seconds_per_input"), 1e-12)
-    out["passed"] = (out["straightness_ratio"] >= 5 and out["content_kept_within_10pct"]
-                     and out["transfer_rate_within_10pct"] and out["speedup_n1_vs_n12"] >= 8)
+    out["speedup_n1_vs_n12"] = mean("1-RF", 12, "seconds_per_input") / max(
+        mean("distilled", 1, "seconds_per_input"), 1e-12
+    )
+    out["passed"] = (
+        out["straightness_ratio"] >= 5
+        and out["content_kept_within_10pct"]
+        and out["transfer_rate_within_10pct"]
+        and out["speedup_n1_vs_n12"] >= 8
+    )
     return out
 
 
@@ -95,30 +110,43 @@ def summary_rows(per_seed: list[list[dict]]) -> list[dict]:
 
 def markdown(summary: list[dict], verdict: dict, header: dict) -> str:
     cols = ("content_kept", "transfer_rate", "two_sample_acc", "straightness", "mse_to_reference", "seconds_per_input")
-    lines = [f"`{header['command']}` — {header['date']}, {header['platform']}, {header['seeds']} seeds, "
-             f"1-RF row `{header['row']}` at {header['steps']} optimizer steps, batch {header['batch']}, "
-             f"{header['size']} px; mean ± std over seeds.", "",
-             "| model | N | " + " | ".join(cols) + " |", "|" + "---|" * (len(cols) + 2)]
+    lines = [
+        f"`{header['command']}` — {header['date']}, {header['platform']}, {header['seeds']} seeds, "
+        f"1-RF row `{header['row']}` at {header['steps']} optimizer steps, batch {header['batch']}, "
+        f"{header['size']} px; mean ± std over seeds.",
+        "",
+        "| model | N | " + " | ".join(cols) + " |",
+        "|" + "---|" * (len(cols) + 2),
+    ]
     for r in summary:
         cells = []
         for c in cols:
             s = r.get(c)
             cells.append("—" if not s or s["mean"] is None else f"{s['mean']:.4g} ± {s['std']:.2g}")
         lines.append(f"| {r['model']} | {r['steps']} | " + " | ".join(cells) + " |")
-    lines += ["", "Checks (means over seeds): " + ", ".join(
-        f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in verdict.items()), ""]
+    lines += [
+        "",
+        "Checks (means over seeds): "
+        + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in verdict.items()),
+        "",
+    ]
     return "\n".join(lines)
 
 
-def run(quick: bool = False, device: str | None = None, seeds: int | None = None, rows: str | None = None,
-        steps: int | None = None) -> dict:
+def run(
+    quick: bool = False,
+    device: str | None = None,
+    seeds: int | None = None,
+    rows: str | None = None,
+    steps: int | None = None,
+) -> dict:
     """Every seed: 1-RF, reflow, distil, the scored steps table; the summary table in docs/ (not with --quick)."""
     from rfp_core.atomic import atomic_write_text
     from rfp_core.bench.ablation import splice_benchmarks
     from rfp_core.config import ConfigError
+    from rfp_core.device import pick_device
     from rfp_core.paths import project_root, rfp_home
     from rfp_core.train.reflow_run import reflow_run
-    from rfp_core.device import pick_device
 
     start = time.perf_counter()
     dev = pick_device(device)
@@ -126,8 +154,9 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
     if row not in Q.ROW_CONFIGS:
         raise ConfigError(f"--rows {row}: the 1-RF row is one of {', '.join(Q.ROW_CONFIGS)}")
     n_seeds = seeds if seeds is not None else (1 if quick else 3)
-    task = QT.make_task(TASK, rfp_home() / "bench" / "quality" / ("quick" if quick else "full") / TASK,
-                        QT.QUICK if quick else QT.FULL)
+    task = QT.make_task(
+        TASK, rfp_home() / "bench" / "quality" / ("quick" if quick else "full") / TASK, QT.QUICK if quick else QT.FULL
+    )
     judges = Q.train_judges(task, quick, dev)
     shared: dict = {}
     per_seed = []
@@ -137,23 +166,48 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
         per_seed.append(_steps_rows(run_dir, judges, quick, seed, dev))
         print(f"reflow_quality seed {seed}: " + json.dumps(acceptance(per_seed[-1:])), file=sys.stderr)
     example = Q.row_config(row, 0, quick, steps)
-    header = {"command": "rfp bench reflow_quality" + (" --quick" if quick else "") + f" --seeds {n_seeds} --rows {row}"
-              + (f" --steps {steps}" if steps else ""), "date": time.strftime("%Y-%m-%d"), "seeds": n_seeds,
-              "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dev}",
-              "row": row, "steps": example.velocity.total_steps, "batch": example.velocity.train_batch_size,
-              "size": example.max_size}
+    header = {
+        "command": "rfp bench reflow_quality"
+        + (" --quick" if quick else "")
+        + f" --seeds {n_seeds} --rows {row}"
+        + (f" --steps {steps}" if steps else ""),
+        "date": time.strftime("%Y-%m-%d"),
+        "seeds": n_seeds,
+        "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dev}",
+        "row": row,
+        "steps": example.velocity.total_steps,
+        "batch": example.velocity.train_batch_size,
+        "size": example.max_size,
+    }
     summary, verdict = summary_rows(per_seed), acceptance(per_seed)
     table = markdown(summary, verdict, header)
     out_dir = rfp_home() / "bench" / "reflow_quality" if quick else project_root() / "docs"
     out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(out_dir / "reflow_quality.json", json.dumps({"header": header, "per_seed": per_seed,
-                                                                  "summary": summary, "checks": verdict}, indent=1) + "\n")
+    atomic_write_text(
+        out_dir / "reflow_quality.json",
+        json.dumps({"header": header, "per_seed": per_seed, "summary": summary, "checks": verdict}, indent=1) + "\n",
+    )
     if not quick:
-        splice_benchmarks(project_root() / "docs" / "BENCHMARKS.md", table, begin=BEGIN, end=END,
-                          title="## Reflow and one step on the digits task — `rfp bench reflow_quality`")
+        splice_benchmarks(
+            project_root() / "docs" / "BENCHMARKS.md",
+            table,
+            begin=BEGIN,
+            end=END,
+            title="## Reflow and one step on the digits task — `rfp bench reflow_quality`",
+        )
     print(table, file=sys.stderr)
-    return json.loads(json.dumps({"checks": verdict, "summary": summary, "seeds": n_seeds, "row": row,
-                                  "seconds": time.perf_counter() - start}, default=str))
+    return json.loads(
+        json.dumps(
+            {
+                "checks": verdict,
+                "summary": summary,
+                "seeds": n_seeds,
+                "row": row,
+                "seconds": time.perf_counter() - start,
+            },
+            default=str,
+        )
+    )
 
 
 BEGIN, END = "<!-- reflow-quality:start -->", "<!-- reflow-quality:end -->"

@@ -31,10 +31,10 @@ def _timed(fn) -> float:
 def run(quick: bool = False, device: str | None = None, config: str | None = None) -> dict:
     from rfp_core.config import ConfigError, load_config
     from rfp_core.demo_data import make_demo_data
+    from rfp_core.device import pick_device
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
     from rfp_core.paths import rfp_home, runs_dir
-    from rfp_core.device import pick_device
     from rfp_core.train.run import smoke_config, train_run
 
     if not config:
@@ -51,8 +51,11 @@ def run(quick: bool = False, device: str | None = None, config: str | None = Non
     run_id = f"bench-run-{path.stem}" + ("-quick" if quick else "")
     shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # timed from scratch, never resumed
     store = FrameStore(max_side=cfg.store_max_side)
-    timings = {"ingest_s": _timed(lambda: ingest(d0, [data.domain1], out=work / "manifest.parquet", store=store,
-                                                    progress=False))}
+    timings = {
+        "ingest_s": _timed(
+            lambda: ingest(d0, [data.domain1], out=work / "manifest.parquet", store=store, progress=False)
+        )
+    }
     phases = []
     if cfg.codec.net.type != "Identity":
         phases.append("codec")
@@ -61,13 +64,27 @@ def run(quick: bool = False, device: str | None = None, config: str | None = Non
     phases.append("velocity")
     for phase in phases:
         only = None if phase == "velocity" else phase
-        timings[f"{phase}_s"] = _timed(lambda only=only: train_run(cfg, d0, [data.domain1], run_id=run_id, device=dev,
-                                                                 only=only, progress=not quick))
+        timings[f"{phase}_s"] = _timed(
+            lambda only=only: train_run(
+                cfg, d0, [data.domain1], run_id=run_id, device=dev, only=only, progress=not quick
+            )
+        )
     total = sum(timings.values())
-    print(f"bench run {path}: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f", total {total:.1f} s",
-          file=sys.stderr)
-    return {"benchmark": "run", "config": str(path), "quick": quick, "device": str(dev), **timings, "total_s": total,
-            "velocity_steps": cfg.velocity.total_steps, "max_size": cfg.max_size,
-            "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
-            "run_dir": str(runs_dir() / run_id), "date": time.strftime("%Y-%m-%d"),
-            "phases": json.loads(json.dumps(phases))}
+    print(
+        f"bench run {path}: " + ", ".join(f"{k} {v:.1f}" for k, v in timings.items()) + f", total {total:.1f} s",
+        file=sys.stderr,
+    )
+    return {
+        "benchmark": "run",
+        "config": str(path),
+        "quick": quick,
+        "device": str(dev),
+        **timings,
+        "total_s": total,
+        "velocity_steps": cfg.velocity.total_steps,
+        "max_size": cfg.max_size,
+        "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "run_dir": str(runs_dir() / run_id),
+        "date": time.strftime("%Y-%m-%d"),
+        "phases": json.loads(json.dumps(phases)),
+    }

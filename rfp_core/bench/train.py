@@ -28,26 +28,47 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from rfp_core import flow
-from rfp_core.device import pick_device
 from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig
-from rfp_core.nets.saliency import SaliencyNet
+from rfp_core.device import pick_device
 from rfp_core.nets import build_velocity_net
+from rfp_core.nets.saliency import SaliencyNet
 
 # Headline: the nets this project trains on CPU (configs/tiny.json: UNet 16 ch [1,2] x1 res block,
 # ResNet-18, 32 px, minibatch 8). Beside it, the original trainer's smallest real config ("small":
 # UNet 64 ch [1,2,4,4] x2, ResNet-18) at 64 px, where the UNet is ~50x the saliency net's FLOPs.
-TINY = dict(name="project_tiny_32px", size=32, batch=8, unet=dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto"),
-            backbone="resnet18", rounds=15, block=2, loss_rounds=15,
-            sizes="configs/tiny.json nets: UNet 16ch [1,2] x1 res block + ResNet-18 (11.4M), 32 px, minibatch 8")
-ORIGINAL_SMALL = dict(name="original_small_64px", size=64, batch=2,
-                      unet=dict(model_channels=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2), backbone="resnet18",
-                      rounds=3, block=1, loss_rounds=5,
-                      sizes="the original trainer's 'small' config: UNet 64ch [1,2,4,4] x2 + ResNet-18, at 64 px, batch 2")
-ORIGINAL_SMALL_DIT = dict(name="original_small_dit_64px", size=64, batch=2,
-                          unet=dict(type="DiT", patch_size=2, hidden_size=256, depth=12, num_heads=4), backbone="resnet18",
-                          rounds=3, block=1, loss_rounds=5,
-                          sizes="the original trainer's 'small_dit' config: DiT patch 2, 256 wide, depth 12 + ResNet-18, "
-                                "at 64 px, batch 2")
+TINY = dict(
+    name="project_tiny_32px",
+    size=32,
+    batch=8,
+    unet=dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto"),
+    backbone="resnet18",
+    rounds=15,
+    block=2,
+    loss_rounds=15,
+    sizes="configs/tiny.json nets: UNet 16ch [1,2] x1 res block + ResNet-18 (11.4M), 32 px, minibatch 8",
+)
+ORIGINAL_SMALL = dict(
+    name="original_small_64px",
+    size=64,
+    batch=2,
+    unet=dict(model_channels=64, ch_mult=[1, 2, 4, 4], num_res_blocks=2),
+    backbone="resnet18",
+    rounds=3,
+    block=1,
+    loss_rounds=5,
+    sizes="the original trainer's 'small' config: UNet 64ch [1,2,4,4] x2 + ResNet-18, at 64 px, batch 2",
+)
+ORIGINAL_SMALL_DIT = dict(
+    name="original_small_dit_64px",
+    size=64,
+    batch=2,
+    unet=dict(type="DiT", patch_size=2, hidden_size=256, depth=12, num_heads=4),
+    backbone="resnet18",
+    rounds=3,
+    block=1,
+    loss_rounds=5,
+    sizes="the original trainer's 'small_dit' config: DiT patch 2, 256 wide, depth 12 + ResNet-18, at 64 px, batch 2",
+)
 QUICK = dict(TINY, name="project_tiny_32px_quick", rounds=2, block=1, loss_rounds=2)
 
 TARGETS = {"speedup_vs_reference": 1.8, "translation_over_generative": 1.6}
@@ -90,8 +111,12 @@ def run(quick: bool = False, device: str | None = None) -> dict:
             other = measure(spec, dev)
             result["configs"][other["config"]["name"]] = other
     result.update(
-        device=torch.cuda.get_device_name(dev) if dev.type == "cuda" else f"cpu ({platform.processor() or platform.machine()})",
-        threads=torch.get_num_threads(), torch=torch.__version__, bf16_autocast=dev.type == "cuda",
+        device=torch.cuda.get_device_name(dev)
+        if dev.type == "cuda"
+        else f"cpu ({platform.processor() or platform.machine()})",
+        threads=torch.get_num_threads(),
+        torch=torch.__version__,
+        bf16_autocast=dev.type == "cuda",
     )
     return result
 
@@ -100,7 +125,9 @@ def measure(spec: dict, dev: torch.device) -> dict:
     bf16 = dev.type == "cuda"
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
-    sal = SaliencyNet(SaliencyNetConfig(backbone=spec["backbone"], pretrained=False)).to(dev).eval().requires_grad_(False)
+    sal = (
+        SaliencyNet(SaliencyNetConfig(backbone=spec["backbone"], pretrained=False)).to(dev).eval().requires_grad_(False)
+    )
     frozen_h = sal.frozen_h()
     net_cfg = spec["unet"]
     base = build_velocity_net((DiTConfig if net_cfg.get("type") == "DiT" else UNetConfig)(**net_cfg)).to(dev)
@@ -144,18 +171,32 @@ def measure(spec: dict, dev: torch.device) -> dict:
         v1 = torch.zeros_like(one, requires_grad=True)
         loss_gf[kind] = _gflops(lambda: losses[kind](one, tgt_fixed[:1], v1).backward())  # noqa: B023
 
-    step_ms, step_cpu = _alternate({k: (lambda k=k: train_step(k)) for k in step_kinds},
-                                   spec["rounds"], spec["block"], sync, "train steps")
-    loss_ms, loss_cpu = _alternate({k: (lambda k=k: loss_step(k)) for k in ("fast", "fast_plain", "reference")},
-                                   spec["loss_rounds"], 1, sync, "loss steps")
+    step_ms, step_cpu = _alternate(
+        {k: (lambda k=k: train_step(k)) for k in step_kinds}, spec["rounds"], spec["block"], sync, "train steps"
+    )
+    loss_ms, loss_cpu = _alternate(
+        {k: (lambda k=k: loss_step(k)) for k in ("fast", "fast_plain", "reference")},
+        spec["loss_rounds"],
+        1,
+        sync,
+        "loss steps",
+    )
 
-    params = {"unet_params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
-              "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2)}
+    params = {
+        "unet_params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
+        "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2),
+    }
     return _summary(spec, (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf), params, bf16)
 
 
-def _summary(spec: dict, steps: tuple[dict, dict], loss_steps: tuple[dict, dict], gflops: tuple[float, dict],
-             params: dict, bf16: bool) -> dict:
+def _summary(
+    spec: dict,
+    steps: tuple[dict, dict],
+    loss_steps: tuple[dict, dict],
+    gflops: tuple[float, dict],
+    params: dict,
+    bf16: bool,
+) -> dict:
     """The measured times and FLOPs as the benchmark's ratios and the config they were made with."""
     (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf) = steps, loss_steps, gflops
     b, s = spec["batch"], spec["size"]
@@ -173,18 +214,30 @@ def _summary(spec: dict, steps: tuple[dict, dict], loss_steps: tuple[dict, dict]
         "loss_step_cpu_ms": {k: round(v, 1) for k, v in loss_cpu.items()},
         "loss_step_speedup_vs_reference": round(loss_ms["reference"] / loss_ms["fast"], 3),
         "loss_step_speedup_plain_h": round(loss_ms["reference"] / loss_ms["fast_plain"], 3),
-        "gflops_per_image": {"unet_fwd_bwd": round(unet_gf, 3), **{f"loss_{k}": round(v, 3) for k, v in loss_gf.items()}},
+        "gflops_per_image": {
+            "unet_fwd_bwd": round(unet_gf, 3),
+            **{f"loss_{k}": round(v, 3) for k, v in loss_gf.items()},
+        },
         "flop_ratios": {
             "speedup_vs_reference": round((unet_gf + loss_gf["reference"]) / (unet_gf + loss_gf["fast"]), 3),
             "translation_over_generative": round((unet_gf + loss_gf["fast"]) / unet_gf, 3),
             "loss_step_speedup": round(loss_gf["reference"] / loss_gf["fast"], 3),
         },
         "config": {
-            "name": spec["name"], "sizes": spec["sizes"], "image_size": s, "batch": b, "unet": spec["unet"],
-            "saliency_backbone": spec["backbone"], "saliency_pretrained": False,
+            "name": spec["name"],
+            "sizes": spec["sizes"],
+            "image_size": s,
+            "batch": b,
+            "unet": spec["unet"],
+            "saliency_backbone": spec["backbone"],
+            "saliency_pretrained": False,
             **params,
-            "optimizer": "AdamW(lr=2e-4, weight_decay=1e-4)", "timesteps": "logit-normal", "data": "random tensors",
-            "rounds": spec["rounds"], "steps_per_block": spec["block"], "loss_rounds": spec["loss_rounds"],
+            "optimizer": "AdamW(lr=2e-4, weight_decay=1e-4)",
+            "timesteps": "logit-normal",
+            "data": "random tensors",
+            "rounds": spec["rounds"],
+            "steps_per_block": spec["block"],
+            "loss_rounds": spec["loss_rounds"],
             "bf16_autocast": bf16,
         },
     }

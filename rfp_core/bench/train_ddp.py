@@ -54,8 +54,9 @@ def _data(root: Path):
     torch.manual_seed(0)
     net_cfg = cfg.saliency.net.model_copy(update={"pretrained": False})
     net = SaliencyNet(net_cfg)
-    sal = save_checkpoint(root / "saliency.pt", {"saliency": net.state_dict(), "net": net_cfg.model_dump(mode="json"),
-                                                 "in_channels": 3})
+    sal = save_checkpoint(
+        root / "saliency.pt", {"saliency": net.state_dict(), "net": net_cfg.model_dump(mode="json"), "in_channels": 3}
+    )
     return manifest, store, sal
 
 
@@ -67,15 +68,30 @@ def _row(job: dict, ranks: int, device: str) -> dict:
     job_path.write_text(json.dumps(job))
     threads = os.environ.get("OMP_NUM_THREADS") or str(max(1, (os.cpu_count() or 1) // ranks))
     env = {**os.environ, "OMP_NUM_THREADS": threads}
-    command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", str(ranks),
-               "-m", "rfp_core.bench.train_ddp", str(job_path)]
+    command = [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--standalone",
+        "--nproc-per-node",
+        str(ranks),
+        "-m",
+        "rfp_core.bench.train_ddp",
+        str(job_path),
+    ]
     proc = subprocess.run(command, env=env, capture_output=True, text=True)
     if proc.returncode != 0:
         raise RuntimeError(f"bench train --nproc-per-node: the {ranks}-rank run failed:\n{proc.stderr[-3000:]}")
     rows = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines() if line.strip()]
-    return {"ranks": ranks, "threads_per_rank": int(threads), "images_per_s": statistics.median(
-        r["images_per_s"] for r in rows[1:]) if len(rows) > 1 else rows[0]["images_per_s"],
-        "steps": rows[-1]["step"], "losses": [r["loss"] for r in rows]}
+    return {
+        "ranks": ranks,
+        "threads_per_rank": int(threads),
+        "images_per_s": statistics.median(r["images_per_s"] for r in rows[1:])
+        if len(rows) > 1
+        else rows[0]["images_per_s"],
+        "steps": rows[-1]["step"],
+        "losses": [r["loss"] for r in rows],
+    }
 
 
 def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
@@ -85,28 +101,59 @@ def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
     if nproc < 2:
         raise ConfigError(f"--nproc-per-node {nproc}: the benchmark compares 1 rank with N >= 2 ranks")
     if dev.type == "cuda" and torch.cuda.device_count() < nproc:
-        raise ConfigError(f"--nproc-per-node {nproc}: this machine has {torch.cuda.device_count()} GPU(s); NCCL "
-                          "needs one per rank: lower --nproc-per-node or pass --device cpu (correctness only)")
+        raise ConfigError(
+            f"--nproc-per-node {nproc}: this machine has {torch.cuda.device_count()} GPU(s); NCCL "
+            "needs one per rank: lower --nproc-per-node or pass --device cpu (correctness only)"
+        )
     steps = 8 if quick else 40
     with tempfile.TemporaryDirectory(prefix="rfp-bench-ddp-") as tmp:
         manifest, store, sal = _data(Path(tmp))
-        cfg = config_from_dict(load_config(TINY).model_dump(mode="json"), source="bench train_ddp", overrides={
-            "max_size": SIZE, "store_max_side": 64, "velocity": {
-                "train_batch_size": BATCH, "train_minibatch_size": MINIBATCH, "train_images": BATCH * steps,
-                "sample_every_images": 10 ** 9, "warmup_fraction": 0.0}})
-        job = {"root": tmp, "config": cfg.model_dump(mode="json"), "manifest": str(manifest),
-               "store_root": str(store.root), "saliency_checkpoint": str(sal)}
+        cfg = config_from_dict(
+            load_config(TINY).model_dump(mode="json"),
+            source="bench train_ddp",
+            overrides={
+                "max_size": SIZE,
+                "store_max_side": 64,
+                "velocity": {
+                    "train_batch_size": BATCH,
+                    "train_minibatch_size": MINIBATCH,
+                    "train_images": BATCH * steps,
+                    "sample_every_images": 10**9,
+                    "warmup_fraction": 0.0,
+                },
+            },
+        )
+        job = {
+            "root": tmp,
+            "config": cfg.model_dump(mode="json"),
+            "manifest": str(manifest),
+            "store_root": str(store.root),
+            "saliency_checkpoint": str(sal),
+        }
         rows = [_row(job, n, dev.type) for n in (1, nproc)]
     one, many = rows
     diff = max(abs(a - b) / max(abs(a), 1e-12) for a, b in zip(one.pop("losses"), many.pop("losses")))
     on_cpu = dev.type == "cpu"
     return {
-        "benchmark": "train_ddp", "rows": rows, "speedup": many["images_per_s"] / one["images_per_s"],
-        "loss_curve_max_rel_diff": diff, "global_batch": BATCH, "minibatch": MINIBATCH, "size": SIZE, "steps": steps,
-        "device": torch.cuda.get_device_name(dev) if not on_cpu else f"cpu ({platform.processor() or platform.machine()})",
-        "cpu_cores": os.cpu_count(), "torch": torch.__version__,
-        "note": ("CPU: the ranks share this machine's cores; the figures check the distributed path, for correctness "
-                 "only, not speed") if on_cpu else "one GPU per rank, NCCL",
+        "benchmark": "train_ddp",
+        "rows": rows,
+        "speedup": many["images_per_s"] / one["images_per_s"],
+        "loss_curve_max_rel_diff": diff,
+        "global_batch": BATCH,
+        "minibatch": MINIBATCH,
+        "size": SIZE,
+        "steps": steps,
+        "device": torch.cuda.get_device_name(dev)
+        if not on_cpu
+        else f"cpu ({platform.processor() or platform.machine()})",
+        "cpu_cores": os.cpu_count(),
+        "torch": torch.__version__,
+        "note": (
+            "CPU: the ranks share this machine's cores; the figures check the distributed path, for correctness "
+            "only, not speed"
+        )
+        if on_cpu
+        else "one GPU per rank, NCCL",
     }
 
 
@@ -120,8 +167,15 @@ def worker(job_path: str) -> None:
     store = FrameStore(root=Path(job["store_root"]), max_side=cfg.store_max_side)
     os.environ.setdefault("RFP_HOME", job["root"])
     try:
-        train_velocity(cfg, Path(job["manifest"]), Path(job["out_dir"]), device=job["device"], store=store,
-                       saliency_checkpoint=Path(job["saliency_checkpoint"]), progress=False)
+        train_velocity(
+            cfg,
+            Path(job["manifest"]),
+            Path(job["out_dir"]),
+            device=job["device"],
+            store=store,
+            saliency_checkpoint=Path(job["saliency_checkpoint"]),
+            progress=False,
+        )
     finally:
         if torch.distributed.is_initialized():
             torch.distributed.destroy_process_group()

@@ -15,7 +15,17 @@ from rfp_core.evaluate.metrics import (
 from rfp_core.evaluate.report import evaluate_run
 
 __all__ = [
-    "Judge", "JudgeNet", "train_judge", "cosine_similarity", "cycle_error", "foreground_mask",
-    "frechet_distance", "frechet_distance_from_stats", "kid", "mask_iou", "mask_ious", "stripe_energy",
+    "Judge",
+    "JudgeNet",
+    "train_judge",
+    "cosine_similarity",
+    "cycle_error",
+    "foreground_mask",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "kid",
+    "mask_iou",
+    "mask_ious",
+    "stripe_energy",
     "evaluate_run",
 ]

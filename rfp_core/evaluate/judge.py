@@ -58,7 +58,9 @@ class Judge:
     @torch.no_grad()
     def _batched(self, x: torch.Tensor, fn, batch_size: int = 256) -> torch.Tensor:
         self.net.eval()
-        outs = [fn(x[i : i + batch_size].to(self.device, torch.float32)).float().cpu() for i in range(0, len(x), batch_size)]
+        outs = [
+            fn(x[i : i + batch_size].to(self.device, torch.float32)).float().cpu() for i in range(0, len(x), batch_size)
+        ]
         return torch.cat(outs) if outs else torch.empty(0)
 
     def predict_proba(self, x: torch.Tensor) -> torch.Tensor:

@@ -27,7 +27,7 @@ def shift_augment(x: torch.Tensor, gen: torch.Generator, max_shift: int = 2) -> 
     n, _, h, w = x.shape
     padded = F.pad(x, (max_shift,) * 4, mode="replicate")
     dy, dx = torch.randint(0, 2 * max_shift + 1, (2, n), generator=gen).tolist()
-    return torch.stack([padded[i, :, dy[i]:dy[i] + h, dx[i]:dx[i] + w] for i in range(n)])
+    return torch.stack([padded[i, :, dy[i] : dy[i] + h, dx[i] : dx[i] + w] for i in range(n)])
 
 
 class ContentNet(nn.Module):
@@ -39,14 +39,23 @@ class ContentNet(nn.Module):
         super().__init__()
         act = nn.SiLU
         self.body = nn.Sequential(
-            nn.Conv2d(3, width, 3, padding=1), nn.GroupNorm(8, width), act(),
-            nn.Conv2d(width, width, 3, stride=2, padding=1), nn.GroupNorm(8, width), act(),
-            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), act(),
-            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1), nn.GroupNorm(8, 2 * width), act(),
+            nn.Conv2d(3, width, 3, padding=1),
+            nn.GroupNorm(8, width),
+            act(),
+            nn.Conv2d(width, width, 3, stride=2, padding=1),
+            nn.GroupNorm(8, width),
+            act(),
+            nn.Conv2d(width, 2 * width, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * width),
+            act(),
+            nn.Conv2d(2 * width, 2 * width, 3, stride=2, padding=1),
+            nn.GroupNorm(8, 2 * width),
+            act(),
         )
         side = -(-size // 8)
-        self.head = nn.Sequential(nn.Flatten(), nn.Linear(2 * width * side * side, 128), act(), nn.Dropout(0.2),
-                                  nn.Linear(128, n_classes))
+        self.head = nn.Sequential(
+            nn.Flatten(), nn.Linear(2 * width * side * side, 128), act(), nn.Dropout(0.2), nn.Linear(128, n_classes)
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.head(self.body(x))
@@ -63,8 +72,10 @@ class ContentJudge:
     def predict(self, x: torch.Tensor, batch_size: int = 256) -> torch.Tensor:
         """(N,) predicted labels."""
         self.net.eval()
-        out = [self.net(x[i:i + batch_size].to(self.device, torch.float32)).argmax(1).cpu()
-               for i in range(0, len(x), batch_size)]
+        out = [
+            self.net(x[i : i + batch_size].to(self.device, torch.float32)).argmax(1).cpu()
+            for i in range(0, len(x), batch_size)
+        ]
         return torch.cat(out) if out else torch.empty(0, dtype=torch.long)
 
     def accuracy(self, x: torch.Tensor, labels: torch.Tensor) -> float:
@@ -73,15 +84,28 @@ class ContentJudge:
         return float((self.predict(x) == labels.cpu()).float().mean())
 
 
-def train_content_judge(x: torch.Tensor, labels: torch.Tensor, n_classes: int, steps: int = 600,
-                        device: str | torch.device = "cpu", seed: int = 0, batch_size: int = 64,
-                        lr: float = 2e-3, width: int = 32, progress: bool = False) -> ContentJudge:
+def train_content_judge(
+    x: torch.Tensor,
+    labels: torch.Tensor,
+    n_classes: int,
+    steps: int = 600,
+    device: str | torch.device = "cpu",
+    seed: int = 0,
+    batch_size: int = 64,
+    lr: float = 2e-3,
+    width: int = 32,
+    progress: bool = False,
+) -> ContentJudge:
     """A fresh class-label CNN on labelled images ((N, 3, S, S) in [-1, 1], labels in [0, n_classes))."""
     if x.ndim != 4 or x.shape[1] != 3 or len(x) != len(labels) or len(x) < n_classes:
-        raise ValueError(f"content judge: need >= {n_classes} images (N, 3, S, S) with one label each, "
-                         f"got {tuple(x.shape)} and {len(labels)} labels")
+        raise ValueError(
+            f"content judge: need >= {n_classes} images (N, 3, S, S) with one label each, "
+            f"got {tuple(x.shape)} and {len(labels)} labels"
+        )
     if int(labels.min()) < 0 or int(labels.max()) >= n_classes:
-        raise ValueError(f"content judge: labels must lie in [0, {n_classes}), got {int(labels.min())}..{int(labels.max())}")
+        raise ValueError(
+            f"content judge: labels must lie in [0, {n_classes}), got {int(labels.min())}..{int(labels.max())}"
+        )
     device = torch.device(device)
     gen = torch.Generator().manual_seed(seed)
     torch.manual_seed(seed)
@@ -100,8 +124,9 @@ def train_content_judge(x: torch.Tensor, labels: torch.Tensor, n_classes: int, s
     return ContentJudge(net.eval(), device, n_classes, len(x))
 
 
-def two_sample_accuracy(real: torch.Tensor, fake: torch.Tensor, steps: int = 300,
-                        device: str | torch.device = "cpu", seed: int = 0) -> float:
+def two_sample_accuracy(
+    real: torch.Tensor, fake: torch.Tensor, steps: int = 300, device: str | torch.device = "cpu", seed: int = 0
+) -> float:
     """Classifier two-sample test: held-out accuracy of a fresh judge told `real` from `fake`,
     trained on half of each (the other halves score it). Both sets are cut to the same size so
     0.5 is chance."""

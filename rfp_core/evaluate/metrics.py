@@ -34,7 +34,9 @@ def _features(x: ArrayLike, name: str) -> np.ndarray:
 # realism
 
 
-def frechet_distance_from_stats(mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6) -> float:
+def frechet_distance_from_stats(
+    mu1: np.ndarray, sigma1: np.ndarray, mu2: np.ndarray, sigma2: np.ndarray, eps: float = 1e-6
+) -> float:
     """‖μ1 − μ2‖² + tr(Σ1 + Σ2 − 2 (Σ1 Σ2)^½), the Fréchet distance of two Gaussians."""
     mu1, mu2 = np.atleast_1d(mu1), np.atleast_1d(mu2)
     sigma1, sigma2 = np.atleast_2d(sigma1), np.atleast_2d(sigma2)
@@ -180,7 +182,15 @@ def stripe_energy(images: torch.Tensor) -> torch.Tensor:
 
 
 __all__ = [
-    "frechet_distance", "frechet_distance_from_stats", "kid", "mask_iou", "mask_ious",
-    "foreground_mask", "cosine_similarity", "cycle_error", "stripe_energy", "edge_maps", "edge_agreements",
+    "frechet_distance",
+    "frechet_distance_from_stats",
+    "kid",
+    "mask_iou",
+    "mask_ious",
+    "foreground_mask",
+    "cosine_similarity",
+    "cycle_error",
+    "stripe_energy",
+    "edge_maps",
+    "edge_agreements",
 ]
-

@@ -39,7 +39,9 @@ _REAL_DINO = {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14"}
 class TranslatorLike(Protocol):
     size: int
 
-    def translate(self, x: torch.Tensor, steps: int | None = None, sampler: str | None = None, reverse: bool = False) -> torch.Tensor: ...
+    def translate(
+        self, x: torch.Tensor, steps: int | None = None, sampler: str | None = None, reverse: bool = False
+    ) -> torch.Tensor: ...
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
     def encode(self, x: torch.Tensor) -> torch.Tensor: ...
 
@@ -65,7 +67,9 @@ def _source_stems(table, keys: list[str]) -> dict[str, str]:
     """frame_key -> stem of its source image file (images only: videos and zips have no masks)."""
     out: dict[str, str] = {}
     for key, path, media in zip(
-        table.column("frame_key").to_pylist(), table.column("source_path").to_pylist(), table.column("media_type").to_pylist()
+        table.column("frame_key").to_pylist(),
+        table.column("source_path").to_pylist(),
+        table.column("media_type").to_pylist(),
     ):
         if media == "image":
             out.setdefault(key, Path(path).stem)
@@ -101,7 +105,9 @@ def _realism(name: str, fake: np.ndarray, real: np.ndarray, floor: np.ndarray | 
     return out
 
 
-def _floor_frames(table, store: FrameStore, size: int, holdout_fraction: float, n: int, seed: int) -> torch.Tensor | None:
+def _floor_frames(
+    table, store: FrameStore, size: int, holdout_fraction: float, n: int, seed: int
+) -> torch.Tensor | None:
     """As many real domain-1 frames from outside the held-out set as there are outputs.
 
     Their FD / KID to the held-out frames is what a perfect translator would score at this
@@ -147,8 +153,10 @@ def evaluate_run(
     device = torch.device(device)
     out_dir = Path(out_dir)
     if masks_dir is not None and not Path(masks_dir).is_dir():
-        raise FileNotFoundError(f"masks_dir {masks_dir} is not a folder; pass the folder of true masks "
-                                "(<stem>.png per domain-0 image, as `rfp demo-data` writes) or no masks_dir")
+        raise FileNotFoundError(
+            f"masks_dir {masks_dir} is not a folder; pass the folder of true masks "
+            "(<stem>.png per domain-0 image, as `rfp demo-data` writes) or no masks_dir"
+        )
     cfg = _model_config(translator)
     if holdout_fraction is None:
         # the trainer's split: these frames were never trained on
@@ -179,13 +187,22 @@ def evaluate_run(
     result["nfe"] = flow_nfe(sampler, steps)
     result["ms_per_image"] = 1000.0 * seconds / len(x0)
     result["cycle_error"] = M.cycle_error(x0, back)
-    result.update({"steps": steps, "sampler": sampler, "n_eval": len(x0), "n_real_domain1": len(x1),
-                   "judge_n_train": judge.n_train, "judge_n_holdout": judge.n_holdout})
+    result.update(
+        {
+            "steps": steps,
+            "sampler": sampler,
+            "n_eval": len(x0),
+            "n_real_domain1": len(x1),
+            "judge_n_train": judge.n_train,
+            "judge_n_holdout": judge.n_holdout,
+        }
+    )
     return {**result, "paths": _write(out_dir, result, x0, out, back, keys0)}
 
 
-def _held_out(table, store: FrameStore, size: int, holdout_fraction: float, max_images: int | None,
-              manifest) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+def _held_out(
+    table, store: FrameStore, size: int, holdout_fraction: float, max_images: int | None, manifest
+) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
     """The held-out frames of both domains (never trained on) and domain 0's frame keys."""
     ds0 = FrameDataset(table, store, 0, size, split="holdout", holdout_fraction=holdout_fraction, train_crop=False)
     ds1 = FrameDataset(table, store, 1, size, split="holdout", holdout_fraction=holdout_fraction, train_crop=False)
@@ -199,27 +216,31 @@ def _held_out(table, store: FrameStore, size: int, holdout_fraction: float, max_
 
 
 @torch.no_grad()
-def _translate_both(translator: TranslatorLike, x0: torch.Tensor, steps: int, sampler: str, batch_size: int,
-                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+def _translate_both(
+    translator: TranslatorLike, x0: torch.Tensor, steps: int, sampler: str, batch_size: int, device: torch.device
+) -> tuple[torch.Tensor, torch.Tensor, float]:
     """Forward (timed, clamped to the image range), then back; and the forward seconds."""
     translator.translate(x0[:2].to(device), steps=1, sampler=sampler)  # warm-up (CUDA context, kernels) untimed
     t_start = time.perf_counter()
     out = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler), x0, batch_size, device)
     seconds = time.perf_counter() - t_start
-    back = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler, reverse=True), out, batch_size,
-                      device)
+    back = _in_chunks(
+        lambda b: translator.translate(b, steps=steps, sampler=sampler, reverse=True), out, batch_size, device
+    )
     return out.clamp(-1, 1), back, seconds
 
 
 def _realism_all(judge: Judge, structure_encoder, out: torch.Tensor, x1: torch.Tensor, floor) -> dict[str, Any]:
     """FD / KID in the judge's features always; in DINOv2's when the released weights are loaded;
     each with its floor (real domain-1 frames scored the same way)."""
+
     def feats(x):
         return None if x is None else judge.features(x).numpy()
 
     result = _realism("judge", feats(out), feats(x1), feats(floor))
     spaces = ["judge"]
     if getattr(structure_encoder, "encoder_id", None) in _REAL_DINO:
+
         def embed(x):
             return None if x is None else structure_encoder.embed([to_pil(i) for i in x])
 
@@ -229,8 +250,17 @@ def _realism_all(judge: Judge, structure_encoder, out: torch.Tensor, x1: torch.T
     return result
 
 
-def _content(structure_encoder, x0: torch.Tensor, out: torch.Tensor, masks_dir, table, keys0: list[str], size: int,
-             background, mask_threshold: float) -> dict[str, Any]:
+def _content(
+    structure_encoder,
+    x0: torch.Tensor,
+    out: torch.Tensor,
+    masks_dir,
+    table,
+    keys0: list[str],
+    size: int,
+    background,
+    mask_threshold: float,
+) -> dict[str, Any]:
     """Content kept: structure-embedding similarity (with an encoder), mask IoU (with true masks)."""
     result: dict[str, Any] = {}
     if structure_encoder is not None:
@@ -248,15 +278,19 @@ def _content(structure_encoder, x0: torch.Tensor, out: torch.Tensor, masks_dir, 
     return result
 
 
-def _write(out_dir: Path, result: dict, x0: torch.Tensor, out: torch.Tensor, back: torch.Tensor,
-           keys0: list[str]) -> dict[str, str]:
+def _write(
+    out_dir: Path, result: dict, x0: torch.Tensor, out: torch.Tensor, back: torch.Tensor, keys0: list[str]
+) -> dict[str, str]:
     """The grids and metrics.json (non-finite numbers as null); their paths."""
     # still images first: consecutive video frames would fill the grid with one scene
     pick = sorted(range(len(keys0)), key=lambda i: ":" in keys0[i])
     paths = {
-        "grid_translate": str(save_grid(paired_rows(x0[pick], out[pick], GRID_COLUMNS), out_dir / "grid_translate.png")),
-        "grid_cycle": str(save_grid(paired_rows(out[pick], back[pick].clamp(-1, 1), GRID_COLUMNS),
-                                    out_dir / "grid_cycle.png")),
+        "grid_translate": str(
+            save_grid(paired_rows(x0[pick], out[pick], GRID_COLUMNS), out_dir / "grid_translate.png")
+        ),
+        "grid_cycle": str(
+            save_grid(paired_rows(out[pick], back[pick].clamp(-1, 1), GRID_COLUMNS), out_dir / "grid_cycle.png")
+        ),
         "metrics": str(out_dir / "metrics.json"),
     }
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}

@@ -49,8 +49,10 @@ def _res_stack(cin: int, cout: int, n: int, cfg: AutoEncoderConfig) -> list[nn.M
 def _mid(ch: int, cfg: AutoEncoderConfig) -> list[nn.Module]:
     layers: list[nn.Module] = [ResBlock(ch, ch, cfg.normalization, cfg.activation)]
     if cfg.mid_attention:
-        layers += [SelfAttention(ch, cfg.num_attention_heads, cfg.normalization),
-                   ResBlock(ch, ch, cfg.normalization, cfg.activation)]
+        layers += [
+            SelfAttention(ch, cfg.num_attention_heads, cfg.normalization),
+            ResBlock(ch, ch, cfg.normalization, cfg.activation),
+        ]
     return layers
 
 
@@ -68,7 +70,11 @@ class Encoder(nn.Module):
             if i < len(cfg.ch_mult) - 1:
                 layers.append(downsample(cfg.downsample, ch))
         layers += _mid(ch, cfg)
-        layers += [normalization(cfg.normalization, ch), activation(cfg.activation), nn.Conv2d(ch, out_channels, 3, padding=1)]
+        layers += [
+            normalization(cfg.normalization, ch),
+            activation(cfg.activation),
+            nn.Conv2d(ch, out_channels, 3, padding=1),
+        ]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
@@ -89,8 +95,12 @@ class Decoder(nn.Module):
                 layers.append(SelfAttention(ch, cfg.num_attention_heads, cfg.normalization))
             if i > 0:
                 layers.append(upsample(cfg.upsample, ch))
-        layers += [normalization(cfg.normalization, mc), activation(cfg.activation), nn.Conv2d(mc, out_channels, 3, padding=1),
-                   activation(cfg.output_activation)]
+        layers += [
+            normalization(cfg.normalization, mc),
+            activation(cfg.activation),
+            nn.Conv2d(mc, out_channels, 3, padding=1),
+            activation(cfg.output_activation),
+        ]
         self.layers = nn.Sequential(*layers)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:
@@ -111,8 +121,10 @@ class AutoEncoder(nn.Module):
 
     def check_size(self, x: torch.Tensor) -> None:
         if x.shape[-1] % self.downsample or x.shape[-2] % self.downsample:
-            raise ValueError(f"codec input {tuple(x.shape[-2:])} must be a multiple of {self.downsample} per side "
-                             "(len(ch_mult) - 1 halvings)")
+            raise ValueError(
+                f"codec input {tuple(x.shape[-2:])} must be a multiple of {self.downsample} per side "
+                "(len(ch_mult) - 1 halvings)"
+            )
 
     def encode_params(self, x: torch.Tensor) -> dict[str, torch.Tensor]:
         self.check_size(x)
@@ -174,5 +186,5 @@ def build_codec(cfg: CodecNetConfig) -> nn.Module:
         return kinds[cfg.type](cfg)
     raise ConfigError(
         f"codec net type {cfg.type!r} (the trainer's earlier encoder-decoder) is not supported yet; "
-        "use \"VAE\" (same role, current trainer) or \"Identity\""
+        'use "VAE" (same role, current trainer) or "Identity"'
     )

@@ -120,4 +120,3 @@ class DiT(nn.Module):
             tokens = block(tokens, c)
         out = self.final_layer(tokens, c).reshape(b, rows, cols, p, p, self.out_channels)
         return out.permute(0, 5, 1, 3, 2, 4).reshape(b, self.out_channels, rows * p, cols * p)
-

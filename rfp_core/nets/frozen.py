@@ -32,7 +32,7 @@ class _PairConv(torch.autograd.Function):
     @staticmethod
     def forward(ctx, p, t, weight, bias, stride, padding):
         out = F.conv2d(torch.cat([p, t]), weight, None, stride, padding)
-        p_out, t_out = out[: p.shape[0]] + bias.view(1, -1, 1, 1), out[p.shape[0]:]
+        p_out, t_out = out[: p.shape[0]] + bias.view(1, -1, 1, 1), out[p.shape[0] :]
         ctx.save_for_backward(weight)
         ctx.meta = (p.shape, stride, padding)
         ctx.mark_non_differentiable(t_out)
@@ -43,7 +43,17 @@ class _PairConv(torch.autograd.Function):
         (weight,) = ctx.saved_tensors
         shape, stride, padding = ctx.meta
         grad = torch.ops.aten.convolution_backward(
-            grad_p, grad_p.new_empty(shape), weight, None, stride, padding, (1, 1), False, (0, 0), 1, (True, False, False)
+            grad_p,
+            grad_p.new_empty(shape),
+            weight,
+            None,
+            stride,
+            padding,
+            (1, 1),
+            False,
+            (0, 0),
+            1,
+            (True, False, False),
         )[0]
         return grad, None, None, None, None, None
 
@@ -88,7 +98,9 @@ class FoldedConv(nn.Module):
         key = (x.shape[-2], x.shape[-1], x.device, x.dtype)
         if key not in self._trimmed:
             weight, padding = self.weight.to(x.dtype), self.padding
-            taps = [_used_taps(n, k, st, pd) for n, k, st, pd in zip(x.shape[-2:], weight.shape[-2:], self.stride, padding)]
+            taps = [
+                _used_taps(n, k, st, pd) for n, k, st, pd in zip(x.shape[-2:], weight.shape[-2:], self.stride, padding)
+            ]
             if all(taps) and any(hi - lo < k for (lo, hi), k in zip(taps, weight.shape[-2:])):
                 (h0, h1), (w0, w1) = taps
                 weight = weight[:, :, h0:h1, w0:w1].contiguous()

@@ -54,9 +54,17 @@ def normalization(name: str, channels: int) -> nn.Module:
 
 def activation(name: str) -> nn.Module:
     if name == "Softmax":  # the original's nn.Softmax() has no dim: which axis it meant is unclear
-        raise ConfigError('activation "Softmax" (the original trainer has it) is not supported yet; use "Sigmoid" or "Tanh"')
-    table = {"SiLU": nn.SiLU, "ReLU": nn.ReLU, "LeakyReLU": nn.LeakyReLU, "Tanh": nn.Tanh,
-             "Sigmoid": nn.Sigmoid, "None": nn.Identity}
+        raise ConfigError(
+            'activation "Softmax" (the original trainer has it) is not supported yet; use "Sigmoid" or "Tanh"'
+        )
+    table = {
+        "SiLU": nn.SiLU,
+        "ReLU": nn.ReLU,
+        "LeakyReLU": nn.LeakyReLU,
+        "Tanh": nn.Tanh,
+        "Sigmoid": nn.Sigmoid,
+        "None": nn.Identity,
+    }
     if name not in table:
         raise ValueError(f"unknown activation {name!r}; use one of {', '.join(ACTIVATIONS)}")
     return table[name]()
@@ -139,8 +147,10 @@ class SelfAttention(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         b, c, h, w = x.shape
         y = self.norm(x)
-        q, k, v = (p(y).view(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
-                   for p in (self.q_proj, self.k_proj, self.v_proj))  # each (B, heads, HW, head_dim)
+        q, k, v = (
+            p(y).view(b, self.heads, c // self.heads, h * w).transpose(-1, -2)
+            for p in (self.q_proj, self.k_proj, self.v_proj)
+        )  # each (B, heads, HW, head_dim)
         out = F.scaled_dot_product_attention(q, k, v)
         return x + self.out_proj(out.transpose(-1, -2).reshape(b, c, h, w))
 

@@ -126,7 +126,7 @@ def load_pretrained_backbone(net: SaliencyNet, cfg: SaliencyNetConfig) -> Path:
         state = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # corrupt or pickled-object files
         raise PretrainedWeightsMissing(
-            f"saliency net: cannot load pretrained weights {path}: {exc}; replace the file or set \"pretrained\": false"
+            f'saliency net: cannot load pretrained weights {path}: {exc}; replace the file or set "pretrained": false'
         ) from None
     state = _to_backbone_keys(state, net.latent_input)
     missing, unexpected = net.backbone.load_state_dict(state, strict=False)
@@ -134,6 +134,6 @@ def load_pretrained_backbone(net: SaliencyNet, cfg: SaliencyNetConfig) -> Path:
     if missing or unexpected:
         raise PretrainedWeightsMissing(
             f"saliency net: {path} does not match a torchvision {cfg.backbone} "
-            f"(missing {missing[:3]}, unexpected {unexpected[:3]}); use the file from {url} or set \"pretrained\": false"
+            f'(missing {missing[:3]}, unexpected {unexpected[:3]}); use the file from {url} or set "pretrained": false'
         )
     return path

@@ -20,8 +20,17 @@ import torch
 from torch import nn
 
 from rfp_core.config import UNetConfig
-from rfp_core.nets.layers import ResBlock, SelfAttention, TimestepSequential, activation, downsample, normalization
-from rfp_core.nets.layers import timestep_embedding, upsample, zero_
+from rfp_core.nets.layers import (
+    ResBlock,
+    SelfAttention,
+    TimestepSequential,
+    activation,
+    downsample,
+    normalization,
+    timestep_embedding,
+    upsample,
+    zero_,
+)
 
 
 class UNet(nn.Module):
@@ -37,8 +46,10 @@ class UNet(nn.Module):
         self.input_block = nn.Sequential(nn.Conv2d(in_channels, mc, 5, padding=2))
 
         def stack(cin: int, cout: int, time: int) -> nn.Sequential:
-            blocks = [ResBlock(cin if i == 0 else cout, cout, norm, act, cfg.zero_res_blocks, time)
-                      for i in range(cfg.num_res_blocks)]
+            blocks = [
+                ResBlock(cin if i == 0 else cout, cout, norm, act, cfg.zero_res_blocks, time)
+                for i in range(cfg.num_res_blocks)
+            ]
             return TimestepSequential(*blocks) if time else nn.Sequential(*blocks)
 
         def attention(ch: int, level: int) -> nn.Module:
@@ -68,8 +79,11 @@ class UNet(nn.Module):
             self.mid_attn = SelfAttention(ch, cfg.num_attention_heads, norm)
             self.mid_res2 = ResBlock(ch, ch, norm, act, cfg.zero_res_blocks, time_dim)
         self.output_block = nn.Sequential(
-            stack(mc, mc, 0), normalization(norm, mc), activation(act),
-            nn.Conv2d(mc, out_channels, 3, padding=1), activation(cfg.output_activation),
+            stack(mc, mc, 0),
+            normalization(norm, mc),
+            activation(act),
+            nn.Conv2d(mc, out_channels, 3, padding=1),
+            activation(cfg.output_activation),
         )
         if cfg.zero_out:
             zero_(self.output_block[3])

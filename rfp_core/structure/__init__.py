@@ -22,8 +22,22 @@ from rfp_core.structure.pairing import (
 from rfp_core.structure.proof import proof_sheet
 
 __all__ = [
-    "DINO_SPECS", "DinoEncoder", "EmbeddingCache", "PAIRS_SCHEMA", "StructureEncoder", "ThumbnailEncoder",
-    "WeightsMissingError", "build_encoder", "default_cache_path",
-    "embed_frames", "load_dino", "pair_frames", "pair_manifest", "proof_sheet", "read_pairs", "topk_indices", "topk_pairs",
+    "DINO_SPECS",
+    "DinoEncoder",
+    "EmbeddingCache",
+    "PAIRS_SCHEMA",
+    "StructureEncoder",
+    "ThumbnailEncoder",
+    "WeightsMissingError",
+    "build_encoder",
+    "default_cache_path",
+    "embed_frames",
+    "load_dino",
+    "pair_frames",
+    "pair_manifest",
+    "proof_sheet",
+    "read_pairs",
+    "topk_indices",
+    "topk_pairs",
     "write_pairs",
 ]

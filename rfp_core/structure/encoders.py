@@ -101,20 +101,24 @@ class ThumbnailEncoder:
 class DinoEncoder:
     """CLS embedding of a timm DINOv2 model (`num_classes=0`, token pooling)."""
 
-    def __init__(self, model: torch.nn.Module, encoder_id: str, device: str | torch.device = "cpu", batch_size: int = 32):
+    def __init__(
+        self, model: torch.nn.Module, encoder_id: str, device: str | torch.device = "cpu", batch_size: int = 32
+    ):
         self.model = model.eval().requires_grad_(False).to(device)
         self.encoder_id = encoder_id
         self.device = torch.device(device)
         self.dim = int(model.num_features)
         self.batch_size = batch_size
         side = model.patch_embed.img_size[0]
-        self.transform = v2.Compose([
-            v2.ToImage(),
-            v2.Resize(side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
-            v2.CenterCrop(side),
-            v2.ToDtype(torch.float32, scale=True),
-            v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
-        ])
+        self.transform = v2.Compose(
+            [
+                v2.ToImage(),
+                v2.Resize(side, interpolation=v2.InterpolationMode.BICUBIC, antialias=True),
+                v2.CenterCrop(side),
+                v2.ToDtype(torch.float32, scale=True),
+                v2.Normalize(IMAGENET_MEAN, IMAGENET_STD),
+            ]
+        )
 
     @torch.inference_mode()
     def embed(self, images: list[Image.Image]) -> np.ndarray:
@@ -166,7 +170,7 @@ def _missing_message(name: str, weights_path: Path | None) -> str:
         f"'{spec.arch}' state dict (.safetensors or .pth; Meta's original dinov2 .pth works too), "
         f"or fill the Hugging Face cache ($HF_HOME/hub) on a machine with internet, e.g. "
         f"`python -c \"import timm; timm.create_model('{spec.hf_hub_id.split('/', 1)[1]}', pretrained=True)\"`, "
-        f"and copy it here. Or switch to the weight-free encoder: set structure.encoder to \"thumbnail\"."
+        f'and copy it here. Or switch to the weight-free encoder: set structure.encoder to "thumbnail".'
     )
 
 
@@ -189,7 +193,9 @@ def load_dino(name: str, weights_path: Path | None = None, img_size: int = DINO_
     return model
 
 
-def build_encoder(cfg: StructureConfig, device: str | torch.device = "cpu", model: torch.nn.Module | None = None) -> StructureEncoder:
+def build_encoder(
+    cfg: StructureConfig, device: str | torch.device = "cpu", model: torch.nn.Module | None = None
+) -> StructureEncoder:
     """The encoder `cfg.encoder` names. `model` injects a DINOv2 module (tests: a tiny random one)."""
     if cfg.encoder == "thumbnail":
         return ThumbnailEncoder(cfg.thumbnail_size)

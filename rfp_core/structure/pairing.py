@@ -20,17 +20,23 @@ from tqdm.auto import tqdm
 from rfp_core.atomic import atomic_path
 from rfp_core.config import StructureConfig
 
-PAIRS_SCHEMA = pa.schema([
-    ("d0_key", pa.string()),
-    ("d1_key", pa.string()),
-    ("rank", pa.int16()),  # 0 = most similar
-    ("similarity", pa.float32()),
-])
+PAIRS_SCHEMA = pa.schema(
+    [
+        ("d0_key", pa.string()),
+        ("d1_key", pa.string()),
+        ("rank", pa.int16()),  # 0 = most similar
+        ("similarity", pa.float32()),
+    ]
+)
 
 
 def topk_indices(
-    d0_emb: np.ndarray, d1_emb: np.ndarray, k: int, chunk_size: int = 4096,
-    device: str | torch.device = "cpu", progress: bool = False,
+    d0_emb: np.ndarray,
+    d1_emb: np.ndarray,
+    k: int,
+    chunk_size: int = 4096,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> tuple[np.ndarray, np.ndarray]:
     """(similarities (N0, k) float32 descending, indices into d1 (N0, k) int64)."""
     n0, n1 = len(d0_emb), len(d1_emb)
@@ -59,20 +65,31 @@ def topk_indices(
 
 
 def topk_pairs(
-    d0_keys: Sequence[str], d0_emb: np.ndarray, d1_keys: Sequence[str], d1_emb: np.ndarray, k: int,
-    chunk_size: int = 4096, device: str | torch.device = "cpu", progress: bool = False,
+    d0_keys: Sequence[str],
+    d0_emb: np.ndarray,
+    d1_keys: Sequence[str],
+    d1_emb: np.ndarray,
+    k: int,
+    chunk_size: int = 4096,
+    device: str | torch.device = "cpu",
+    progress: bool = False,
 ) -> pa.Table:
     """Table (d0_key, d1_key, rank, similarity): k rows per domain-0 key, rank 0 the best."""
     if len(d0_keys) != len(d0_emb) or len(d1_keys) != len(d1_emb):
-        raise ValueError(f"keys and embeddings differ in length: {len(d0_keys)}/{len(d0_emb)}, {len(d1_keys)}/{len(d1_emb)}")
+        raise ValueError(
+            f"keys and embeddings differ in length: {len(d0_keys)}/{len(d0_emb)}, {len(d1_keys)}/{len(d1_emb)}"
+        )
     sims, idx = topk_indices(d0_emb, d1_emb, k, chunk_size, device, progress)
     n0, kk = idx.shape
-    return pa.table({
-        "d0_key": pa.array(list(d0_keys), pa.string()).take(pa.array(np.repeat(np.arange(n0), kk))),
-        "d1_key": pa.array(list(d1_keys), pa.string()).take(pa.array(idx.reshape(-1))),
-        "rank": pa.array(np.tile(np.arange(kk, dtype=np.int16), n0)),
-        "similarity": pa.array(sims.reshape(-1)),
-    }, schema=PAIRS_SCHEMA)
+    return pa.table(
+        {
+            "d0_key": pa.array(list(d0_keys), pa.string()).take(pa.array(np.repeat(np.arange(n0), kk))),
+            "d1_key": pa.array(list(d1_keys), pa.string()).take(pa.array(idx.reshape(-1))),
+            "rank": pa.array(np.tile(np.arange(kk, dtype=np.int16), n0)),
+            "similarity": pa.array(sims.reshape(-1)),
+        },
+        schema=PAIRS_SCHEMA,
+    )
 
 
 def write_pairs(table: pa.Table, path: str | Path) -> Path:
@@ -89,8 +106,13 @@ def read_pairs(path: str | Path) -> pa.Table:
 
 
 def pair_frames(
-    d0_keys: Sequence[str], d1_keys: Sequence[str], store, cfg: StructureConfig,
-    device: str | torch.device = "cpu", encoder=None, progress: bool = True,
+    d0_keys: Sequence[str],
+    d1_keys: Sequence[str],
+    store,
+    cfg: StructureConfig,
+    device: str | torch.device = "cpu",
+    encoder=None,
+    progress: bool = True,
 ) -> pa.Table:
     """Embed both domains through the shared cache (only new keys computed) and pair them."""
     from rfp_core.structure.cache import EmbeddingCache, embed_frames
@@ -103,7 +125,9 @@ def pair_frames(
     return topk_pairs(d0_keys, e0, d1_keys, e1, cfg.candidates, device=device, progress=progress)
 
 
-def pair_manifest(manifest, store, cfg: StructureConfig, device: str | torch.device = "cpu", encoder=None, progress: bool = True) -> pa.Table:
+def pair_manifest(
+    manifest, store, cfg: StructureConfig, device: str | torch.device = "cpu", encoder=None, progress: bool = True
+) -> pa.Table:
     """`pair_frames` over the ok frames of a manifest (path or table); what training consumes."""
     from rfp_core.manifest import ok_frames, read_manifest
 

@@ -38,14 +38,18 @@ def spread(keys: list[str], sources: dict[str, str] | None, n: int) -> list[str]
     return out
 
 
-def proof_sheet(pairs: pa.Table, store, rows: int = 8, size: int = 64, sources: dict[str, str] | None = None) -> Image.Image:
+def proof_sheet(
+    pairs: pa.Table, store, rows: int = 8, size: int = 64, sources: dict[str, str] | None = None
+) -> Image.Image:
     """`rows` domain-0 keys with their matches sorted by rank; with `sources` (frame key -> source
     file) the rows come from as many different files as there are (`spread`), else table order."""
     d0 = pairs.column("d0_key").to_pylist()
     chosen = spread(list(dict.fromkeys(d0)), sources, rows)
     want = set(chosen)
     matches: dict[str, list[tuple[int, str, float]]] = {key: [] for key in chosen}
-    for a, b, r, s in zip(d0, pairs.column("d1_key").to_pylist(), pairs.column("rank").to_pylist(), pairs.column("similarity").to_pylist()):
+    for a, b, r, s in zip(
+        d0, pairs.column("d1_key").to_pylist(), pairs.column("rank").to_pylist(), pairs.column("similarity").to_pylist()
+    ):
         if a in want:
             matches[a].append((r, b, s))
     k = max((len(m) for m in matches.values()), default=0)

@@ -12,8 +12,9 @@ from rfp_core.config import ModelConfig, config_from_dict
 from rfp_core.nets.autoencoder import build_codec
 
 
-def load_codec(cfg: ModelConfig | None, checkpoint: Path | None, device: str | torch.device = "cpu",
-               state: dict | None = None) -> nn.Module:
+def load_codec(
+    cfg: ModelConfig | None, checkpoint: Path | None, device: str | torch.device = "cpu", state: dict | None = None
+) -> nn.Module:
     """`build_codec(cfg.codec.net)` with weights from `checkpoint` (key "codec") or `state`; frozen, eval.
     With `cfg` None the config comes from the checkpoint (a codec.pt carries its own)."""
     if state is None and checkpoint is not None:

@@ -46,7 +46,7 @@ def vgg16_features(device: torch.device | str = "cpu") -> nn.Module:
                 f"codec loss LPIPSLoss / SAEPixelConsistencyLoss needs the VGG16 ImageNet weights {path} "
                 "(nothing is downloaded at run time): copy the file there ($TORCH_HOME moves the cache), "
                 'or drop the LPIPS loss from codec.losses (use {"type": "StructureLoss"} for a weight-free '
-                "perceptual term; for SAEPixelConsistencyLoss set \"lpips_weight\": 0)"
+                'perceptual term; for SAEPixelConsistencyLoss set "lpips_weight": 0)'
             )
         vgg = torchvision.models.vgg16(weights=None)
         vgg.load_state_dict(torch.load(path, map_location="cpu", weights_only=True))
@@ -97,7 +97,9 @@ def check_losses(losses: list[CodecLossConfig], codec_type: str) -> None:
     """Refuse, before any training, a loss the codec cannot feed or whose weights are missing."""
     for loss in losses:
         if loss.type == "KLLoss" and codec_type != "VAE":
-            raise ConfigError(f"codec loss KLLoss ('{loss.id}') needs a VAE codec (mu, logvar); this codec is {codec_type}")
+            raise ConfigError(
+                f"codec loss KLLoss ('{loss.id}') needs a VAE codec (mu, logvar); this codec is {codec_type}"
+            )
         if loss.type.startswith("SAE") and codec_type != "SAE":
             raise ConfigError(f"codec loss {loss.type} ('{loss.id}') needs an SAE codec; this codec is {codec_type}")
         needs_vgg = loss.type == "LPIPSLoss" or (loss.type == "SAEPixelConsistencyLoss" and loss.lpips_weight)
@@ -105,7 +107,9 @@ def check_losses(losses: list[CodecLossConfig], codec_type: str) -> None:
             vgg16_features("cpu")
 
 
-def codec_losses(codec: nn.Module, x: torch.Tensor, losses: list[CodecLossConfig]) -> tuple[torch.Tensor, dict, torch.Tensor]:
+def codec_losses(
+    codec: nn.Module, x: torch.Tensor, losses: list[CodecLossConfig]
+) -> tuple[torch.Tensor, dict, torch.Tensor]:
     """(weighted total, {id: unweighted value}, reconstruction) for one batch, codec in train mode."""
     params = codec.encode_params(x)
     x_hat = codec.decode(params["z"])
@@ -113,7 +117,9 @@ def codec_losses(codec: nn.Module, x: torch.Tensor, losses: list[CodecLossConfig
     total, parts = x.new_zeros(()), {}
     for loss in losses:
         if loss.type in ("L1Loss", "MSELoss", "LPIPSLoss", "StructureLoss"):
-            fn = {"L1Loss": F.l1_loss, "MSELoss": F.mse_loss, "LPIPSLoss": lpips, "StructureLoss": structure_loss}[loss.type]
+            fn = {"L1Loss": F.l1_loss, "MSELoss": F.mse_loss, "LPIPSLoss": lpips, "StructureLoss": structure_loss}[
+                loss.type
+            ]
             value = fn(x_hat, x)
         elif loss.type == "KLLoss":
             mu, logvar = params["mu"], params["logvar"]

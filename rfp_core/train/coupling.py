@@ -56,8 +56,10 @@ class Coupler:
         self.encoder = None
         if self.space == "structure":
             if cfg.generative:
-                raise ConfigError("velocity.coupling_space 'structure' needs domain-0 images; in generative mode "
-                                  "(domain0 = random) set it to 'pixel'")
+                raise ConfigError(
+                    "velocity.coupling_space 'structure' needs domain-0 images; in generative mode "
+                    "(domain0 = random) set it to 'pixel'"
+                )
             from rfp_core.structure.encoders import build_encoder
 
             self.encoder = encoder if encoder is not None else build_encoder(cfg.structure, device)

@@ -115,8 +115,10 @@ def no_sync(model: nn.Module, last: bool):
 def shard(n: int, w: World, what: str = "train_batch_size") -> tuple[int, int]:
     """(offset, count) of this rank's slice of n items: the first n % size ranks take one more."""
     if n < w.size:
-        raise ConfigError(f"{what} {n} is smaller than the {w.size} ranks: every rank needs a sample per step; "
-                          f"raise {what} to at least {w.size} or start fewer processes (--nproc-per-node)")
+        raise ConfigError(
+            f"{what} {n} is smaller than the {w.size} ranks: every rank needs a sample per step; "
+            f"raise {what} to at least {w.size} or start fewer processes (--nproc-per-node)"
+        )
     base, extra = divmod(n, w.size)
     return w.rank * base + min(w.rank, extra), base + (w.rank < extra)
 
@@ -214,7 +216,7 @@ class GlobalBatchNorm2d(nn.BatchNorm2d):
         total = _SumOverRanks.apply(torch.cat([x.sum((0, 2, 3)), (x * x).sum((0, 2, 3)), count]))
         n = total[-1]
         mean = total[:c] / n
-        var = (total[c:2 * c] / n - mean * mean).clamp_min(0)
+        var = (total[c : 2 * c] / n - mean * mean).clamp_min(0)
         if self.track_running_stats:
             with torch.no_grad():
                 self.num_batches_tracked += 1
@@ -232,8 +234,9 @@ def sync_batchnorm(module: nn.Module, device: torch.device) -> nn.Module:
         return nn.SyncBatchNorm.convert_sync_batchnorm(module)
     for name, child in module.named_children():
         if isinstance(child, nn.BatchNorm2d) and not isinstance(child, GlobalBatchNorm2d):
-            new = GlobalBatchNorm2d(child.num_features, child.eps, child.momentum, child.affine,
-                                    child.track_running_stats).to(device)
+            new = GlobalBatchNorm2d(
+                child.num_features, child.eps, child.momentum, child.affine, child.track_running_stats
+            ).to(device)
             new.load_state_dict(child.state_dict())
             new.train(child.training)
             for p_new, p_old in zip(new.parameters(), child.parameters()):

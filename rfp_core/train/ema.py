@@ -24,8 +24,10 @@ def horizon_note(decay: float, total_steps: int) -> str | None:
     horizon = 1.0 / (1.0 - decay)
     if horizon <= total_steps / 2:
         return None
-    return (f"velocity.ema {decay} averages over ~{horizon:.0f} steps, more than half of this run's {total_steps}: "
-            f"the EMA weights include early training; a decay of at most {1 - 2 / total_steps:.4g} fits this run")
+    return (
+        f"velocity.ema {decay} averages over ~{horizon:.0f} steps, more than half of this run's {total_steps}: "
+        f"the EMA weights include early training; a decay of at most {1 - 2 / total_steps:.4g} fits this run"
+    )
 
 
 class EMA:

@@ -38,8 +38,18 @@ def torchrun_command(args: argparse.Namespace) -> list[str]:
     passed = {f: getattr(args, f[2:].replace("-", "_")) for f in TORCHRUN_FLAGS}
     flags = [x for f, v in passed.items() if v is not None for x in (f, str(v))]
     multi_node = any(v is not None for v in passed.values())
-    return [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", str(args.nproc_per_node),
-            *([] if multi_node else ["--standalone"]), *flags, "-m", "rfp_core.cli", *strip_flags(args.argv, OWN_FLAGS)]
+    return [
+        sys.executable,
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        str(args.nproc_per_node),
+        *([] if multi_node else ["--standalone"]),
+        *flags,
+        "-m",
+        "rfp_core.cli",
+        *strip_flags(args.argv, OWN_FLAGS),
+    ]
 
 
 def torchrun(args: argparse.Namespace) -> int:

@@ -23,9 +23,18 @@ from rfp_core.train.codec_io import load_codec
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, fit
 
 
-def train_paired(cfg: ModelConfig, manifest: Path, out_dir: Path, store=None, device: str | torch.device = "cpu",
-                 steps: int | None = None, loss: Loss = PAIRED_DEFAULT_LOSS, saliency_checkpoint: Path | None = None,
-                 codec_checkpoint: Path | None = None, progress: bool = True) -> Path:
+def train_paired(
+    cfg: ModelConfig,
+    manifest: Path,
+    out_dir: Path,
+    store=None,
+    device: str | torch.device = "cpu",
+    steps: int | None = None,
+    loss: Loss = PAIRED_DEFAULT_LOSS,
+    saliency_checkpoint: Path | None = None,
+    codec_checkpoint: Path | None = None,
+    progress: bool = True,
+) -> Path:
     """Train on the filename pairs of `manifest`; returns the velocity.pt path."""
     from rfp_core.frame_store import FrameStore
 
@@ -48,16 +57,37 @@ def train_paired(cfg: ModelConfig, manifest: Path, out_dir: Path, store=None, de
     torch.manual_seed(cfg.seed)
     net = build_velocity_net(cfg, codec.latent_channels)
     settings = FitSettings.from_config(cfg, steps=steps, loss=loss)
-    digest = hashlib.sha256(json.dumps(sorted(zip(pairs.column("d0_key").to_pylist(),
-                                                  pairs.column("d1_key").to_pylist()))).encode()).hexdigest()
-    result = fit(net, paired_batches(dataset, lambda x: codec.encode(x.to(device)), settings.batch_size, cfg.seed),
-                 settings, device=device, h=h, state_path=out_dir / "paired_state.pt",
-                 fingerprint={"pairs": digest, "config": cfg.to_json()}, checkpoint_every=max(1, settings.steps // 10),
-                 progress=progress, desc="velocity (paired)")
+    digest = hashlib.sha256(
+        json.dumps(sorted(zip(pairs.column("d0_key").to_pylist(), pairs.column("d1_key").to_pylist()))).encode()
+    ).hexdigest()
+    result = fit(
+        net,
+        paired_batches(dataset, lambda x: codec.encode(x.to(device)), settings.batch_size, cfg.seed),
+        settings,
+        device=device,
+        h=h,
+        state_path=out_dir / "paired_state.pt",
+        fingerprint={"pairs": digest, "config": cfg.to_json()},
+        checkpoint_every=max(1, settings.steps // 10),
+        progress=progress,
+        desc="velocity (paired)",
+    )
     final = out_dir / "velocity.pt"
-    save_checkpoint(final, {"velocity": result.model.state_dict(), "config": json.loads(cfg.to_json()),
-                            "in_channels": codec.latent_channels, "step": result.steps, "final_loss": result.final_loss,
-                            "codec": codec.state_dict(), "paired": {"pairs": pairs.num_rows, "digest": digest, "loss": loss}})
-    print(f"paired: {pairs.num_rows} pairs ({len(dataset)} train), {result.steps} steps, "
-          f"final loss {result.final_loss:.5f} -> {final}", file=sys.stderr)
+    save_checkpoint(
+        final,
+        {
+            "velocity": result.model.state_dict(),
+            "config": json.loads(cfg.to_json()),
+            "in_channels": codec.latent_channels,
+            "step": result.steps,
+            "final_loss": result.final_loss,
+            "codec": codec.state_dict(),
+            "paired": {"pairs": pairs.num_rows, "digest": digest, "loss": loss},
+        },
+    )
+    print(
+        f"paired: {pairs.num_rows} pairs ({len(dataset)} train), {result.steps} steps, "
+        f"final loss {result.final_loss:.5f} -> {final}",
+        file=sys.stderr,
+    )
     return final

@@ -62,14 +62,27 @@ class FitSettings:
             raise ValueError(f"batch_size {self.batch_size} must be a multiple of minibatch_size {self.minibatch_size}")
 
     @classmethod
-    def from_config(cls, cfg: ModelConfig, steps: int | None = None, loss: Loss = "mse", distill: bool = False) -> "FitSettings":
+    def from_config(
+        cls, cfg: ModelConfig, steps: int | None = None, loss: Loss = "mse", distill: bool = False
+    ) -> "FitSettings":
         """The run's velocity settings (lr, batch, EMA, clip, schedule) with this task's loss and budget."""
         vc = cfg.velocity
-        return cls(steps=int(steps or vc.total_steps), batch_size=vc.train_batch_size,
-                   minibatch_size=vc.train_minibatch_size, learning_rate=vc.learning_rate,
-                   weight_decay=vc.weight_decay, ema=vc.ema, timestep_sampling=vc.timestep_sampling, loss=loss,
-                   mse_weight=vc.mse_weight, gradient_clip=vc.gradient_clip, lr_schedule=vc.lr_schedule,
-                   warmup_fraction=vc.warmup_fraction, seed=cfg.seed, distill=distill)
+        return cls(
+            steps=int(steps or vc.total_steps),
+            batch_size=vc.train_batch_size,
+            minibatch_size=vc.train_minibatch_size,
+            learning_rate=vc.learning_rate,
+            weight_decay=vc.weight_decay,
+            ema=vc.ema,
+            timestep_sampling=vc.timestep_sampling,
+            loss=loss,
+            mse_weight=vc.mse_weight,
+            gradient_clip=vc.gradient_clip,
+            lr_schedule=vc.lr_schedule,
+            warmup_fraction=vc.warmup_fraction,
+            seed=cfg.seed,
+            distill=distill,
+        )
 
     def as_dict(self) -> dict:
         return asdict(self)
@@ -126,9 +139,18 @@ def _resume(state_path: Path | None, fingerprint: dict, model: nn.Module, ema: E
     return int(state["step"])
 
 
-def fit(net: nn.Module, batches: BatchFn, settings: FitSettings, device: str | torch.device = "cpu", h=None,
-        state_path: Path | None = None, fingerprint: dict | None = None, checkpoint_every: int | None = None,
-        progress: bool = True, desc: str = "reflow") -> FitResult:
+def fit(
+    net: nn.Module,
+    batches: BatchFn,
+    settings: FitSettings,
+    device: str | torch.device = "cpu",
+    h=None,
+    state_path: Path | None = None,
+    fingerprint: dict | None = None,
+    checkpoint_every: int | None = None,
+    progress: bool = True,
+    desc: str = "reflow",
+) -> FitResult:
     """Train `net` (v(x, t) -> velocity) on `batches` for `settings.steps` optimizer steps.
 
     With `state_path`, a full state is written there every `checkpoint_every` steps and a rerun with
@@ -144,7 +166,9 @@ def fit(net: nn.Module, batches: BatchFn, settings: FitSettings, device: str | t
     bar = tqdm(total=settings.steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
     while step < settings.steps:
         for group in opt.param_groups:
-            group["lr"] = lr_at(step, settings.steps, settings.learning_rate, settings.lr_schedule, settings.warmup_fraction)
+            group["lr"] = lr_at(
+                step, settings.steps, settings.learning_rate, settings.lr_schedule, settings.warmup_fraction
+            )
         z0, z1 = batches(step)
         g = torch.Generator().manual_seed(int(settings.seed) * 999_983 + step + 1)
         t = flow.sample_timesteps(len(z0), settings.timestep_sampling, generator=g)
@@ -156,8 +180,10 @@ def fit(net: nn.Module, batches: BatchFn, settings: FitSettings, device: str | t
             (loss / chunks).backward()
             total += float(loss.detach()) / chunks
         if not math.isfinite(total):
-            raise FloatingPointError(f"{desc}: loss became {total} at step {step + 1}; lower the learning rate "
-                                     f"({settings.learning_rate}) or set a gradient clip")
+            raise FloatingPointError(
+                f"{desc}: loss became {total} at step {step + 1}; lower the learning rate "
+                f"({settings.learning_rate}) or set a gradient clip"
+            )
         if settings.gradient_clip:  # None or 0 = off
             nn.utils.clip_grad_norm_(net.parameters(), settings.gradient_clip)
         opt.step()
@@ -168,7 +194,15 @@ def fit(net: nn.Module, batches: BatchFn, settings: FitSettings, device: str | t
         if step % max(1, settings.steps // 50) == 0:
             bar.set_postfix(loss=f"{total:.4g}")
         if state_path is not None and checkpoint_every and (step % checkpoint_every == 0 or step == settings.steps):
-            save_checkpoint(state_path, {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(),
-                                         "step": step, "fingerprint": fingerprint})
+            save_checkpoint(
+                state_path,
+                {
+                    "model": net.state_dict(),
+                    "ema": ema.state_dict(),
+                    "optimizer": opt.state_dict(),
+                    "step": step,
+                    "fingerprint": fingerprint,
+                },
+            )
     bar.close()
     return FitResult(ema.model.eval().requires_grad_(False), losses[-1] if losses else float("nan"), step, losses)

@@ -7,7 +7,6 @@ the reference is 1-RF's accurate ODE solve, what the fewer-step models try to re
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
 import torch
 
@@ -17,14 +16,15 @@ from rfp_core.reflow import Solver
 from rfp_core.reflow_metrics import FlowModel, ScoreFn, markdown_table, steps_table
 
 
-
 def _models(paths, device) -> list[tuple[FlowModel, object]]:
     from rfp_core.translate import Translator
 
     run = paths.out
     found = [(paths.base, "1-RF", False)]
-    flows = sorted((p for p in run.glob("reflow_*/velocity.pt") if p.parent.name.split("_")[-1].isdigit()),
-                   key=lambda p: int(p.parent.name.split("_")[-1]))
+    flows = sorted(
+        (p for p in run.glob("reflow_*/velocity.pt") if p.parent.name.split("_")[-1].isdigit()),
+        key=lambda p: int(p.parent.name.split("_")[-1]),
+    )
     found += [(p, f"{int(p.parent.name.split('_')[-1]) + 1}-RF", False) for p in flows]
     if (run / "distilled" / "velocity.pt").is_file():
         found.append((run / "distilled" / "velocity.pt", "distilled", True))
@@ -48,8 +48,15 @@ def _inputs(paths, tr, n: int) -> torch.Tensor:
     store = paths.store if paths.store is not None else FrameStore(max_side=cfg.store_max_side)
     for split in ("holdout", "all"):
         try:
-            ds = FrameDataset(paths.manifest, store, 0, cfg.max_size, split=split,
-                              holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False)
+            ds = FrameDataset(
+                paths.manifest,
+                store,
+                0,
+                cfg.max_size,
+                split=split,
+                holdout_fraction=cfg.saliency.holdout_fraction,
+                train_crop=False,
+            )
         except ValueError:
             continue
         return torch.stack([ds[i] for i in range(min(n, len(ds)))])
@@ -57,12 +64,13 @@ def _inputs(paths, tr, n: int) -> torch.Tensor:
 
 
 @torch.no_grad()
-def reflow_rows(run, device=None, n: int = 32, score: ScoreFn | None = None,
-                solver: Solver | None = None) -> list[dict]:
+def reflow_rows(
+    run, device=None, n: int = 32, score: ScoreFn | None = None, solver: Solver | None = None
+) -> list[dict]:
     """The steps table; `solver` (default rk4 x 16, as the couplings) solves the reference and the
     paths whose straightness is reported."""
-    from rfp_core.train.reflow_run import RunPaths
     from rfp_core.device import pick_device
+    from rfp_core.train.reflow_run import RunPaths
 
     paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
     device, solver = pick_device(device), solver or Solver()
@@ -72,21 +80,30 @@ def reflow_rows(run, device=None, n: int = 32, score: ScoreFn | None = None,
     z0 = x if base.cfg.generative else base.encode(x)
     reference = flow.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     images_in = None if base.cfg.generative else x
-    return steps_table([m for m, _ in models], z0, reference=reference, score=score, images_in=images_in,
-                       decode=base.decode, straightness_steps=solver.steps, straightness_sampler=solver.sampler)
+    return steps_table(
+        [m for m, _ in models],
+        z0,
+        reference=reference,
+        score=score,
+        images_in=images_in,
+        decode=base.decode,
+        straightness_steps=solver.steps,
+        straightness_sampler=solver.sampler,
+    )
 
 
-def write_report(run, device=None, n: int = 32, score: ScoreFn | None = None,
-                 solver: Solver | None = None) -> str:
+def write_report(run, device=None, n: int = 32, score: ScoreFn | None = None, solver: Solver | None = None) -> str:
     """Write `reflow_report.md` and `.json` beside the products (a run folder or RunPaths); returns the markdown."""
     from rfp_core.train.reflow_run import RunPaths
 
     paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
     solver = solver or Solver()
     rows = reflow_rows(paths, device=device, n=n, score=score, solver=solver)
-    md = (f"Reflow report for {paths.out.name}: up to {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
-          f"{solver.sampler} x {solver.steps} solve (model space); straightness S of each flow on its "
-          f"{solver.sampler} x {solver.steps} path (0 = straight).\n\n" + markdown_table(rows) + "\n")
+    md = (
+        f"Reflow report for {paths.out.name}: up to {n} held-out inputs, Euler steps; mse_to_reference is to 1-RF's "
+        f"{solver.sampler} x {solver.steps} solve (model space); straightness S of each flow on its "
+        f"{solver.sampler} x {solver.steps} path (0 = straight).\n\n" + markdown_table(rows) + "\n"
+    )
     atomic_write_text(paths.out / "reflow_report.md", md)
     atomic_write_text(paths.out / "reflow_report.json", json.dumps(rows, indent=2) + "\n")
     return md

@@ -67,10 +67,13 @@ def _source(paths: RunPaths, tr, pairs: int | None):
     from rfp_core.frame_store import FrameStore
 
     if not paths.manifest.is_file():
-        raise ConfigError(f"{paths.manifest} does not exist; reflow needs the run's training frames (rfp train writes it)")
+        raise ConfigError(
+            f"{paths.manifest} does not exist; reflow needs the run's training frames (rfp train writes it)"
+        )
     store = paths.store if paths.store is not None else FrameStore(max_side=cfg.store_max_side)
-    return frame_source(paths.manifest, store, cfg.max_size, tr.encode, cfg.saliency.holdout_fraction,
-                        split="train", limit=pairs)
+    return frame_source(
+        paths.manifest, store, cfg.max_size, tr.encode, cfg.saliency.holdout_fraction, split="train", limit=pairs
+    )
 
 
 def _saliency_h(paths: RunPaths, loss: Loss, device):
@@ -95,11 +98,30 @@ def _shown(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
-def train_product(paths: RunPaths, source_ckpt: Path, couplings: Couplings, out: Path, settings: FitSettings, *,
-                  kind: str, round_: int, device, h=None, from_scratch: bool = False, progress: bool = True) -> bool:
+def train_product(
+    paths: RunPaths,
+    source_ckpt: Path,
+    couplings: Couplings,
+    out: Path,
+    settings: FitSettings,
+    *,
+    kind: str,
+    round_: int,
+    device,
+    h=None,
+    from_scratch: bool = False,
+    progress: bool = True,
+) -> bool:
     """Train one k-RF or distilled checkpoint at `out` from `couplings`; False when it was current."""
-    meta = {"kind": kind, "round": round_, "couplings": couplings.digest, "source": _shown(source_ckpt, paths.out),
-            "source_digest": file_digest(source_ckpt), "settings": settings.as_dict(), "from_scratch": from_scratch}
+    meta = {
+        "kind": kind,
+        "round": round_,
+        "couplings": couplings.digest,
+        "source": _shown(source_ckpt, paths.out),
+        "source_digest": file_digest(source_ckpt),
+        "settings": settings.as_dict(),
+        "from_scratch": from_scratch,
+    }
     if _is_current(out, meta):
         print(f"reflow: {out} is current (same couplings and settings); kept", file=sys.stderr)
         return False
@@ -110,32 +132,75 @@ def train_product(paths: RunPaths, source_ckpt: Path, couplings: Couplings, out:
     if not from_scratch:  # start from the flow that made the couplings (reflow fine-tunes it)
         net.load_state_dict(src["velocity"] if "velocity" in src else src["ema"]["model"])
     z0, z1 = couplings.load()
-    result = fit(net, coupling_batches(z0, z1, settings.batch_size, settings.seed), settings, device=device, h=h,
-                 state_path=out.parent / "state.pt", fingerprint={"meta": meta},
-                 checkpoint_every=max(1, settings.steps // 10), progress=progress,
-                 desc=kind if kind == "distilled" else f"reflow {round_}")
-    save_checkpoint(out, {"velocity": result.model.state_dict(), "config": src["config"], "in_channels": src["in_channels"],
-                          "step": result.steps, "final_loss": result.final_loss, "codec": src.get("codec") or {},
-                          "reflow": meta})
+    result = fit(
+        net,
+        coupling_batches(z0, z1, settings.batch_size, settings.seed),
+        settings,
+        device=device,
+        h=h,
+        state_path=out.parent / "state.pt",
+        fingerprint={"meta": meta},
+        checkpoint_every=max(1, settings.steps // 10),
+        progress=progress,
+        desc=kind if kind == "distilled" else f"reflow {round_}",
+    )
+    save_checkpoint(
+        out,
+        {
+            "velocity": result.model.state_dict(),
+            "config": src["config"],
+            "in_channels": src["in_channels"],
+            "step": result.steps,
+            "final_loss": result.final_loss,
+            "codec": src.get("codec") or {},
+            "reflow": meta,
+        },
+    )
     (out.parent / "state.pt").unlink(missing_ok=True)
     print(f"reflow: {kind} {out} ({result.steps} steps, final loss {result.final_loss:.5f})", file=sys.stderr)
     return True
 
 
-def couplings_of(paths: RunPaths, flow_ckpt: Path, pairs: int | None = None, solver: Solver | None = None,
-                 shard_size: int = 64, device=None, progress: bool = True) -> Couplings:
+def couplings_of(
+    paths: RunPaths,
+    flow_ckpt: Path,
+    pairs: int | None = None,
+    solver: Solver | None = None,
+    shard_size: int = 64,
+    device=None,
+    progress: bool = True,
+) -> Couplings:
     """The couplings (z0, ODE_flow(z0)) of the training inputs under the flow in `flow_ckpt`."""
     tr = _translator(flow_ckpt, device)
-    c = generate_couplings(tr.velocity, _source(paths, tr, pairs), file_digest(flow_ckpt), solver or Solver(),
-                           shard_size=shard_size, device=tr.device, progress=progress)
-    print(f"reflow: {len(c)} couplings from {flow_ckpt} in {c.root} ({c.computed} shard(s) solved, "
-          f"{c.reused} reused)", file=sys.stderr)
+    c = generate_couplings(
+        tr.velocity,
+        _source(paths, tr, pairs),
+        file_digest(flow_ckpt),
+        solver or Solver(),
+        shard_size=shard_size,
+        device=tr.device,
+        progress=progress,
+    )
+    print(
+        f"reflow: {len(c)} couplings from {flow_ckpt} in {c.root} ({c.computed} shard(s) solved, {c.reused} reused)",
+        file=sys.stderr,
+    )
     return c
 
 
-def reflow_run(run: str | Path | RunPaths, rounds: int = 1, pairs: int | None = None, distill: bool = False,
-               solver: Solver | None = None, train_steps: int | None = None, loss: Loss = "mse",
-               from_scratch: bool = False, shard_size: int = 64, device=None, progress: bool = True) -> ReflowResult:
+def reflow_run(
+    run: str | Path | RunPaths,
+    rounds: int = 1,
+    pairs: int | None = None,
+    distill: bool = False,
+    solver: Solver | None = None,
+    train_steps: int | None = None,
+    loss: Loss = "mse",
+    from_scratch: bool = False,
+    shard_size: int = 64,
+    device=None,
+    progress: bool = True,
+) -> ReflowResult:
     """`rounds` reflow rounds on top of the 1-RF checkpoint, then (with `distill`) a one-step map."""
     from rfp_core.device import pick_device
 
@@ -153,10 +218,22 @@ def reflow_run(run: str | Path | RunPaths, rounds: int = 1, pairs: int | None = 
         couplings = couplings_of(paths, current, pairs, solver, shard_size, device, progress)
         result.couplings.append(couplings)
         cfg = config_from_dict(load_checkpoint(current)["config"], source=str(current))
-        settings = FitSettings.from_config(cfg, steps=train_steps, loss="mse" if kind == "distilled" else loss,
-                                           distill=kind == "distilled")
-        if train_product(paths, current, couplings, out, settings, kind=kind, round_=k, device=device,
-                         h=h if kind == "reflow" else None, from_scratch=from_scratch, progress=progress):
+        settings = FitSettings.from_config(
+            cfg, steps=train_steps, loss="mse" if kind == "distilled" else loss, distill=kind == "distilled"
+        )
+        if train_product(
+            paths,
+            current,
+            couplings,
+            out,
+            settings,
+            kind=kind,
+            round_=k,
+            device=device,
+            h=h if kind == "reflow" else None,
+            from_scratch=from_scratch,
+            progress=progress,
+        ):
             result.trained.append(out)
         if kind == "reflow":
             result.flows.append(out)
@@ -174,8 +251,10 @@ def pick_model(run: str | Path, steps: int) -> tuple[Path, str]:
     run = Path(run)
     if run.is_file():
         return run, run.parent.name
-    flows = sorted((p for p in run.glob("reflow_*/velocity.pt") if p.parent.name.split("_")[-1].isdigit()),
-                   key=lambda p: int(p.parent.name.split("_")[-1]))
+    flows = sorted(
+        (p for p in run.glob("reflow_*/velocity.pt") if p.parent.name.split("_")[-1].isdigit()),
+        key=lambda p: int(p.parent.name.split("_")[-1]),
+    )
     candidates = []
     if steps == 1:
         candidates.append((run / "distilled" / "velocity.pt", "distilled"))
@@ -201,15 +280,31 @@ def cli_reflow(args: argparse.Namespace) -> int:
     if not run.is_dir():
         raise ConfigError(f"--run {run}: not a run folder (expected $RFP_HOME/runs/<run_id>/ with velocity.pt)")
     try:
-        res = reflow_run(run, rounds=args.rounds, pairs=args.pairs, distill=args.distill,
-                         solver=Solver(args.solver, args.steps_solver), train_steps=args.train_steps, loss=args.loss,
-                         from_scratch=args.from_scratch, shard_size=args.shard_size, device=args.device)
+        res = reflow_run(
+            run,
+            rounds=args.rounds,
+            pairs=args.pairs,
+            distill=args.distill,
+            solver=Solver(args.solver, args.steps_solver),
+            train_steps=args.train_steps,
+            loss=args.loss,
+            from_scratch=args.from_scratch,
+            shard_size=args.shard_size,
+            device=args.device,
+        )
     except (FloatingPointError, CheckpointError, FileNotFoundError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if not args.no_report:
         md = write_report(run, device=args.device, n=args.report_inputs, solver=Solver(args.solver, args.steps_solver))
         print(md)
-    print(json.dumps({"flows": [str(p) for p in res.flows], "distilled": str(res.distilled) if res.distilled else None,
-                      "couplings": [str(c.root) for c in res.couplings]}))
+    print(
+        json.dumps(
+            {
+                "flows": [str(p) for p in res.flows],
+                "distilled": str(res.distilled) if res.distilled else None,
+                "couplings": [str(c.root) for c in res.couplings],
+            }
+        )
+    )
     return 0

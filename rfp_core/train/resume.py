@@ -32,8 +32,14 @@ from rfp_core.checkpoint import CheckpointError, checkpoint_lineage, list_checkp
 
 SUPERSEDED = "superseded"
 # velocity settings that change how a run is watched, not what it trains
-VELOCITY_WATCH_KEYS = {"sample_every_images", "sample_batch_size", "checkpoint_every_minutes", "checkpoint_every_steps",
-                       "num_inference_steps", "sampler"}
+VELOCITY_WATCH_KEYS = {
+    "sample_every_images",
+    "sample_batch_size",
+    "checkpoint_every_minutes",
+    "checkpoint_every_steps",
+    "num_inference_steps",
+    "sampler",
+}
 VELOCITY_BUDGET_KEYS = {"train_images"}
 RESTART_HINT = "start a new run (`rfp train --run-id NEW`), or add `--restart` (force=True) to train it afresh here"
 
@@ -106,9 +112,13 @@ def _manifest_version(manifest: str | os.PathLike) -> str:
 
 def _common(cfg: dict) -> dict:
     # the folders are paths; what they hold enters as the manifest's content version
-    return {"max_size": cfg.get("max_size"), "store_max_side": cfg.get("store_max_side"),
-            "generative": cfg.get("domain0") == "random", "codec": cfg.get("codec"),
-            "holdout_fraction": (cfg.get("saliency") or {}).get("holdout_fraction")}
+    return {
+        "max_size": cfg.get("max_size"),
+        "store_max_side": cfg.get("store_max_side"),
+        "generative": cfg.get("domain0") == "random",
+        "codec": cfg.get("codec"),
+        "holdout_fraction": (cfg.get("saliency") or {}).get("holdout_fraction"),
+    }
 
 
 def codec_inputs(cfg: dict, manifest: str | os.PathLike) -> dict:
@@ -118,25 +128,42 @@ def codec_inputs(cfg: dict, manifest: str | os.PathLike) -> dict:
 def saliency_inputs(cfg: dict, manifest: str | os.PathLike, codec_checkpoint: str | os.PathLike | None) -> dict:
     """The net and the frames it tells apart; its learning rate, augmentations, step limit and
     thresholds are how hard it trains towards the same goal, so changing them continues it."""
-    return {"config": {**_common(cfg), "saliency_net": (cfg.get("saliency") or {}).get("net")},
-            "manifest": _manifest_version(manifest), "codec_checkpoint": file_digest(codec_checkpoint)}
+    return {
+        "config": {**_common(cfg), "saliency_net": (cfg.get("saliency") or {}).get("net")},
+        "manifest": _manifest_version(manifest),
+        "codec_checkpoint": file_digest(codec_checkpoint),
+    }
 
 
-def velocity_inputs(cfg: dict, manifest: str | os.PathLike, saliency_checkpoint: str | os.PathLike | None,
-                    codec_checkpoint: str | os.PathLike | None, pairs=None) -> dict:
-    velocity = {k: v for k, v in (cfg.get("velocity") or {}).items()
-                if k not in VELOCITY_WATCH_KEYS | VELOCITY_BUDGET_KEYS}
-    return {"config": {**_common(cfg), "seed": cfg.get("seed"), "type": cfg.get("type"), "velocity": velocity},
-            "manifest": _manifest_version(manifest), "saliency_checkpoint": file_digest(saliency_checkpoint),
-            "codec_checkpoint": file_digest(codec_checkpoint), "pairs": pairs_digest(pairs)}
+def velocity_inputs(
+    cfg: dict,
+    manifest: str | os.PathLike,
+    saliency_checkpoint: str | os.PathLike | None,
+    codec_checkpoint: str | os.PathLike | None,
+    pairs=None,
+) -> dict:
+    velocity = {
+        k: v for k, v in (cfg.get("velocity") or {}).items() if k not in VELOCITY_WATCH_KEYS | VELOCITY_BUDGET_KEYS
+    }
+    return {
+        "config": {**_common(cfg), "seed": cfg.get("seed"), "type": cfg.get("type"), "velocity": velocity},
+        "manifest": _manifest_version(manifest),
+        "saliency_checkpoint": file_digest(saliency_checkpoint),
+        "codec_checkpoint": file_digest(codec_checkpoint),
+        "pairs": pairs_digest(pairs),
+    }
 
 
 def lineage_digest(inputs: dict) -> str:
     return hashlib.sha256(json.dumps(inputs, sort_keys=True, default=str).encode()).hexdigest()[:16]
 
 
-_LABELS = {"manifest": "the data (manifest content version)", "saliency_checkpoint": "the saliency checkpoint",
-           "codec_checkpoint": "the codec checkpoint", "pairs": "the structure pairs"}
+_LABELS = {
+    "manifest": "the data (manifest content version)",
+    "saliency_checkpoint": "the saliency checkpoint",
+    "codec_checkpoint": "the codec checkpoint",
+    "pairs": "the structure pairs",
+}
 
 
 def _flat(d: dict, prefix: str = "") -> dict[str, Any]:
@@ -191,7 +218,9 @@ def supersede(directory: Path, names: Iterable[str], phase: str, why: str = "sta
     return dest
 
 
-def continue_saved(phase: str, where: Path, saved: dict | None, inputs: dict, force: bool, files: Iterable[str]) -> bool:
+def continue_saved(
+    phase: str, where: Path, saved: dict | None, inputs: dict, force: bool, files: Iterable[str]
+) -> bool:
     """Whether saved work (`saved`: {"lineage", "lineage_inputs"} or None when there is none) may be
     continued. Another lineage raises ResumeRefused, or, with `force`, is moved aside (False)."""
     if saved is None:
@@ -219,8 +248,9 @@ def _other_lineage(out_dir: Path, prefix: str, lineage: str) -> tuple[Path, dict
     return None
 
 
-def resume_point(out_dir: Path, prefix: str, inputs: dict, resume_from: Path | None = None,
-                 force: bool = False) -> tuple[Path, dict] | None:
+def resume_point(
+    out_dir: Path, prefix: str, inputs: dict, resume_from: Path | None = None, force: bool = False
+) -> tuple[Path, dict] | None:
     """The checkpoint a velocity call continues from: `resume_from` when given (any lineage: the
     caller named it), else the newest loadable one of this lineage in `out_dir`. Velocity work of
     another lineage and none of this one: refused, or with `force` moved aside (start at 0)."""
@@ -229,8 +259,11 @@ def resume_point(out_dir: Path, prefix: str, inputs: dict, resume_from: Path | N
         state = load_checkpoint(Path(resume_from), map_location="cpu")
         if state.get("lineage") != lineage:
             changes = describe_changes(state.get("lineage_inputs"), inputs)
-            print(f"{prefix}: {resume_from} was built from other inputs ({'; '.join(changes)}); "
-                  "continuing from it as --checkpoint asks", file=sys.stderr)
+            print(
+                f"{prefix}: {resume_from} was built from other inputs ({'; '.join(changes)}); "
+                "continuing from it as --checkpoint asks",
+                file=sys.stderr,
+            )
         return Path(resume_from), state
     found = load_latest(out_dir, prefix, map_location="cpu", lineage=lineage)
     if found is not None:
@@ -239,8 +272,11 @@ def resume_point(out_dir: Path, prefix: str, inputs: dict, resume_from: Path | N
     if other is not None:
         path, state = other
         if not force:
-            raise refusal(prefix, out_dir, [f"newest {path.name}: " + "; ".join(
-                describe_changes(state.get("lineage_inputs"), inputs))])
+            raise refusal(
+                prefix,
+                out_dir,
+                [f"newest {path.name}: " + "; ".join(describe_changes(state.get("lineage_inputs"), inputs))],
+            )
         supersede(out_dir, VELOCITY_FILES, prefix)
     return None
 
@@ -266,8 +302,10 @@ def budget_note(state: dict, total: int, batch_size: int) -> str | None:
     if old_total == total:
         return None
     how = f"continuing from step {step} to {total}" if step < total else f"already at step {step}, past the new total"
-    return (f"velocity: velocity.train_images now gives {total} steps (this checkpoint trained towards {old_total}): "
-            f"{how}; the LR schedule is recomputed for {total} steps")
+    return (
+        f"velocity: velocity.train_images now gives {total} steps (this checkpoint trained towards {old_total}): "
+        f"{how}; the LR schedule is recomputed for {total} steps"
+    )
 
 
 def trim_metrics(path: Path, step: int) -> None:
@@ -283,7 +321,9 @@ def trim_metrics(path: Path, step: int) -> None:
             row = json.loads(line)
             at = int(row.get("step", 0))
         except (ValueError, TypeError, AttributeError):
-            warnings.warn(f"{path}:{n}: skipping an unreadable metrics line (torn by a kill?): {line[:80]!r}", stacklevel=2)
+            warnings.warn(
+                f"{path}:{n}: skipping an unreadable metrics line (torn by a kill?): {line[:80]!r}", stacklevel=2
+            )
             continue
         if at <= step:
             keep.append(line)
