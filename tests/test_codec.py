@@ -11,7 +11,8 @@ from rfp_core.config import AutoEncoderConfig, ConfigError, IdentityNetConfig, c
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
 from rfp_core.nets.autoencoder import SAE, VAE, Identity, build_codec
-from rfp_core.train.codec import load_codec, structure_loss, train_codec
+from rfp_core.train.codec import structure_loss, train_codec
+from rfp_core.train.codec_io import load_codec
 
 TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
             "num_res_blocks": 1}
@@ -112,7 +113,7 @@ def test_vae_trains_and_reports_reconstruction(tmp_path):
     assert logged[-1][1]["codec/recon_l1"] == pytest.approx(result.recon_l1)
     assert {"codec/recon", "codec/structure_loss", "codec/kl_loss", "codec/loss"} <= set(logged[0][1])  # by id
 
-    codec = load_codec(result.checkpoint)
+    codec = load_codec(None, result.checkpoint)
     assert isinstance(codec, VAE) and not any(p.requires_grad for p in codec.parameters())
     from rfp_core.checkpoint import load_checkpoint
 
@@ -127,7 +128,7 @@ def test_identity_codec_checkpoint(tmp_path):
     manifest, store, _ = _manifest(tmp_path, n=4)
     result = train_codec(config_from_dict({"max_size": 16}), manifest, tmp_path / "run", store=store, progress=False)
     assert result.steps == 0 and result.recon_l1 == 0.0 and result.checkpoint.exists()
-    assert isinstance(load_codec(result.checkpoint), Identity)
+    assert isinstance(load_codec(None, result.checkpoint), Identity)
     with pytest.raises(ValueError, match="multiple of the codec"):
         train_codec(_cfg(max_size=17), manifest, tmp_path / "odd", store=store, progress=False)
 
