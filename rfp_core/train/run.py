@@ -247,6 +247,7 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
 
 def cli_train(args: argparse.Namespace) -> int:
     from rfp_core.checkpoint import CheckpointError
+    from rfp_core.ingest import IngestError, StoreWriteError
     from rfp_core.train.resume import ResumeRefused
     from rfp_core.train.saliency import SaliencyThresholdNotReached
     from rfp_core.train.velocity import NonFiniteLoss
@@ -262,7 +263,7 @@ def cli_train(args: argparse.Namespace) -> int:
         run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
                             device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
                             only=only, smoke=args.smoke, track=not args.dev, force=args.restart)
-    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused) as exc:
+    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused, IngestError, StoreWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     print(run_dir)

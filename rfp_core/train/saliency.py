@@ -8,6 +8,9 @@ crop), so a domain with many more frames (a video) cannot hide a failing one.
 `saliency_state.json` beside the checkpoint lets a resumed call skip finished sub-phases; it
 records what the phase was built from (its lineage: the frames, the codec, the net), and state of
 another lineage is never continued or taken as finished (`train/resume.py`).
+Resume is exact on CPU, as for the velocity: the checkpoint (every 5 minutes, at the 1a -> 1b
+switch and every `checkpoint_every_steps`) holds the optimizer and RNG state, and the data order
+is a function of the step (`StepSampler`).
 """
 
 from __future__ import annotations
@@ -26,14 +29,14 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from rfp_core.atomic import atomic_write_text
+from rfp_core.atomic import atomic_write_text, sweep_temps
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig, SaliencyNetConfig
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.train.codec_io import load_codec
-from rfp_core.train.resume import continue_saved, lineage_record, saliency_inputs
+from rfp_core.train.resume import StepSampler, continue_saved, lineage_record, rng_state, saliency_inputs, set_rng_state
 
 LogFn = Callable[[dict, int], None]
 BACKBONE_LR_FACTOR = 0.1
@@ -171,6 +174,7 @@ def train_saliency(
     sc = cfg.saliency
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temps(out_dir)  # temp files of a call killed mid-write
     ckpt_path, state_path = out_dir / "saliency.pt", out_dir / "saliency_state.json"
     device = torch.device(device)
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
@@ -185,13 +189,14 @@ def train_saliency(
     state = _read_state(state_path) if ckpt_path.exists() else {}
     if not continue_saved("saliency", out_dir, _saved_lineage(state, ckpt_path), inputs, force, SALIENCY_FILES):
         state = {}
+    previous: dict = {}
     if state:
         previous = load_checkpoint(ckpt_path, map_location="cpu")
         if previous.get("net") == sc.net.model_dump(mode="json") and previous.get("in_channels") == codec.latent_channels:
             net.load_state_dict(previous["saliency"])
         else:  # a different net was trained here before: its weights and state do not apply
             print(f"saliency: {ckpt_path} was trained with another net config; training afresh", file=sys.stderr)
-            state = {}
+            state, previous = {}, {}
     accuracy = float(state.get("accuracy", 0.0))
     warmed_up = bool(state.get("backbone_warmed_up", False))
     steps = int(state.get("steps", 0))
@@ -201,6 +206,7 @@ def train_saliency(
             "saliency": net.state_dict(), "config": json.loads(cfg.to_json()), "net": sc.net.model_dump(mode="json"),
             "in_channels": codec.latent_channels, "latent_input": latent_input,
             "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps, **lineage,
+            "optimizer": opt.state_dict(), "rng": rng_state(device),
         })
         atomic_write_text(state_path, json.dumps({
             "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps,
@@ -217,14 +223,20 @@ def train_saliency(
     holdout = _holdout_batches(manifest, store, cfg)
     pairs_per_batch = max(1, sc.batch_size // 2)  # each pair gives one image of each domain
     train = UnpairedDataset(manifest, store, cfg.max_size, split="train", holdout_fraction=sc.holdout_fraction)
-    gen = torch.Generator().manual_seed(cfg.seed + steps)
-    loader = DataLoader(train, batch_size=pairs_per_batch, shuffle=True, drop_last=len(train) >= pairs_per_batch, generator=gen)
+    # the k-th pair drawn depends only on (seed, k), and the loader has its own generator: making
+    # it does not draw from the global RNG that a resume restores below
+    loader = DataLoader(train, batch_size=pairs_per_batch, sampler=StepSampler(len(train), cfg.seed, start=steps * pairs_per_batch),
+                        generator=torch.Generator().manual_seed(cfg.seed))
     batches = _cycle(loader)
     augment = build_augment(list(sc.augmentations))
     eps = sc.label_smoothing
 
     net.set_backbone_trainable(warmed_up)
     opt = _optimizer(net, sc.learning_rate, finetune=warmed_up)
+    if "optimizer" in previous:  # an intermediate checkpoint: continue exactly where it stopped
+        opt.load_state_dict(previous["optimizer"])
+        set_rng_state(previous["rng"], device)
+        print(f"saliency: resuming from {ckpt_path} at step {steps}", file=sys.stderr)
     # train mode in 1a too: a frozen backbone's BatchNorm statistics still adapt to these domains
     # (a from-scratch backbone has no useful ones yet)
     net.train()
@@ -278,9 +290,11 @@ def train_saliency(
                 opt = _optimizer(net, sc.learning_rate, finetune=True)
                 save()
                 last_save = time.monotonic()
-            elif time.monotonic() - last_save > SAVE_EVERY_S:
-                save()
-                last_save = time.monotonic()
+                continue
+        due_steps = sc.checkpoint_every_steps is not None and steps % sc.checkpoint_every_steps == 0
+        if accuracy < sc.accuracy_threshold and (due_steps or time.monotonic() - last_save > SAVE_EVERY_S):
+            save()
+            last_save = time.monotonic()
     bar.close()
     save()
     return result()

@@ -24,6 +24,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rfp_core import flow
+from rfp_core.atomic import sweep_temps
 from rfp_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
 from rfp_core.config import ModelConfig, config_from_dict
 from rfp_core.data import FrameDataset, UnpairedDataset
@@ -94,6 +95,7 @@ def train_velocity(
     vc = cfg.velocity
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temps(out_dir)  # temp files of a call killed mid-write
     device = torch.device(device)
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     cfg_json = json.loads(cfg.to_json())
