@@ -127,7 +127,7 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
 
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "quality"])
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "quality", "faults"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
