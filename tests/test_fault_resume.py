@@ -84,3 +84,27 @@ def test_codec_resume_is_exact(tmp_path, data):
     a = torch.load(straight.checkpoint, weights_only=True)["codec"]
     b = torch.load(resumed.checkpoint, weights_only=True)["codec"]
     assert _equal(a, b)
+
+
+def test_saliency_resumes_from_the_checkpoint_when_a_kill_left_the_state_file_behind(tmp_path, data):
+    """save() writes saliency.pt, then saliency_state.json: a kill between the two leaves the state
+    file one checkpoint older than the weights, optimizer and RNG beside it."""
+    from rfp_core.train.saliency import train_saliency
+
+    manifest, store = data
+    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
+        "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
+        "batch_size": 8, "augmentations": ["hflip"], "checkpoint_every_steps": 3}})
+    straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False)
+    run = tmp_path / "b"
+    with pytest.raises(Killed):
+        train_saliency(cfg, manifest, run, store=store, progress=False, log=kill_at(8))
+    older = (run / "saliency_state.json").read_text()  # the state at step 6
+    with pytest.raises(Killed):
+        train_saliency(cfg, manifest, run, store=store, progress=False, log=kill_at(12))
+    assert torch.load(run / "saliency.pt", weights_only=True)["steps"] == 9
+    (run / "saliency_state.json").write_text(older)  # as if killed right after the step-9 checkpoint
+    resumed = train_saliency(cfg, manifest, run, store=store, progress=False)
+    assert resumed.steps == straight.steps
+    assert _equal(torch.load(straight.checkpoint, weights_only=True)["saliency"],
+                  torch.load(resumed.checkpoint, weights_only=True)["saliency"])

@@ -5,9 +5,9 @@ few steps) is trained once uninterrupted (`rfp train`, the reference). Then it i
 while being killed: 6 kills through `rfp train` subprocesses (2 in each of codec, saliency,
 velocity) and 4 through Dagster runs (`python -m rfp_pipeline.fault_worker`: the process that
 executes the run; kills in codec, saliency and twice in velocity), each relaunch resuming from
-the run folder / stage folders. A kill lands at a uniformly random moment within the first 80%
+the run folder / stage folders. A kill lands at a uniformly random moment within the first 40%
 of the target phase's reference duration, after the phase is seen to have started (from its
-files). Every run must finish; on CPU the final codec, saliency and velocity weights must equal
+files); a run that finishes before its kills are done is followed by another in a fresh folder. Every run must finish; on CPU the final codec, saliency and velocity weights must equal
 the reference's bit for bit; no temp file (`*.tmp`) may remain and every checkpoint, parquet,
 JSON, metrics line and stored frame must read back. The last line is one JSON object: kills,
 resumes, mismatches, corrupt and orphaned files, wall time.
@@ -31,6 +31,7 @@ DAGSTER_TARGETS = ["codec", "saliency", "velocity", "velocity"]
 WEIGHTS = {"codec": ("codec.pt", "codec"), "saliency": ("saliency.pt", "saliency"), "velocity": ("velocity.pt", "velocity")}
 SALIENCY_THRESHOLD = 0.95
 LAUNCH_TIMEOUT_S = 600
+KILL_WINDOW = 0.4
 
 
 def campaign_config(folder: Path) -> Path:
@@ -156,7 +157,9 @@ def drive(ch: Channel, targets: list[str], estimate: dict[str, float], rng: rand
 def _kill_at_random(proc, ch: Channel, phase: str, estimate: dict[str, float], rng: random.Random, tally: Tally) -> bool:
     import signal
 
-    deadline = time.monotonic() + rng.uniform(0.0, 0.8 * estimate.get(phase, 2.0))
+    # within the first 40% of the phase's reference duration: two kills in one phase (resumed from
+    # its last checkpoint in between) both land before it ends
+    deadline = time.monotonic() + rng.uniform(0.0, KILL_WINDOW * estimate.get(phase, 2.0))
     while time.monotonic() < deadline and proc.poll() is None:
         time.sleep(0.01)
     if proc.poll() is not None:

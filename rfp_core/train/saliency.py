@@ -194,6 +194,9 @@ def train_saliency(
         previous = load_checkpoint(ckpt_path, map_location="cpu")
         if previous.get("net") == sc.net.model_dump(mode="json") and previous.get("in_channels") == codec.latent_channels:
             net.load_state_dict(previous["saliency"])
+            # the checkpoint is the one atomic record: a kill between writing it and the state file
+            # leaves the state file a checkpoint behind (found by `rfp bench faults`)
+            state.update({k: previous[k] for k in ("accuracy", "backbone_warmed_up", "steps") if k in previous})
         else:  # a different net was trained here before: its weights and state do not apply
             print(f"saliency: {ckpt_path} was trained with another net config; training afresh", file=sys.stderr)
             state, previous = {}, {}
