@@ -41,7 +41,7 @@ def test_mismatches_name_each_differing_tensor():
     assert mismatches(ref, same) == []
     same["velocity"]["b"] = torch.ones(1) + 1e-7
     same["codec"] = None
-    assert mismatches(ref, same) == ["codec: missing", "velocity.b"]
+    assert mismatches(ref, same) == ["codec: missing", "velocity: 1 of 2 tensors differ (first: b)"]
 
 
 @pytest.mark.slow
