@@ -19,6 +19,20 @@ def _device(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--device", default=None, help="cuda, mps or cpu (default: the best available)")
 
 
+def _torchrun(parser: argparse.ArgumentParser) -> None:
+    """torchrun's own flags (README "Scaling out"), passed through to `python -m torch.distributed.run`."""
+    group = parser.add_argument_group("data-parallel training (torchrun)")
+    group.add_argument("--nproc-per-node", type=int, default=None,
+                       help="start N training processes on this machine through torchrun (one per GPU)")
+    for flag in TORCHRUN_FLAGS:
+        group.add_argument(flag, default=None, help=f"torchrun {flag} (multi-node)")
+
+
+# torchrun's multi-node flags: passed on as given
+TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend", "--rdzv-endpoint",
+                  "--rdzv-id")
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rfp", description="RF Pix2Pix: rectified-flow image translation")
     sub = parser.add_subparsers(dest="command", required=True)
@@ -51,6 +65,8 @@ def build_parser() -> argparse.ArgumentParser:
                        help="continue the velocity from this checkpoint (an original .ckpt: its step is read from the file name)")
     train.add_argument("--codec-only", action="store_true", help="stop after the codec (phase 0)")
     train.add_argument("--saliency-only", action="store_true", help="stop after the saliency net (phase 1)")
+    train.add_argument("--paired", action="store_true",
+                       help="paired mode (pix2pix): files with the same name in -d0 and -d1 are pairs; plain MSE, no saliency")
     train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: run_<YYYYmmddHHMM>)")
     train.add_argument("--dev", action="store_true", help="development mode: no experiment tracking, '_dev' in the run name")
     train.add_argument("--smoke", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
@@ -58,6 +74,7 @@ def build_parser() -> argparse.ArgumentParser:
                        help="phases of this --run-id built from other inputs (data, config, checkpoints) train afresh "
                        "instead of being refused; their old files move to superseded/ in the run folder")
     _device(train)
+    _torchrun(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
 
     translate = sub.add_parser("translate", help="translate images and videos with a trained run")
@@ -127,21 +144,28 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
 
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "quality", "faults"])
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run", "faults"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
-    # `quality` only
+    # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
     bench.add_argument("--tasks", default=None, help="quality: comma-separated, from digits,photo (default both)")
     bench.add_argument("--rows", default=None,
-                       help="quality: comma-separated, from identity,tint,paper,anchored,mse (default all)")
+                       help="quality: comma-separated, from identity,tint,paper,anchored,mse,anchored_relative,paper_ot,"
+                            "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
+                            "reflow_quality: the 1-RF row (default mse)")
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
+    bench.add_argument("--nproc-per-node", type=int, default=None,
+                       help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)")
+    bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
+    argv = list(sys.argv[1:] if argv is None else argv)
     args = build_parser().parse_args(argv)
+    args.argv = argv  # `rfp train --nproc-per-node N` starts itself again under torchrun
     module_name, func_name = args.handler.split(":")
     handler = getattr(importlib.import_module(module_name), func_name)
     try:

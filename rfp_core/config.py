@@ -110,6 +110,11 @@ class SaliencyConfig(_Strict):
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
     # also checkpoint every N steps (None = every 5 minutes and at the 1a -> 1b switch only)
     checkpoint_every_steps: int | None = Field(None, ge=1)
+    # which accuracy the thresholds are compared with: "train_smoothed" = the original's (training
+    # batches, mean of the last `smoothing_window`, window full); "holdout" = held-out frames (one
+    # half of the held-out sources; the other half reports). Both are logged (train/saliency_stop.py).
+    stop_on: Literal["train_smoothed", "holdout"] = "train_smoothed"
+    smoothing_window: int = Field(100, ge=1)
 
 
 class IdentityNetConfig(_Strict):
@@ -243,6 +248,9 @@ class VelocityConfig(_Strict):
     # 0 = off (the raw weights are sampled and saved), as in the original
     ema: float = Field(0.0, ge=0, lt=1)
     bf16: bool = False
+    # this project's: steps over which the EMA's horizon 1/(1-d) ramps from 1 to 1/(1-ema); None =
+    # ema/(1-ema), the running mean until then (train/ema.py); 0 = the original's constant decay
+    ema_warmup_steps: int | None = Field(None, ge=0)
     # this project's additions
     weight_decay: float = Field(1e-4, ge=0)
     # "saliency" = the saliency-weighted loss; "mse" = plain rectified flow (forced in generative mode)
@@ -251,6 +259,15 @@ class VelocityConfig(_Strict):
     # low-rank and spread over the whole frame, so the saliency loss alone lets what it does not see
     # drift (docs/METHOD.md, the colour cast); the anchor holds those coordinates to the straight line.
     mse_weight: float = Field(0.0, ge=0)
+    # "absolute": loss = saliency + mse_weight x MSE. "relative": mse_weight is the anchor's size as a
+    # share of the saliency term's (weight x running mean of the saliency term / running mean of the
+    # MSE), so one value means the same at any image size or latent width (train/anchor.py)
+    mse_weight_mode: Literal["absolute", "relative"] = "absolute"
+    # how (X0, X1) are paired in a minibatch: "independent" as drawn, or "minibatch_ot" (an exact
+    # assignment minimising the batch's pair cost in `coupling_space`: the flow's own space
+    # ("pixel") or the structure encoder's embeddings ("structure"); train/coupling.py)
+    coupling: Literal["independent", "minibatch_ot"] = "independent"
+    coupling_space: Literal["pixel", "structure"] = "pixel"
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
@@ -362,7 +379,8 @@ _FLAT_VELOCITY = {
     "train_batch_size", "train_minibatch_size", "train_images", "learning_rate", "weight_decay",
     "num_inference_steps", "timestep_sampling", "sample_batch_size", "lr_schedule",
     "warmup_fraction", "gradient_clip", "ema", "bf16", "sampler", "sample_every_images",
-    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight",
+    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight", "ema_warmup_steps", "mse_weight_mode",
+    "coupling", "coupling_space",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),

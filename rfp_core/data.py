@@ -22,27 +22,76 @@ from torchvision.transforms.v2 import functional as TF
 from rfp_core.frame_store import FrameStore
 from rfp_core.manifest import ok_frames, read_manifest
 
-Split = Literal["train", "holdout", "all"]
+# "stop" / "report": the two halves of "holdout" (`holdout_parts`)
+Split = Literal["train", "holdout", "stop", "report", "all"]
 
 
 def _unit_hash(key: str) -> float:
     return int(hashlib.md5(key.encode("utf-8")).hexdigest()[:12], 16) / float(1 << 48)
 
 
-def holdout_split(frame_keys: Sequence[str], fraction: float) -> np.ndarray:
-    """Boolean mask, True = held out. A key's fate depends on its md5 alone, so it is stable
-    across runs and as frames are added. The train side is never empty (a lone key trains), and
-    with fraction > 0 and at least two keys the holdout side is not either (the lowest / highest
-    hash moves over)."""
-    if not 0.0 <= fraction < 1.0:
-        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
-    u = np.array([_unit_hash(k) for k in frame_keys], dtype=np.float64)
+# a domain that is a single video is cut into this many runs of consecutive frames to be split
+VIDEO_RUNS = 10
+
+
+def source_groups(frame_keys: Sequence[str]) -> list[str]:
+    """The unit the held-out split assigns, per frame: its source file. Frames of one video
+    (`md5:frame:N`) share their video's md5, so neighbouring frames never straddle the split; an
+    image or a zip member is its own unit. When every frame comes from one video, the video's
+    frames are cut into VIDEO_RUNS contiguous runs instead (else nothing could be held out)."""
+    groups = [k.split(":frame:", 1)[0] for k in frame_keys]
+    if len(frame_keys) >= 2 and len(set(groups)) == 1 and ":frame:" in frame_keys[0]:
+        index = [int(k.rsplit(":frame:", 1)[1]) for k in frame_keys]
+        end = max(index) + 1
+        groups = [f"{g}:run:{i * VIDEO_RUNS // end}" for g, i in zip(groups, index)]
+    return groups
+
+
+def _group_mask(groups: list[str], fraction: float, salt: str = "") -> dict[str, bool]:
+    """Group -> held out; a group's fate depends on its md5 alone (stable as frames are added).
+    The kept side is never empty (a lone group trains), and with fraction > 0 and at least two
+    groups the held-out side is not either (the lowest / highest hash moves over)."""
+    names = sorted(set(groups))
+    u = np.array([_unit_hash(salt + g) for g in names], dtype=np.float64)
     mask = u < fraction
     if len(u) and mask.all():
         mask[np.argmax(u)] = False
     if fraction > 0 and len(u) >= 2 and not mask.any():
         mask[np.argmin(u)] = True
-    return mask
+    return dict(zip(names, mask.tolist()))
+
+
+def holdout_split(frame_keys: Sequence[str], fraction: float) -> np.ndarray:
+    """Boolean mask, True = held out, assigned by source file (`source_groups`): every frame of a
+    video lands on the same side. See `_group_mask` for what is guaranteed."""
+    if not 0.0 <= fraction < 1.0:
+        raise ValueError(f"holdout fraction must be in [0, 1), got {fraction}")
+    groups = source_groups(frame_keys)
+    held = _group_mask(groups, fraction)
+    return np.array([held[g] for g in groups], dtype=bool)
+
+
+# fewer held-out sources than this are not halved: one or two frames cannot decide a stop
+MIN_SOURCES_TO_HALVE = 6
+
+
+def holdout_parts(frame_keys: Sequence[str], fraction: float) -> tuple[np.ndarray, np.ndarray]:
+    """(stop, report) masks over the held-out frames: the saliency phase stops on one half of the
+    held-out source files and reports its accuracy on the other, so the figure it reports was not
+    used to end training. With fewer than MIN_SOURCES_TO_HALVE held-out sources both masks are all
+    of them (`stop & report` is then non-empty: the caller says so)."""
+    held = holdout_split(frame_keys, fraction)
+    groups = source_groups(frame_keys)
+    held_groups = [g for g, h in zip(groups, held) if h]
+    names = sorted(set(held_groups))
+    if len(names) < MIN_SOURCES_TO_HALVE:
+        return held.copy(), held.copy()
+    # halves of equal size (a threshold on the hash could leave one or two sources to stop on),
+    # in the order of a second hash of each source
+    ranked = sorted(names, key=lambda g: _unit_hash("report:" + g))
+    report = {g: i >= (len(ranked) + 1) // 2 for i, g in enumerate(ranked)}
+    rep = np.array([h and report[g] for g, h in zip(groups, held)], dtype=bool)
+    return held & ~rep, rep
 
 
 def to_tensor(image: Image.Image) -> torch.Tensor:
@@ -100,10 +149,13 @@ class FrameDataset(Dataset):
         holdout_fraction: float = 0.1,
         train_crop: bool = True,
     ):
-        if split not in ("train", "holdout", "all"):
-            raise ValueError(f"split must be 'train', 'holdout' or 'all', got {split!r}")
+        if split not in ("train", "holdout", "stop", "report", "all"):
+            raise ValueError(f"split must be 'train', 'holdout', 'stop', 'report' or 'all', got {split!r}")
         keys = ok_frames(_as_table(manifest), domain)
-        if split != "all":
+        if split in ("stop", "report"):
+            keep = holdout_parts(keys, holdout_fraction)[split == "report"]
+            keys = [k for k, h in zip(keys, keep) if h]
+        elif split != "all":
             held = holdout_split(keys, holdout_fraction)
             keys = [k for k, h in zip(keys, held) if h == (split == "holdout")]
         if not keys:

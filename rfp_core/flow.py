@@ -122,12 +122,16 @@ class LossTerms(NamedTuple):
 
 
 def anchored_saliency_loss_terms(h: Callable[[Tensor], Tensor], x_t: Tensor, target: Tensor, v_pred: Tensor,
-                                 mse_weight: float) -> LossTerms:
-    """`anchored_saliency_loss` with its two terms apart, so a trainer can log what each does."""
+                                 mse_weight: float | Callable[[Tensor, Tensor], Tensor]) -> LossTerms:
+    """`anchored_saliency_loss` with its two terms apart, so a trainer can log what each does.
+
+    `mse_weight` may be a function of the two detached terms that returns the weight (the relative
+    anchor, `train/anchor.py`)."""
     sal = saliency_weighted_loss(h, x_t, target, v_pred)
     if mse_weight:
         mse = velocity_mse_loss(v_pred, target)
-        return LossTerms(sal + mse_weight * mse, sal.detach(), mse.detach())
+        w = mse_weight(sal.detach(), mse.detach()) if callable(mse_weight) else mse_weight
+        return LossTerms(sal + w * mse, sal.detach(), mse.detach())
     # weight 0: the MSE is only watched, so it must add nothing to the graph
     with torch.no_grad():
         mse = velocity_mse_loss(v_pred, target)

@@ -1,8 +1,8 @@
 """Paired mode (the pix2pix setting): domain-0 and domain-1 files with the same stem are true pairs.
 
 Then the coupling is given, not learnt: the velocity is fitted on the straight line between the
-two images of each pair, with plain MSE by default. Turned on by `"pairing": "filenames"` (see
-`pairing_mode`); unpaired training stays the default.
+two images of each pair, with plain MSE by default. Turned on by `rfp train --paired` (the
+`"pairing": "filenames"` key is parsed by `pairing_mode`); unpaired training stays the default.
 
 Stems: an image `a/b/horse_01.png` has stem `horse_01`; frame i of a video or member i of a zip
 `x.mp4` has stem `x#i`, so two videos with the same name pair frame by frame.

@@ -135,3 +135,25 @@ def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_ho
     assert "tint baseline" in (report / "QUALITY.md").read_text()
     # a --quick run leaves the docs alone
     assert (bench_md.read_text() if bench_md.exists() else None) == before
+
+
+def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
+    def diff(a: dict, b: dict, prefix: str = "") -> set[str]:
+        out = set()
+        for k in a.keys() | b.keys():
+            if isinstance(a.get(k), dict) and isinstance(b.get(k), dict):
+                out |= diff(a[k], b[k], prefix + k + ".")
+            elif a.get(k) != b.get(k):
+                out.add(prefix + k)
+        return out
+
+    rows = Q.ROW_CONFIGS
+    assert diff(rows["anchored_relative"], rows["anchored"]) == {"velocity.mse_weight", "velocity.mse_weight_mode"}
+    assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
+    assert diff(rows["anchored_ot"], rows["anchored"]) == {"velocity.coupling"}
+    assert diff(rows["mse_ot"], rows["mse"]) == {"velocity.coupling"}
+    assert diff(rows["anchored_ot_structure"], rows["anchored"]) == {"velocity.coupling", "velocity.coupling_space"}
+    assert diff(rows["anchored_train_stop"], rows["anchored"]) == {"saliency.stop_on"}
+    cfg = Q.row_config("anchored_ot_structure", 0, quick=True)
+    assert cfg.velocity.coupling == "minibatch_ot" and cfg.structure.encoder == "thumbnail"
+    assert set(Q.ROW_CONFIGS) <= set(Q._parse_list(None, Q.ROWS, "rows"))

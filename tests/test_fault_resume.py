@@ -45,7 +45,7 @@ def test_saliency_resume_is_exact(tmp_path, data):
     manifest, store = data
     # augmentations and blends draw from the RNG: resume must restore it, not only the weights
     cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
+        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
         "batch_size": 8, "blend_fraction": 0.5, "augmentations": ["hflip"], "checkpoint_every_steps": 3}})
     straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False)
     state = json.loads((tmp_path / "a" / "saliency_state.json").read_text())
@@ -93,7 +93,7 @@ def test_saliency_resumes_from_the_checkpoint_when_a_kill_left_the_state_file_be
 
     manifest, store = data
     cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
+        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
         "batch_size": 8, "augmentations": ["hflip"], "checkpoint_every_steps": 3}})
     straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False)
     run = tmp_path / "b"

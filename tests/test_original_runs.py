@@ -107,7 +107,7 @@ def test_rfp_train_trains_an_sae_and_a_dit_and_tracks_them_in_mlflow(tmp_path):
                         "num_inference_steps": 2},
            "saliency": {"type": "Saliency", "net": {"type": "ResNetSaliencyNet", "pretrained": False, "latent_channels": 8},
                         "accuracy_threshold": 0.5, "warmup_threshold": 0.5, "batch_size": 4, "eval_every": 2,
-                        "holdout_fraction": 0.35}}
+                        "holdout_fraction": 0.35, "smoothing_window": 10}}  # stops on the original's criterion, soon
     path = tmp_path / "dit.json"
     path.write_text(json.dumps(cfg))
     assert main(["train", "-c", str(path), "-d0", str(d0), "-d1", str(d1), "--run-id", "dit", "--device", "cpu"]) == 0

@@ -6,6 +6,7 @@ import json
 from pathlib import Path
 
 import numpy as np
+import pyarrow.parquet as pq
 import pytest
 import torch
 from PIL import Image
@@ -121,3 +122,24 @@ def test_train_paired_writes_a_usable_velocity(paired, tmp_path):
     out = Translator.from_run(path).translate(torch.zeros(2, 3, 32, 32), steps=2)
     assert out.shape == (2, 3, 32, 32) and torch.isfinite(out).all()
     assert (tmp_path / "run" / "pairs.parquet").is_file()
+
+
+def test_rfp_train_paired_trains_on_the_filename_pairs(tmp_path):
+    """`rfp train --paired`: no saliency phase, the velocity fitted on the same-stem pairs only."""
+    from rfp_core.cli import main
+
+    d0, d1 = _data(tmp_path / "data")
+    cfg = {**json.loads(TINY.read_text()), "train_batch_size": 4, "train_minibatch_size": 2, "train_images": 8}
+    (tmp_path / "cfg.json").write_text(json.dumps(cfg))
+    with pytest.warns(UserWarning):  # the unpaired files are named in a warning
+        rc = main(["train", "-c", str(tmp_path / "cfg.json"), "-d0", str(d0), "-d1", str(d1), "--paired", "--dev",
+                   "--run-id", "paired-cli", "--device", "cpu"])
+    assert rc == 0
+    from rfp_core.paths import runs_dir
+
+    run = runs_dir() / "paired-cli"
+    assert not (run / "saliency.pt").exists()
+    ckpt = load_checkpoint(run / "velocity.pt")
+    assert ckpt["paired"]["pairs"] == 6 and ckpt["step"] == 2
+    stems = set(pq.read_table(run / "pairs.parquet").column("stem").to_pylist())
+    assert stems == {f"p{i:02d}" for i in range(6)}

@@ -112,3 +112,103 @@ def test_worker_failure_fails_the_asset_with_its_error(project, monkeypatch):
 def test_unknown_launcher_mode_says_how_to_fix_it():
     with pytest.raises(ValueError, match="RFP_TRAINING_LAUNCHER"):
         TrainingLauncher(mode="slurm").resolved_mode()
+
+
+# --- the velocity asset through Pipes: streamed steps, final metadata, a killed worker and the retry ---
+VELOCITY_UPSTREAM = [*UPSTREAM, "saliency_checkpoint", "structure_pairs"]
+VELOCITY_STEPS = 40  # long enough that the kill lands mid-run: a checkpoint every step
+
+
+@pytest.fixture
+def velocity_project(tmp_path, isolated_rfp_home):
+    root, home = tmp_path / "project", isolated_rfp_home
+    velocity = {**TINY_OVERRIDES["velocity"], "train_images": 8 * VELOCITY_STEPS, "checkpoint_every_steps": 1,
+                "sample_every_images": 10_000}
+    make_project(root, {"alpha": {**TINY_OVERRIDES, "velocity": velocity}})
+    resources = resources_for(root, home, os.environ["MLFLOW_TRACKING_URI"])
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        register_partitions(instance, resources)
+        assert dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
+                              selection=VELOCITY_UPSTREAM).success
+        yield instance, {**resources, "training_launcher": TrainingLauncher(mode="pipes")}, home
+
+
+def _kill_worker_after_checkpoint(stage: Path, step: int, killed: list) -> None:
+    """Watch for velocity_<step>.pt, then SIGKILL the Pipes worker (a child of this process)."""
+    import glob
+    import signal
+    import time
+
+    import psutil
+
+    deadline = time.monotonic() + 300
+    while time.monotonic() < deadline and not glob.glob(str(stage / "*" / f"velocity_{step:08d}.pt")):
+        time.sleep(0.02)
+    for child in psutil.Process().children(recursive=True):
+        if "rfp_pipeline.pipes_worker" in " ".join(child.cmdline()):
+            os.kill(child.pid, signal.SIGKILL)
+            killed.append(child.pid)
+
+
+def _streamed_steps(instance, run_id: str) -> list[int]:
+    return [int(e.user_message.split()[2].rstrip(":")) for e in instance.all_logs(run_id)
+            if e.user_message.startswith("velocity step ")]
+
+
+@pytest.mark.slow
+def test_velocity_asset_trains_through_pipes_a_kill_fails_the_run_and_a_retry_resumes(velocity_project):
+    import threading
+
+    instance, resources, home = velocity_project
+    killed: list[int] = []
+    watcher = threading.Thread(target=_kill_worker_after_checkpoint,
+                               args=(home / "pipeline" / "alpha" / "velocity", 3, killed))
+    watcher.start()
+    first = dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
+                           selection=["velocity_checkpoint"], raise_on_error=False)
+    watcher.join()
+    assert len(killed) == 1 and not first.success
+    assert instance.get_run_by_id(first.run_id).status == dg.DagsterRunStatus.FAILURE
+    failure = first.get_step_failure_events()[0].step_failure_data.error.to_string()
+    assert "External execution process failed with code -9" in failure
+    done_before = _streamed_steps(instance, first.run_id)
+    assert done_before and done_before[-1] < VELOCITY_STEPS  # it was streaming when it died
+
+    retry = dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
+                           selection=["velocity_checkpoint"])
+    assert retry.success
+    md = {k: v.value for k, v in retry.get_asset_materialization_events()[0].materialization.metadata.items()}
+    assert md["launcher"] == "pipes" and md["worker_pid"] not in (os.getpid(), killed[0])
+    assert md["steps"] == VELOCITY_STEPS and md["final_loss"] > 0
+    # the retry resumed from a checkpoint the killed worker wrote (step >= 3), not from step 0
+    steps = _streamed_steps(instance, retry.run_id)
+    every = VELOCITY_STEPS // 20  # train_velocity logs every total // 20 steps
+    assert steps[0] > 3 and steps == list(range(steps[0], VELOCITY_STEPS + 1, every))
+    assert md["pipes_steps_streamed"] == len(steps)
+    client = mlflow.MlflowClient(os.environ["MLFLOW_TRACKING_URI"])
+    run_id = md["mlflow_run"].rstrip("/").split("/")[-1]
+    history = client.get_metric_history(run_id, "velocity/loss")
+    assert [m.step for m in history] == steps
+
+
+@pytest.mark.slow
+def test_codec_asset_trains_through_pipes_and_streams_its_steps(tmp_path, isolated_rfp_home):
+    root, home = tmp_path / "project", isolated_rfp_home
+    vae = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
+           "num_res_blocks": 1}
+    codec = {"net": vae, "losses": [{"type": "L1Loss"}, {"type": "KLLoss"}], "train_images": 8 * 6, "train_batch_size": 8}
+    make_project(root, {"alpha": {**TINY_OVERRIDES, "codec": codec}})
+    resources = resources_for(root, home, os.environ["MLFLOW_TRACKING_URI"])
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        register_partitions(instance, resources)
+        result = dg.materialize(assets, instance=instance, partition_key="alpha", selection=UPSTREAM,
+                                resources={**resources, "training_launcher": TrainingLauncher(mode="pipes")})
+        assert result.success
+        events = [e for e in result.get_asset_materialization_events() if e.asset_key == dg.AssetKey("codec_checkpoint")]
+        md = {k: v.value for k, v in events[0].materialization.metadata.items()}
+        assert md["launcher"] == "pipes" and md["worker_pid"] != os.getpid() and md["steps"] == 6
+        lines = [e.user_message for e in instance.all_logs(result.run_id) if e.user_message.startswith("codec step ")]
+        assert len(lines) == md["pipes_steps_streamed"] > 0 and f'"codec/recon_l1": {round(md["recon_l1"], 6)}' in lines[-1]
+        assert "codec" in load_checkpoint(Path(md["checkpoint"]), map_location="cpu")

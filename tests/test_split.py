@@ -33,7 +33,7 @@ def trained_run(tmp_path_factory):
         "saliency": {
             "net": {"backbone": "resnet18", "pretrained": False, "latent_channels": 16},
             "learning_rate": 1e-3, "accuracy_threshold": 1.0, "warmup_threshold": 0.9, "eval_every": 5,
-            "max_steps": 300, "augmentations": [], "label_smoothing": 0.0, "batch_size": 16, "holdout_fraction": 0.25,
+            "max_steps": 300, "augmentations": [], "label_smoothing": 0.0, "batch_size": 16, "holdout_fraction": 0.25, "stop_on": "holdout",
         },
     })
     result = train_saliency(cfg, manifest, root / "run", store=store, progress=False)

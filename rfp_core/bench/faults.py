@@ -45,7 +45,8 @@ def campaign_config(folder: Path) -> Path:
                   "checkpoint_every_steps": 2},
         "saliency": {"net": {"type": "ResNetSaliencyNet", "backbone": "resnet18", "num_classes": 2,
                              "pretrained": False, "latent_channels": 8},
-                     "learning_rate": 1e-5, "accuracy_threshold": SALIENCY_THRESHOLD, "warmup_threshold": 0.7,
+                     "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": SALIENCY_THRESHOLD,
+                     "warmup_threshold": 0.7,
                      "eval_every": 2, "max_steps": 400, "batch_size": 8, "holdout_fraction": 0.25,
                      "augmentations": ["hflip"], "checkpoint_every_steps": 6},  # resnet18 + Adam: 134 MB a save
         "velocity": {"net": {"type": "UNet", "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
@@ -100,8 +101,8 @@ def _codec_finished(path: Path) -> bool:
 
 def _saliency_finished(path: Path) -> bool:
     try:
-        return json.loads(path.read_text())["accuracy"] >= SALIENCY_THRESHOLD
-    except (OSError, ValueError, KeyError):
+        return json.loads(path.read_text()).get("stopped_by") is not None
+    except (OSError, ValueError):
         return False
 
 

@@ -40,7 +40,8 @@ from rfp_core.train.saliency import SaliencyThresholdNotReached
 # ----------------------------------------------------------------------------------------
 # the configs: every training key explicit, so a change of the project's defaults does not move
 # the results. One dict per trained row in ROW_CONFIGS; rows differ only in velocity.loss /
-# velocity.mse_weight. Budget (full run): 200 optimizer steps of 16 at 32 px (2 shared CPU cores).
+# velocity.mse_weight(_mode) / velocity.coupling(_space), and one row in saliency.stop_on.
+# Budget (full run): 200 optimizer steps of 16 at 32 px (2 shared CPU cores).
 
 _BASE: dict[str, Any] = {
     "type": "RFPix2pixModel", "max_size": 32, "seed": 0, "store_max_side": 512,
@@ -50,7 +51,8 @@ _BASE: dict[str, Any] = {
                 "pretrained_path": None, "latent_channels": 64},
         "learning_rate": 1e-3, "accuracy_threshold": 0.95, "warmup_threshold": 0.8, "blend_fraction": 0.1,
         "label_smoothing": 0.1, "augmentations": ["hflip"], "batch_size": 32, "max_steps": 1500, "eval_every": 25,
-        "holdout_fraction": 0.1, "checkpoint_every_steps": None,
+        "holdout_fraction": 0.1, "stop_on": "holdout", "smoothing_window": 100,
+        "checkpoint_every_steps": None,
     },
     "velocity": {
         "net": {"type": "UNet", "model_channels": 32, "ch_mult": [1, 2, 2], "normalization": "GroupNormAuto",
@@ -59,7 +61,11 @@ _BASE: dict[str, Any] = {
                 "upsample": "NearestConv", "mid_attention": False, "output_activation": "None"},
         "learning_rate": 5e-4, "weight_decay": 1e-4, "train_images": 3200, "train_batch_size": 16,
         "train_minibatch_size": 16, "timestep_sampling": "logit-normal", "loss": "saliency", "mse_weight": 0.0,
-        "lr_schedule": "cosine", "warmup_fraction": 0.05, "gradient_clip": 1.0, "ema": 0.995, "bf16": False,
+        "mse_weight_mode": "absolute", "coupling": "independent", "coupling_space": "pixel",
+        # horizon 50 steps, a quarter of the 200-step budget: now that the warm-up reaches the
+        # configured decay (after decay / (1 - decay) steps), 0.995 would average the whole run
+        "lr_schedule": "cosine", "warmup_fraction": 0.05, "gradient_clip": 1.0, "ema": 0.98, "ema_warmup_steps": None,
+        "bf16": False,
         "num_inference_steps": 8, "sampler": "euler", "sample_batch_size": 8, "sample_every_images": 1_000_000,
         "checkpoint_every_minutes": 10.0, "checkpoint_every_steps": None,
     },
@@ -82,11 +88,22 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
     "anchored": _merge(_BASE, {"velocity": {"loss": "saliency", "mse_weight": 500.0}}),
     # plain rectified flow
     "mse": _merge(_BASE, {"velocity": {"loss": "mse", "mse_weight": 0.0}}),
+    # issue 17, item 2: the anchor as a share of the saliency term (1.0 = as large as it)
+    "anchored_relative": _merge(_BASE, {"velocity": {"mse_weight": 1.0, "mse_weight_mode": "relative"}}),
+    # minibatch optimal-transport coupling, in the flow's own space (pixels here) ...
+    "paper_ot": _merge(_BASE, {"velocity": {"coupling": "minibatch_ot"}}),
+    "anchored_ot": _merge(_BASE, {"velocity": {"mse_weight": 500.0, "coupling": "minibatch_ot"}}),
+    "mse_ot": _merge(_BASE, {"velocity": {"loss": "mse", "coupling": "minibatch_ot"}}),
+    # ... and in the structure encoder's space (the weight-free thumbnail layouts)
+    "anchored_ot_structure": _merge(_BASE, {"velocity": {"mse_weight": 500.0, "coupling": "minibatch_ot",
+                                                         "coupling_space": "structure"}}),
+    # item 3: the saliency phase stopped on the original's smoothed training accuracy
+    "anchored_train_stop": _merge(_BASE, {"saliency": {"stop_on": "train_smoothed"}, "velocity": {"mse_weight": 500.0}}),
 }
 # --quick: tiny nets and a few dozen steps (a CI smoke run, not a measurement)
 QUICK_OVERRIDES: dict[str, Any] = {
     "saliency": {"net": {"latent_channels": 16}, "accuracy_threshold": 0.75, "warmup_threshold": 0.6,
-                 "batch_size": 16, "max_steps": 300, "eval_every": 10, "holdout_fraction": 0.2},
+                 "batch_size": 16, "max_steps": 300, "eval_every": 10, "holdout_fraction": 0.2, "smoothing_window": 20},
     "velocity": {"net": {"model_channels": 16, "ch_mult": [1, 2], "num_attention_heads": 2},
                  "train_images": 30 * 8, "train_batch_size": 8, "train_minibatch_size": 8, "num_inference_steps": 4},
 }

@@ -91,7 +91,9 @@ def markdown(results: dict[str, dict], out_dir: Path, quick: bool) -> str:
         "# Translation quality on real images",
         "",
         "Real images that ship with scikit-learn (nothing downloaded). Trained rows differ only in "
-        "`velocity.loss` / `velocity.mse_weight`; configs in `rfp_core/bench/quality.py` (`ROW_CONFIGS`). "
+        "`velocity.loss` / `velocity.mse_weight` (`_ot` rows: `velocity.coupling` minibatch_ot, `_structure` in the "
+        "thumbnail encoder's space; `_relative`: `velocity.mse_weight_mode` relative, weight 1.0; `_train_stop`: "
+        "`saliency.stop_on` train_smoothed); configs in `rfp_core/bench/quality.py` (`ROW_CONFIGS`). "
         "Cells: mean ± std (min–max) over seeds.",
         "",
         "What to read: *content kept* is the content judge's accuracy on the translations against each input's "

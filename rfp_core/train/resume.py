@@ -55,9 +55,13 @@ class StepSampler(Sampler[int]):
     def __iter__(self) -> Iterator[int]:
         epoch, offset = divmod(self.start, self.n)
         while True:
-            perm = torch.randperm(self.n, generator=torch.Generator().manual_seed(self.seed * 100_003 + epoch)).tolist()
-            yield from perm[offset:]
+            yield from epoch_order(self.n, self.seed, epoch)[offset:]
             epoch, offset = epoch + 1, 0
+
+
+def epoch_order(n: int, seed: int, epoch: int) -> list[int]:
+    """The permutation of epoch `epoch`: the k-th sample overall is epoch_order(n, seed, k // n)[k % n]."""
+    return torch.randperm(n, generator=torch.Generator().manual_seed(seed * 100_003 + epoch)).tolist()
 
 
 def rng_state(device: torch.device) -> dict:

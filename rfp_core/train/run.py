@@ -14,6 +14,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import json
+import os
 import sys
 import time
 from dataclasses import dataclass
@@ -97,6 +98,7 @@ def train_run(
     smoke: bool = False,
     track: bool = False,
     force: bool = False,
+    paired: bool = False,
 ) -> Path:
     """Run every phase into `$RFP_HOME/runs/<run_id>/` and return that folder.
 
@@ -104,11 +106,15 @@ def train_run(
     `track`: one MLflow run for the whole training (params, per-phase metrics, artifacts).
     `force`: a phase whose saved work is built from other inputs trains afresh (instead of a
     ResumeRefused); phases built from the same inputs still continue.
+    `paired`: domain-0 and domain-1 files with the same stem are true pairs (pix2pix); the velocity
+    is fitted on them with plain MSE and no saliency phase (rfp_core/paired.py).
     """
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
+    from rfp_core.train import distributed
 
-    device = pick_device(device)
+    # under torchrun: this rank's device; rank 0 ingests, writes the config and tracks (the others wait)
+    world, device = distributed.init(pick_device(device))
     run_id = run_id or default_run_id(dev)
     run_dir = runs_dir() / run_id
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -121,11 +127,16 @@ def train_run(
     })
     print(f"run {run_id}: {run_dir} (device {device})", file=sys.stderr)
     store = FrameStore(max_side=cfg.store_max_side)
-    report = ingest(domain0, list(domain1), out=run_dir / "manifest.parquet", store=store, progress=progress)
+    report = world.from_main(lambda: ingest(domain0, list(domain1), out=run_dir / "manifest.parquet", store=store,
+                                            progress=progress))
     print(f"ingest: {report.n_ok} frames, {report.n_skipped} skipped -> {report.manifest_path}", file=sys.stderr)
-    atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
-    with _tracked(track, cfg, run_id, run_dir) as log:
-        _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log, force)
+    if world.main:
+        atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
+    with _tracked(track and world.main, cfg, run_id, run_dir) as log:
+        if paired:
+            _paired_phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, force, log)
+        else:
+            _phases(cfg, report.manifest_path, run_dir, store, device, progress, imports, only, checkpoint, log, force)
     return run_dir
 
 
@@ -147,36 +158,57 @@ def _tracked(track: bool, cfg: ModelConfig, run_id: str, run_dir: Path):
 
 
 def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, checkpoint, log, force) -> None:
+    from rfp_core.train import distributed
     from rfp_core.train.saliency import train_saliency
     from rfp_core.train.velocity import train_velocity
 
     codec_ckpt = None
     if imports.codec is not None:
-        codec_ckpt = import_codec(imports.codec, cfg, run_dir)
+        codec_ckpt = distributed.world().from_main(lambda: import_codec(imports.codec, cfg, run_dir))
     elif cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
         from rfp_core.train.codec import train_codec
 
-        codec = _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log)
+        # not data-parallel: under torchrun rank 0 trains it while the others wait
+        codec = distributed.world().from_main(
+            lambda: _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log))
         print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
         codec_ckpt = codec.checkpoint
     if only == "codec":
         return
     saliency_ckpt = None
     if imports.saliency is not None:
-        saliency_ckpt = import_saliency(imports.saliency, cfg, run_dir)
+        saliency_ckpt = distributed.world().from_main(lambda: import_saliency(imports.saliency, cfg, run_dir))
     elif not cfg.generative and cfg.velocity.loss == "saliency":
         sal = train_saliency(cfg, manifest, run_dir, device=device, store=store, progress=progress,
                              codec_checkpoint=codec_ckpt, log=log, force=force)
-        print(f"saliency: held-out accuracy {sal.accuracy:.4f} after {sal.steps} steps -> {sal.checkpoint}", file=sys.stderr)
+        reported = "" if sal.report_accuracy is None else f", reported held-out accuracy {sal.report_accuracy:.4f}"
+        print(f"saliency: {sal.stopped_by or cfg.saliency.stop_on} accuracy {sal.accuracy:.4f}{reported} after {sal.steps} "
+              f"steps -> {sal.checkpoint}", file=sys.stderr)
         saliency_ckpt = sal.checkpoint
     if only == "saliency":
         return
-    pairs = _structure_pairs(cfg, manifest, run_dir, store, device, progress)
+    pairs = distributed.world().from_main(lambda: _structure_pairs(cfg, manifest, run_dir, store, device, progress))
     vel = train_velocity(cfg, manifest, run_dir, device=device, saliency_checkpoint=saliency_ckpt, store=store,
                          resume_from=imports.velocity or checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
                          pairs=pairs, log=log, force=force)
     print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
           f"-> {vel.checkpoint}", file=sys.stderr)
+
+
+def _paired_phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, force, log) -> None:
+    """Paired mode: the codec (trained or imported) as in unpaired mode, then the velocity on true pairs."""
+    from rfp_core.train.paired import train_paired
+
+    codec_ckpt = None
+    if imports.codec is not None:
+        codec_ckpt = import_codec(imports.codec, cfg, run_dir)
+    elif cfg.codec.net.type != "Identity":
+        from rfp_core.train.codec import train_codec
+
+        codec_ckpt = _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log).checkpoint
+    if only is not None:
+        return
+    train_paired(cfg, manifest, run_dir, store=store, device=device, codec_checkpoint=codec_ckpt, progress=progress)
 
 
 def import_codec(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
@@ -259,14 +291,21 @@ def cli_train(args: argparse.Namespace) -> int:
         ("checkpoint", "checkpoint", "--checkpoint"), ("codec", "codec_ckpt", "--codec-ckpt"),
         ("saliency", "saliency_ckpt", "--saliency-ckpt"), ("velocity", "velocity_ckpt", "--velocity-ckpt"))}
     only = "codec" if args.codec_only else "saliency" if args.saliency_only else None
+    if args.nproc_per_node is not None and args.paired:
+        raise ConfigError("--paired trains in one process (paired mode is not data-parallel): drop --nproc-per-node")
+    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start it
+        from rfp_core.train.launch import torchrun
+
+        return torchrun(args)
     try:
         run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
                             device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
-                            only=only, smoke=args.smoke, track=not args.dev, force=args.restart)
+                            only=only, smoke=args.smoke, track=not args.dev, force=args.restart, paired=args.paired)
     except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused, IngestError, StoreWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
-    print(run_dir)
+    if "RANK" not in os.environ or os.environ["RANK"] == "0":
+        print(run_dir)
     return 0
 
 

@@ -31,15 +31,19 @@ from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.images import save_grid
 from rfp_core.nets import build_velocity_net
+from rfp_core.train import distributed
 from rfp_core.train.codec_io import load_codec
-from rfp_core.train.ema import EMA
+from rfp_core.train.anchor import RelativeAnchor
+from rfp_core.train.coupling import Coupler
+from rfp_core.train.ema import EMA, horizon_note
 from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
-from rfp_core.train.resume import (StepSampler, budget_note, lineage_record, make_room, resume_point, rng_state,
+from rfp_core.train.resume import (budget_note, lineage_record, make_room, resume_point, rng_state,
                                    set_rng_state, trim_metrics, velocity_inputs)
 
 LogFn = Callable[[dict, int], None]
 CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
+SALT_T, SALT_NOISE = 1, 2  # per-sample draws (train/distributed.py): timestep, generative noise
 
 
 class NonFiniteLoss(RuntimeError):
@@ -95,11 +99,11 @@ def train_velocity(
     vc = cfg.velocity
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    world, device = distributed.init(device)  # one process, or this rank of torchrun's world
     sweep_temps(out_dir)  # temp files of a call killed mid-write
-    device = torch.device(device)
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     cfg_json = json.loads(cfg.to_json())
-    total, accum, mb = vc.total_steps, vc.accumulation_steps, vc.train_minibatch_size
+    total, mb = vc.total_steps, vc.train_minibatch_size
     use_saliency = not cfg.generative and vc.loss == "saliency"
     if use_saliency and saliency_checkpoint is None:
         raise ValueError(
@@ -111,13 +115,19 @@ def train_velocity(
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
     model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
-    ema = EMA(model, vc.ema)
+    ema = EMA(model, vc.ema, vc.ema_warmup_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
+    if (note := horizon_note(vc.ema, total)) is not None:
+        print(note, file=sys.stderr)
     h = None
     if use_saliency:
         saliency = load_saliency(saliency_checkpoint, device)
         # the BN-folded copy with a batched primal+tangent jvp is the fast path of the loss
         h = saliency.frozen_h() if hasattr(saliency, "frozen_h") else saliency.h
+    # the anchor's weight: a number, or a share of the saliency term (train/anchor.py)
+    anchor = RelativeAnchor(vc.mse_weight) if vc.mse_weight_mode == "relative" and vc.mse_weight > 0 else None
+    mse_weight = anchor if anchor is not None else vc.mse_weight
+    couple = Coupler(cfg, device) if vc.coupling == "minibatch_ot" else None
 
     # --- resume: an explicit checkpoint, else the newest loadable one of this lineage here
     inputs = velocity_inputs(cfg_json, manifest, saliency_checkpoint if use_saliency else None, codec_checkpoint, pairs)
@@ -129,20 +139,29 @@ def train_velocity(
         from rfp_core.original import checkpoint_step, load_into
 
         load_into(model, resume_from)
-        ema = EMA(model, vc.ema)
+        ema = EMA(model, vc.ema, vc.ema_warmup_steps)
         step = start = checkpoint_step(resume_from) or 0
         total = start + total
         print(f"velocity: continuing from {resume_from} at step {start}; training to step {total}", file=sys.stderr)
     else:
-        found = resume_point(out_dir, CKPT_PREFIX, inputs, resume_from=resume_from, force=force)
-        if found is not None:
-            source, resume_state = found
+        found = None
+
+        def pick() -> str | None:  # rank 0 picks (it may move other work aside); the others load that file
+            nonlocal found
+            found = resume_point(out_dir, CKPT_PREFIX, inputs, resume_from=resume_from, force=force)
+            return None if found is None else str(found[0])
+
+        picked = world.from_main(pick)
+        if picked is not None:
+            source, resume_state = found or (Path(picked), load_checkpoint(Path(picked), map_location="cpu"))
     if resume_state is not None:
         try:
             if "optimizer" in resume_state:  # a full intermediate checkpoint: continue exactly
                 model.load_state_dict(resume_state["model"])
                 ema.load_state_dict(resume_state["ema"])
                 opt.load_state_dict(resume_state["optimizer"])
+                if anchor is not None and "anchor" in resume_state:
+                    anchor.load_state_dict(resume_state["anchor"])
                 step = int(resume_state["step"])
                 set_rng_state(resume_state["rng"], device)
                 print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
@@ -150,7 +169,7 @@ def train_velocity(
                     print(note, file=sys.stderr)
             else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
                 model.load_state_dict(resume_state["velocity"])
-                ema = EMA(model, vc.ema)
+                ema = EMA(model, vc.ema, vc.ema_warmup_steps)
                 print(f"velocity: initialised from the weights of {source}; training from step 0", file=sys.stderr)
         except (KeyError, RuntimeError, ValueError) as exc:
             raise CheckpointError(
@@ -158,21 +177,23 @@ def train_velocity(
                 "resume with the config it was trained with, or start without --checkpoint"
             ) from None
 
+    ddp = world.wrap(model, device)  # forward and backward through this; `model` holds the weights
     metrics_path = out_dir / "metrics.jsonl"
-    trim_metrics(metrics_path, step)
+    if world.main:
+        trim_metrics(metrics_path, step)
     samples_dir = out_dir / "samples"
-    sample_x = None if cfg.generative else _sample_inputs(cfg, manifest, store, vc.sample_batch_size)
+    sample_x = None if cfg.generative or not world.main else _sample_inputs(cfg, manifest, store, vc.sample_batch_size)
     sample_noise = None
     sample_grid: Path | None = None
 
     dataset = UnpairedDataset(manifest, store, cfg.max_size, generative=cfg.generative, split="train",
                               holdout_fraction=cfg.saliency.holdout_fraction, pairs=pairs)
-    # Own generator: making the iterator must not draw from the global RNG that resume restored.
-    # On CPU the crops come from that RNG in this process, so resume is bit-exact; on CUDA,
-    # workers keep the GPU fed and a resumed run draws the same images with other random crops.
+    # Step-indexed order (StepSampler's), this rank's shard of each step's batch in micro-batches;
+    # each sample's crop is seeded by its position, so resume is exact in loader workers too.
     workers = min(4, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
-    loader = DataLoader(dataset, batch_size=mb, sampler=StepSampler(len(dataset), cfg.seed, start=step * accum * mb),
-                        generator=torch.Generator().manual_seed(cfg.seed), num_workers=workers,
+    shards = distributed.ShardBatches(vc.train_batch_size, mb, world, start_step=step)
+    micro_sizes = shards.micro_sizes()
+    loader = DataLoader(distributed.Positions(dataset, cfg.seed), batch_sampler=shards, num_workers=workers,
                         pin_memory=device.type == "cuda", persistent_workers=workers > 0)
     batches = iter(loader)
     autocast = (
@@ -186,7 +207,7 @@ def train_velocity(
             "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
             "rng": rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
             "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
-            "total_steps": total, **lineage,
+            "total_steps": total, **lineage, **({"anchor": anchor.state_dict()} if anchor is not None else {}),
         })
         prune_checkpoints(out_dir, CKPT_PREFIX, keep=2, lineage=lineage["lineage"])  # never another run's files
         return path
@@ -209,7 +230,7 @@ def train_velocity(
         return save_grid(rows, samples_dir / f"step_{at:08d}.png")
 
     model.train()
-    bar = tqdm(total=total, initial=step, desc="velocity", disable=not progress, dynamic_ncols=True)
+    bar = tqdm(total=total, initial=step, desc="velocity", disable=not progress or not world.main, dynamic_ncols=True)
     log_every = max(1, min(50, total // 20))
     images_per_step = vc.train_batch_size
     sample_every = max(1, math.ceil(vc.sample_every_images / images_per_step))
@@ -225,24 +246,35 @@ def train_velocity(
         opt.zero_grad(set_to_none=True)
         step_loss = torch.zeros((), device=device)
         step_terms = torch.zeros(2, device=device)  # (saliency term, plain MSE) of the step, for the log
-        for _ in range(accum):
+        distributed.seed_step(cfg.seed, step, world)
+        for i, n in enumerate(micro_sizes):
             batch = next(batches)
+            pos = batch["position"]  # per-sample draws by position: the same at any world size
             with torch.no_grad():
                 x1 = codec.encode(batch["domain_1"].to(device, non_blocking=True))
-                x0 = codec.sample_random_latent(x1.shape, x1.device) if cfg.generative else codec.encode(batch["domain_0"].to(device, non_blocking=True))
-            t = flow.sample_timesteps(x1.shape[0], vc.timestep_sampling, device)
+                x0 = distributed.per_sample(lambda g: codec.sample_random_latent((1, *x1.shape[1:]), generator=g),
+                                            cfg.seed, pos, SALT_NOISE).to(device) if cfg.generative \
+                    else codec.encode(batch["domain_0"].to(device, non_blocking=True))
+                if couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
+                    x1 = couple(batch, x0, x1)
+            t = distributed.per_sample(lambda g: flow.sample_timesteps(1, vc.timestep_sampling, generator=g),
+                                       cfg.seed, pos, SALT_T).to(device)
             x_t = flow.interpolate(x0, x1, t)
             target = x1 - x0
-            with autocast:
-                v = model(x_t, t)
-            v = v.float()
-            if use_saliency:
-                loss, term_sal, term_mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, vc.mse_weight)
-                step_terms += torch.stack([term_sal, term_mse]) / accum
-            else:
-                loss = flow.velocity_mse_loss(v, target)
-            (loss / accum).backward()
-            step_loss += loss.detach() / accum
+            share = n / vc.train_batch_size  # of the global batch: DDP's mean over ranks is the batch mean
+            with distributed.no_sync(ddp, last=i == len(micro_sizes) - 1):  # the saliency jvp stays per rank
+                with autocast:
+                    v = ddp(x_t, t)
+                v = v.float()
+                if use_saliency:
+                    loss, term_sal, term_mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, mse_weight)
+                    step_terms += torch.stack([term_sal, term_mse]) * share
+                else:
+                    loss = flow.velocity_mse_loss(v, target)
+                (loss * share * world.size).backward()
+            step_loss += loss.detach() * share
+        summed = world.sum_(torch.cat([step_loss.view(1), step_terms]))  # the global batch's loss, on every rank
+        step_loss, step_terms = summed[0], summed[1:]
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
             bar.close()
@@ -270,21 +302,26 @@ def train_velocity(
                        "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9), "images": step * images_per_step}
             if use_saliency:  # the anchored loss's two terms apart: loss = loss_saliency + mse_weight * loss_mse
                 metrics["loss_saliency"], metrics["loss_mse"] = (window_terms / window_steps).tolist()
-            with metrics_path.open("a") as fh:
-                fh.write(json.dumps(metrics) + "\n")
+                if anchor is not None:  # the MSE weight the relative anchor used last
+                    metrics["mse_weight_effective"] = anchor.effective
+            if world.main:
+                with metrics_path.open("a") as fh:
+                    fh.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-            if log:
+            if log and world.main:
                 logged = {"velocity/loss": metrics["loss"], "velocity/lr": lr, "velocity/images_per_s": metrics["images_per_s"]}
                 if use_saliency:
                     logged.update({"velocity/loss_saliency": metrics["loss_saliency"], "velocity/loss_mse": metrics["loss_mse"]})
+                    if anchor is not None:
+                        logged["velocity/mse_weight_effective"] = metrics["mse_weight_effective"]
                 log(logged, step)
             window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
             window_terms = torch.zeros(2)
-        if step % sample_every == 0 and step < total:
+        if step % sample_every == 0 and step < total and world.main:
             sample_grid = write_samples(step)
         due_time = time.monotonic() - last_ckpt_time >= vc.checkpoint_every_minutes * 60
         due_steps = vc.checkpoint_every_steps is not None and step % vc.checkpoint_every_steps == 0
-        if (due_time or due_steps) and step < total:
+        if (due_time or due_steps) and step < total and world.main:
             save_state(step)
             last_ckpt_time = time.monotonic()
     bar.close()
@@ -292,15 +329,17 @@ def train_velocity(
     images_per_s = trained * images_per_step / max(time.perf_counter() - run_start, 1e-9) if trained else 0.0
 
     # the end: full state (so a larger budget can continue from here) and the EMA-only product
-    save_state(step)
-    sample_grid = write_samples(step)
     final = out_dir / "velocity.pt"
-    make_room(final, lineage["lineage"])
-    save_checkpoint(final, {
-        "velocity": ema.model.state_dict(), "config": cfg_json, "in_channels": codec.latent_channels,
-        "step": step, "final_loss": final_loss, "codec": codec.state_dict(),
-        "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None, **lineage,
-    })
+    if world.main:
+        save_state(step)
+        sample_grid = write_samples(step)
+        make_room(final, lineage["lineage"])
+        save_checkpoint(final, {
+            "velocity": ema.model.state_dict(), "config": cfg_json, "in_channels": codec.latent_channels,
+            "step": step, "final_loss": final_loss, "codec": codec.state_dict(),
+            "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None, **lineage,
+        })
+    world.barrier()  # every rank returns once the product is on disk
     if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
         final_loss = _last_logged_loss(metrics_path)
     return VelocityResult(final, final_loss, step, images_per_s, sample_grid, metrics_path)

@@ -133,9 +133,9 @@ def _codec_metadata(rec: dict) -> dict[str, Any]:
     description="Phase 0: the VAE codec (L1 + structure loss + small KL) on frames of both domains; saliency and "
     "velocity then work in its latent space. Materialises at once for the Identity codec (pixel space).",
 )
-def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking) -> dg.MaterializeResult:
-    from rfp_core.train.codec import train_codec
-
+def codec_checkpoint(
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
+) -> dg.MaterializeResult:
     name = context.partition_key
     spec = load_spec(rfp, name)
     cfg = exps.model_config(spec)
@@ -158,8 +158,11 @@ def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tra
     tags = run_tags(context, stage="codec", input_data_version=manifest_version, spec_version=exps.spec_digest(spec))
     with transient_retry(), mlflow_tracking.start_run(name, f"codec {name}", tags) as run:
         _log_config(mlflow, spec, cfg)
-        res = train_codec(cfg, manifest, out_dir, device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
-                          log=_mlflow_logger(mlflow), progress=False)
+        # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
+        launched = training_launcher.train_codec(
+            context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
+            log=_mlflow_logger(mlflow), mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+        res = launched.result
         grid = _recon_grid(rfp, name, cfg, res.checkpoint, out_dir / "reconstructions.png")
         if grid is not None:
             mlflow.log_artifact(str(grid), "samples")
@@ -172,7 +175,8 @@ def codec_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tra
     }
     write_result(stage_dir, rec)
     prune_stage_dirs(stage_dir, out_dir)
-    return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={**_codec_metadata(rec), "reused": False})
+    return dg.MaterializeResult(data_version=dg.DataVersion(key),
+                                metadata={**_codec_metadata(rec), "reused": False, **launched.metadata})
 
 
 def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> Path | None:
@@ -264,6 +268,11 @@ def saliency_checkpoint(
         "accuracy_threshold": cfg.saliency.accuracy_threshold,
         "steps": res.steps,
         "backbone_warmed_up": res.warmed_up,
+        # which accuracy met the threshold, the original's smoothed training one, and the held-out
+        # figure measured on frames that did not decide the stop (rfp_core/train/saliency_stop.py)
+        "stopped_by": res.stopped_by or "",
+        **{k: v for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
+           if v is not None},
         "checkpoint": dg.MetadataValue.path(str(res.checkpoint)),
         "mlflow_run": dg.MetadataValue.url(url),
         "built_from_manifest": manifest_version,
@@ -305,14 +314,13 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     "Logs an MLflow pyfunc translator and registers a model version named after the experiment.",
 )
 def velocity_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     import math
 
     import mlflow
 
-    from rfp_core.structure import read_pairs
-    from rfp_core.train.velocity import NonFiniteLoss, train_velocity
+    from rfp_core.train.velocity import NonFiniteLoss
 
     name = context.partition_key
     spec = load_spec(rfp, name)
@@ -341,10 +349,14 @@ def velocity_checkpoint(
                 mlflow.log_artifact(str(sal["state"]), "saliency")
             if paired is not None:
                 mlflow.log_artifact(paired["proof_sheet"], "structure")
-            res = train_velocity(cfg, manifest, out_dir, device=rfp.resolve_device(), saliency_checkpoint=saliency_ckpt,
-                                 store=store, log=_mlflow_logger(mlflow), progress=False,
-                                 pairs=read_pairs(paired["pairs"]) if paired else None,
-                                 codec_checkpoint=Path(codec["checkpoint"]) if codec else None)
+            # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER);
+            # either way it resumes from the newest checkpoint in out_dir, so a retry continues a killed run
+            launched = training_launcher.train_velocity(
+                context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
+                saliency_checkpoint=saliency_ckpt, codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
+                pairs_path=paired["pairs"] if paired else None, log=_mlflow_logger(mlflow),
+                mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+            res = launched.result
             final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
             if math.isfinite(res.final_loss):
                 final["velocity/final_loss"] = res.final_loss
@@ -381,6 +393,7 @@ def velocity_checkpoint(
         "built_from_saliency": str(sal.get("key") or "skipped"),
         "built_from_codec": codec_key or "identity",
         "built_from_pairs": pairs_version or "unpaired",
+        **launched.metadata,
     }
     if res.sample_grid is not None:
         metadata["samples"] = markdown_image(Path(res.sample_grid), "samples: inputs above, outputs below")

@@ -1,0 +1,140 @@
+"""Item 2's velocity options: the relative MSE anchor and minibatch optimal-transport coupling."""
+
+import itertools
+import json
+from pathlib import Path
+
+import pytest
+import torch
+
+from disc_data import make_discs
+from rfp_core import flow
+from rfp_core.checkpoint import load_checkpoint
+from rfp_core.config import load_config
+from rfp_core.structure.encoders import ThumbnailEncoder
+from rfp_core.train.anchor import RelativeAnchor
+from rfp_core.train.coupling import Coupler, embedding_cost, ot_permutation, pixel_cost
+from rfp_core.train.run import train_run
+
+TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
+
+
+def _mean_pair_cost(cost: torch.Tensor, perm: torch.Tensor | None = None) -> float:
+    idx = torch.arange(len(cost))
+    return float(cost[idx, idx if perm is None else perm].mean())
+
+
+def test_ot_coupling_lowers_the_batch_pair_cost_to_the_optimum():
+    g = torch.Generator().manual_seed(0)
+    for _ in range(5):
+        x0, x1 = torch.randn(6, 3, 8, 8, generator=g), torch.randn(6, 3, 8, 8, generator=g)
+        cost = pixel_cost(x0, x1)
+        assert cost[2, 4] == pytest.approx(float(((x0[2] - x1[4]) ** 2).mean()), rel=1e-5)
+        perm = ot_permutation(cost)
+        assert sorted(perm.tolist()) == list(range(6))  # every drawn x1 is used once
+        best = min(_mean_pair_cost(cost, torch.tensor(p)) for p in itertools.permutations(range(6)))
+        assert _mean_pair_cost(cost, perm) == pytest.approx(best, rel=1e-6)
+        assert _mean_pair_cost(cost, perm) < _mean_pair_cost(cost)  # independent = the drawn order
+
+
+def test_structure_space_coupling_pairs_by_layout(tmp_path):
+    # domain-0 and domain-1 images of the same layouts, drawn in a shuffled order: OT in the
+    # thumbnail encoder's space finds the matching layout for each
+    g = torch.Generator().manual_seed(1)
+    n = 8
+    masks = torch.zeros(n, 1, 16, 16)
+    for i in range(n):
+        r, c = divmod(i, 4)
+        masks[i, :, 2 + 6 * r:8 + 6 * r, 1 + 4 * c:4 + 4 * c] = 1
+    x0 = -0.6 + masks * torch.tensor([1.4, 0.2, -0.2]).view(1, 3, 1, 1)
+    order = torch.randperm(n, generator=g)
+    x1 = (-0.6 + masks * torch.tensor([-0.2, 0.4, 1.4]).view(1, 3, 1, 1))[order]
+    cfg = load_config(TINY, overrides={"velocity": {"coupling": "minibatch_ot", "coupling_space": "structure"},
+                                       "structure": {"encoder": "thumbnail", "thumbnail_size": 8}})
+    coupler = Coupler(cfg)
+    assert isinstance(coupler.encoder, ThumbnailEncoder)
+    batch = {"domain_0": x0, "domain_1": x1}
+    cost = coupler.cost(batch, x0, x1)
+    coupled = coupler(batch, x0, x1)
+    assert torch.equal(coupled, x1[torch.argsort(order)])  # each layout meets its own
+    assert _mean_pair_cost(cost, ot_permutation(cost)) < _mean_pair_cost(cost)
+    assert embedding_cost(torch.eye(2), torch.eye(2)).diag().abs().max() < 1e-6
+
+
+def test_relative_anchor_means_the_same_share_at_any_scale():
+    # two tasks whose MSE differs by 100x (image size, latent width): an absolute weight gives the
+    # anchor a 100x different share of the loss, the relative one the same share
+    shares = []
+    for mse_scale in (1.0, 100.0):
+        anchor = RelativeAnchor(0.5)
+        for step in range(50):
+            sal, mse = torch.tensor(2.0 + 0.1 * (step % 3)), torch.tensor(mse_scale * (1.0 + 0.05 * (step % 5)))
+            w = anchor(sal, mse)
+        shares.append(float(w * mse_scale) / 2.1)
+    assert shares[0] == pytest.approx(0.5, rel=0.1) and shares[1] == pytest.approx(shares[0], rel=1e-6)
+    # the effective weight carries the gradient of the anchored loss: d total = d sal + w_eff d mse
+    torch.manual_seed(0)
+    lin = torch.nn.Conv2d(3, 4, 1)
+    h = lambda x: lin(x).mean(dim=(2, 3))  # noqa: E731
+    x_t, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
+    v = torch.randn(4, 3, 8, 8, requires_grad=True)
+    anchor = RelativeAnchor(2.0)
+    total, sal, mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, anchor)
+    assert anchor.effective == pytest.approx(2.0 * float(sal) / float(mse), rel=1e-5)
+    (grad,) = torch.autograd.grad(total, v)
+    vs = v.detach().requires_grad_(True)
+    (g_sal,) = torch.autograd.grad(flow.reference_saliency_loss(h, x_t, target, vs), vs)
+    g_mse = 2 * (vs.detach() - target) / v.numel()
+    torch.testing.assert_close(grad, g_sal + anchor.effective * g_mse, rtol=1e-4, atol=1e-7)
+    restored = RelativeAnchor(2.0)
+    restored.load_state_dict(anchor.state_dict())
+    assert float(restored(sal, mse)) == pytest.approx(float(anchor(sal, mse)))
+
+
+def _short(tmp_path, **velocity):
+    d0, d1 = make_discs(tmp_path / "data", n=12, size=16)
+    over = {"max_size": 16, "store_max_side": 16,
+            "saliency": {"accuracy_threshold": 0.6, "warmup_threshold": 0.55, "eval_every": 2, "max_steps": 60,
+                         "batch_size": 8, "holdout_fraction": 0.35, "augmentations": []},
+            "velocity": {"train_images": 6 * 8, "train_batch_size": 8, "train_minibatch_size": 8,
+                         "sample_every_images": 10_000, "checkpoint_every_steps": 3, **velocity}}
+    return load_config(TINY, overrides=over), d0, d1
+
+
+def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
+    cfg, d0, d1 = _short(tmp_path, coupling="minibatch_ot", mse_weight_mode="relative", mse_weight=0.5)
+    run = train_run(cfg, [d0], [d1], run_id="opts", device="cpu", progress=False)
+    lines = [json.loads(x) for x in (run / "metrics.jsonl").read_text().splitlines()]
+    last = lines[-1]
+    assert last["step"] == 6 and all(torch.isfinite(torch.tensor(x["loss"])) for x in lines)
+    assert last["mse_weight_effective"] > 0
+    # the anchor's share of the loss is about the configured 0.5 of the saliency term
+    assert last["mse_weight_effective"] * last["loss_mse"] / last["loss_saliency"] == pytest.approx(0.5, rel=0.5)
+    state = load_checkpoint(run / "velocity_00000006.pt")
+    assert state["anchor"]["norm"] > 0 and state["config"]["velocity"]["coupling"] == "minibatch_ot"
+    # resuming at step 3 continues the anchor's scales: the same final weights, bit for bit
+    import shutil
+
+    from rfp_core.config import config_from_dict
+    from rfp_core.frame_store import FrameStore
+    from rfp_core.train.velocity import train_velocity
+
+    resumed_dir = tmp_path / "resumed"
+    resumed_dir.mkdir()
+    shutil.copy(run / "velocity_00000003.pt", resumed_dir / "from3.pt")
+    cfg_run = config_from_dict(json.loads((run / "config.json").read_text()))
+    resumed = train_velocity(cfg_run, run / "manifest.parquet", resumed_dir, saliency_checkpoint=run / "saliency.pt",
+                             store=FrameStore(max_side=cfg_run.store_max_side), progress=False,
+                             resume_from=resumed_dir / "from3.pt")
+    a, b = load_checkpoint(run / "velocity.pt")["velocity"], load_checkpoint(resumed.checkpoint)["velocity"]
+    assert all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_training_runs_with_structure_space_coupling(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
+    cfg, d0, d1 = _short(tmp_path, loss="mse", coupling="minibatch_ot", coupling_space="structure")
+    cfg = cfg.model_copy(update={"structure": cfg.structure.model_copy(update={"encoder": "thumbnail"})})
+    run = train_run(cfg, [d0], [d1], run_id="struct", device="cpu", progress=False)
+    last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["step"] == 6 and torch.isfinite(torch.tensor(last["loss"]))
