@@ -39,22 +39,27 @@ def _equal(a: dict, b: dict) -> bool:
     return a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
 
 
-def test_saliency_resume_is_exact(tmp_path, data):
+@pytest.mark.parametrize("warmup, killed_in_1b", [(0.6, False), (0.3, True)])
+def test_saliency_resume_is_exact(tmp_path, data, warmup, killed_in_1b):
     from rfp_core.train.saliency import train_saliency
 
     manifest, store = data
-    # augmentations and blends draw from the RNG: resume must restore it, not only the weights
+    # augmentations and blends draw random numbers: resume must continue them, not only the weights.
+    # warm-up threshold 0.6: 1a lasts until the end (measured); 0.3: 1b from step 2 on
     cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
-        "batch_size": 8, "blend_fraction": 0.5, "augmentations": ["hflip"], "checkpoint_every_steps": 3}})
-    straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False)
-    state = json.loads((tmp_path / "a" / "saliency_state.json").read_text())
-    assert straight.steps == 22 and state["backbone_warmed_up"]  # 1a until step 16, then 1b (measured)
-    # killed in 1a (step 12: the step-9 checkpoint is the last), then in 1b (step 20: from step 18)
-    for kill, last in ((12, 9), (20, 18)):
-        with pytest.raises(Killed):
-            train_saliency(cfg, manifest, tmp_path / "b", store=store, progress=False, log=kill_at(kill))
-        assert torch.load(tmp_path / "b" / "saliency.pt", weights_only=True)["steps"] == last
+        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": warmup,
+        "eval_every": 2, "max_steps": 60, "batch_size": 8, "blend_fraction": 0.5, "augmentations": ["hflip"],
+        "checkpoint_every_steps": 3}})
+    logged: list[tuple[int, dict]] = []
+    straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False,
+                              log=lambda m, at: logged.append((at, m)))
+    evals = [at for at, m in logged if m.get("saliency/warmed_up") == float(killed_in_1b) and 4 < at < straight.steps]
+    assert evals, [(at, m.get("saliency/warmed_up")) for at, m in logged]
+    kill = evals[len(evals) // 2]  # at an evaluation, before that step's checkpoint
+    with pytest.raises(Killed):
+        train_saliency(cfg, manifest, tmp_path / "b", store=store, progress=False, log=kill_at(kill))
+    ckpt = torch.load(tmp_path / "b" / "saliency.pt", weights_only=True)
+    assert 0 < ckpt["steps"] < kill and ckpt["backbone_warmed_up"] == killed_in_1b and "optimizer" in ckpt
     resumed = train_saliency(cfg, manifest, tmp_path / "b", store=store, progress=False)
     assert resumed.steps == straight.steps and resumed.accuracy == straight.accuracy
     a = torch.load(straight.checkpoint, weights_only=True)["saliency"]
@@ -93,7 +98,7 @@ def test_saliency_resumes_from_the_checkpoint_when_a_kill_left_the_state_file_be
 
     manifest, store = data
     cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.7, "eval_every": 2, "max_steps": 60,
+        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.3, "eval_every": 2, "max_steps": 60,
         "batch_size": 8, "augmentations": ["hflip"], "checkpoint_every_steps": 3}})
     straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False)
     run = tmp_path / "b"
