@@ -270,6 +270,15 @@ def _campaign(channel_of, targets: list[str], reference: dict, estimate: dict, r
     return bad
 
 
+def _create_mlflow_store(home: Path) -> None:
+    """Create MLflow's sqlite store before any kill: MLflow builds its schema in many steps, and a
+    kill among them leaves a store every later run fails on ("table ... already exists"), which
+    a campaign run hit. That is MLflow's limit, not resume's: the store is made first."""
+    import mlflow
+
+    mlflow.MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db").search_experiments()
+
+
 def run(quick: bool = False, device: str | None = None, seed: int = 0, root: Path | None = None,
         rfp_targets: list[str] | None = None, dagster_targets: list[str] | None = None) -> dict:
     """The campaign; `quick`: one kill per phase through `rfp train` and one through Dagster."""
@@ -296,6 +305,7 @@ def run(quick: bool = False, device: str | None = None, seed: int = 0, root: Pat
     rfp_kills = len(tally.kills)
     print(f"faults: rfp train: {rfp_kills} kills in {tally.kills}", file=sys.stderr)
     if dagster_targets:
+        _create_mlflow_store(home)
         bad += _campaign(lambda n: _dagster_channel(f"faults{n}", cfg, data, home, root), dagster_targets, reference,
                          estimate, rng, tally)
     print(f"faults: dagster: {len(tally.kills) - rfp_kills} kills in {tally.kills[rfp_kills:]}", file=sys.stderr)
