@@ -36,12 +36,19 @@ TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--master-addr", "--master-port", "
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="rfp", description="RF Pix2Pix: rectified-flow image translation")
     sub = parser.add_subparsers(dest="command", required=True)
+    for add in COMMANDS:
+        add(sub)
+    return parser
 
+
+def _add_config(sub) -> None:
     config = sub.add_parser("config", help="inspect configs").add_subparsers(dest="config_command", required=True)
     show = config.add_parser("show", help="print the resolved config as JSON")
     show.add_argument("file")
     show.set_defaults(handler="rfp_core.config_cli:cli_show")
 
+
+def _add_ingest(sub) -> None:
     ingest = sub.add_parser("ingest", help="scan domain folders into a parquet manifest and the frame store")
     _domain_dirs(ingest, ("--domain0", "-d0"), "domain0", True, "domain-0 folders, or 'random'")
     _domain_dirs(ingest, ("--domain1", "-d1"), "domain1", True, "domain-1 folders")
@@ -49,11 +56,15 @@ def build_parser() -> argparse.ArgumentParser:
     ingest.add_argument("--store-max-side", type=int, default=512, help="cap on the stored frames' short side")
     ingest.set_defaults(handler="rfp_core.ingest:cli_ingest")
 
+
+def _add_manifest(sub) -> None:
     manifest = sub.add_parser("manifest", help="query manifests").add_subparsers(dest="manifest_command", required=True)
     summary = manifest.add_parser("summary", help="per-domain counts by media type and status (DuckDB)")
     summary.add_argument("file")
     summary.set_defaults(handler="rfp_core.manifest:cli_summary")
 
+
+def _add_train(sub) -> None:
     train = sub.add_parser("train", help="train saliency then velocity (the original train.py)")
     train.add_argument("--config", "-c", required=True)
     _domain_dirs(train, ("--domain0", "-d0"), "domain0", False, "domain-0 folders, or 'random'")
@@ -77,6 +88,8 @@ def build_parser() -> argparse.ArgumentParser:
     _torchrun(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
 
+
+def _add_translate(sub) -> None:
     translate = sub.add_parser("translate", help="translate images and videos with a trained run")
     translate.add_argument("--run", required=True, help="run folder (or a velocity checkpoint file)")
     translate.add_argument("inputs", nargs="+", metavar="INPUT",
@@ -91,6 +104,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device(translate)
     translate.set_defaults(handler="rfp_core.translate:cli_translate")
 
+
+def _add_generate(sub) -> None:
     generate = sub.add_parser("generate", help="generate images with a run trained on domain0=random")
     generate.add_argument("--run", required=True)
     generate.add_argument("--num", type=int, required=True)
@@ -101,6 +116,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device(generate)
     generate.set_defaults(handler="rfp_core.translate:cli_generate")
 
+
+def _add_reflow(sub) -> None:
     reflow = sub.add_parser("reflow", help="straighten a trained run (k-RF) and distil it to one step")
     reflow.add_argument("--run", required=True, help="run folder holding velocity.pt (and manifest.parquet)")
     reflow.add_argument("--rounds", type=int, default=1, help="reflow rounds: 1 -> reflow_1 (2-RF), 2 -> reflow_2 (3-RF)")
@@ -119,6 +136,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device(reflow)
     reflow.set_defaults(handler="rfp_core.train.reflow_run:cli_reflow")
 
+
+def _add_split(sub) -> None:
     split = sub.add_parser("split", help="sort an unsorted folder into domain0 / domain1 / uncertain")
     split.add_argument("--run", "--checkpoint", "-ckpt", dest="run", required=True,
                        help="run folder (this project's or the original trainer's) or a saliency checkpoint file")
@@ -129,6 +148,8 @@ def build_parser() -> argparse.ArgumentParser:
     _device(split)
     split.set_defaults(handler="rfp_core.split:cli_split")
 
+
+def _add_serve(sub) -> None:
     serve = sub.add_parser("serve", help="serve a registered translator over HTTP (MLflow scoring server, offline)")
     serve.add_argument("--model", default="models:/demo@champion", help="model URI (default: models:/demo@champion)")
     serve.add_argument("--port", type=int, default=5001)
@@ -136,6 +157,8 @@ def build_parser() -> argparse.ArgumentParser:
     serve.add_argument("--workers", type=int, default=1)
     serve.set_defaults(handler="rfp_core.serve:cli_serve")
 
+
+def _add_demo_data(sub) -> None:
     demo_data = sub.add_parser("demo-data", help="generate the two-domain demo dataset")
     demo_data.add_argument("out")
     demo_data.add_argument("--num", type=int, default=None, help="images per domain")
@@ -143,6 +166,8 @@ def build_parser() -> argparse.ArgumentParser:
     demo_data.add_argument("--seed", type=int, default=0)
     demo_data.set_defaults(handler="rfp_core.demo_data:cli_demo_data")
 
+
+def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
     bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run", "faults"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
@@ -159,7 +184,11 @@ def build_parser() -> argparse.ArgumentParser:
     bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")
-    return parser
+
+
+# the sub-commands, in `rfp --help` order
+COMMANDS = (_add_config, _add_ingest, _add_manifest, _add_train, _add_translate, _add_generate, _add_reflow, _add_split,
+            _add_serve, _add_demo_data, _add_bench)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

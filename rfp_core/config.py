@@ -348,6 +348,8 @@ class ExperimentConfig(_Strict):
     masks: Path | None = None
     # opt-in straightening after the velocity: {"rounds": 1, "pairs": N, "distill": true} (rfp_pipeline/assets/reflow.py)
     reflow: dict[str, Any] | None = None
+    # media (files or folders of videos and stills) the evaluated model translates (asset translated_media)
+    translate: list[Path] = Field(default_factory=list)
 
     @field_validator("domain0", mode="before")
     @classmethod
@@ -358,7 +360,7 @@ class ExperimentConfig(_Strict):
             return "random"
         return value
 
-    @field_validator("domain1", mode="before")
+    @field_validator("domain1", "translate", mode="before")
     @classmethod
     def _domain1_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
@@ -556,6 +558,7 @@ def load_experiment(path: str | os.PathLike, root: Path | None = None) -> Experi
     exp.config = resolve(exp.config)
     if exp.masks is not None:
         exp.masks = resolve(exp.masks)
+    exp.translate = [resolve(p) for p in exp.translate]
     if not exp.config.exists():
         raise ConfigError(f"{path}: 'config' names {exp.config}, which does not exist")
     return exp

@@ -88,6 +88,21 @@ def grid_png_bytes(rows: Sequence[torch.Tensor]) -> bytes:
     return buf.getvalue()
 
 
+def paired_rows(top: torch.Tensor, bottom: torch.Tensor, columns: int) -> list[torch.Tensor]:
+    """Every image of `top` (B, 3, S, S) above its partner in `bottom`, `columns` to a row: the
+    row pairs for `save_grid`. The last pair is filled out with white tiles."""
+    if len(top) != len(bottom):
+        raise ValueError(f"{len(top)} images above but {len(bottom)} below")
+    rows = []
+    for i in range(0, len(top), columns):
+        for half in (top, bottom):
+            chunk = half[i:i + columns].detach().float().cpu()
+            if len(chunk) < columns:
+                chunk = torch.cat([chunk, torch.ones(columns - len(chunk), *chunk.shape[1:])])
+            rows.append(chunk)
+    return rows
+
+
 def save_grid(rows: Sequence[torch.Tensor], path: str | Path) -> Path:
     """Write rows of images (e.g. inputs above outputs) as one PNG, atomically."""
     path = Path(path)

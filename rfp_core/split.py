@@ -95,12 +95,12 @@ def load_classifier(run: Path, device: torch.device):
     net = load_saliency(ckpt_path, device)
     codec = None
     if net.latent_input:
-        from rfp_core.train.codec import load_codec
+        from rfp_core.train.codec_io import load_codec
 
         codec_path = ckpt_path.parent / "codec.pt"
         if not codec_path.is_file():
             raise ConfigError(f"{ckpt_path} classifies codec latents but {codec_path} is missing; copy the run's codec.pt beside it")
-        codec = load_codec(codec_path, device)
+        codec = load_codec(None, codec_path, device)
     return net, codec, cfg.max_size
 
 
@@ -119,7 +119,7 @@ def split_folder(
     device: str | torch.device | None = None, batch_size: int = 32, progress: bool = True,
 ) -> SplitReport:
     """Copy every image under `inputs` into output/domain0, /domain1 or /uncertain."""
-    from rfp_core.train.run import pick_device
+    from rfp_core.device import pick_device
 
     if not 0.5 < threshold <= 1.0:
         raise ConfigError(f"threshold must be in (0.5, 1], got {threshold}: below 0.5 an image could belong to both domains")
@@ -131,7 +131,22 @@ def split_folder(
     files = [p for p in find_images(inputs) if out_resolved not in p.resolve().parents]  # output inside an input
 
     report = SplitReport(output)
-    existing = _existing_md5s(output)
+    todo = _to_sort(files, report, ignore_md5, ignore_paths, _existing_md5s(output))
+    for label in LABELS:
+        (output / label).mkdir(parents=True, exist_ok=True)
+    bar = tqdm(total=len(todo), desc="split", unit="image", disable=not progress)
+    for start in range(0, len(todo), batch_size):
+        chunk = todo[start : start + batch_size]
+        _sort_batch(chunk, net, codec, size, device, threshold, output, report)
+        bar.update(len(chunk))
+    bar.close()
+    _write_report(report)
+    return report
+
+
+def _to_sort(files: list[Path], report: SplitReport, ignore_md5: set[str], ignore_paths: set[Path],
+             existing: set[str]) -> list[tuple[Path, str]]:
+    """(path, md5) of the files still to sort; ignored, duplicate and already sorted ones counted."""
     seen: set[str] = set()
     todo: list[tuple[Path, str]] = []
     for path in files:
@@ -148,38 +163,39 @@ def split_folder(
         else:
             seen.add(md5)
             todo.append((path, md5))
+    return todo
 
-    for label in LABELS:
-        (output / label).mkdir(parents=True, exist_ok=True)
-    bar = tqdm(total=len(todo), desc="split", unit="image", disable=not progress)
-    for start in range(0, len(todo), batch_size):
-        batch, tensors = [], []
-        for path, md5 in todo[start : start + batch_size]:
-            try:
-                tensors.append(load_image(path, size))
-                batch.append((path, md5))
-            except ImageLoadError as exc:
-                report.unreadable.append(str(exc))
-        bar.update(len(todo[start : start + batch_size]))
-        if not batch:
-            continue
-        x = torch.stack(tensors).to(device)
-        p1 = torch.softmax(net(codec.encode(x) if codec is not None else x).float(), dim=1)[:, 1].cpu().tolist()
-        for (path, md5), p in zip(batch, p1):
-            label = "domain1" if p >= threshold else "domain0" if 1.0 - p >= threshold else "uncertain"
-            dest = _dest(output / label, path, md5)
-            with atomic_path(dest) as tmp:
-                shutil.copyfile(path, tmp)
-            report.counts[label] += 1
-            report.items.append(SplitItem(path, md5, label, p, dest))
-    bar.close()
 
+@torch.no_grad()
+def _sort_batch(chunk: list[tuple[Path, str]], net, codec, size: int, device, threshold: float, output: Path,
+                report: SplitReport) -> None:
+    """Classify one batch and copy each image (atomically) into its label's folder."""
+    batch, tensors = [], []
+    for path, md5 in chunk:
+        try:
+            tensors.append(load_image(path, size))
+            batch.append((path, md5))
+        except ImageLoadError as exc:
+            report.unreadable.append(str(exc))
+    if not batch:
+        return
+    x = torch.stack(tensors).to(device)
+    p1 = torch.softmax(net(codec.encode(x) if codec is not None else x).float(), dim=1)[:, 1].cpu().tolist()
+    for (path, md5), p in zip(batch, p1):
+        label = "domain1" if p >= threshold else "domain0" if 1.0 - p >= threshold else "uncertain"
+        dest = _dest(output / label, path, md5)
+        with atomic_path(dest) as tmp:
+            shutil.copyfile(path, tmp)
+        report.counts[label] += 1
+        report.items.append(SplitItem(path, md5, label, p, dest))
+
+
+def _write_report(report: SplitReport) -> None:
     buf = io.StringIO()
     writer = csv.writer(buf)
     writer.writerow(["source", "md5", "label", "p_domain1", "dest"])
     writer.writerows([str(i.source), i.md5, i.label, f"{i.p_domain1:.4f}", str(i.dest)] for i in report.items)
     atomic_write_text(report.report_path, buf.getvalue())
-    return report
 
 
 def cli_split(args) -> int:

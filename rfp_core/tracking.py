@@ -15,6 +15,9 @@ from typing import Any, Callable, Iterator
 from rfp_core import paths
 
 LogFn = Callable[[dict, int], None]
+# MLflow 3 opens an experiment without this tag in its GenAI view (traces, an assistant panel); this
+# value (the UI's CUSTOM_MODEL_DEVELOPMENT kind) opens it on the training-runs table
+EXPERIMENT_KIND = ("mlflow.experimentKind", "custom_model_development")
 
 
 def tracking_uri(explicit: str = "") -> str:
@@ -44,20 +47,50 @@ def experiment_id(name: str, uri: str = "", artifacts: str = "") -> str:
     if found is not None:
         if found.lifecycle_stage == "deleted":
             client.restore_experiment(found.experiment_id)
+        if EXPERIMENT_KIND[0] not in found.tags:  # made before the tag was set, or by hand
+            client.set_experiment_tag(found.experiment_id, *EXPERIMENT_KIND)
         return found.experiment_id
     try:
-        return client.create_experiment(name, artifact_location=artifact_location(name, tracking_uri(uri), artifacts))
+        return client.create_experiment(name, artifact_location=artifact_location(name, tracking_uri(uri), artifacts),
+                                        tags=dict([EXPERIMENT_KIND]))
     except mlflow.exceptions.MlflowException:  # another process created it between lookup and create
         return client.get_experiment_by_name(name).experiment_id
 
 
+def system_metrics_available() -> bool:
+    """MLflow samples CPU, memory, disk and network through psutil (the optional `system-metrics`
+    extra), GPUs through pynvml when it is installed too; without psutil nothing is sampled."""
+    import importlib.util
+
+    return importlib.util.find_spec("psutil") is not None
+
+
+def log_manifest_input(manifest: str | Path, digest: str, name: str) -> Any:
+    """The manifest parquet as the active run's training input: an MLflow dataset whose digest is
+    the manifest's content version (what the pipeline's data versions are), not a hash of its bytes.
+    MLflow keeps 36 characters of a digest: the full version goes into the input's tag."""
+    import mlflow
+    import pyarrow.parquet as pq
+
+    df = pq.read_table(manifest).to_pandas()
+    dataset = mlflow.data.from_pandas(df, source=Path(manifest).resolve().as_uri(), name=name, digest=digest[:36])
+    mlflow.log_input(dataset, context="training", tags={"content_version": digest})
+    return dataset
+
+
 @contextlib.contextmanager
-def start_run(experiment: str, run_name: str, tags: dict[str, Any], uri: str = "", artifacts: str = "") -> Iterator[Any]:
-    """An active MLflow run; ended (FAILED on error) on exit."""
+def start_run(experiment: str, run_name: str, tags: dict[str, Any], uri: str = "", artifacts: str = "",
+              manifest: tuple[str | Path, str] | None = None) -> Iterator[Any]:
+    """An active MLflow run; ended (FAILED on error) on exit. System metrics are sampled while it
+    is open when psutil is installed. `manifest` = (parquet path, content version): logged as the
+    run's training dataset."""
     import mlflow
 
     exp = experiment_id(experiment, uri, artifacts)
-    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()}) as run:
+    with mlflow.start_run(experiment_id=exp, run_name=run_name, tags={k: str(v) for k, v in tags.items()},
+                          log_system_metrics=system_metrics_available()) as run:
+        if manifest is not None:
+            log_manifest_input(manifest[0], manifest[1], f"{experiment}-manifest")
         yield run
 
 

@@ -27,7 +27,7 @@ class Translator:
         (config.json + velocity_*.ckpt), or a velocity checkpoint file of either."""
         from rfp_core.original import find_original_run, is_original_run, load_original_nets
         from rfp_core.train.codec_io import load_codec
-        from rfp_core.train.run import pick_device
+        from rfp_core.device import pick_device
         from rfp_core.train.velocity import load_velocity
 
         path = Path(path)

@@ -5,17 +5,45 @@ no velocity on a classifier that cannot tell the domains apart, no evaluation of
 nothing after an evaluation that misses its transfer-rate or mask-IoU limit. A blocking check that
 fails also fails its step, so the run shows as failed.
 Limits come from the `thresholds` resource (environment variables in definitions.py).
-(Separate `@asset_check`s on dynamic partitions are a preview feature in Dagster 1.13.)
+Each spec carries the experiments partitions, so every evaluation is recorded with its partition
+(the UI's partition column; a preview feature in Dagster 1.13, which warns once), and each result
+names its partition in its metadata and description too, so several experiments' results read apart.
 """
 
+import functools
 import math
+import warnings
 from typing import Any
 
 import dagster as dg
 
+from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import CheckThresholds
 
-Spec = dg.AssetCheckSpec
+
+def Spec(name: str, **kwargs) -> dg.AssetCheckSpec:
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", category=dg.PreviewWarning)
+        return dg.AssetCheckSpec(name, partitions_def=experiments_partitions, **kwargs)
+
+
+def for_partition(results: list[dg.AssetCheckResult], partition: str) -> list[dg.AssetCheckResult]:
+    """The results with `partition` in their metadata and at the head of their description."""
+    if not partition:
+        return results
+    return [dg.AssetCheckResult(
+        check_name=r.check_name, passed=r.passed, severity=r.severity, asset_key=r.asset_key,
+        metadata={"partition": partition, **{k: v for k, v in r.metadata.items()}},
+        description=f"partition '{partition}': " + (r.description or ("passed" if r.passed else "failed")),
+    ) for r in results]
+
+
+def _named(fn):
+    """`partition=` on a check function: its results name the partition they judged."""
+    @functools.wraps(fn)
+    def wrapper(*args, partition: str = "", **kwargs):
+        return for_partition(fn(*args, **kwargs), partition)
+    return wrapper
 
 MANIFEST_CHECKS = [
     Spec("usable_frames", asset="media_manifest", blocking=True,
@@ -40,6 +68,7 @@ EVALUATION_CHECKS = [
 ]
 
 
+@_named
 def manifest_checks(counts: dict[tuple[int, str], int], generative: bool, t: CheckThresholds, manifest: str) -> list[dg.AssetCheckResult]:
     """`counts`: distinct frames by (domain, status)."""
     ok = {d: counts.get((d, "ok"), 0) for d in (0, 1)}
@@ -66,6 +95,7 @@ def manifest_checks(counts: dict[tuple[int, str], int], generative: bool, t: Che
     ]
 
 
+@_named
 def saliency_checks(accuracy: float | None, config_threshold: float, t: CheckThresholds, skipped_reason: str | None = None) -> list[dg.AssetCheckResult]:
     if skipped_reason is not None:
         return [dg.AssetCheckResult(check_name="accuracy", passed=True, metadata={"skipped": True}, description=skipped_reason)]
@@ -74,6 +104,7 @@ def saliency_checks(accuracy: float | None, config_threshold: float, t: CheckThr
                                 metadata={"accuracy": accuracy, "threshold": limit})]
 
 
+@_named
 def velocity_checks(final_loss: float) -> list[dg.AssetCheckResult]:
     finite = final_loss is not None and math.isfinite(final_loss)
     return [dg.AssetCheckResult(check_name="loss_finite", passed=finite,
@@ -89,6 +120,7 @@ def non_finite_loss_check(message: str, step: int | None, last_checkpoint, parti
     )
 
 
+@_named
 def evaluation_checks(metrics: dict[str, Any], t: CheckThresholds) -> list[dg.AssetCheckResult]:
     out = []
     for name, limit, absent in (
@@ -100,5 +132,5 @@ def evaluation_checks(metrics: dict[str, Any], t: CheckThresholds) -> list[dg.As
             out.append(dg.AssetCheckResult(check_name=name, passed=True, description=absent))
         else:
             out.append(dg.AssetCheckResult(check_name=name, passed=float(value) >= limit,
-                                           metadata={name: float(value), f"min_{name}": limit}))
+                                           metadata={name: round(float(value), 4), f"min_{name}": limit}))
     return out

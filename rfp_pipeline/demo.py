@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import sys
+import urllib.parse
 import uuid
 from pathlib import Path
 from typing import Any, TextIO
@@ -57,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
 
     import dagster as dg
 
-    from rfp_pipeline import experiments as exps
+    from rfp_core import experiments as exps
     from rfp_pipeline.definitions import default_resources
     from rfp_pipeline.partitions import EXPERIMENTS
 
@@ -102,7 +103,9 @@ def main(argv: list[str] | None = None) -> int:
     print("\nopen the UIs (from the project root):")
     print(f"  Dagster: DAGSTER_HOME={dagster_home} RFP_HOME={rfp_home()} .venv/bin/dagster dev -w workspace.yaml"
           "   -> http://127.0.0.1:3000")
-    print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {tracking}   -> http://127.0.0.1:5000")
+    ui = resources["mlflow_tracking"].ui_base()  # the address the run links in Dagster were written with
+    port = urllib.parse.urlsplit(ui).port or 5000
+    print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {tracking} --port {port}   -> {ui}")
     print(ev["metrics"])
     return 0
 

@@ -17,21 +17,35 @@ from rfp_core.atomic import atomic_write_text
 
 RESULT_FILE = "result.json"
 KEEP_STAGE_DIRS = 2
-# the Markdown image is stored in the event log: keep it a thumbnail
-MAX_INLINE_SIDE = 512
+# The Markdown image is stored in the event log and Dagster shows it at its own pixel size: small
+# tiles (16-64 px) are enlarged by whole factors (nearest neighbour: sharp, and PNG packs the
+# repeated pixels) until the picture is about READABLE_WIDTH wide; none is kept over MAX_INLINE_SIDE.
+READABLE_WIDTH = 720
+MAX_INLINE_SIDE = 1024
+
+
+def readable_png(data: bytes) -> bytes:
+    """The PNG at a size one reads at a glance (see READABLE_WIDTH), or unchanged when it already is."""
+    with Image.open(io.BytesIO(data)) as img:
+        factor = max(1, READABLE_WIDTH // img.width)
+        factor = max(1, min(factor, MAX_INLINE_SIDE // max(img.size)))
+        if factor == 1 and max(img.size) <= MAX_INLINE_SIDE:
+            return data
+        img = img.convert("RGB")
+        if factor > 1:
+            img = img.resize((img.width * factor, img.height * factor), Image.Resampling.NEAREST)
+        else:
+            img.thumbnail((MAX_INLINE_SIDE, MAX_INLINE_SIDE))
+        buf = io.BytesIO()
+        img.save(buf, format="PNG", optimize=True)
+        return buf.getvalue()
 
 
 def markdown_image(png: bytes | Path, alt: str = "grid") -> dg.MetadataValue:
-    """A PNG shown inline in the UI (there is no image metadata type; Markdown data URIs render)."""
-    data = Path(png).read_bytes() if isinstance(png, Path) else png
-    with Image.open(io.BytesIO(data)) as img:
-        if max(img.size) > MAX_INLINE_SIDE:
-            img = img.convert("RGB")
-            img.thumbnail((MAX_INLINE_SIDE, MAX_INLINE_SIDE))
-            buf = io.BytesIO()
-            img.save(buf, format="PNG")
-            data = buf.getvalue()
-    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})")
+    """A PNG shown in the UI at a readable size (there is no image metadata type; Markdown data
+    URIs render). The caption under it says what the rows are."""
+    data = readable_png(Path(png).read_bytes() if isinstance(png, Path) else png)
+    return dg.MetadataValue.md(f"![{alt}](data:image/png;base64,{base64.b64encode(data).decode()})\n\n*{alt}*")
 
 
 def write_result(stage_dir: Path, record: dict[str, Any]) -> Path:

@@ -19,7 +19,13 @@ from rfp_core import paths, tracking
 from rfp_core.config import ConfigError, ExperimentConfig
 from rfp_core.frame_store import FrameStore
 from rfp_core.hashing import HashCache
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
+
+
+DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s own default address
+# MLflow 3.17's UI picks GenAI or model-training pages from this query parameter (else its own
+# stored choice, GenAI at first); the experimentKind tag (rfp_core.tracking) is what older 3.x read
+ML_WORKFLOW = "workflowType=machine_learning"
 
 
 def _env(value: str, var: str) -> str:
@@ -89,15 +95,9 @@ class RfpHome(dg.ConfigurableResource):
 
     def resolve_device(self) -> str:
         dev = _env(self.device, "RFP_DEVICE")
-        if dev:
-            return dev
-        import torch
+        from rfp_core.device import pick_device
 
-        if torch.cuda.is_available():
-            return "cuda"
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return "mps"
-        return "cpu"
+        return str(pick_device(dev or None))
 
 
 class MlflowTracking(dg.ConfigurableResource):
@@ -111,7 +111,11 @@ class MlflowTracking(dg.ConfigurableResource):
         description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts, or for a tracking "
         "server (http[s] URI) the server's own --artifacts-destination, uploaded through it",
     )
-    ui_url: str = Field(default="", description="base URL of `mlflow ui` for run links; empty = $MLFLOW_UI_URL or http://127.0.0.1:5000")
+    ui_url: str = Field(
+        default="",
+        description="base URL of `mlflow ui` for the run links in Dagster's metadata, read when a stage materialises "
+        "(the link is stored with it); empty = $MLFLOW_UI_URL or http://127.0.0.1:5000",
+    )
 
     def uri(self) -> str:
         return tracking.tracking_uri(self.tracking_uri)
@@ -132,12 +136,12 @@ class MlflowTracking(dg.ConfigurableResource):
         return tracking.experiment_id(name, self.tracking_uri, self.artifact_root)
 
     @contextlib.contextmanager
-    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any]) -> Iterator[Any]:
-        """`with tracking.start_run(exp, name, tags) as run:` an active MLflow run; ended (FAILED on error) on exit."""
-        import mlflow
-
-        exp_id = self.experiment_id(experiment)
-        with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags={k: str(v) for k, v in tags.items()}) as run:
+    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any],
+                  manifest: tuple[Path, str] | None = None) -> Iterator[Any]:
+        """`with tracking.start_run(exp, name, tags) as run:` an active MLflow run; ended (FAILED on error) on exit.
+        System metrics are sampled while it runs when psutil is installed; `manifest` = (parquet, content
+        version) is logged as its training dataset (rfp_core.tracking)."""
+        with tracking.start_run(experiment, run_name, tags, self.tracking_uri, self.artifact_root, manifest=manifest) as run:
             yield run
 
     @contextlib.contextmanager
@@ -148,9 +152,11 @@ class MlflowTracking(dg.ConfigurableResource):
         with mlflow.start_run(run_id=run_id) as run:
             yield run
 
-    def log_translator(self, checkpoint: Path, registered_name: str) -> tuple[str, str | None]:
-        """Log the pyfunc translator (checkpoint as its artifact) in the active run and register a
-        version under `registered_name`. Returns (model URI, registered version)."""
+    def log_translator(self, checkpoint: Path, registered_name: str, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
+        """Log the pyfunc translator (the final checkpoint as its artifact: one MLflow logged model
+        per final checkpoint) in the active run and register a version under `registered_name`;
+        `tags` (partition, data versions) go on both the logged model and the version.
+        Returns (model URI, registered version)."""
         import importlib.metadata as md
 
         import mlflow
@@ -173,13 +179,27 @@ class MlflowTracking(dg.ConfigurableResource):
             # explicit: MLflow's requirement inference would load the model in a subprocess
             pip_requirements=[pin(p) for p in ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyarrow", "tqdm")],
             registered_model_name=registered_name,
+            tags=tags or None,
         )
         version = getattr(info, "registered_model_version", None)
+        if version is not None:
+            client = self.client()
+            for key, value in (tags or {}).items():
+                client.set_model_version_tag(registered_name, str(version), key, str(value))
         return info.model_uri, None if version is None else str(version)
 
+    def ui_base(self) -> str:
+        return (_env(self.ui_url, "MLFLOW_UI_URL") or DEFAULT_UI_URL).rstrip("/")
+
     def run_url(self, run: Any) -> str:
-        base = (_env(self.ui_url, "MLFLOW_UI_URL") or "http://127.0.0.1:5000").rstrip("/")
-        return f"{base}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}"
+        """The run's page under `ui_base()` as it is now: Dagster stores the link with the
+        materialisation, so a UI moved to another address later needs a re-materialisation.
+        MLflow 3 opens on its GenAI pages unless told the workflow (`?workflowType=`)."""
+        return f"{self.ui_base()}/#/experiments/{run.info.experiment_id}/runs/{run.info.run_id}?{ML_WORKFLOW}"
+
+    def experiment_url(self, experiment_id: str) -> str:
+        """The experiment's training-runs table (not the GenAI overview MLflow 3 opens by default)."""
+        return f"{self.ui_base()}/#/experiments/{experiment_id}?{ML_WORKFLOW}"
 
 
 class CheckThresholds(dg.ConfigurableResource):

@@ -29,6 +29,7 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "saliency_checkpoint": ("accuracy", "accuracy_threshold", "steps"),
     "velocity_checkpoint": ("final_loss", "steps", "images_per_s", "registered_model"),
     "evaluation_samples": ("transfer_rate", "mask_iou", "fd", "cycle_error", "champion"),
+    "translated_media": ("outputs", "video_frames", "flicker_ratio_mean"),
 }
 # training stage -> (MLflow run-name prefix, the metrics the progress bar shows; the first sets its step)
 TRAINING: dict[str, tuple[str, tuple[str, ...]]] = {

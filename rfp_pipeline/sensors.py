@@ -10,7 +10,7 @@ import json
 import dagster as dg
 
 from rfp_core.config import ConfigError
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, media_manifest
 from rfp_pipeline.partitions import EXPERIMENTS, experiments_partitions
 from rfp_pipeline.resources import RfpHome

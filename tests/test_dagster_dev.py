@@ -17,7 +17,8 @@ import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
 EXPECTED = {"experiment_config", "media_manifest", "frame_store", "structure_embeddings", "structure_pairs",
-            "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"}
+            "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples", "translated_media",
+            "reflow_couplings", "reflow_checkpoint", "distilled_checkpoint"}
 
 
 def free_port() -> int:

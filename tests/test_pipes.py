@@ -10,7 +10,7 @@ import pytest
 from test_pipeline import TINY_OVERRIDES, make_project, register_partitions, resources_for
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets import assets
 from rfp_pipeline.assets.ingest import load_spec
 from rfp_pipeline.assets.training import current_codec

@@ -177,7 +177,8 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     from rfp_core.demo_data import DEFAULT_NUM, make_demo_data
     from rfp_core.evaluate import evaluate_run, train_judge
     from rfp_core.frame_store import FrameStore
-    from rfp_core.train.run import pick_device, train_run
+    from rfp_core.device import pick_device
+    from rfp_core.train.run import train_run
     from rfp_core.translate import Translator
 
     start = time.perf_counter()

@@ -112,81 +112,92 @@ class SeekDecoder:
 def run(quick: bool = False, device: str | None = None) -> dict:
     # full: 1080p, the common camera / phone format; GOP 60 (2 s at 30 fps)
     n_videos, n_frames, (vw, vh) = (2, 90, (320, 240)) if quick else (2, 300, (1920, 1080))
-    gop, crop_size, n_samples = 60, 128, (60 if quick else 150)
-    n_small = 1000 if quick else 10_000
     torch.manual_seed(0)
     result: dict = {"quick": quick, "device": "cpu", "cpu_count": os.cpu_count(), "machine": platform.machine(),
                     "torch_threads": torch.get_num_threads()}
     with _temp_home() as root:
-        # (a) ingest frames/s over a folder of videos, cold store
-        videos = root / "videos"
-        videos.mkdir()
-        log(f"making {n_videos} videos of {n_frames} frames at {vw}x{vh}, GOP {gop}")
-        paths = [make_bench_video(videos / f"clip{i}.mp4", n_frames, vw, vh, gop=gop, seed=i) for i in range(n_videos)]
+        store = FrameStore(max_side=512)
         empty = root / "empty"
         empty.mkdir()
-        store = FrameStore(max_side=512)
-        report = ingest([videos], [empty], out=root / "videos.parquet", store=store, progress=False)
-        frames = report.n_ok
-        result.update(ingest_frames=frames, ingest_s=round(report.seconds, 3),
-                      ingest_frames_per_s=round(frames / report.seconds, 2), video_size=f"{vw}x{vh}", gop=gop)
-        log(f"(a) ingested {frames} frames in {report.seconds:.2f} s: {frames / report.seconds:.1f} frames/s")
-
-        # (b) samples/s: FrameDataset from the store vs seek-and-decode, same random frames, same crop
-        ds = FrameDataset(report.table, store, domain=0, size=crop_size, split="all")
-        rows = report.table.to_pylist()
-        picks = torch.randint(len(ds), (n_samples,)).tolist()
-        crop = TrainCrop(crop_size, train=True)
-        by_key = {r["frame_key"]: r for r in rows}
-        targets = [(Path(by_key[ds.frame_keys[p]]["source_path"]), by_key[ds.frame_keys[p]]["frame_index"]) for p in picks]
-        n_seek = max(10, n_samples // 5)  # it is slow; fewer samples give the same rate
-        per_seek = n_samples // n_seek
-        kept, reopened = SeekDecoder(paths), SeekDecoder(paths, reopen=True)
-        # interleaved, so a shared machine's load changes hit all three alike
-        spent = {"store": 0.0, "seek": 0.0, "reopen": 0.0}
-        for i in range(n_seek):
-            t0 = time.perf_counter()
-            crop(kept.frame(*targets[i]))
-            t1 = time.perf_counter()
-            crop(reopened.frame(*targets[i]))
-            t2 = time.perf_counter()
-            for j in range(per_seek):
-                ds[picks[i * per_seek + j]]
-            t3 = time.perf_counter()
-            spent["seek"] += t1 - t0
-            spent["reopen"] += t2 - t1
-            spent["store"] += t3 - t2
-        kept.close()
-        reopened.close()
-        store_rate = n_seek * per_seek / spent["store"]
-        seek_rate, reopen_rate = n_seek / spent["seek"], n_seek / spent["reopen"]
-        result.update(store_samples_per_s=round(store_rate, 2), seek_samples_per_s=round(seek_rate, 2),
-                      seek_reopen_samples_per_s=round(reopen_rate, 2), loader_speedup_vs_seek=round(store_rate / seek_rate, 2),
-                      loader_speedup_vs_seek_reopen=round(store_rate / reopen_rate, 2), crop_size=crop_size,
-                      store_min_side=ds.min_side)
-        log(f"(b) store {store_rate:.1f} samples/s, seek-decode {seek_rate:.1f} samples/s (containers kept open): "
-            f"x{store_rate / seek_rate:.1f}; opening the file per sample {reopen_rate:.1f}/s: x{store_rate / reopen_rate:.1f}")
-
-        # (c) re-scan of an unchanged folder of small files
-        small = root / "small"
-        log(f"making {n_small} small images")
-        for i in range(n_small):
-            sub = small / f"{i // 100:03d}"
-            if i % 100 == 0:
-                sub.mkdir(parents=True)
-            Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 7)).save(sub / f"{i:05d}.png", compress_level=1)
-        first = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
-        log(f"first ingest of {n_small} files: {first.seconds:.2f} s")
-        again = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
-        assert again.files_hashed == 0 and again.frames_decoded == 0, "an unchanged folder was hashed or decoded again"
-        start = time.perf_counter()
-        cache = HashCache()
-        for media in discover([small]):
-            cache.md5(media.path)
-        hash_only = time.perf_counter() - start
-        scale = 10_000 / n_small
-        result.update(rescan_files=n_small, rescan_s=round(again.seconds, 3), rescan_10k_s=round(again.seconds * scale, 3),
-                      rescan_discover_hash_10k_s=round(hash_only * scale, 3), first_ingest_small_s=round(first.seconds, 3),
-                      rescan_files_hashed=again.files_hashed, rescan_frames_decoded=again.frames_decoded)
-        log(f"(c) re-scan of {n_small} unchanged files: {again.seconds:.3f} s (discover + hash lookups {hash_only:.3f} s)")
+        report, paths = _ingest_videos(root, store, empty, n_videos, n_frames, vw, vh, result)
+        _loader_vs_seek(report, store, paths, 60 if quick else 150, result)
+        _rescan(root, store, empty, 1000 if quick else 10_000, result)
     return result
+
+
+def _ingest_videos(root: Path, store: FrameStore, empty: Path, n_videos: int, n_frames: int, vw: int, vh: int,
+                   result: dict, gop: int = 60):
+    """(a) ingest frames/s over a folder of videos, cold store."""
+    videos = root / "videos"
+    videos.mkdir()
+    log(f"making {n_videos} videos of {n_frames} frames at {vw}x{vh}, GOP {gop}")
+    paths = [make_bench_video(videos / f"clip{i}.mp4", n_frames, vw, vh, gop=gop, seed=i) for i in range(n_videos)]
+    report = ingest([videos], [empty], out=root / "videos.parquet", store=store, progress=False)
+    frames = report.n_ok
+    result.update(ingest_frames=frames, ingest_s=round(report.seconds, 3),
+                  ingest_frames_per_s=round(frames / report.seconds, 2), video_size=f"{vw}x{vh}", gop=gop)
+    log(f"(a) ingested {frames} frames in {report.seconds:.2f} s: {frames / report.seconds:.1f} frames/s")
+    return report, paths
+
+
+def _loader_vs_seek(report, store: FrameStore, paths: list[Path], n_samples: int, result: dict,
+                    crop_size: int = 128) -> None:
+    """(b) samples/s: FrameDataset from the store vs seek-and-decode, same random frames, same crop."""
+    ds = FrameDataset(report.table, store, domain=0, size=crop_size, split="all")
+    picks = torch.randint(len(ds), (n_samples,)).tolist()
+    crop = TrainCrop(crop_size, train=True)
+    by_key = {r["frame_key"]: r for r in report.table.to_pylist()}
+    targets = [(Path(by_key[ds.frame_keys[p]]["source_path"]), by_key[ds.frame_keys[p]]["frame_index"]) for p in picks]
+    n_seek = max(10, n_samples // 5)  # it is slow; fewer samples give the same rate
+    per_seek = n_samples // n_seek
+    kept, reopened = SeekDecoder(paths), SeekDecoder(paths, reopen=True)
+    # interleaved, so a shared machine's load changes hit all three alike
+    spent = {"store": 0.0, "seek": 0.0, "reopen": 0.0}
+    for i in range(n_seek):
+        t0 = time.perf_counter()
+        crop(kept.frame(*targets[i]))
+        t1 = time.perf_counter()
+        crop(reopened.frame(*targets[i]))
+        t2 = time.perf_counter()
+        for j in range(per_seek):
+            ds[picks[i * per_seek + j]]
+        t3 = time.perf_counter()
+        spent["seek"] += t1 - t0
+        spent["reopen"] += t2 - t1
+        spent["store"] += t3 - t2
+    kept.close()
+    reopened.close()
+    store_rate = n_seek * per_seek / spent["store"]
+    seek_rate, reopen_rate = n_seek / spent["seek"], n_seek / spent["reopen"]
+    result.update(store_samples_per_s=round(store_rate, 2), seek_samples_per_s=round(seek_rate, 2),
+                  seek_reopen_samples_per_s=round(reopen_rate, 2), loader_speedup_vs_seek=round(store_rate / seek_rate, 2),
+                  loader_speedup_vs_seek_reopen=round(store_rate / reopen_rate, 2), crop_size=crop_size,
+                  store_min_side=ds.min_side)
+    log(f"(b) store {store_rate:.1f} samples/s, seek-decode {seek_rate:.1f} samples/s (containers kept open): "
+        f"x{store_rate / seek_rate:.1f}; opening the file per sample {reopen_rate:.1f}/s: x{store_rate / reopen_rate:.1f}")
+
+
+def _rescan(root: Path, store: FrameStore, empty: Path, n_small: int, result: dict) -> None:
+    """(c) re-scan of an unchanged folder of small files."""
+    small = root / "small"
+    log(f"making {n_small} small images")
+    for i in range(n_small):
+        sub = small / f"{i // 100:03d}"
+        if i % 100 == 0:
+            sub.mkdir(parents=True)
+        Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 7)).save(sub / f"{i:05d}.png", compress_level=1)
+    first = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
+    log(f"first ingest of {n_small} files: {first.seconds:.2f} s")
+    again = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
+    if again.files_hashed != 0 or again.frames_decoded != 0:
+        raise RuntimeError("an unchanged folder was hashed or decoded again on re-scan")
+    start = time.perf_counter()
+    cache = HashCache()
+    for media in discover([small]):
+        cache.md5(media.path)
+    hash_only = time.perf_counter() - start
+    scale = 10_000 / n_small
+    result.update(rescan_files=n_small, rescan_s=round(again.seconds, 3), rescan_10k_s=round(again.seconds * scale, 3),
+                  rescan_discover_hash_10k_s=round(hash_only * scale, 3), first_ingest_small_s=round(first.seconds, 3),
+                  rescan_files_hashed=again.files_hashed, rescan_frames_decoded=again.frames_decoded)
+    log(f"(c) re-scan of {n_small} unchanged files: {again.seconds:.3f} s (discover + hash lookups {hash_only:.3f} s)")

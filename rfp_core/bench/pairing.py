@@ -57,9 +57,10 @@ def _child(n0: int, n1: int, dim: int, k: int, chunk_size: int, device: str) -> 
 
 
 def run(quick: bool = False, device: str | None = None, chunk_size: int = 4096) -> dict:
-    import torch
 
-    device = device or ("cuda" if torch.cuda.is_available() else "cpu")
+    from rfp_core.device import pick_device
+
+    device = str(pick_device(device))
     sizes = QUICK if quick else FULL
     args = ", ".join(f"{v!r}" for v in (*sizes.values(), chunk_size, device))
     code = f"from rfp_core.bench.pairing import _child; _child({args})"

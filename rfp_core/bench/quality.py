@@ -335,7 +335,7 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
     from rfp_core.bench.ablation import splice_benchmarks
     from rfp_core.bench.quality_report import markdown
     from rfp_core.paths import project_root, rfp_home
-    from rfp_core.train.run import pick_device
+    from rfp_core.device import pick_device
 
     start = time.perf_counter()
     dev = pick_device(device)

@@ -118,7 +118,7 @@ def run(quick: bool = False, device: str | None = None, seeds: int | None = None
     from rfp_core.config import ConfigError
     from rfp_core.paths import project_root, rfp_home
     from rfp_core.train.reflow_run import reflow_run
-    from rfp_core.train.run import pick_device
+    from rfp_core.device import pick_device
 
     start = time.perf_counter()
     dev = pick_device(device)

@@ -34,7 +34,8 @@ def run(quick: bool = False, device: str | None = None, config: str | None = Non
     from rfp_core.frame_store import FrameStore
     from rfp_core.ingest import ingest
     from rfp_core.paths import rfp_home, runs_dir
-    from rfp_core.train.run import pick_device, smoke_config, train_run
+    from rfp_core.device import pick_device
+    from rfp_core.train.run import smoke_config, train_run
 
     if not config:
         raise ConfigError("rfp bench run needs --config CONFIG (a config file, e.g. configs/demo.json)")

@@ -28,6 +28,7 @@ from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
 from rfp_core import flow
+from rfp_core.device import pick_device
 from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.nets import build_velocity_net
@@ -50,12 +51,6 @@ ORIGINAL_SMALL_DIT = dict(name="original_small_dit_64px", size=64, batch=2,
 QUICK = dict(TINY, name="project_tiny_32px_quick", rounds=2, block=1, loss_rounds=2)
 
 TARGETS = {"speedup_vs_reference": 1.8, "translation_over_generative": 1.6}
-
-
-def _device(name: str | None) -> torch.device:
-    if name:
-        return torch.device(name)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _gflops(fn: Callable[[], None]) -> float:
@@ -85,7 +80,7 @@ def _alternate(variants: dict[str, Callable[[], None]], rounds: int, block: int,
 
 def run(quick: bool = False, device: str | None = None) -> dict:
     """Headline figures on the project's CPU config; full mode adds the original 'small' config."""
-    dev = _device(device)
+    dev = pick_device(device)
     head = measure(QUICK if quick else TINY, dev)
     result = {k: head.pop(k) for k in ("speedup_vs_reference", "translation_over_generative", "images_per_s")}
     result["targets"] = {k: (">= " if k.startswith("speedup") else "<= ") + str(v) for k, v in TARGETS.items()}

@@ -79,7 +79,9 @@ def _row(job: dict, ranks: int, device: str) -> dict:
 
 
 def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
-    dev = torch.device(device or ("cuda" if torch.cuda.is_available() else "cpu"))
+    from rfp_core.device import pick_device
+
+    dev = pick_device(device)
     if nproc < 2:
         raise ConfigError(f"--nproc-per-node {nproc}: the benchmark compares 1 rank with N >= 2 ranks")
     if dev.type == "cuda" and torch.cuda.device_count() < nproc:

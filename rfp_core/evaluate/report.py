@@ -27,10 +27,11 @@ from rfp_core.evaluate.judge import Judge, train_judge
 from rfp_core.flow import nfe as flow_nfe
 from rfp_core.flow import straightness as flow_straightness
 from rfp_core.frame_store import FrameStore
-from rfp_core.images import save_grid, to_pil
+from rfp_core.images import paired_rows, save_grid, to_pil
 from rfp_core.manifest import read_manifest
 
-GRID_COLUMNS = 8
+# every evaluated image is in the grids, GRID_COLUMNS to a row pair (input row above its output row)
+GRID_COLUMNS = 10
 # DINOv2 ids as `build_encoder` names a model with the released weights (an injected one gets "-custom")
 _REAL_DINO = {"dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14"}
 
@@ -157,26 +158,8 @@ def evaluate_run(
     size = int(translator.size)
     table = read_manifest(manifest)
     torch.manual_seed(seed)
-
-    ds0 = FrameDataset(table, store, 0, size, split="holdout", holdout_fraction=holdout_fraction, train_crop=False)
-    ds1 = FrameDataset(table, store, 1, size, split="holdout", holdout_fraction=holdout_fraction, train_crop=False)
-    x0, x1 = _stack(ds0, max_images), _stack(ds1, max_images)
-    keys0 = ds0.frame_keys[: len(x0)]
-    if len(x0) < 2 or len(x1) < 2:
-        raise ValueError(
-            f"{manifest}: only {len(x0)} / {len(x1)} held-out frames in domain 0 / 1; the evaluation needs at "
-            f"least 2 each: add frames or raise saliency.holdout_fraction ({holdout_fraction})"
-        )
-
-    # -- translate: forward, timed; then back
-    with torch.no_grad():
-        # warm-up (CUDA context, kernel choice) outside the timing
-        translator.translate(x0[:2].to(device), steps=1, sampler=sampler)
-        t_start = time.perf_counter()
-        out = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler), x0, batch_size, device)
-        seconds = time.perf_counter() - t_start
-        back = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler, reverse=True), out, batch_size, device)
-    out = out.clamp(-1, 1)
+    x0, x1, keys0 = _held_out(table, store, size, holdout_fraction, max_images, manifest)
+    out, back, seconds = _translate_both(translator, x0, steps, sampler, batch_size, device)
 
     # -- style: an independent judge, trained now on real held-out frames of both domains
     if judge is None:
@@ -186,34 +169,9 @@ def evaluate_run(
         "judge_accuracy": judge.accuracy,
         "judge_real_domain0_as_domain1": float((judge.predict_proba(x0) >= 0.5).float().mean()),
     }
-
-    # -- realism: the judge's features always; DINOv2's when the released weights are loaded;
-    #    each with its floor (real domain-1 frames scored the same way)
     floor = _floor_frames(table, store, size, holdout_fraction, len(out), seed)
-    feats = lambda x: None if x is None else judge.features(x).numpy()  # noqa: E731
-    result.update(_realism("judge", feats(out), feats(x1), feats(floor)))
-    spaces = ["judge"]
-    enc_id = getattr(structure_encoder, "encoder_id", None)
-    out_pil = [to_pil(x) for x in out]
-    if enc_id in _REAL_DINO:
-        embed = lambda x: None if x is None else structure_encoder.embed([to_pil(i) for i in x])  # noqa: E731
-        result.update(_realism("dinov2", structure_encoder.embed(out_pil), embed(x1), embed(floor)))
-        spaces.insert(0, "dinov2")
-    result["realism_feature_space"] = spaces[0]
-
-    # -- content
-    if structure_encoder is not None:
-        emb_in = structure_encoder.embed([to_pil(x) for x in x0])
-        result["structure_similarity"] = M.cosine_similarity(emb_in, structure_encoder.embed(out_pil))
-        result["structure_encoder"] = enc_id
-    if masks_dir is not None:
-        idx, true = _true_masks(Path(masks_dir), _source_stems(table, keys0), keys0, size)
-        result["mask_count"] = len(idx)
-        if idx:
-            bg = background if background is not None else _demo_background()
-            result["mask_iou"] = M.mask_iou(M.foreground_mask(out[idx], bg, mask_threshold), true)
-            # the same measurement on the inputs: ~1 says the mask finder itself is right
-            result["mask_iou_input"] = M.mask_iou(M.foreground_mask(x0[idx], bg, mask_threshold), true)
+    result.update(_realism_all(judge, structure_encoder, out, x1, floor))
+    result.update(_content(structure_encoder, x0, out, masks_dir, table, keys0, size, background, mask_threshold))
 
     # -- flow
     z0 = _in_chunks(translator.encode, x0[:batch_size], batch_size, device)
@@ -223,18 +181,87 @@ def evaluate_run(
     result["cycle_error"] = M.cycle_error(x0, back)
     result.update({"steps": steps, "sampler": sampler, "n_eval": len(x0), "n_real_domain1": len(x1),
                    "judge_n_train": judge.n_train, "judge_n_holdout": judge.n_holdout})
+    return {**result, "paths": _write(out_dir, result, x0, out, back, keys0)}
 
-    # -- pictures and the file
+
+def _held_out(table, store: FrameStore, size: int, holdout_fraction: float, max_images: int | None,
+              manifest) -> tuple[torch.Tensor, torch.Tensor, list[str]]:
+    """The held-out frames of both domains (never trained on) and domain 0's frame keys."""
+    ds0 = FrameDataset(table, store, 0, size, split="holdout", holdout_fraction=holdout_fraction, train_crop=False)
+    ds1 = FrameDataset(table, store, 1, size, split="holdout", holdout_fraction=holdout_fraction, train_crop=False)
+    x0, x1 = _stack(ds0, max_images), _stack(ds1, max_images)
+    if len(x0) < 2 or len(x1) < 2:
+        raise ValueError(
+            f"{manifest}: only {len(x0)} / {len(x1)} held-out frames in domain 0 / 1; the evaluation needs at "
+            f"least 2 each: add frames or raise saliency.holdout_fraction ({holdout_fraction})"
+        )
+    return x0, x1, ds0.frame_keys[: len(x0)]
+
+
+@torch.no_grad()
+def _translate_both(translator: TranslatorLike, x0: torch.Tensor, steps: int, sampler: str, batch_size: int,
+                    device: torch.device) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """Forward (timed, clamped to the image range), then back; and the forward seconds."""
+    translator.translate(x0[:2].to(device), steps=1, sampler=sampler)  # warm-up (CUDA context, kernels) untimed
+    t_start = time.perf_counter()
+    out = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler), x0, batch_size, device)
+    seconds = time.perf_counter() - t_start
+    back = _in_chunks(lambda b: translator.translate(b, steps=steps, sampler=sampler, reverse=True), out, batch_size,
+                      device)
+    return out.clamp(-1, 1), back, seconds
+
+
+def _realism_all(judge: Judge, structure_encoder, out: torch.Tensor, x1: torch.Tensor, floor) -> dict[str, Any]:
+    """FD / KID in the judge's features always; in DINOv2's when the released weights are loaded;
+    each with its floor (real domain-1 frames scored the same way)."""
+    def feats(x):
+        return None if x is None else judge.features(x).numpy()
+
+    result = _realism("judge", feats(out), feats(x1), feats(floor))
+    spaces = ["judge"]
+    if getattr(structure_encoder, "encoder_id", None) in _REAL_DINO:
+        def embed(x):
+            return None if x is None else structure_encoder.embed([to_pil(i) for i in x])
+
+        result.update(_realism("dinov2", embed(out), embed(x1), embed(floor)))
+        spaces.insert(0, "dinov2")
+    result["realism_feature_space"] = spaces[0]
+    return result
+
+
+def _content(structure_encoder, x0: torch.Tensor, out: torch.Tensor, masks_dir, table, keys0: list[str], size: int,
+             background, mask_threshold: float) -> dict[str, Any]:
+    """Content kept: structure-embedding similarity (with an encoder), mask IoU (with true masks)."""
+    result: dict[str, Any] = {}
+    if structure_encoder is not None:
+        emb_in = structure_encoder.embed([to_pil(x) for x in x0])
+        result["structure_similarity"] = M.cosine_similarity(emb_in, structure_encoder.embed([to_pil(x) for x in out]))
+        result["structure_encoder"] = getattr(structure_encoder, "encoder_id", None)
+    if masks_dir is not None:
+        idx, true = _true_masks(Path(masks_dir), _source_stems(table, keys0), keys0, size)
+        result["mask_count"] = len(idx)
+        if idx:
+            bg = background if background is not None else _demo_background()
+            result["mask_iou"] = M.mask_iou(M.foreground_mask(out[idx], bg, mask_threshold), true)
+            # the same measurement on the inputs: ~1 says the mask finder itself is right
+            result["mask_iou_input"] = M.mask_iou(M.foreground_mask(x0[idx], bg, mask_threshold), true)
+    return result
+
+
+def _write(out_dir: Path, result: dict, x0: torch.Tensor, out: torch.Tensor, back: torch.Tensor,
+           keys0: list[str]) -> dict[str, str]:
+    """The grids and metrics.json (non-finite numbers as null); their paths."""
     # still images first: consecutive video frames would fill the grid with one scene
-    pick = sorted(range(len(keys0)), key=lambda i: ":" in keys0[i])[:GRID_COLUMNS]
+    pick = sorted(range(len(keys0)), key=lambda i: ":" in keys0[i])
     paths = {
-        "grid_translate": str(save_grid([x0[pick], out[pick]], out_dir / "grid_translate.png")),
-        "grid_cycle": str(save_grid([out[pick], back[pick].clamp(-1, 1)], out_dir / "grid_cycle.png")),
+        "grid_translate": str(save_grid(paired_rows(x0[pick], out[pick], GRID_COLUMNS), out_dir / "grid_translate.png")),
+        "grid_cycle": str(save_grid(paired_rows(out[pick], back[pick].clamp(-1, 1), GRID_COLUMNS),
+                                    out_dir / "grid_cycle.png")),
         "metrics": str(out_dir / "metrics.json"),
     }
     clean = {k: (None if isinstance(v, float) and not math.isfinite(v) else v) for k, v in result.items()}
     atomic_write_text(out_dir / "metrics.json", json.dumps(clean, indent=2, sort_keys=True) + "\n")
-    return {**result, "paths": paths}
+    return paths
 
 
 def _demo_background() -> tuple[float, float, float]:

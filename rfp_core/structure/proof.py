@@ -21,10 +21,28 @@ def _tile(store, key: str, size: int) -> Image.Image:
         return Image.new("RGB", (size, size), (90, 0, 90))
 
 
-def proof_sheet(pairs: pa.Table, store, rows: int = 8, size: int = 64) -> Image.Image:
-    """The first `rows` domain-0 keys (in table order) with their matches sorted by rank."""
+def spread(keys: list[str], sources: dict[str, str] | None, n: int) -> list[str]:
+    """`n` of `keys` taken in turn from each source file (the first frame of every file, then the
+    second, ...), in first-seen order: eight frames of one video would show one shape eight times."""
+    if not sources:
+        return keys[:n]
+    by_source: dict[str, list[str]] = {}
+    for k in keys:
+        by_source.setdefault(sources.get(k, k), []).append(k)
+    queues = list(by_source.values())
+    out: list[str] = []
+    depth = 0
+    while len(out) < n and any(depth < len(q) for q in queues):
+        out += [q[depth] for q in queues if depth < len(q)][: n - len(out)]
+        depth += 1
+    return out
+
+
+def proof_sheet(pairs: pa.Table, store, rows: int = 8, size: int = 64, sources: dict[str, str] | None = None) -> Image.Image:
+    """`rows` domain-0 keys with their matches sorted by rank; with `sources` (frame key -> source
+    file) the rows come from as many different files as there are (`spread`), else table order."""
     d0 = pairs.column("d0_key").to_pylist()
-    chosen = list(dict.fromkeys(d0))[:rows]
+    chosen = spread(list(dict.fromkeys(d0)), sources, rows)
     want = set(chosen)
     matches: dict[str, list[tuple[int, str, float]]] = {key: [] for key in chosen}
     for a, b, r, s in zip(d0, pairs.column("d1_key").to_pylist(), pairs.column("rank").to_pylist(), pairs.column("similarity").to_pylist()):

@@ -15,7 +15,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -23,16 +22,16 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from rfp_core.atomic import sweep_temps
-from rfp_core.config import ConfigError, ModelConfig, config_from_dict
+from rfp_core.config import ConfigError, ModelConfig
 from rfp_core.data import FrameDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.autoencoder import build_codec
+from rfp_core.tracking import LogFn
 from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)
 from rfp_core.train.resume import StepSampler, rng_state, set_rng_state
 from rfp_core.train.saliency import augment_batch, build_augment
 from rfp_core.train.schedule import lr_at
 
-LogFn = Callable[[dict, int], None]
 MAX_EVAL_IMAGES = 256  # held-out images scored for recon_l1
 LOG_EVERY = 25
 
@@ -191,13 +190,3 @@ def train_codec(
         log({"codec/recon_l1": recon, "codec/recon_l1_init": recon_init}, step)
     save(step, finished=True, recon=recon)
     return CodecResult(path, recon, step, recon_init)
-
-
-def load_codec(path: str | Path, device: str | torch.device = "cpu") -> nn.Module:
-    """The codec of a codec.pt (config inside), frozen and in eval mode."""
-    from rfp_core.checkpoint import load_checkpoint
-    from rfp_core.train.codec_io import load_codec as load_codec_with_config
-
-    ckpt = load_checkpoint(Path(path), map_location="cpu")
-    cfg = config_from_dict(ckpt["config"], source=str(path))
-    return load_codec_with_config(cfg, None, device, state=ckpt["codec"])

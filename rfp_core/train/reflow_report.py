@@ -62,7 +62,7 @@ def reflow_rows(run, device=None, n: int = 32, score: ScoreFn | None = None,
     """The steps table; `solver` (default rk4 x 16, as the couplings) solves the reference and the
     paths whose straightness is reported."""
     from rfp_core.train.reflow_run import RunPaths
-    from rfp_core.train.run import pick_device
+    from rfp_core.device import pick_device
 
     paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
     device, solver = pick_device(device), solver or Solver()

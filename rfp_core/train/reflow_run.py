@@ -137,7 +137,7 @@ def reflow_run(run: str | Path | RunPaths, rounds: int = 1, pairs: int | None = 
                solver: Solver | None = None, train_steps: int | None = None, loss: Loss = "mse",
                from_scratch: bool = False, shard_size: int = 64, device=None, progress: bool = True) -> ReflowResult:
     """`rounds` reflow rounds on top of the 1-RF checkpoint, then (with `distill`) a one-step map."""
-    from rfp_core.train.run import pick_device
+    from rfp_core.device import pick_device
 
     paths = run if isinstance(run, RunPaths) else RunPaths.of_run(run)
     device = pick_device(device)

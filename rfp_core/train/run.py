@@ -24,23 +24,8 @@ import torch
 
 from rfp_core.atomic import atomic_write_text
 from rfp_core.config import ConfigError, ModelConfig, config_from_dict, load_config
+from rfp_core.device import pick_device
 from rfp_core.paths import resolve_against_root, runs_dir
-
-
-def pick_device(requested: str | torch.device | None = None) -> torch.device:
-    """`requested` if given (and usable), else CUDA, then MPS, then CPU."""
-    if requested is not None:
-        device = torch.device(requested)
-        if device.type == "cuda" and not torch.cuda.is_available():
-            raise ConfigError(f"--device {requested}: CUDA is not available on this machine; use --device cpu")
-        if device.type == "mps" and not torch.backends.mps.is_available():
-            raise ConfigError(f"--device {requested}: MPS is not available on this machine; use --device cpu")
-        return device
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
 
 
 def smoke_config(cfg: ModelConfig) -> ModelConfig:

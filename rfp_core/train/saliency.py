@@ -36,15 +36,20 @@ from tqdm.auto import tqdm
 from rfp_core.atomic import atomic_write_text, sweep_temps
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig, SaliencyNetConfig
-from rfp_core.data import MIN_SOURCES_TO_HALVE, FrameDataset, UnpairedDataset, holdout_parts
+from rfp_core.data import (
+    MIN_SOURCES_TO_HALVE,
+    FrameDataset,
+    UnpairedDataset,
+    holdout_parts,
+)
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
+from rfp_core.tracking import LogFn
 from rfp_core.train import distributed
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.resume import continue_saved, lineage_record, rng_state, saliency_inputs, set_rng_state
 from rfp_core.train.saliency_stop import StopRule
 
-LogFn = Callable[[dict, int], None]
 BACKBONE_LR_FACTOR = 0.1
 # held-out frames scored per domain at each evaluation (an evenly spaced, fixed subset)
 MAX_EVAL_PER_DOMAIN = 256

@@ -16,7 +16,6 @@ import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable
 
 import torch
 from torch import nn
@@ -25,23 +24,37 @@ from tqdm.auto import tqdm
 
 from rfp_core import flow
 from rfp_core.atomic import sweep_temps
-from rfp_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, prune_checkpoints, save_checkpoint
+from rfp_core.checkpoint import (
+    CheckpointError,
+    latest_checkpoint,
+    load_checkpoint,
+    prune_checkpoints,
+    save_checkpoint,
+)
 from rfp_core.config import ModelConfig, config_from_dict
 from rfp_core.data import FrameDataset, UnpairedDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.images import save_grid
 from rfp_core.nets import build_velocity_net
+from rfp_core.tracking import LogFn
 from rfp_core.train import distributed
-from rfp_core.train.codec_io import load_codec
 from rfp_core.train.anchor import RelativeAnchor
+from rfp_core.train.codec_io import load_codec
 from rfp_core.train.coupling import Coupler
 from rfp_core.train.ema import EMA, horizon_note
+from rfp_core.train.resume import (
+    budget_note,
+    lineage_record,
+    make_room,
+    resume_point,
+    rng_state,
+    set_rng_state,
+    trim_metrics,
+    velocity_inputs,
+)
 from rfp_core.train.saliency import load_saliency
 from rfp_core.train.schedule import lr_at
-from rfp_core.train.resume import (budget_note, lineage_record, make_room, resume_point, rng_state,
-                                   set_rng_state, trim_metrics, velocity_inputs)
 
-LogFn = Callable[[dict, int], None]
 CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
 SALT_T, SALT_NOISE = 1, 2  # per-sample draws (train/distributed.py): timestep, generative noise
 

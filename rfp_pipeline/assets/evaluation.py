@@ -8,7 +8,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from rfp_pipeline import experiments as exps
+from rfp_core.evaluate import explain
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import frame_store, load_spec
 from rfp_pipeline.assets.training import velocity_checkpoint
 from rfp_pipeline.automation import follows
@@ -98,25 +99,44 @@ def evaluation_samples(
     numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
     url = None
     if vel.get("mlflow_run_id"):
-        # the evaluation belongs to the velocity's run: runs compare side by side with their scores
+        # the evaluation belongs to the velocity's run: runs compare side by side with their scores;
+        # the logged model (models:/m-<id>) carries them too, so its page shows how it scored
+        model_id = str(vel.get("model_uri") or "").removeprefix("models:/") or None
         with mlflow_tracking.resume_run(vel["mlflow_run_id"]) as run:
-            mlflow.log_metrics({f"eval/{k}": v for k, v in numbers.items()})
+            mlflow.log_metrics({f"eval/{k}": v for k, v in numbers.items()}, model_id=model_id)
             mlflow.log_artifact(str(metrics_path), "evaluation")
             for g in grids.values():
                 mlflow.log_artifact(g, "evaluation")
             url = mlflow_tracking.run_url(run)
     write_result(out_dir, {"metrics": str(metrics_path), "grids": grids, "built_from_velocity": vel.get("key")})
-    metadata: dict[str, Any] = {
-        "grid": markdown_image(grid, "inputs above, translations below" if not translator.generative else "generated"),
+    metadata = _grid_metadata(grids, translator.generative, numbers)
+    metadata.update({
+        "metrics": dg.MetadataValue.md(explain.markdown_table(numbers)),
         "metrics_json": dg.MetadataValue.path(str(metrics_path)),
         "dagster/uri": dg.MetadataValue.path(str(grid)),
         "built_from_velocity": str(vel.get("key")),
-        **{k: v for k, v in numbers.items()},
-    }
+        # rounded for reading (and plotting over materialisations); metrics.json keeps full precision
+        **{k: explain.rounded(v) for k, v in numbers.items()},
+    })
     if url:
         metadata["mlflow_run"] = dg.MetadataValue.url(url)
-    metadata.update(promote_champion(mlflow_tracking, name, vel.get("model_version"), evaluation_checks(metrics, thresholds), context.log))
-    return dg.MaterializeResult(metadata=metadata, check_results=evaluation_checks(metrics, thresholds))
+        metadata["mlflow_runs"] = dg.MetadataValue.url(mlflow_tracking.experiment_url(run.info.experiment_id))
+    checks = evaluation_checks(metrics, thresholds, partition=name)
+    metadata.update(promote_champion(mlflow_tracking, name, vel.get("model_version"), checks, context.log))
+    return dg.MaterializeResult(metadata=metadata, check_results=checks)
+
+
+def _grid_metadata(grids: dict[str, str], generative: bool, numbers: dict[str, float]) -> dict[str, Any]:
+    """Every grid as a picture: the translations, and the round trip (translated, then back)."""
+    if generative:
+        return {"grid": markdown_image(Path(grids["grid_generate"]), "generated from noise")}
+    n = int(numbers.get("n_eval", 0))
+    return {
+        "grid": markdown_image(Path(grids["grid_translate"]), f"all {n} held-out inputs (upper row of each pair) "
+                               "and their translations (lower row)"),
+        "cycle_grid": markdown_image(Path(grids["grid_cycle"]), "each translation (upper row) and its reverse "
+                                     "translation back to domain 0 (lower row): cycle_error measures the difference"),
+    }
 
 
 def promote_champion(tracking: MlflowTracking, name: str, version: str | None, checks: list[dg.AssetCheckResult], log) -> dict[str, Any]:

@@ -9,7 +9,7 @@ from rfp_core.atomic import atomic_write_text
 from rfp_core.images import grid_png_bytes
 from rfp_core.ingest import ingest
 from rfp_core.manifest import content_version, ok_frames, read_manifest
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.checks import MANIFEST_CHECKS, manifest_checks
 from rfp_pipeline.metadata import markdown_image, write_result
@@ -100,7 +100,7 @@ def media_manifest(
     counts = {(int(d), str(st)): int(n) for d, st, n in distinct}
     return dg.MaterializeResult(
         data_version=dg.DataVersion(report.content_version),
-        check_results=manifest_checks(counts, cfg.generative, thresholds, str(report.manifest_path)),
+        check_results=manifest_checks(counts, cfg.generative, thresholds, str(report.manifest_path), partition=name),
         metadata={
             "dagster/row_count": total,
             "dagster/uri": dg.MetadataValue.path(str(report.manifest_path)),

@@ -15,7 +15,7 @@ from typing import Any
 
 import dagster as dg
 
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.assets.training import saliency_checkpoint, velocity_checkpoint
 from rfp_pipeline.automation import on_retrain_cron

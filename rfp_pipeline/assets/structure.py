@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from rfp_core.atomic import atomic_write_with
 from rfp_core.manifest import ok_frames, read_manifest
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, read_result, skipped, stage_key, write_result
@@ -36,6 +36,13 @@ def skip_reason(cfg) -> str | None:
 def _frames(rfp: RfpHome, name: str) -> dict[int, list[str]]:
     table = read_manifest(rfp.out_dir(name) / "manifest.parquet")
     return {d: ok_frames(table, d) for d in (0, 1)}
+
+
+def _sources(rfp: RfpHome, name: str) -> dict[str, str]:
+    """frame key -> the file it came from (its md5), for a proof sheet drawn from many files."""
+    table = read_manifest(rfp.out_dir(name) / "manifest.parquet")
+    return {k: s or p for k, s, p in zip(table.column("frame_key").to_pylist(), table.column("source_md5").to_pylist(),
+                                         table.column("source_path").to_pylist())}
 
 
 def pairs_digest(table: pa.Table) -> str:
@@ -150,7 +157,8 @@ def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mater
     version = pairs_digest(table)
     out_dir = rfp.out_dir(name, "pairs", version[:16])
     path = write_pairs(table, out_dir / "pairs.parquet")
-    sheet = proof_sheet(table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE)
+    sheet = proof_sheet(table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE,
+                        sources=_sources(rfp, name))
     png = atomic_write_with(out_dir / "proof_sheet.png", lambda p: sheet.save(p, format="PNG"))
     context.log.info(f"{table.num_rows} pairs -> {path}; proof sheet {png}")
     top1 = table.filter(pc.equal(table["rank"], 0))["similarity"]

@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import dagster as dg
 
 from rfp_core.manifest import content_version
-from rfp_pipeline import experiments as exps
+from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.assets.structure import current_pairs, structure_pairs
 from rfp_pipeline.automation import on_retrain_cron
@@ -156,7 +156,7 @@ def codec_checkpoint(
         return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={**_codec_metadata(prev), "reused": True})
     out_dir = rfp.out_dir(name, "codec", key)
     tags = run_tags(context, stage="codec", input_data_version=manifest_version, spec_version=exps.spec_digest(spec))
-    with transient_retry(), mlflow_tracking.start_run(name, f"codec {name}", tags) as run:
+    with transient_retry(), mlflow_tracking.start_run(name, f"codec {name}", tags, manifest=(manifest, manifest_version)) as run:
         _log_config(mlflow, spec, cfg)
         # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
         launched = training_launcher.train_codec(
@@ -185,7 +185,7 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
 
     from rfp_core.data import FrameDataset
     from rfp_core.images import save_grid
-    from rfp_core.train.codec import load_codec
+    from rfp_core.train.codec_io import load_codec
 
     manifest = rfp.out_dir(name) / "manifest.parquet"
     store = rfp.frame_store(cfg.store_max_side)
@@ -199,7 +199,7 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
     if not frames:
         return None
     x = torch.stack(frames)
-    codec = load_codec(checkpoint)
+    codec = load_codec(None, checkpoint)
     with torch.no_grad():
         y = codec.decode(codec.encode(x)).clamp(-1, 1)
     return save_grid([x, y], path)
@@ -228,7 +228,7 @@ def saliency_checkpoint(
     reason = _skip_reason(cfg)
     if reason is not None:
         context.log.info(f"saliency skipped: {reason}")
-        return skipped(stage_dir, reason, check_results=saliency_checks(None, 0.0, thresholds, skipped_reason=reason))
+        return skipped(stage_dir, reason, check_results=saliency_checks(None, 0.0, thresholds, skipped_reason=reason, partition=name))
 
     import mlflow
 
@@ -242,7 +242,7 @@ def saliency_checkpoint(
     store = rfp.frame_store(cfg.store_max_side)
     tags = run_tags(context, stage="saliency", input_data_version=manifest_version, spec_version=spec_version,
                     codec_run_id=(codec or {}).get("mlflow_run_id", ""))
-    with transient_retry(), mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
+    with transient_retry(), mlflow_tracking.start_run(name, f"saliency {name}", tags, manifest=(manifest, manifest_version)) as run:
         _log_config(mlflow, spec, cfg)
         # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
         launched = training_launcher.train_saliency(
@@ -263,7 +263,7 @@ def saliency_checkpoint(
         "built_from": {"manifest": manifest_version, "spec": spec_version, "codec": codec_key},
     })
     prune_stage_dirs(rfp.out_dir(name, "saliency"), out_dir)
-    return dg.MaterializeResult(check_results=saliency_checks(res.accuracy, cfg.saliency.accuracy_threshold, thresholds), metadata={
+    return dg.MaterializeResult(check_results=saliency_checks(res.accuracy, cfg.saliency.accuracy_threshold, thresholds, partition=name), metadata={
         "accuracy": res.accuracy,
         "accuracy_threshold": cfg.saliency.accuracy_threshold,
         "steps": res.steps,
@@ -311,7 +311,10 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     check_specs=VELOCITY_CHECKS,
     description="Phase 2: the velocity UNet v(x, t), saliency-weighted (plain MSE in generative mode), in the "
     "codec's latent space when there is one, domain-1 partners drawn from the structure pairs when pairing is on. "
-    "Logs an MLflow pyfunc translator and registers a model version named after the experiment.",
+    "Logs an MLflow pyfunc translator and registers a model version named after the experiment. Metadata "
+    "`final_loss` is the loss of the last optimiser step (one batch: noisy); MLflow's `velocity/loss` is its mean "
+    "over each logging window (with the saliency loss also logged apart: `velocity/loss_saliency` + mse_weight x "
+    "`velocity/loss_mse`).",
 )
 def velocity_checkpoint(
     context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
@@ -343,7 +346,7 @@ def velocity_checkpoint(
                     saliency_run_id=sal.get("mlflow_run_id", ""), codec_run_id=(codec or {}).get("mlflow_run_id", ""),
                     pairs_version=pairs_version or "")
     try:
-        with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags) as run:
+        with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags, manifest=(manifest, manifest_version)) as run:
             _log_config(mlflow, spec, cfg)
             if saliency_ckpt is not None:
                 mlflow.log_artifact(str(sal["state"]), "saliency")
@@ -364,7 +367,9 @@ def velocity_checkpoint(
             if res.sample_grid is not None:
                 mlflow.log_artifact(str(res.sample_grid), "samples")
             mlflow.log_artifact(str(res.metrics_path), "metrics")
-            model_uri, model_version = mlflow_tracking.log_translator(res.checkpoint, registered_name=name)
+            model_uri, model_version = mlflow_tracking.log_translator(res.checkpoint, registered_name=name, tags={
+                "partition": name, "input_data_version": manifest_version, "spec_version": spec_version,
+                "velocity_key": key})
             url = mlflow_tracking.run_url(run)
     except NonFiniteLoss as exc:
         # a NaN/inf loss: the check fails where it can be seen, the step fails, nothing is registered
@@ -397,4 +402,4 @@ def velocity_checkpoint(
     }
     if res.sample_grid is not None:
         metadata["samples"] = markdown_image(Path(res.sample_grid), "samples: inputs above, outputs below")
-    yield dg.MaterializeResult(metadata=metadata, check_results=velocity_checks(res.final_loss))
+    yield dg.MaterializeResult(metadata=metadata, check_results=velocity_checks(res.final_loss, partition=name))

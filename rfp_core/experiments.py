@@ -71,6 +71,7 @@ def resolved_spec(exp: ExperimentConfig, root: Path) -> dict[str, Any]:
         "model_config": json.loads(cfg.to_json()),
         # only when set, so an experiment without reflow keeps the spec (and the training) it had
         **({"reflow": exp.reflow} if exp.reflow is not None else {}),
+        **({"translate": [_portable(p, root) for p in exp.translate]} if exp.translate else {}),
     }
 
 
@@ -79,8 +80,9 @@ def model_config(spec: dict[str, Any]) -> ModelConfig:
 
 
 def spec_digest(spec: dict[str, Any]) -> str:
-    # the config file's name is not content: two files with the same resolved config are the same
-    body = {k: v for k, v in spec.items() if k not in ("config_file", "overrides", "name")}
+    # the config file's name is not content: two files with the same resolved config are the same;
+    # what to translate with the trained model does not change what is trained
+    body = {k: v for k, v in spec.items() if k not in ("config_file", "overrides", "name", "translate")}
     return hashlib.sha256(json.dumps(body, sort_keys=True, default=str).encode()).hexdigest()
 
 
