@@ -19,9 +19,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media_factory import decode_video, make_image, make_video, make_video_with_audio
 from PIL import Image
 
-from media_factory import decode_video, make_image, make_video, make_video_with_audio
 from rfp_core import ingest as ingest_mod
 from rfp_core.cli import main
 from rfp_core.frame_store import FrameStore

@@ -15,8 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-
 from media_factory import make_image, make_video, make_zip
+
 from rfp_core.frame_store import FrameStore
 from rfp_core.hashing import HashCache
 from rfp_core.ingest import SourceCache, ingest

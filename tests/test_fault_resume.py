@@ -8,8 +8,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from disc_data import make_discs
+
 from rfp_core.config import config_from_dict
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
