@@ -169,7 +169,7 @@ def _add_demo_data(sub) -> None:
 
 def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run"])
+    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run", "faults"])
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")

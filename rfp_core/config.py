@@ -108,6 +108,8 @@ class SaliencyConfig(_Strict):
     max_steps: int = Field(20_000, ge=1)
     eval_every: int = Field(50, ge=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
+    # also checkpoint every N steps (None = every 5 minutes and at the 1a -> 1b switch only)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
     # which accuracy the thresholds are compared with: "train_smoothed" = the original's (training
     # batches, mean of the last `smoothing_window`, window full); "holdout" = held-out frames (one
     # half of the held-out sources; the other half reports). Both are logged (train/saliency_stop.py).
@@ -213,6 +215,8 @@ class CodecConfig(_Strict):
     lr_schedule: Literal["constant", "cosine"] = "cosine"
     # this project's addition: checkpoint the codec phase every N minutes so a kill loses little
     checkpoint_every_minutes: float = Field(10.0, gt=0)
+    # also checkpoint every N optimizer steps (None = by time only)
+    checkpoint_every_steps: int | None = Field(None, ge=1)
 
     @property
     def minibatch(self) -> int:

@@ -20,6 +20,7 @@ from pathlib import Path
 from PIL import Image
 
 from rfp_core import paths
+from rfp_core.atomic import temp_prefix
 
 PNG_COMPRESS_LEVEL = 1
 MIN_LEVEL = 64
@@ -41,7 +42,7 @@ def cap_short_side(image: Image.Image, max_side: int) -> Image.Image:
 def _save_png(image: Image.Image, final: Path) -> None:
     # temp + rename in the same folder: readers never see a half-written frame. No fsync:
     # the store is a cache of decodable sources, and fsync per frame would dominate ingest.
-    fd, tmp = tempfile.mkstemp(prefix=f".{final.stem}.", suffix=".tmp", dir=final.parent)
+    fd, tmp = tempfile.mkstemp(prefix=temp_prefix(final.name), suffix=".tmp", dir=final.parent)
     try:
         with os.fdopen(fd, "wb") as fh:  # a real file: Pillow encodes with the GIL released
             image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
@@ -91,6 +92,25 @@ class FrameStore:
                 _save_png(cap_short_side(image, level), self.path_for(frame_key, level))
         _save_png(image, final)  # last: `has` is true only once the smaller copies are there too
         return final
+
+    def remove(self, frame_key: str) -> None:
+        """Delete the frame (first, so `has` turns false at once) and its smaller copies."""
+        for level in [None, *self.levels]:
+            self.path_for(frame_key, level).unlink(missing_ok=True)
+
+    def verify(self, frame_key: str) -> str | None:
+        """Why the stored frame (and its smaller copies) cannot be read back in full, or None when
+        every file decodes completely. A torn PNG fails here (its CRCs and end chunk)."""
+        for level in [None, *self.levels]:
+            path = self.path_for(frame_key, level)
+            if level is not None and not path.exists():
+                continue  # no copy at this level: the frame is smaller than it
+            try:
+                with Image.open(path) as img:
+                    img.load()
+            except (OSError, SyntaxError, ValueError) as exc:
+                return f"{path}: {exc}"
+        return None
 
     def load(self, frame_key: str, min_side: int | None = None) -> Image.Image:
         """The frame as RGB. With `min_side`, the smallest stored copy whose short side is at

@@ -11,10 +11,19 @@ Sources with any skipped row are not cached: their failure may come from a setti
 pixel limit) or the environment (permissions), so they are tried again next time.
 A video that fails part way keeps the frames decoded before the failure as 'ok' rows and
 adds one 'skipped' row keyed `md5:frame:N` at the failing frame N, carrying the reason.
+
+Sources that vanish or change while they are read are one 'skipped' row each (their frames,
+keyed by the md5 taken before the change, are taken out of the store again); a domain folder
+that vanishes is an IngestError. A store or cache that cannot be written (disk full) stops
+ingestion with StoreWriteError: no manifest is written, and every file left in the store is
+complete (temp file + rename; temp files of killed writers are swept at the next ingest).
+Two ingests may share a store at once: frames are written by rename, and the caches merge
+what the other saved under a file lock.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import sys
 import time
@@ -31,11 +40,11 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from rfp_core import paths
-from rfp_core.atomic import atomic_path
+from rfp_core.atomic import atomic_path, file_lock, sweep_temps
 from rfp_core.frame_store import FrameStore
 from rfp_core.hashing import HashCache
 from rfp_core.manifest import MANIFEST_SCHEMA, content_version, write_manifest
-from rfp_core.media import MediaError, MediaFile, discover, iter_frames
+from rfp_core.media import FolderError, MediaError, MediaFile, discover, iter_frames
 
 # the columns of a source's rows that depend only on its bytes (domain and path are per use)
 SOURCE_COLUMNS = ["frame_key", "media_type", "frame_index", "timestamp", "width", "height", "status", "error"]
@@ -68,14 +77,8 @@ class SourceCache:
     def __init__(self, root: Path):
         self.dir = root / "sources"
         self.pack_path = self.dir / "_pack.parquet"
-        self._rows: dict[str, list[dict[str, Any]]] = {}
         self._new: set[str] = set()
-        if self.pack_path.exists():
-            try:
-                for row in pq.read_table(self.pack_path).to_pylist():
-                    self._rows.setdefault(row.pop("source_md5"), []).append(row)
-            except (OSError, pa.ArrowException, KeyError):
-                self._rows = {}
+        self._rows = self._read_pack()
 
     def get(self, md5: str) -> list[dict[str, Any]] | None:
         rows = self._rows.get(md5)
@@ -100,17 +103,34 @@ class SourceCache:
         self._rows[md5] = rows
         self._new.add(md5)
 
+    def _read_pack(self) -> dict[str, list[dict[str, Any]]]:
+        rows: dict[str, list[dict[str, Any]]] = {}
+        if self.pack_path.exists():
+            try:
+                for row in pq.read_table(self.pack_path).to_pylist():
+                    rows.setdefault(row.pop("source_md5"), []).append(row)
+            except (OSError, pa.ArrowException, KeyError):
+                return {}
+        return rows
+
     def save_pack(self) -> None:
+        """Write the pack, merged with what another ingest packed meanwhile (under a lock)."""
         if not self._new:
             return
-        packed = [{"source_md5": md5, **row} for md5, rows in sorted(self._rows.items()) for row in rows]
-        with atomic_path(self.pack_path) as tmp:
-            pq.write_table(pa.Table.from_pylist(packed, schema=PACK_SCHEMA), tmp)
+        with file_lock(self.pack_path):
+            self._rows = {**self._read_pack(), **self._rows}
+            packed = [{"source_md5": md5, **row} for md5, rows in sorted(self._rows.items()) for row in rows]
+            with atomic_path(self.pack_path) as tmp:
+                pq.write_table(pa.Table.from_pylist(packed, schema=PACK_SCHEMA), tmp)
         self._new.clear()
 
 
 class StoreWriteError(RuntimeError):
     """Writing the frame store failed (disk full, permissions): that stops ingestion, it is no skip."""
+
+
+FULL_DISK_HINT = ("Free space (or fix permissions) under $RFP_HOME, or point RFP_HOME at a larger disk, and run "
+                  "again: frames already stored are complete and are reused, no manifest was written")
 
 
 class FrameWriter:
@@ -126,6 +146,7 @@ class FrameWriter:
         self.pool = ThreadPoolExecutor(self.threads, thread_name_prefix="rfp-store") if self.threads > 1 else None
         self.pending: deque[Future] = deque()
         self.submitted: set[str] = set()
+        self.created: set[str] = set()  # keys this writer stored (not there before)
 
     def has(self, key: str) -> bool:
         """In the store, or on its way there."""
@@ -142,9 +163,22 @@ class FrameWriter:
 
     def _put(self, key: str, image: Image.Image) -> None:
         try:
+            existed = self.store.has(key)
             self.store.put(key, image)
         except OSError as exc:
-            raise StoreWriteError(f"cannot write frame {key!r} to the store {self.store.frames_dir}: {exc}") from exc
+            raise StoreWriteError(f"cannot write frame {key!r} to the store {self.store.frames_dir}: {exc}. "
+                                  f"{FULL_DISK_HINT}") from exc
+        if not existed:
+            self.created.add(key)
+
+    def discard(self, keys: list[str]) -> None:
+        """Take back frames this writer stored (their source changed while it was read)."""
+        self.drain()
+        for key in keys:
+            self.submitted.discard(key)
+            if key in self.created:
+                self.created.discard(key)
+                self.store.remove(key)
 
     def drain(self) -> None:
         while self.pending:
@@ -165,8 +199,34 @@ def _skip(key: str, media: MediaFile, index: int, reason: str) -> dict[str, Any]
     }
 
 
-def decode_source(media: MediaFile, md5: str, writer: FrameWriter) -> tuple[list[dict[str, Any]], int]:
-    """Decode every frame of one source into the store; returns its rows and the frames decoded."""
+def _changed(media: MediaFile, fingerprint: tuple[int, int, int] | None) -> str | None:
+    """Why the source is no longer what was hashed (None when it still is)."""
+    if fingerprint is None:
+        return None
+    try:
+        st = os.stat(media.path)
+    except OSError as exc:
+        return f"vanished while being ingested ({exc.strerror}); its frames were not kept"
+    if (st.st_size, st.st_mtime_ns, st.st_ino) != fingerprint:
+        return ("changed while being ingested (size, mtime or inode differ from when it was hashed); its frames "
+                "were not kept: run ingest again once it is written")
+    return None
+
+
+def decode_source(media: MediaFile, md5: str, writer: FrameWriter,
+                  fingerprint: tuple[int, int, int] | None = None) -> tuple[list[dict[str, Any]], int]:
+    """Decode every frame of one source into the store; returns its rows and the frames decoded.
+
+    `fingerprint`: the stat the file had when `md5` was taken. When the file differs after
+    decoding, the frames may not be the md5's content: they are discarded, one skipped row."""
+    rows, decoded = _decode_rows(media, md5, writer)
+    if (reason := _changed(media, fingerprint)) is not None:
+        writer.discard([r["frame_key"] for r in rows if r["status"] == "ok"])
+        return [_skip(md5, media, 0, reason)], 0
+    return rows, decoded
+
+
+def _decode_rows(media: MediaFile, md5: str, writer: FrameWriter) -> tuple[list[dict[str, Any]], int]:
     rows: list[dict[str, Any]] = []
     decoded = 0
     try:
@@ -227,51 +287,37 @@ def ingest(
     if not domains[1]:
         raise IngestError("domain1 needs at least one folder")
 
+    for folder in (store.root, paths.cache_dir()):  # temp files of ingests killed mid-write
+        sweep_temps(folder)
     hashes = HashCache()
     sources = SourceCache(store.root)
     writer = FrameWriter(store)
-    last_pack = time.perf_counter()
     rows: list[dict[str, Any]] = []
-    decoded = reused = 0
+    counts = {"decoded": 0, "reused": 0}
     try:
         for domain, dirs in domains.items():
-            media_files = discover(dirs)
-            bar = tqdm(media_files, desc=f"ingest domain{domain}", unit="file", disable=not progress, leave=False)
-            for media in bar:
-                base = {"domain": domain, "source_path": str(media.path)}
-                try:
-                    md5 = hashes.md5(media.path)
-                except OSError as exc:
-                    rows.append({**base, "source_md5": None, **_skip(f"unreadable:{media.path}", media, 0, f"cannot read file: {exc}")})
-                    continue
-                cached = sources.get(md5)
-                if cached is not None and all(
-                    r["media_type"] == media.media_type and (r["status"] != "ok" or writer.has(r["frame_key"])) for r in cached
-                ):
-                    source_rows = cached
-                    reused += sum(r["status"] == "ok" for r in cached)
-                else:
-                    source_rows, n = decode_source(media, md5, writer)
-                    decoded += n
-                    if all(r["status"] == "ok" for r in source_rows):
-                        sources.put(md5, source_rows, own_file=media.kind != "image")
-                if time.perf_counter() - last_pack > PACK_EVERY_S:  # a crash loses at most this much
-                    writer.drain()
-                    sources.save_pack()
-                    last_pack = time.perf_counter()
-                rows.extend({**base, "source_md5": md5, **r} for r in source_rows)
-                if progress:
-                    bar.set_postfix(frames=decoded + reused, refresh=False)
+            try:
+                media_files = discover(dirs)
+            except FolderError as exc:
+                raise IngestError(f"{exc}; no manifest was written") from None
+            _ingest_domain(domain, media_files, hashes, sources, writer, rows, counts, progress)
         writer.close()  # every frame is on disk before the manifest says so
-    finally:
-        writer.close()
-        hashes.save()
-        sources.save_pack()
+    except BaseException:
+        with contextlib.suppress(Exception):  # the first error is the one to report
+            writer.close()
+        with contextlib.suppress(Exception):
+            _save_caches(hashes, sources)
+        raise
+    _save_caches(hashes, sources)
 
     table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
     version = content_version(table)
     out = Path(out) if out is not None else paths.rfp_home() / "manifests" / f"{version[:16]}.parquet"
-    write_manifest(table, out)
+    try:
+        write_manifest(table, out)
+    except OSError as exc:
+        raise StoreWriteError(f"cannot write the manifest {out}: {exc}. {FULL_DISK_HINT.replace(', no manifest was written', '')}") from exc
+    decoded, reused = counts["decoded"], counts["reused"]
 
     statuses = table.column("status").to_pylist()
     per_domain = {d: {"ok": 0, "skipped": 0} for d in (0, 1)}
@@ -284,6 +330,46 @@ def ingest(
     )
 
 
+def _save_caches(hashes: HashCache, sources: SourceCache) -> None:
+    try:
+        hashes.save()
+        sources.save_pack()
+    except OSError as exc:
+        raise StoreWriteError(f"cannot write the ingest caches under {hashes.path.parent} / {sources.dir}: {exc}. "
+                              f"{FULL_DISK_HINT}") from exc
+
+
+def _ingest_domain(domain: int, media_files: list[MediaFile], hashes: HashCache, sources: SourceCache,
+                   writer: FrameWriter, rows: list[dict[str, Any]], counts: dict[str, int], progress: bool) -> None:
+    last_pack = time.perf_counter()
+    bar = tqdm(media_files, desc=f"ingest domain{domain}", unit="file", disable=not progress, leave=False)
+    for media in bar:
+        base = {"domain": domain, "source_path": str(media.path)}
+        try:
+            md5 = hashes.md5(media.path)
+        except OSError as exc:
+            rows.append({**base, "source_md5": None, **_skip(f"unreadable:{media.path}", media, 0, f"cannot read file: {exc}")})
+            continue
+        cached = sources.get(md5)
+        if cached is not None and all(
+            r["media_type"] == media.media_type and (r["status"] != "ok" or writer.has(r["frame_key"])) for r in cached
+        ):
+            source_rows = cached
+            counts["reused"] += sum(r["status"] == "ok" for r in cached)
+        else:
+            source_rows, n = decode_source(media, md5, writer, hashes.fingerprint(media.path))
+            counts["decoded"] += n
+            if all(r["status"] == "ok" for r in source_rows):
+                sources.put(md5, source_rows, own_file=media.kind != "image")
+        if time.perf_counter() - last_pack > PACK_EVERY_S:  # a crash loses at most this much
+            writer.drain()
+            sources.save_pack()
+            last_pack = time.perf_counter()
+        rows.extend({**base, "source_md5": md5, **r} for r in source_rows)
+        if progress:
+            bar.set_postfix(frames=counts["decoded"] + counts["reused"], refresh=False)
+
+
 def cli_ingest(args) -> int:
     """`rfp ingest --domain0 DIR... --domain1 DIR... --out MANIFEST.parquet`."""
     domain0 = "random" if args.domain0 == ["random"] else [Path(p) for p in args.domain0]
@@ -292,6 +378,9 @@ def cli_ingest(args) -> int:
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
+    except StoreWriteError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 1
     for d, counts in report.per_domain.items():
         label = "random (generative: no rows)" if d == 0 and domain0 == "random" else f"{counts['ok']} ok, {counts['skipped']} skipped"
         print(f"domain{d}: {label}")

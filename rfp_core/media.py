@@ -5,7 +5,14 @@ Every decoded frame comes out as a `DecodedFrame`. A source that cannot be read 
 that cannot be read comes out as a frame with `error` set, so the other members survive.
 Zip members are read into memory with `zipfile` and never extracted, so a member named
 `../x.png` cannot write anything anywhere; such names are still refused (skipped) because an
-archive carrying them was not made as a plain image collection.
+archive carrying them was not made as a plain image collection. An archive inside an archive
+is not opened (a skipped member: nesting is how zip bombs multiply).
+
+Orientation: stills are turned by their EXIF orientation, video frames by their stream's
+display matrix (rotation side data, as phones write it), so every frame is stored upright.
+Symbolic links are followed, to files and to folders anywhere (a folder of links into a
+photo library is a common way to make a domain); a folder reached twice (a link loop) is
+walked once. Nothing is ever written through a link: ingest only reads its sources.
 """
 
 from __future__ import annotations
@@ -62,10 +69,15 @@ def kind_of(path: str | os.PathLike) -> MediaKind | None:
     return _KIND_BY_EXT.get(os.path.splitext(path)[1].lower())
 
 
+class FolderError(FileNotFoundError):
+    """A domain folder (or a folder inside it) cannot be listed: missing, vanished, unreadable."""
+
+
 def discover(dirs: list[Path]) -> list[MediaFile]:
-    """All media under `dirs` (recursive, case-insensitive extensions, hidden entries skipped),
-    sorted by path. A path that is itself a media file is taken as is. A missing path raises
-    FileNotFoundError."""
+    """All media under `dirs` (recursive, links followed, case-insensitive extensions, hidden
+    entries skipped), sorted by path. A path that is itself a media file is taken as is. A
+    folder that is missing, vanishes while it is listed or cannot be read raises FolderError:
+    a manifest silently missing a folder would train on other data than the user named."""
     found: dict[str, MediaKind] = {}
     for d in dirs:
         d = Path(d).expanduser().absolute()
@@ -74,14 +86,30 @@ def discover(dirs: list[Path]) -> list[MediaFile]:
                 found[str(d)] = kind
             continue
         if not d.is_dir():
-            raise FileNotFoundError(f"domain folder {d} does not exist (check the path you passed)")
-        # os.walk and plain strings: a re-scan of 10,000 files must take well under a second
-        for root, subdirs, files in os.walk(d):
-            subdirs[:] = [s for s in subdirs if not s.startswith(".")]
-            for name in files:
-                if not name.startswith(".") and (kind := kind_of(name)) is not None:
-                    found[os.path.join(root, name)] = kind
+            raise FolderError(f"domain folder {d} does not exist (check the path you passed)")
+        found.update(_walk(d))
     return [MediaFile(Path(p), found[p]) for p in sorted(found)]
+
+
+def _walk(d: Path) -> dict[str, MediaKind]:
+    def failed(exc: OSError) -> None:
+        raise FolderError(f"cannot list folder {exc.filename} inside domain folder {d}: {exc.strerror} "
+                          "(it vanished or is unreadable while being scanned; fix it and run again)")
+
+    found: dict[str, MediaKind] = {}
+    seen: set[str] = set()
+    # os.walk and plain strings: a re-scan of 10,000 files must take well under a second
+    for root, subdirs, files in os.walk(d, onerror=failed, followlinks=True):
+        real = os.path.realpath(root)
+        if real in seen:  # reached again through a link (a loop, or two links to one folder)
+            subdirs[:] = []
+            continue
+        seen.add(real)
+        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # sorted: a loop is cut at the same place every time
+        for name in files:
+            if not name.startswith(".") and (kind := kind_of(name)) is not None:
+                found[os.path.join(root, name)] = kind
+    return found
 
 
 def iter_frames(media: MediaFile) -> Iterator[DecodedFrame]:
@@ -148,7 +176,7 @@ def _iter_video(path: Path) -> Iterator[DecodedFrame]:
                     ts = float(frame.time)
                 else:
                     ts = index / fps if fps else None
-                yield DecodedFrame(index, ts, frame.to_image())
+                yield DecodedFrame(index, ts, upright(frame.to_image(), _rotation(frame)))
                 index += 1
         except MediaError:
             raise
@@ -159,6 +187,26 @@ def _iter_video(path: Path) -> Iterator[DecodedFrame]:
         # A truncated file can also end quietly: compare with the count the header promised.
         if declared and index < declared:
             raise MediaError(f"video ended after {index} of {declared} declared frames (truncated?)")
+
+
+def _rotation(frame: av.VideoFrame) -> int:
+    """Degrees counter-clockwise the display matrix turns this frame by (0 without one)."""
+    try:
+        return int(round(frame.rotation or 0))
+    except (AttributeError, ValueError, TypeError):  # a matrix that is no rotation
+        return 0
+
+
+def upright(image: Image.Image, degrees: int) -> Image.Image:
+    """`image` as it is displayed: turned `degrees` counter-clockwise (a video's display matrix).
+    Quarter turns are exact pixel moves; other angles are resampled on a grown canvas."""
+    quarter = {90: Image.Transpose.ROTATE_90, 180: Image.Transpose.ROTATE_180, 270: Image.Transpose.ROTATE_270}
+    degrees %= 360
+    if degrees == 0:
+        return image
+    if degrees in quarter:
+        return image.transpose(quarter[degrees])
+    return image.rotate(degrees, resample=Image.Resampling.BICUBIC, expand=True)
 
 
 def unsafe_member(name: str) -> str | None:
@@ -187,13 +235,15 @@ def _iter_zip(path: Path) -> Iterator[DecodedFrame]:
         members = [
             info for info in zf.infolist()
             if not info.is_dir()
-            and PurePosixPath(info.filename).suffix.lower() in IMAGE_EXTS
+            and PurePosixPath(info.filename).suffix.lower() in IMAGE_EXTS | ZIP_EXTS
             and not any(_hidden(part) for part in PurePosixPath(info.filename).parts)
         ]
         members.sort(key=lambda info: info.filename)
         for index, info in enumerate(members):
             name = info.filename
             reason = unsafe_member(name)
+            if reason is None and PurePosixPath(name).suffix.lower() in ZIP_EXTS:
+                reason = "archive inside an archive is not opened; unzip it into the domain folder"
             if reason is None and info.file_size > MAX_ZIP_MEMBER_BYTES:
                 reason = f"member is {info.file_size} bytes uncompressed, over the {MAX_ZIP_MEMBER_BYTES} limit"
             if reason is not None:

@@ -6,10 +6,10 @@ What the output is:
   size S, translated -- exactly the crop `rfp translate` applies to a still, so frame i of the
   output is the still translation of frame i of the input (up to the codec). The output is
   S x S: a flow net trained on S x S squares has no meaning outside them, and padding or
-  stretching a square back to the input's aspect ratio would invent pixels. Rotation side data
-  is not applied to the pixels (ingest does not apply it either, so the net was trained on the
-  stored orientation); the input's display matrix is written to the output, so players turn
-  the square the same way they turned the input.
+  stretching a square back to the input's aspect ratio would invent pixels. A rotated input
+  (display matrix, in quarter turns) is translated upright, as ingest stores it for training,
+  and turned back before encoding; the input's display matrix is written to the output, so
+  players turn the square the same way they turned the input.
 - **Timing**: the same frame count; every frame keeps its pts in the input's time base, so
   variable frame rate, start offset and duration survive; the declared rate is the input's.
 - **Audio**: every audio stream is remuxed packet for packet (no re-encode, bit-identical).
@@ -35,7 +35,7 @@ from PIL import Image
 
 from rfp_core.atomic import atomic_path
 from rfp_core.images import center_square, to_tensor
-from rfp_core.media import VIDEO_EXTS
+from rfp_core.media import VIDEO_EXTS, upright
 
 TranslateBatch = Callable[[torch.Tensor], torch.Tensor]
 # muxer per output suffix: the temp file's name (".tmp") cannot tell PyAV which one to use
@@ -118,8 +118,10 @@ class _FrameWriter:
     """Batches decoded frames, translates them and encodes the results with the source frames'
     own timestamps; feeds the flicker meter and the progress bar."""
 
-    def __init__(self, oc, out_v, in_v, translate_batch: TranslateBatch, size: int, batch_size: int, bar):
+    def __init__(self, oc, out_v, in_v, translate_batch: TranslateBatch, size: int, batch_size: int, bar,
+                 rotation: int = 0):
         self.oc, self.out_v, self.tb = oc, out_v, in_v.time_base
+        self.turn = round(rotation / 90) * 90 % 360  # quarter turns: a square stays a square
         self.translate_batch, self.size, self.batch_size, self.bar = translate_batch, size, batch_size, bar
         self.pending: list[av.VideoFrame] = []
         self.durations: dict[int, int] = {}
@@ -153,10 +155,11 @@ class _FrameWriter:
     def flush(self) -> None:
         if not self.pending:
             return
-        crops = [np.asarray(center_square(f.to_image(), self.size)) for f in self.pending]
+        crops = [np.asarray(center_square(upright(f.to_image(), self.turn), self.size)) for f in self.pending]
         y = _to_uint8(self.translate_batch(torch.stack([to_tensor(Image.fromarray(c)) for c in crops])))
         for src, crop, out in zip(self.pending, crops, y):
-            frame = av.VideoFrame.from_ndarray(out, format="rgb24")
+            stored = np.ascontiguousarray(np.rot90(out, k=-self.turn // 90))  # back to the stored orientation
+            frame = av.VideoFrame.from_ndarray(stored, format="rgb24")
             frame.pts, frame.time_base = self._pts(src), self.tb
             if src.duration:
                 self.durations[frame.pts] = src.duration
@@ -216,7 +219,7 @@ def translate_video(
                 tqdm(total=in_v.frames or None, desc=in_path.name, unit="frame", disable=not progress, dynamic_ncols=True) as bar:
             out_v = _open_video_out(oc, in_v, size, codec, crf, preset, pix_fmt, matrix)
             out_audio = {a.index: oc.add_stream_from_template(a) for a in in_audio}
-            writer = _FrameWriter(oc, out_v, in_v, translate_batch, size, batch_size, bar)
+            writer = _FrameWriter(oc, out_v, in_v, translate_batch, size, batch_size, bar, rotation)
             try:
                 for packet in ic.demux(in_v, *in_audio):
                     if packet.stream.type != "audio":

@@ -62,11 +62,18 @@ def test_container_properties_survive(tmp_path):
     assert r["audio_packets"] == len(_audio_packets(src))
     assert all(f.rotation == 90 for f in fout) and r["rotation"] == 90
     assert (fout[0].width, fout[0].height) == (32, 32)
-    diffs = [np.abs(o.to_ndarray(format="rgb24").astype(np.float32) - _u8(mirror(_still(i, 32)))).mean()
-             for i, o in zip(fin, fout)]
+    # translated upright (as ingest stores the frames: turned 90 degrees counter-clockwise), then
+    # turned back, so the stored output shows upright under the same display matrix
+    def expected(f: av.VideoFrame) -> np.ndarray:
+        upright = to_tensor(center_square(f.to_image().transpose(Image.Transpose.ROTATE_90), 32))
+        return np.rot90(_u8(mirror(upright)), k=-1)
+
+    diffs = [np.abs(o.to_ndarray(format="rgb24").astype(np.float32) - expected(i)).mean() for i, o in zip(fin, fout)]
     assert max(diffs) < 6, diffs
+    # the turn matters: the translation of the stored (sideways) crop does not match
+    assert np.abs(fout[6].to_ndarray(format="rgb24").astype(np.float32) - _u8(mirror(_still(fin[6], 32)))).mean() > 10
     # frames in order: frame 5's translation does not match output frame 6
-    assert np.abs(fout[6].to_ndarray(format="rgb24") - _u8(mirror(_still(fin[5], 32)))).mean() > 10
+    assert np.abs(fout[6].to_ndarray(format="rgb24") - expected(fin[5])).mean() > 10
 
 
 def test_variable_frame_rate_and_pcm_audio_in_mkv(tmp_path):

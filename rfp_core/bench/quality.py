@@ -52,6 +52,7 @@ _BASE: dict[str, Any] = {
         "learning_rate": 1e-3, "accuracy_threshold": 0.95, "warmup_threshold": 0.8, "blend_fraction": 0.1,
         "label_smoothing": 0.1, "augmentations": ["hflip"], "batch_size": 32, "max_steps": 1500, "eval_every": 25,
         "holdout_fraction": 0.1, "stop_on": "holdout", "smoothing_window": 100,
+        "checkpoint_every_steps": None,
     },
     "velocity": {
         "net": {"type": "UNet", "model_channels": 32, "ch_mult": [1, 2, 2], "normalization": "GroupNormAuto",

@@ -7,10 +7,8 @@ so two experiments filling the same cache at once both keep their rows.
 
 from __future__ import annotations
 
-import fcntl
-from contextlib import contextmanager
 from pathlib import Path
-from typing import Iterator, Sequence
+from typing import Sequence
 
 import numpy as np
 import pyarrow as pa
@@ -18,7 +16,7 @@ import pyarrow.parquet as pq
 from tqdm.auto import tqdm
 
 from rfp_core import paths
-from rfp_core.atomic import atomic_path
+from rfp_core.atomic import atomic_path, file_lock, sweep_temps
 from rfp_core.structure.encoders import StructureEncoder
 
 # Flush computed rows to disk this often, so an interrupted run keeps most of its work.
@@ -27,17 +25,6 @@ FLUSH_EVERY = 20_000
 
 def default_cache_path(encoder_id: str) -> Path:
     return paths.cache_dir() / "embeddings" / f"{encoder_id}.parquet"
-
-
-@contextmanager
-def _locked(path: Path) -> Iterator[None]:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    with open(path.with_name(path.name + ".lock"), "w") as fh:
-        fcntl.flock(fh, fcntl.LOCK_EX)
-        try:
-            yield
-        finally:
-            fcntl.flock(fh, fcntl.LOCK_UN)
 
 
 class EmbeddingCache:
@@ -94,7 +81,8 @@ class EmbeddingCache:
         return (self._matrix[rows] if rows else np.zeros((0, dim), np.float32)), missing
 
     def _merge_and_write(self, new_keys: list[str], new_emb: np.ndarray) -> None:
-        with _locked(self.path):
+        with file_lock(self.path):
+            sweep_temps(self.path.parent, recursive=False)  # a writer killed mid-write left its temp file
             keys, matrix = self._read()  # another process may have added rows since we loaded
             have = set(keys)
             take = [i for i, k in enumerate(new_keys) if k not in have]

@@ -4,13 +4,14 @@ The loop is the original's: `train_images / train_batch_size` optimizer steps, e
 over minibatches of `train_minibatch_size`, the codec's own `augmentations`, LR warm-up then
 constant or cosine, gradient-norm clipping (0 = off). The weighted sum is minimised and every
 loss is logged under its `id` (rfp_core/train/codec_losses.py). The phase checkpoints every
-`checkpoint_every_minutes` and a rerun continues from there.
+`checkpoint_every_minutes` (and every `checkpoint_every_steps`) and a rerun continues from there, exactly
+on CPU: the checkpoint holds the optimizer and RNG state and the data order is a function of the step.
 """
 
 from __future__ import annotations
 
-import itertools
 import json
+import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -20,12 +21,14 @@ from torch import nn
 from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
+from rfp_core.atomic import sweep_temps
 from rfp_core.config import ConfigError, ModelConfig
 from rfp_core.data import FrameDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.autoencoder import build_codec
 from rfp_core.tracking import LogFn
 from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)
+from rfp_core.train.resume import StepSampler, rng_state, set_rng_state
 from rfp_core.train.saliency import augment_batch, build_augment
 from rfp_core.train.schedule import lr_at
 
@@ -85,10 +88,12 @@ def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: i
     """Optimizer steps `step` .. `total_steps`, accumulating minibatches; returns the last step."""
     cc = cfg.codec
     total, accum, mb = cc.total_steps, cc.accumulation_steps, cc.minibatch
-    # a fresh shuffle per (seed, step) so a continued run does not replay the same batches
-    gen = torch.Generator().manual_seed(cfg.seed * 1_000_003 + step)
-    loader = DataLoader(train, batch_size=min(mb, len(train)), shuffle=True, drop_last=True, generator=gen)
-    batches = itertools.chain.from_iterable(itertools.repeat(loader))
+    # the k-th image drawn depends only on (seed, k): a continued run draws what an uninterrupted
+    # one would (with the RNG state restored by the caller, resume is exact on CPU)
+    batch = min(mb, len(train))
+    loader = DataLoader(train, batch_size=batch, sampler=StepSampler(len(train), cfg.seed, start=step * accum * batch),
+                        generator=torch.Generator().manual_seed(cfg.seed))
+    batches = iter(loader)
     augment = build_augment(list(cc.augmentations))
     codec.train()
     bar = tqdm(total=total, initial=step, desc="codec", disable=not progress, dynamic_ncols=True)
@@ -114,7 +119,8 @@ def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: i
             bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
             if log is not None:
                 log({f"codec/{k}": v for k, v in parts.items()}, step)
-        if time.monotonic() - last_save >= cc.checkpoint_every_minutes * 60 and step < total:
+        due_steps = cc.checkpoint_every_steps is not None and step % cc.checkpoint_every_steps == 0
+        if (due_steps or time.monotonic() - last_save >= cc.checkpoint_every_minutes * 60) and step < total:
             save(step)
             last_save = time.monotonic()
     bar.close()
@@ -136,6 +142,7 @@ def train_codec(
     cc = cfg.codec
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
+    sweep_temps(out_dir)  # temp files of a call killed mid-write
     path = out_dir / "codec.pt"
     cfg_json = json.loads(cfg.to_json())
     if cc.net.type == "Identity":
@@ -163,6 +170,7 @@ def train_codec(
         codec.load_state_dict(old["codec"])
         opt.load_state_dict(old["optimizer"])
         step, recon_init = int(old["steps"]), float(old["recon_l1_init"])
+        print(f"codec: resuming from {path} at step {step}", file=sys.stderr)
     else:
         recon_init = reconstruction_l1(codec, holdout, device)
 
@@ -170,10 +178,12 @@ def train_codec(
         save_checkpoint(path, {
             "codec": {k: v.cpu() for k, v in codec.state_dict().items()}, "config": cfg_json,
             "optimizer": opt.state_dict(), "recon_l1": recon, "recon_l1_init": recon_init, "steps": at,
-            "finished": finished,
+            "finished": finished, "rng": rng_state(device),
         })
 
     train = _datasets(cfg, manifest, store, "train")
+    if "rng" in old:  # last: nothing between here and the first step draws from the RNG
+        set_rng_state(old["rng"], device)
     step = _train_steps(cfg, codec, opt, train, device, step, save, log, progress)
     recon = reconstruction_l1(codec, holdout, device)
     if log is not None:

@@ -237,15 +237,15 @@ CODEC_LINEAGE = "codec_lineage.json"
 def _codec_phase(train_codec, cfg: ModelConfig, manifest: Path, run_dir: Path, device, store, progress: bool, force: bool,
                  log=None):
     """train_codec reuses a finished codec.pt of the same codec config; this makes sure it was also
-    trained on the same frames (recorded in codec_lineage.json beside it)."""
+    trained on the same frames (recorded in codec_lineage.json beside it). The record is written
+    before training, so a codec.pt checkpointed part way (then killed) is known to belong to it."""
     from rfp_core.train.resume import codec_inputs, continue_saved, lineage_record, saved_json
 
     inputs = codec_inputs(json.loads(cfg.to_json()), manifest)
     saved = (saved_json(run_dir / CODEC_LINEAGE) or {}) if (run_dir / "codec.pt").exists() else None
     continue_saved("codec", run_dir, saved, inputs, force, ("codec.pt", CODEC_LINEAGE))
-    codec = train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress, log=log)
     atomic_write_text(run_dir / CODEC_LINEAGE, json.dumps(lineage_record(inputs), indent=2) + "\n")
-    return codec
+    return train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress, log=log)
 
 
 def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, device, progress: bool):
@@ -264,6 +264,7 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
 
 def cli_train(args: argparse.Namespace) -> int:
     from rfp_core.checkpoint import CheckpointError
+    from rfp_core.ingest import IngestError, StoreWriteError
     from rfp_core.train.resume import ResumeRefused
     from rfp_core.train.saliency import SaliencyThresholdNotReached
     from rfp_core.train.velocity import NonFiniteLoss
@@ -285,7 +286,7 @@ def cli_train(args: argparse.Namespace) -> int:
         run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
                             device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
                             only=only, smoke=args.smoke, track=not args.dev, force=args.restart, paired=args.paired)
-    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused) as exc:
+    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused, IngestError, StoreWriteError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if "RANK" not in os.environ or os.environ["RANK"] == "0":

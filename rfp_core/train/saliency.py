@@ -11,6 +11,10 @@ frames that did not decide the stop.
 `saliency_state.json` beside the checkpoint lets a resumed call skip finished sub-phases; it
 records what the phase was built from (its lineage: the frames, the codec, the net), and state of
 another lineage is never continued or taken as finished (`train/resume.py`).
+Resume is exact on CPU: the checkpoint (every 5 minutes, at the 1a -> 1b switch and every
+`checkpoint_every_steps`) holds the optimizer and RNG state and the whole state record, and the
+data order is a function of the step; the checkpoint, not the state file beside it, is what a
+resumed call continues (a kill between the two writes leaves the state file one save behind).
 """
 
 from __future__ import annotations
@@ -29,7 +33,7 @@ from torch.utils.data import DataLoader
 from torchvision.transforms import v2
 from tqdm.auto import tqdm
 
-from rfp_core.atomic import atomic_write_text
+from rfp_core.atomic import atomic_write_text, sweep_temps
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig, SaliencyNetConfig
 from rfp_core.data import (
@@ -43,7 +47,7 @@ from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.tracking import LogFn
 from rfp_core.train import distributed
 from rfp_core.train.codec_io import load_codec
-from rfp_core.train.resume import continue_saved, lineage_record, saliency_inputs
+from rfp_core.train.resume import continue_saved, lineage_record, rng_state, saliency_inputs, set_rng_state
 from rfp_core.train.saliency_stop import StopRule
 
 BACKBONE_LR_FACTOR = 0.1
@@ -190,6 +194,7 @@ def train_saliency(
     out_dir.mkdir(parents=True, exist_ok=True)
     ckpt_path, state_path = out_dir / "saliency.pt", out_dir / "saliency_state.json"
     world, device = distributed.init(device)  # one process, or this rank of torchrun's world
+    sweep_temps(out_dir)  # temp files of a call killed mid-write
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     torch.manual_seed(cfg.seed)
 
@@ -206,13 +211,17 @@ def train_saliency(
                                        SALIENCY_FILES) else {}
 
     state = world.from_main(saved_state)
+    previous: dict = {}
     if state:
         previous = load_checkpoint(ckpt_path, map_location="cpu")
         if previous.get("net") == sc.net.model_dump(mode="json") and previous.get("in_channels") == codec.latent_channels:
             net.load_state_dict(previous["saliency"])
+            # the checkpoint is the one atomic record: a kill between writing it and the state file
+            # leaves the state file a save behind (found by `rfp bench faults`)
+            state.update(previous.get("state") or {})
         else:  # a different net was trained here before: its weights and state do not apply
             print(f"saliency: {ckpt_path} was trained with another net config; training afresh", file=sys.stderr)
-            state = {}
+            state, previous = {}, {}
     accuracy = float(state.get("accuracy", 0.0))
     warmed_up = bool(state.get("backbone_warmed_up", False))
     steps = int(state.get("steps", 0))
@@ -222,18 +231,20 @@ def train_saliency(
     def save() -> None:
         if not world.main:
             return
-        save_checkpoint(ckpt_path, {
-            "saliency": net.state_dict(), "config": json.loads(cfg.to_json()), "net": sc.net.model_dump(mode="json"),
-            "in_channels": codec.latent_channels, "latent_input": latent_input,
-            "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps, **lineage,
-        })
-        atomic_write_text(state_path, json.dumps({
+        record = {
             "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps,
             "accuracy_threshold": sc.accuracy_threshold, "warmup_threshold": sc.warmup_threshold,
             "stop_on": sc.stop_on, "train_accuracy": rule.smoothed, "train_window": list(rule.window),
             "report_split": rule.report_split, "report_separate": separate, **report,
             "checkpoint": ckpt_path.name, **lineage,
-        }, indent=2))
+        }
+        save_checkpoint(ckpt_path, {
+            "saliency": net.state_dict(), "config": json.loads(cfg.to_json()), "net": sc.net.model_dump(mode="json"),
+            "in_channels": codec.latent_channels, "latent_input": latent_input,
+            "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps, **lineage,
+            "optimizer": opt.state_dict(), "rng": rng_state(device), "state": record,
+        })
+        atomic_write_text(state_path, json.dumps(record, indent=2))
 
     def result() -> SaliencyResult:
         return SaliencyResult(ckpt_path, state_path, accuracy, steps, warmed_up, report["stopped_by"], rule.smoothed,
@@ -255,6 +266,11 @@ def train_saliency(
 
     net.set_backbone_trainable(warmed_up)
     opt = _optimizer(net, sc.learning_rate, finetune=warmed_up)
+    if "optimizer" in previous:  # an intermediate checkpoint: continue exactly where it stopped
+        opt.load_state_dict(previous["optimizer"])
+        set_rng_state(previous["rng"], device)
+        if world.main:
+            print(f"saliency: resuming from {ckpt_path} at step {steps}", file=sys.stderr)
     if world.distributed:
         net = distributed.sync_batchnorm(net, device)  # BatchNorm statistics of the global batch
     ddp = world.wrap(net, device)
@@ -312,9 +328,10 @@ def train_saliency(
             value = rule.value(held_out if evaluated else None)
         else:
             accuracy = value
+        due_steps = sc.checkpoint_every_steps is not None and steps % sc.checkpoint_every_steps == 0
         if warmed_up and value is not None and value >= sc.accuracy_threshold:
             report["stopped_by"], accuracy = sc.stop_on, value
-        elif time.monotonic() - last_save > SAVE_EVERY_S:
+        elif due_steps or time.monotonic() - last_save > SAVE_EVERY_S:
             save()
             last_save = time.monotonic()
     bar.close()

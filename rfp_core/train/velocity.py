@@ -23,6 +23,7 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rfp_core import flow
+from rfp_core.atomic import sweep_temps
 from rfp_core.checkpoint import (
     CheckpointError,
     latest_checkpoint,
@@ -112,6 +113,7 @@ def train_velocity(
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     world, device = distributed.init(device)  # one process, or this rank of torchrun's world
+    sweep_temps(out_dir)  # temp files of a call killed mid-write
     store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
     cfg_json = json.loads(cfg.to_json())
     total, mb = vc.total_steps, vc.train_minibatch_size
