@@ -19,7 +19,7 @@ from rfp_pipeline.definitions import default_resources
 from rfp_pipeline.metadata import write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
-from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS
+from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS, stage_records
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 # consumer -> the stage records it reads (each one an input, not a dependency plus a file read)
@@ -85,6 +85,29 @@ def test_a_missing_record_says_which_asset_to_materialise_for_which_partition(tm
     text = "\n".join(messages)
     assert "materialise 'velocity_checkpoint' for partition 'c' first" in text, text
     assert str(rfp.out_dir("c", "velocity") / "result.json") in text
+
+
+@dg.asset(partitions_def=experiments_partitions, io_manager_key=STAGE_RECORDS)
+def unnamed_stage() -> dg.MaterializeResult:
+    return dg.MaterializeResult()
+
+
+@dg.asset(partitions_def=experiments_partitions)
+def reads_unnamed(unnamed_stage: dict) -> None:
+    pass
+
+
+def test_an_upstream_without_a_stage_folder_is_named_in_the_error(tmp_path):
+    rfp = RfpHome(home=str(tmp_path / "home"), project_root=str(tmp_path), device="cpu")
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        instance.add_dynamic_partitions("experiments", ["a"])
+        result = dg.materialize([unnamed_stage, reads_unnamed], selection=[reads_unnamed], partition_key="a",
+                                instance=instance, resources={"rfp": rfp, STAGE_RECORDS: stage_records},
+                                raise_on_error=False)
+    error = result.get_step_failure_events()[0].step_failure_data.error
+    text = error.message + (error.cause.message if error.cause else "")
+    assert f"'unnamed_stage' uses the '{STAGE_RECORDS}' IO manager but names no stage folder" in text, text
 
 
 def _cfg(**overrides):
