@@ -5,18 +5,36 @@ from what: metadata.write_result) and returns a MaterializeResult. An upstream a
 stage folder in its definition metadata (`STAGE`) and this IO manager (`io_manager_key=STAGE_RECORDS`);
 a downstream asset then takes the record as a parameter (`codec_checkpoint: dict`), so the data it
 uses is an edge of the asset graph and the UI's lineage, not a file re-read by convention.
+A stage that never ran for the partition arrives as a `MissingRecord`, which raises what to
+materialise when it is read (a skipped stage, which does not read it, still runs).
 """
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
 import dagster as dg
 
-from rfp_pipeline.metadata import read_result
+from rfp_pipeline.metadata import RESULT_FILE
 
 STAGE_RECORDS = "stage_records"  # the resource key
 STAGE = "rfp/stage"  # definition metadata of an upstream asset: its folder under pipeline/<experiment>/
+
+
+class MissingRecord(dict):
+    """The record of a stage that never ran for this partition. Reading it raises what to
+    materialise; an asset that does not read it (a skipped stage) still runs."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__()
+        self.message = message
+
+    def __getitem__(self, key: str) -> Any:
+        raise FileNotFoundError(self.message)
+
+    def get(self, key: str, default: Any = None) -> Any:
+        raise FileNotFoundError(self.message)
 
 
 class StageRecords(dg.IOManager):
@@ -39,7 +57,10 @@ class StageRecords(dg.IOManager):
                 f"add metadata={{'{STAGE}': '<folder>'}} to its @asset"
             )
         partition = context.asset_partition_key
-        return read_result(self.rfp.out_dir(partition, stage), asset, partition)
+        path = self.rfp.out_dir(partition, stage) / RESULT_FILE
+        if not path.exists():
+            return MissingRecord(f"{path} is missing: materialise '{asset}' for partition '{partition}' first")
+        return json.loads(path.read_text())
 
 
 @dg.io_manager(required_resource_keys={"rfp"},

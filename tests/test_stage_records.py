@@ -56,12 +56,18 @@ def probe(velocity_checkpoint: dict) -> dg.MaterializeResult:
     return dg.MaterializeResult(metadata={"key": velocity_checkpoint["key"]})
 
 
-def _probe(tmp_path: Path, partition: str, rfp: RfpHome) -> dg.ExecuteInProcessResult:
+@dg.asset(partitions_def=experiments_partitions)
+def skipped_probe(velocity_checkpoint: dict) -> dg.MaterializeResult:
+    """Like a skipped stage: handed the record, never reads it."""
+    return dg.MaterializeResult(metadata={"skipped": True})
+
+
+def _probe(tmp_path: Path, partition: str, rfp: RfpHome, selection=(probe,)) -> dg.ExecuteInProcessResult:
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
         instance.add_dynamic_partitions("experiments", ["a", "b", "c"])
-        return dg.materialize([*assets, probe], selection=[probe], partition_key=partition, instance=instance,
-                              resources={**default_resources(), "rfp": rfp}, raise_on_error=False)
+        return dg.materialize([*assets, probe, skipped_probe], selection=list(selection), partition_key=partition,
+                              instance=instance, resources={**default_resources(), "rfp": rfp}, raise_on_error=False)
 
 
 def test_the_input_is_the_record_of_its_own_partition_under_the_runs_home(tmp_path):
@@ -73,9 +79,11 @@ def test_the_input_is_the_record_of_its_own_partition_under_the_runs_home(tmp_pa
     assert result.asset_materializations_for_node("probe")[0].metadata["key"].value == "key-b"
 
 
-def test_a_missing_record_says_which_asset_to_materialise_for_which_partition(tmp_path):
+def test_a_missing_record_says_which_asset_to_materialise_when_it_is_read(tmp_path):
     rfp = RfpHome(home=str(tmp_path / "home"), project_root=str(tmp_path), device="cpu")
-    result = _probe(tmp_path, "c", rfp)
+    result = _probe(tmp_path, "c", rfp, selection=(skipped_probe, probe))
+    # a stage that does not read it runs (as a skipped stage did when it re-read files itself)
+    assert [m.asset_key.to_user_string() for m in result.get_asset_materialization_events()] == ["skipped_probe"]
     assert not result.success
     error = result.get_step_failure_events()[0].step_failure_data.error
     messages = []
