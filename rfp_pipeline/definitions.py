@@ -11,6 +11,7 @@ from rfp_pipeline.assets import assets
 from rfp_pipeline.pipes import TrainingLauncher
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 from rfp_pipeline.sensors import sensors
+from rfp_pipeline.stage_records import STAGE_RECORDS, stage_records
 
 
 def _float_env(name: str, default: float) -> float:
@@ -22,6 +23,8 @@ def default_resources() -> dict[str, object]:
     """Resources with their environment fallbacks; tests pass their own to `materialize`."""
     return {
         "rfp": RfpHome(),
+        # each stage's result.json record, handed to the assets that read it as their inputs
+        STAGE_RECORDS: stage_records,
         "mlflow_tracking": MlflowTracking(),
         # where training phases run: this process, or a Pipes subprocess ($RFP_TRAINING_LAUNCHER=pipes)
         "training_launcher": TrainingLauncher(),

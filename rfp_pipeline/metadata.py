@@ -49,17 +49,8 @@ def markdown_image(png: bytes | Path, alt: str = "grid") -> dg.MetadataValue:
 
 
 def write_result(stage_dir: Path, record: dict[str, Any]) -> Path:
-    """What a stage produced and from what; the next stage reads it (and people can too)."""
+    """What a stage produced and from what; the next stage receives it as its input (stage_records.py)."""
     return atomic_write_text(stage_dir / RESULT_FILE, json.dumps(record, indent=2, default=str))
-
-
-def read_result(stage_dir: Path, asset: str, partition: str) -> dict[str, Any]:
-    path = stage_dir / RESULT_FILE
-    if not path.exists():
-        raise FileNotFoundError(
-            f"{path} is missing: materialise '{asset}' for partition '{partition}' first"
-        )
-    return json.loads(path.read_text())
 
 
 def previous_result(stage_dir: Path) -> dict[str, Any]:

@@ -47,7 +47,10 @@ def _materialise(rfp: RfpHome, tmp_path: Path) -> dg.ExecuteInProcessResult:
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
         instance.add_dynamic_partitions("experiments", ["x"])
-        return dg.materialize(REFLOW_ASSETS, partition_key="x", resources={"rfp": rfp}, instance=instance)
+        # the whole graph, so the velocity and saliency records load as the reflow assets' inputs (the
+        # stage-record IO manager reads them from this `rfp`)
+        return dg.materialize(assets, selection=REFLOW_ASSETS, partition_key="x", instance=instance,
+                              resources={**default_resources(), "rfp": rfp})
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict]:

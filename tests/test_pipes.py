@@ -21,14 +21,15 @@ from rfp_pipeline.resources import MlflowTracking, RfpHome
 UPSTREAM = ["experiment_config", "media_manifest", "frame_store", "codec_checkpoint"]
 
 
-@dg.asset(partitions_def=experiments_partitions, deps=["frame_store", "experiment_config", "codec_checkpoint"])
+@dg.asset(partitions_def=experiments_partitions, deps=["frame_store", "experiment_config"])
 def saliency_via_launcher(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher
+    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking,
+    training_launcher: TrainingLauncher, codec_checkpoint: dict,
 ) -> dg.MaterializeResult:
     """The wiring the saliency asset gets: the launcher replaces the train_saliency call inside the MLflow run."""
     name = context.partition_key
     cfg = exps.model_config(load_spec(rfp, name))
-    codec = current_codec(rfp, name, cfg)
+    codec = current_codec(codec_checkpoint, name, cfg)
     tags = {"stage": "saliency", "dagster_run_id": context.run.run_id}
     with mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
         launched = training_launcher.train_saliency(
@@ -56,7 +57,9 @@ def project(tmp_path, isolated_rfp_home):
 
 
 def launch(instance, resources, mode: str, **kw) -> dg.ExecuteInProcessResult:
-    return dg.materialize([saliency_via_launcher], instance=instance, partition_key="alpha",
+    # the real assets come along so the codec record loads as the input (only the probe runs)
+    return dg.materialize([*assets, saliency_via_launcher], selection=[saliency_via_launcher], instance=instance,
+                          partition_key="alpha",
                           resources={**resources, "training_launcher": TrainingLauncher(mode=mode)}, **kw)
 
 

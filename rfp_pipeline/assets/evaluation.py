@@ -11,10 +11,9 @@ from pydantic import Field
 from rfp_core.evaluate import explain
 from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import frame_store, load_spec
-from rfp_pipeline.assets.training import velocity_checkpoint
 from rfp_pipeline.automation import follows
 from rfp_pipeline.checks import EVALUATION_CHECKS, evaluation_checks
-from rfp_pipeline.metadata import markdown_image, read_result, write_result
+from rfp_pipeline.metadata import markdown_image, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 
@@ -46,7 +45,7 @@ def _structure_encoder(cfg, device: str):
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[velocity_checkpoint, frame_store],
+    deps=[frame_store],
     group_name=GROUP,
     code_version="1",
     kinds={"png", "mlflow"},
@@ -61,6 +60,7 @@ def evaluation_samples(
     rfp: RfpHome,
     mlflow_tracking: MlflowTracking,
     thresholds: CheckThresholds,
+    velocity_checkpoint: dict,
 ) -> dg.MaterializeResult:
     import mlflow
 
@@ -71,7 +71,7 @@ def evaluation_samples(
     name = context.partition_key
     spec = load_spec(rfp, name)
     cfg = exps.model_config(spec)
-    vel = read_result(rfp.out_dir(name, "velocity"), "velocity_checkpoint", name)
+    vel = velocity_checkpoint
     device = rfp.resolve_device()
     translator = Translator.from_run(vel["checkpoint"], device=device)
     out_dir = rfp.out_dir(name, "evaluation")

@@ -17,9 +17,8 @@ import dagster as dg
 
 from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
-from rfp_pipeline.assets.training import saliency_checkpoint, velocity_checkpoint
 from rfp_pipeline.automation import on_retrain_cron
-from rfp_pipeline.metadata import read_result, skipped, stage_key, write_result
+from rfp_pipeline.metadata import skipped, stage_key, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
 
@@ -41,25 +40,22 @@ def reflow_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
             "loss": "mse", **raw}
 
 
-def _paths(rfp: RfpHome, name: str, cfg, key: str):
+def _setup(rfp: RfpHome, name: str, vel: dict, sal: dict | None = None):
+    """(reflow settings, run paths, stage key) from the velocity and saliency records, or None when off.
+
+    The couplings need no saliency (`sal` None): only a k-RF trained with the saliency loss reads it.
+    """
     from rfp_core.train.reflow_run import RunPaths
 
-    vel = read_result(rfp.out_dir(name, "velocity"), "velocity_checkpoint", name)
-    sal = read_result(rfp.out_dir(name, "saliency"), "saliency_checkpoint", name)
-    return RunPaths(base=Path(vel["checkpoint"]), manifest=rfp.out_dir(name) / "manifest.parquet",
-                    out=rfp.out_dir(name, "reflow", key), store=rfp.frame_store(cfg.store_max_side),
-                    saliency=None if sal.get("skipped") else Path(sal["checkpoint"])), vel
-
-
-def _setup(rfp: RfpHome, name: str):
     spec = load_spec(rfp, name)
     settings = reflow_spec(spec)
     if settings is None:
         return None
     cfg = exps.model_config(spec)
-    vel = read_result(rfp.out_dir(name, "velocity"), "velocity_checkpoint", name)
     key = stage_key(velocity=vel.get("key"), reflow=settings, code=REFLOW_CODE_VERSION)
-    paths, _ = _paths(rfp, name, cfg, key)
+    paths = RunPaths(base=Path(vel["checkpoint"]), manifest=rfp.out_dir(name) / "manifest.parquet",
+                     out=rfp.out_dir(name, "reflow", key), store=rfp.frame_store(cfg.store_max_side),
+                     saliency=None if sal is None or sal.get("skipped") else Path(sal["checkpoint"]))
     return settings, paths, key
 
 
@@ -67,15 +63,16 @@ _COMMON = dict(partitions_def=experiments_partitions, group_name=GROUP, code_ver
                kinds={"pytorch"}, automation_condition=on_retrain_cron())
 
 
-@dg.asset(deps=[velocity_checkpoint, frame_store, experiment_config], **_COMMON,
+@dg.asset(deps=[frame_store, experiment_config], **_COMMON,
           description="(z0, ODE_1RF(z0)) for the training inputs, solved accurately, stored content-addressed "
           "(parquet index + tensor shards; a retry solves only missing shards).")
-def reflow_couplings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def reflow_couplings(context: dg.AssetExecutionContext, rfp: RfpHome,
+                     velocity_checkpoint: dict) -> dg.MaterializeResult:
     from rfp_core.reflow import Solver
     from rfp_core.train.reflow_run import couplings_of
 
     name = context.partition_key
-    setup = _setup(rfp, name)
+    setup = _setup(rfp, name, velocity_checkpoint)
     stage = rfp.out_dir(name, "reflow_couplings")
     if setup is None:
         return skipped(stage, NOT_ON)
@@ -88,25 +85,27 @@ def reflow_couplings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mate
         "couplings": dg.MetadataValue.path(str(c.root)), "solver": f"{s['solver']} x {s['steps_solver']}"})
 
 
-def _run(rfp: RfpHome, name: str, distill: bool):
+def _run(rfp: RfpHome, setup, distill: bool):
     from rfp_core.reflow import Solver
     from rfp_core.train.reflow_run import reflow_run
 
-    s, paths, key = _setup(rfp, name)
+    s, paths, key = setup
     res = reflow_run(paths, rounds=s["rounds"], pairs=s["pairs"], distill=distill,
                      solver=Solver(s["solver"], s["steps_solver"]), train_steps=s["train_steps"], loss=s["loss"],
                      device=rfp.resolve_device(), progress=False)
     return s, paths, key, res
 
 
-@dg.asset(deps=[reflow_couplings, saliency_checkpoint], **_COMMON, pool="gpu",
+@dg.asset(deps=[reflow_couplings], **_COMMON, pool="gpu",
           description="k-RF: a velocity trained on the couplings of the previous flow, `rounds` times.")
-def reflow_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def reflow_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict,
+                      saliency_checkpoint: dict) -> dg.MaterializeResult:
     name = context.partition_key
     stage = rfp.out_dir(name, "reflow_checkpoint")
-    if _setup(rfp, name) is None:
+    setup = _setup(rfp, name, velocity_checkpoint, saliency_checkpoint)
+    if setup is None:
         return skipped(stage, NOT_ON)
-    _, paths, key, res = _run(rfp, name, distill=False)
+    _, paths, key, res = _run(rfp, setup, distill=False)
     write_result(stage, {"checkpoint": str(res.flows[-1]) if res.flows else None, "flows": [str(p) for p in res.flows],
                          "key": key, "built_from": str(paths.base)})
     return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={
@@ -117,16 +116,17 @@ def reflow_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mat
 @dg.asset(deps=[reflow_checkpoint], **_COMMON, pool="gpu",
           description="One-step map z0 -> z1 fitted to the newest flow's couplings, plus the steps table "
           "(straightness, N = 1, 2, 4, 12) of 1-RF, k-RF and distilled.")
-def distilled_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def distilled_checkpoint(context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict,
+                         saliency_checkpoint: dict) -> dg.MaterializeResult:
     from rfp_core.reflow import Solver
     from rfp_core.train.reflow_report import write_report
 
     name = context.partition_key
     stage = rfp.out_dir(name, "distilled_checkpoint")
-    setup = _setup(rfp, name)
+    setup = _setup(rfp, name, velocity_checkpoint, saliency_checkpoint)
     if setup is None or not setup[0]["distill"]:
         return skipped(stage, NOT_ON if setup is None else 'reflow.distill is false for this experiment')
-    s, paths, key, res = _run(rfp, name, distill=True)
+    s, paths, key, res = _run(rfp, setup, distill=True)
     md = write_report(paths, device=rfp.resolve_device(), solver=Solver(s["solver"], s["steps_solver"]))
     write_result(stage, {"checkpoint": str(res.distilled), "key": key, "report": str(paths.out / "reflow_report.md")})
     return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={

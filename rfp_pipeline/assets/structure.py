@@ -16,9 +16,10 @@ from rfp_core.manifest import ok_frames, read_manifest
 from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.automation import cheap
-from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, read_result, skipped, stage_key, write_result
+from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, stage_key, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
+from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS
 
 GROUP = "structure"
 PROOF_ROWS = 8
@@ -54,11 +55,10 @@ def pairs_digest(table: pa.Table) -> str:
     return h.hexdigest()
 
 
-def current_pairs(rfp: RfpHome, name: str, cfg) -> dict | None:
-    """The pairs record the velocity trains with when `cfg` pairs, else None."""
+def current_pairs(rec: dict, name: str, cfg) -> dict | None:
+    """The pairs record (the `structure_pairs` input) the velocity trains with when `cfg` pairs, else None."""
     if skip_reason(cfg) is not None:
         return None
-    rec = read_result(rfp.out_dir(name, "pairs"), "structure_pairs", name)
     if rec.get("skipped"):
         raise FileNotFoundError(
             f"structure pairing is on for '{name}' but structure_pairs last ran with it off: "
@@ -86,6 +86,8 @@ def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str):
     code_version="1",
     kinds={"parquet"},
     automation_condition=cheap(),
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "embeddings"},
     description="One structure embedding per usable frame (cfg.structure.encoder) in the cache shared by all "
     "experiments ($RFP_HOME/cache/embeddings/<encoder>.parquet); only frames not cached yet are computed. "
     "Skipped when structure pairing is off.",
@@ -124,16 +126,19 @@ def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[structure_embeddings, experiment_config],
+    deps=[experiment_config],
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "png"},
     automation_condition=cheap(),
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "pairs"},
     description="For every domain-0 frame its `structure.candidates` most similar domain-1 frames (cosine, "
     "chunked top-k): parquet (d0_key, d1_key, rank, similarity) and a proof sheet (a domain-0 frame, then its "
     "matches best first). Its data version is the pairs' content: re-pairing makes the velocity stale.",
 )
-def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome,
+                    structure_embeddings: dict) -> dg.MaterializeResult:
     import pyarrow.compute as pc
 
     from rfp_core.structure import proof_sheet, topk_pairs, write_pairs
@@ -142,7 +147,7 @@ def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mater
     if skip is not None:
         return skip
 
-    emb = read_result(rfp.out_dir(name, "embeddings"), "structure_embeddings", name)
+    emb = structure_embeddings
     if emb.get("skipped"):
         raise FileNotFoundError(f"structure_embeddings last ran with pairing off: materialise it for partition '{name}' first")
     cache = rfp.embedding_cache(emb["encoder_id"])

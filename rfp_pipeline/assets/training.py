@@ -15,14 +15,13 @@ import dagster as dg
 from rfp_core.manifest import content_version
 from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
-from rfp_pipeline.assets.structure import current_pairs, structure_pairs
+from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.automation import on_retrain_cron
 from rfp_pipeline.checks import SALIENCY_CHECKS, VELOCITY_CHECKS, non_finite_loss_check, saliency_checks, velocity_checks
 from rfp_pipeline.metadata import (
     markdown_image,
     previous_result,
     prune_stage_dirs,
-    read_result,
     run_tags,
     skipped,
     stage_key,
@@ -31,6 +30,7 @@ from rfp_pipeline.metadata import (
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.pipes import TrainingLauncher
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
+from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS
 
 GROUP = "training"
 CODEC_CODE_VERSION = "1"
@@ -93,11 +93,11 @@ def _codec_key(cfg, manifest_version: str) -> str:
                      holdout=cfg.saliency.holdout_fraction, code=CODEC_CODE_VERSION)
 
 
-def current_codec(rfp: RfpHome, name: str, cfg) -> dict | None:
-    """The codec record saliency and velocity work through; None in pixel space (Identity)."""
+def current_codec(rec: dict, name: str, cfg) -> dict | None:
+    """The codec record (the `codec_checkpoint` input) saliency and velocity work through, checked
+    against the experiment's codec settings; None in pixel space (Identity)."""
     if cfg.codec.net.type == "Identity":
         return None
-    rec = read_result(rfp.out_dir(name, "codec"), "codec_checkpoint", name)
     if rec.get("codec_config") != cfg.codec.model_dump(mode="json"):
         raise FileNotFoundError(
             f"the codec of '{name}' was built for another codec config than the experiment now names: "
@@ -130,6 +130,8 @@ def _codec_metadata(rec: dict) -> dict[str, Any]:
     kinds={"pytorch", "mlflow"},
     automation_condition=on_retrain_cron(),
     pool="gpu",
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "codec"},
     description="Phase 0: the VAE codec (L1 + structure loss + small KL) on frames of both domains; saliency and "
     "velocity then work in its latent space. Materialises at once for the Identity codec (pixel space).",
 )
@@ -207,19 +209,21 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[frame_store, experiment_config, codec_checkpoint],
+    deps=[frame_store, experiment_config],
     group_name=GROUP,
     code_version=SALIENCY_CODE_VERSION,
     kinds={"pytorch", "mlflow"},
     automation_condition=on_retrain_cron(),
     pool="gpu",
     check_specs=SALIENCY_CHECKS,
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "saliency"},
     description="Phase 1: ResNet classifier domain0 vs domain1 (warm-up, then fine-tune) whose latent h(x) "
     "weights the velocity loss; in the codec's latent space when there is one. Skipped in generative mode.",
 )
 def saliency_checkpoint(
     context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, thresholds: CheckThresholds,
-    training_launcher: TrainingLauncher,
+    training_launcher: TrainingLauncher, codec_checkpoint: dict,
 ) -> dg.MaterializeResult:
     name = context.partition_key
     spec = load_spec(rfp, name)
@@ -235,7 +239,7 @@ def saliency_checkpoint(
     manifest = rfp.out_dir(name) / "manifest.parquet"
     manifest_version = content_version(manifest)
     spec_version = exps.spec_digest(spec)
-    codec = current_codec(rfp, name, cfg)
+    codec = current_codec(codec_checkpoint, name, cfg)
     codec_key = codec["key"] if codec else None
     key = stage_key(manifest=manifest_version, spec=spec_version, codec=codec_key, code=SALIENCY_CODE_VERSION)
     out_dir = rfp.out_dir(name, "saliency", key)
@@ -302,13 +306,15 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[frame_store, experiment_config, codec_checkpoint, saliency_checkpoint, structure_pairs],
+    deps=[frame_store, experiment_config],
     group_name=GROUP,
     code_version=VELOCITY_CODE_VERSION,
     kinds={"pytorch", "mlflow"},
     automation_condition=on_retrain_cron(),
     pool="gpu",
     check_specs=VELOCITY_CHECKS,
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "velocity"},
     description="Phase 2: the velocity UNet v(x, t), saliency-weighted (plain MSE in generative mode), in the "
     "codec's latent space when there is one, domain-1 partners drawn from the structure pairs when pairing is on. "
     "Logs an MLflow pyfunc translator and registers a model version named after the experiment. Metadata "
@@ -318,6 +324,7 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
 )
 def velocity_checkpoint(
     context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
+    codec_checkpoint: dict, saliency_checkpoint: dict, structure_pairs: dict,
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     import math
 
@@ -328,14 +335,14 @@ def velocity_checkpoint(
     name = context.partition_key
     spec = load_spec(rfp, name)
     cfg = exps.model_config(spec)
-    sal = read_result(rfp.out_dir(name, "saliency"), "saliency_checkpoint", name)
+    sal = saliency_checkpoint
     saliency_ckpt = None if sal.get("skipped") else Path(sal["checkpoint"])
     manifest = rfp.out_dir(name) / "manifest.parquet"
     manifest_version = content_version(manifest)
     spec_version = exps.spec_digest(spec)
-    codec = current_codec(rfp, name, cfg)
+    codec = current_codec(codec_checkpoint, name, cfg)
     codec_key = codec["key"] if codec else None
-    paired = current_pairs(rfp, name, cfg)
+    paired = current_pairs(structure_pairs, name, cfg)
     pairs_version = paired["version"] if paired else None
     # the pairs' content enters the key: re-pairing trains afresh, not on from the old pairing
     key = stage_key(manifest=manifest_version, spec=spec_version, saliency=sal.get("key"), codec=codec_key,

@@ -15,7 +15,8 @@ import torch
 
 from rfp_pipeline.assets.evaluation import evaluation_samples
 from rfp_pipeline.assets.ingest import experiment_config, load_spec
-from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, read_result, skipped, write_result
+from rfp_pipeline.automation import follows
+from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
 
@@ -87,12 +88,14 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
     group_name=GROUP,
     code_version="1",
     kinds={"pytorch", "video"},
-    automation_condition=dg.AutomationCondition.eager(),
+    # after the evaluation: the velocity is read, but a new one is translated once it has been evaluated
+    automation_condition=follows("velocity_checkpoint"),
     description="The evaluated model translates the media the experiment lists (\"translate\": [files or folders]): "
     "videos to videos (frames, timing, audio kept), stills to PNGs, under the partition's translated/ folder; the "
     "metadata shows each output's first frame under its input's. Materialises at once when nothing is listed.",
 )
-def translated_media(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def translated_media(context: dg.AssetExecutionContext, rfp: RfpHome,
+                     velocity_checkpoint: dict) -> dg.MaterializeResult:
     from rfp_core.images import paired_rows, save_grid
     from rfp_core.translate import Translator
 
@@ -101,7 +104,7 @@ def translated_media(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mate
     stage_dir = rfp.out_dir(name, "translated")
     if not spec.get("translate"):
         return skipped(stage_dir, NOTHING)
-    vel = read_result(rfp.out_dir(name, "velocity"), "velocity_checkpoint", name)
+    vel = velocity_checkpoint
     tr = Translator.from_run(vel["checkpoint"], device=rfp.resolve_device())
     out_dir = rfp.out_dir(name, "translated", str(vel.get("key") or "current"))
     root = rfp.root_path()
