@@ -22,15 +22,26 @@ def _device(parser: argparse.ArgumentParser) -> None:
 def _torchrun(parser: argparse.ArgumentParser) -> None:
     """torchrun's own flags (README "Scaling out"), passed through to `python -m torch.distributed.run`."""
     group = parser.add_argument_group("data-parallel training (torchrun)")
-    group.add_argument("--nproc-per-node", type=int, default=None,
-                       help="start N training processes on this machine through torchrun (one per GPU)")
+    group.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="start N training processes on this machine through torchrun (one per GPU)",
+    )
     for flag in TORCHRUN_FLAGS:
         group.add_argument(flag, default=None, help=f"torchrun {flag} (multi-node)")
 
 
 # torchrun's multi-node flags: passed on as given
-TORCHRUN_FLAGS = ("--nnodes", "--node-rank", "--master-addr", "--master-port", "--rdzv-backend", "--rdzv-endpoint",
-                  "--rdzv-id")
+TORCHRUN_FLAGS = (
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--rdzv-backend",
+    "--rdzv-endpoint",
+    "--rdzv-id",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -71,19 +82,36 @@ def _add_train(sub) -> None:
     _domain_dirs(train, ("--domain1", "-d1"), "domain1", False, "domain-1 folders")
     train.add_argument("--checkpoint", "-ckpt", default=None, help="resume from (or initialise with) this checkpoint")
     train.add_argument("--codec-ckpt", default=None, help="use this codec (original .ckpt or codec.pt); skips phase 0")
-    train.add_argument("--saliency-ckpt", default=None, help="use this saliency net (original .ckpt or saliency.pt); skips phase 1")
-    train.add_argument("--velocity-ckpt", default=None,
-                       help="continue the velocity from this checkpoint (an original .ckpt: its step is read from the file name)")
+    train.add_argument(
+        "--saliency-ckpt", default=None, help="use this saliency net (original .ckpt or saliency.pt); skips phase 1"
+    )
+    train.add_argument(
+        "--velocity-ckpt",
+        default=None,
+        help="continue the velocity from this checkpoint (an original .ckpt: its step is read from the file name)",
+    )
     train.add_argument("--codec-only", action="store_true", help="stop after the codec (phase 0)")
     train.add_argument("--saliency-only", action="store_true", help="stop after the saliency net (phase 1)")
-    train.add_argument("--paired", action="store_true",
-                       help="paired mode (pix2pix): files with the same name in -d0 and -d1 are pairs; plain MSE, no saliency")
-    train.add_argument("--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: run_<YYYYmmddHHMM>)")
-    train.add_argument("--dev", action="store_true", help="development mode: no experiment tracking, '_dev' in the run name")
-    train.add_argument("--smoke", action="store_true", help="tiny budget and frequent samples, to check a setup quickly")
-    train.add_argument("--restart", action="store_true",
-                       help="phases of this --run-id built from other inputs (data, config, checkpoints) train afresh "
-                       "instead of being refused; their old files move to superseded/ in the run folder")
+    train.add_argument(
+        "--paired",
+        action="store_true",
+        help="paired mode (pix2pix): files with the same name in -d0 and -d1 are pairs; plain MSE, no saliency",
+    )
+    train.add_argument(
+        "--run-id", default=None, help="run folder name under $RFP_HOME/runs (default: run_<YYYYmmddHHMM>)"
+    )
+    train.add_argument(
+        "--dev", action="store_true", help="development mode: no experiment tracking, '_dev' in the run name"
+    )
+    train.add_argument(
+        "--smoke", action="store_true", help="tiny budget and frequent samples, to check a setup quickly"
+    )
+    train.add_argument(
+        "--restart",
+        action="store_true",
+        help="phases of this --run-id built from other inputs (data, config, checkpoints) train afresh "
+        "instead of being refused; their old files move to superseded/ in the run folder",
+    )
     _device(train)
     _torchrun(train)
     train.set_defaults(handler="rfp_core.train.run:cli_train")
@@ -92,14 +120,20 @@ def _add_train(sub) -> None:
 def _add_translate(sub) -> None:
     translate = sub.add_parser("translate", help="translate images and videos with a trained run")
     translate.add_argument("--run", required=True, help="run folder (or a velocity checkpoint file)")
-    translate.add_argument("inputs", nargs="+", metavar="INPUT",
-                           help="image files (png jpg jpeg webp bmp), video files (mp4 mov mkv avi webm m4v) or folders "
-                           "of them; a video comes out S x S (its centred square translated), same frames, timestamps and audio")
+    translate.add_argument(
+        "inputs",
+        nargs="+",
+        metavar="INPUT",
+        help="image files (png jpg jpeg webp bmp), video files (mp4 mov mkv avi webm m4v) or folders "
+        "of them; a video comes out S x S (its centred square translated), same frames, timestamps and audio",
+    )
     translate.add_argument("--out", required=True, help="output folder, or a video file name for a single video input")
     translate.add_argument("--steps", type=int, default=None)
     translate.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     translate.add_argument("--reverse", action="store_true", help="domain 1 -> domain 0 (integrate t from 1 to 0)")
-    translate.add_argument("--crf", type=int, default=18, help="video quality: x264 CRF, 0 = lossless, 18 = visually lossless")
+    translate.add_argument(
+        "--crf", type=int, default=18, help="video quality: x264 CRF, 0 = lossless, 18 = visually lossless"
+    )
     translate.add_argument("--video-codec", default="libx264", help="video encoder (PyAV/FFmpeg name)")
     _device(translate)
     translate.set_defaults(handler="rfp_core.translate:cli_translate")
@@ -120,16 +154,30 @@ def _add_generate(sub) -> None:
 def _add_reflow(sub) -> None:
     reflow = sub.add_parser("reflow", help="straighten a trained run (k-RF) and distil it to one step")
     reflow.add_argument("--run", required=True, help="run folder holding velocity.pt (and manifest.parquet)")
-    reflow.add_argument("--rounds", type=int, default=1, help="reflow rounds: 1 -> reflow_1 (2-RF), 2 -> reflow_2 (3-RF)")
-    reflow.add_argument("--pairs", type=int, default=None,
-                        help="couplings per round (default: every training domain-0 frame; 1024 noise draws in generative mode)")
+    reflow.add_argument(
+        "--rounds", type=int, default=1, help="reflow rounds: 1 -> reflow_1 (2-RF), 2 -> reflow_2 (3-RF)"
+    )
+    reflow.add_argument(
+        "--pairs",
+        type=int,
+        default=None,
+        help="couplings per round (default: every training domain-0 frame; 1024 noise draws in generative mode)",
+    )
     reflow.add_argument("--distill", action="store_true", help="also fit a one-step map -> distilled/velocity.pt")
     reflow.add_argument("--steps-solver", type=int, default=16, help="ODE steps for the couplings (default 16)")
     reflow.add_argument("--solver", choices=["euler", "heun", "rk4"], default="rk4")
-    reflow.add_argument("--train-steps", type=int, default=None, help="optimizer steps per product (default: the run's velocity budget)")
-    reflow.add_argument("--loss", choices=["mse", "saliency"], default="mse",
-                        help="k-RF loss on the coupling (default: straight-line MSE; saliency uses the run's saliency.pt)")
-    reflow.add_argument("--from-scratch", action="store_true", help="new nets start from random weights, not the previous flow")
+    reflow.add_argument(
+        "--train-steps", type=int, default=None, help="optimizer steps per product (default: the run's velocity budget)"
+    )
+    reflow.add_argument(
+        "--loss",
+        choices=["mse", "saliency"],
+        default="mse",
+        help="k-RF loss on the coupling (default: straight-line MSE; saliency uses the run's saliency.pt)",
+    )
+    reflow.add_argument(
+        "--from-scratch", action="store_true", help="new nets start from random weights, not the previous flow"
+    )
     reflow.add_argument("--shard-size", type=int, default=64, help="couplings per stored shard")
     reflow.add_argument("--report-inputs", type=int, default=32, help="held-out inputs in the steps table")
     reflow.add_argument("--no-report", action="store_true", help="skip the straightness / steps table")
@@ -139,8 +187,14 @@ def _add_reflow(sub) -> None:
 
 def _add_split(sub) -> None:
     split = sub.add_parser("split", help="sort an unsorted folder into domain0 / domain1 / uncertain")
-    split.add_argument("--run", "--checkpoint", "-ckpt", dest="run", required=True,
-                       help="run folder (this project's or the original trainer's) or a saliency checkpoint file")
+    split.add_argument(
+        "--run",
+        "--checkpoint",
+        "-ckpt",
+        dest="run",
+        required=True,
+        help="run folder (this project's or the original trainer's) or a saliency checkpoint file",
+    )
     split.add_argument("--input", "-i", nargs="+", required=True, metavar="DIR")
     split.add_argument("--output", "-o", required=True)
     split.add_argument("--threshold", "-t", type=float, default=0.7)
@@ -169,26 +223,47 @@ def _add_demo_data(sub) -> None:
 
 def _add_bench(sub) -> None:
     bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
-    bench.add_argument("which", choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run", "faults"])
+    bench.add_argument(
+        "which",
+        choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run", "faults"],
+    )
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
     bench.add_argument("--tasks", default=None, help="quality: comma-separated, from digits,photo (default both)")
-    bench.add_argument("--rows", default=None,
-                       help="quality: comma-separated, from identity,tint,paper,anchored,mse,anchored_relative,paper_ot,"
-                            "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
-                            "reflow_quality: the 1-RF row (default mse)")
+    bench.add_argument(
+        "--rows",
+        default=None,
+        help="quality: comma-separated, from identity,tint,paper,anchored,mse,anchored_relative,paper_ot,"
+        "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
+        "reflow_quality: the 1-RF row (default mse)",
+    )
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
-    bench.add_argument("--nproc-per-node", type=int, default=None,
-                       help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)")
+    bench.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)",
+    )
     bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")
 
 
 # the sub-commands, in `rfp --help` order
-COMMANDS = (_add_config, _add_ingest, _add_manifest, _add_train, _add_translate, _add_generate, _add_reflow, _add_split,
-            _add_serve, _add_demo_data, _add_bench)
+COMMANDS = (
+    _add_config,
+    _add_ingest,
+    _add_manifest,
+    _add_train,
+    _add_translate,
+    _add_generate,
+    _add_reflow,
+    _add_split,
+    _add_serve,
+    _add_demo_data,
+    _add_bench,
+)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

@@ -14,8 +14,7 @@ import os
 from pathlib import Path
 from typing import Annotated, Any, Literal, Union
 
-from pydantic import (BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator,
-                      model_validator)
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, ValidationError, field_validator, model_validator
 
 from rfp_core.paths import resolve_against_root
 
@@ -179,8 +178,15 @@ class CodecLossConfig(_Strict):
     `StructureLoss` is this project's: multi-scale gradient L1 + (1 - SSIM)/2, a perceptual-like
     term that needs no downloaded weights (LPIPS needs VGG16's)."""
 
-    type: Literal["L1Loss", "MSELoss", "KLLoss", "LPIPSLoss", "SAEPixelConsistencyLoss", "SAELatentConsistencyLoss",
-                  "StructureLoss"]
+    type: Literal[
+        "L1Loss",
+        "MSELoss",
+        "KLLoss",
+        "LPIPSLoss",
+        "SAEPixelConsistencyLoss",
+        "SAELatentConsistencyLoss",
+        "StructureLoss",
+    ]
     id: str | None = None
     weight: float | None = None
     backbone: Literal["vgg16"] = "vgg16"
@@ -189,9 +195,15 @@ class CodecLossConfig(_Strict):
 
     @model_validator(mode="after")
     def _defaults(self) -> "CodecLossConfig":
-        ids = {"L1Loss": "l1_loss", "MSELoss": "mse_loss", "KLLoss": "kl_loss", "LPIPSLoss": "lpips_loss",
-               "SAEPixelConsistencyLoss": "pix_con_loss", "SAELatentConsistencyLoss": "lat_con_loss",
-               "StructureLoss": "structure_loss"}
+        ids = {
+            "L1Loss": "l1_loss",
+            "MSELoss": "mse_loss",
+            "KLLoss": "kl_loss",
+            "LPIPSLoss": "lpips_loss",
+            "SAEPixelConsistencyLoss": "pix_con_loss",
+            "SAELatentConsistencyLoss": "lat_con_loss",
+            "StructureLoss": "structure_loss",
+        }
         if self.id is None:
             self.id = ids[self.type]
         if self.weight is None:
@@ -333,7 +345,10 @@ class ModelConfig(_Strict):
 
     def flat_params(self) -> dict[str, str]:
         """Dotted-key view for trackers (MLflow params)."""
-        return {k: json.dumps(v) if isinstance(v, (list, dict)) else str(v) for k, v in _flatten(self.model_dump(mode="json")).items()}
+        return {
+            k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
+            for k, v in _flatten(self.model_dump(mode="json")).items()
+        }
 
 
 class ExperimentConfig(_Strict):
@@ -346,7 +361,8 @@ class ExperimentConfig(_Strict):
     overrides: dict[str, Any] = Field(default_factory=dict)
     # optional folder of true shape masks for domain0 frames (same file stems), used by the evaluation
     masks: Path | None = None
-    # opt-in straightening after the velocity: {"rounds": 1, "pairs": N, "distill": true} (rfp_pipeline/assets/reflow.py)
+    # opt-in straightening after the velocity: {"rounds": 1, "pairs": N, "distill": true}
+    # (rfp_pipeline/assets/reflow.py)
     reflow: dict[str, Any] | None = None
     # media (files or folders of videos and stills) the evaluated model translates (asset translated_media)
     translate: list[Path] = Field(default_factory=list)
@@ -378,11 +394,29 @@ class ExperimentConfig(_Strict):
 
 _FLAT_TOP = {"type", "max_size", "domain0", "domain1", "seed", "store_max_side"}
 _FLAT_VELOCITY = {
-    "train_batch_size", "train_minibatch_size", "train_images", "learning_rate", "weight_decay",
-    "num_inference_steps", "timestep_sampling", "sample_batch_size", "lr_schedule",
-    "warmup_fraction", "gradient_clip", "ema", "bf16", "sampler", "sample_every_images",
-    "checkpoint_every_minutes", "checkpoint_every_steps", "loss", "mse_weight", "ema_warmup_steps", "mse_weight_mode",
-    "coupling", "coupling_space",
+    "train_batch_size",
+    "train_minibatch_size",
+    "train_images",
+    "learning_rate",
+    "weight_decay",
+    "num_inference_steps",
+    "timestep_sampling",
+    "sample_batch_size",
+    "lr_schedule",
+    "warmup_fraction",
+    "gradient_clip",
+    "ema",
+    "bf16",
+    "sampler",
+    "sample_every_images",
+    "checkpoint_every_minutes",
+    "checkpoint_every_steps",
+    "loss",
+    "mse_weight",
+    "ema_warmup_steps",
+    "mse_weight_mode",
+    "coupling",
+    "coupling_space",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),
@@ -413,7 +447,9 @@ def _lift_structure(nested: dict[str, Any], source: str) -> dict[str, Any]:
             value = velocity.pop(old)
             structure = nested.setdefault("structure", {})
             if new in structure and structure[new] != value:
-                raise ConfigError(f"{source}: velocity.{old} ({value}) contradicts structure.{new} ({structure[new]}); keep one")
+                raise ConfigError(
+                    f"{source}: velocity.{old} ({value}) contradicts structure.{new} ({structure[new]}); keep one"
+                )
             structure[new] = value
     return nested
 
@@ -447,7 +483,9 @@ def deep_merge(base: dict[str, Any], override: dict[str, Any]) -> dict[str, Any]
     out = copy.deepcopy(base)
     for key, value in override.items():
         old = out.get(key)
-        retyped = isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) != old.get("type")
+        retyped = (
+            isinstance(value, dict) and isinstance(old, dict) and value.get("type", old.get("type")) != old.get("type")
+        )
         if isinstance(value, dict) and isinstance(old, dict) and not retyped:
             out[key] = deep_merge(out[key], value)
         else:
@@ -466,8 +504,13 @@ def _flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
-_UNION_TAGS = {"UNet": UNetConfig, "DiT": DiTConfig, "Identity": IdentityNetConfig, "AutoEncoder": AutoEncoderConfig,
-               "ConvEncoderDecoder": ConvEncoderDecoderConfig}
+_UNION_TAGS = {
+    "UNet": UNetConfig,
+    "DiT": DiTConfig,
+    "Identity": IdentityNetConfig,
+    "AutoEncoder": AutoEncoderConfig,
+    "ConvEncoderDecoder": ConvEncoderDecoderConfig,
+}
 
 
 def _describe(err: dict[str, Any], origin: dict[tuple, str], model: type[BaseModel]) -> str:
@@ -527,7 +570,9 @@ def _read_json(path: Path, what: str) -> dict[str, Any]:
     return raw
 
 
-def config_from_dict(raw: dict[str, Any], source: str = "<config>", overrides: dict[str, Any] | None = None) -> ModelConfig:
+def config_from_dict(
+    raw: dict[str, Any], source: str = "<config>", overrides: dict[str, Any] | None = None
+) -> ModelConfig:
     """Validate a config dict in either format; `overrides` (nested or flat) are merged on top."""
     if _is_flat(raw):
         nested, origin = _flat_to_nested(raw)

@@ -134,4 +134,6 @@ class FrameStore:
                 "run `rfp ingest` for its source with the same --store-max-side"
             ) from None
         except OSError as exc:
-            raise OSError(f"stored frame {path} (key {frame_key!r}) is damaged ({exc}); delete it and re-ingest") from None
+            raise OSError(
+                f"stored frame {path} (key {frame_key!r}) is damaged ({exc}); delete it and re-ingest"
+            ) from None

@@ -33,10 +33,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
-from PIL import Image
-
 import pyarrow as pa
 import pyarrow.parquet as pq
+from PIL import Image
 from tqdm.auto import tqdm
 
 from rfp_core import paths
@@ -129,8 +128,10 @@ class StoreWriteError(RuntimeError):
     """Writing the frame store failed (disk full, permissions): that stops ingestion, it is no skip."""
 
 
-FULL_DISK_HINT = ("Free space (or fix permissions) under $RFP_HOME, or point RFP_HOME at a larger disk, and run "
-                  "again: frames already stored are complete and are reused, no manifest was written")
+FULL_DISK_HINT = (
+    "Free space (or fix permissions) under $RFP_HOME, or point RFP_HOME at a larger disk, and run "
+    "again: frames already stored are complete and are reused, no manifest was written"
+)
 
 
 class FrameWriter:
@@ -166,8 +167,9 @@ class FrameWriter:
             existed = self.store.has(key)
             self.store.put(key, image)
         except OSError as exc:
-            raise StoreWriteError(f"cannot write frame {key!r} to the store {self.store.frames_dir}: {exc}. "
-                                  f"{FULL_DISK_HINT}") from exc
+            raise StoreWriteError(
+                f"cannot write frame {key!r} to the store {self.store.frames_dir}: {exc}. {FULL_DISK_HINT}"
+            ) from exc
         if not existed:
             self.created.add(key)
 
@@ -194,8 +196,14 @@ class FrameWriter:
 
 def _skip(key: str, media: MediaFile, index: int, reason: str) -> dict[str, Any]:
     return {
-        "frame_key": key, "media_type": media.media_type, "frame_index": index, "timestamp": None,
-        "width": None, "height": None, "status": "skipped", "error": reason,
+        "frame_key": key,
+        "media_type": media.media_type,
+        "frame_index": index,
+        "timestamp": None,
+        "width": None,
+        "height": None,
+        "status": "skipped",
+        "error": reason,
     }
 
 
@@ -208,13 +216,16 @@ def _changed(media: MediaFile, fingerprint: tuple[int, int, int] | None) -> str 
     except OSError as exc:
         return f"vanished while being ingested ({exc.strerror}); its frames were not kept"
     if (st.st_size, st.st_mtime_ns, st.st_ino) != fingerprint:
-        return ("changed while being ingested (size, mtime or inode differ from when it was hashed); its frames "
-                "were not kept: run ingest again once it is written")
+        return (
+            "changed while being ingested (size, mtime or inode differ from when it was hashed); its frames "
+            "were not kept: run ingest again once it is written"
+        )
     return None
 
 
-def decode_source(media: MediaFile, md5: str, writer: FrameWriter,
-                  fingerprint: tuple[int, int, int] | None = None) -> tuple[list[dict[str, Any]], int]:
+def decode_source(
+    media: MediaFile, md5: str, writer: FrameWriter, fingerprint: tuple[int, int, int] | None = None
+) -> tuple[list[dict[str, Any]], int]:
     """Decode every frame of one source into the store; returns its rows and the frames decoded.
 
     `fingerprint`: the stat the file had when `md5` was taken. When the file differs after
@@ -244,11 +255,18 @@ def _decode_rows(media: MediaFile, md5: str, writer: FrameWriter) -> tuple[list[
                 continue
             writer.put(key, frame.image)
             decoded += 1
-            rows.append({
-                "frame_key": key, "media_type": media.media_type, "frame_index": frame.index,
-                "timestamp": frame.timestamp, "width": frame.image.width, "height": frame.image.height,
-                "status": "ok", "error": None,
-            })
+            rows.append(
+                {
+                    "frame_key": key,
+                    "media_type": media.media_type,
+                    "frame_index": frame.index,
+                    "timestamp": frame.timestamp,
+                    "width": frame.image.width,
+                    "height": frame.image.height,
+                    "status": "ok",
+                    "error": None,
+                }
+            )
     except (MediaError, OSError) as exc:
         reason = str(exc) if isinstance(exc, MediaError) else f"cannot read file: {exc}"
         if media.kind == "video" and rows:
@@ -283,7 +301,9 @@ def ingest(
     domains = {0: _domain_list(domain0), 1: _domain_list(domain1)}
     missing = [str(p) for dirs in domains.values() for p in dirs if not p.exists()]
     if missing:
-        raise IngestError(f"domain folder(s) not found: {', '.join(missing)} (check the paths, or use 'random' for domain0)")
+        raise IngestError(
+            f"domain folder(s) not found: {', '.join(missing)} (check the paths, or use 'random' for domain0)"
+        )
     if not domains[1]:
         raise IngestError("domain1 needs at least one folder")
 
@@ -316,7 +336,9 @@ def ingest(
     try:
         write_manifest(table, out)
     except OSError as exc:
-        raise StoreWriteError(f"cannot write the manifest {out}: {exc}. {FULL_DISK_HINT.replace(', no manifest was written', '')}") from exc
+        raise StoreWriteError(
+            f"cannot write the manifest {out}: {exc}. {FULL_DISK_HINT.replace(', no manifest was written', '')}"
+        ) from exc
     decoded, reused = counts["decoded"], counts["reused"]
 
     statuses = table.column("status").to_pylist()
@@ -324,9 +346,16 @@ def ingest(
     for d, s in zip(table.column("domain").to_pylist(), statuses):
         per_domain[d][s] += 1
     return IngestReport(
-        manifest_path=out, table=table, n_ok=statuses.count("ok"), n_skipped=statuses.count("skipped"),
-        frames_decoded=decoded, frames_reused=reused, files_hashed=hashes.hashed, per_domain=per_domain,
-        content_version=version, seconds=time.perf_counter() - start,
+        manifest_path=out,
+        table=table,
+        n_ok=statuses.count("ok"),
+        n_skipped=statuses.count("skipped"),
+        frames_decoded=decoded,
+        frames_reused=reused,
+        files_hashed=hashes.hashed,
+        per_domain=per_domain,
+        content_version=version,
+        seconds=time.perf_counter() - start,
     )
 
 
@@ -335,12 +364,21 @@ def _save_caches(hashes: HashCache, sources: SourceCache) -> None:
         hashes.save()
         sources.save_pack()
     except OSError as exc:
-        raise StoreWriteError(f"cannot write the ingest caches under {hashes.path.parent} / {sources.dir}: {exc}. "
-                              f"{FULL_DISK_HINT}") from exc
+        raise StoreWriteError(
+            f"cannot write the ingest caches under {hashes.path.parent} / {sources.dir}: {exc}. {FULL_DISK_HINT}"
+        ) from exc
 
 
-def _ingest_domain(domain: int, media_files: list[MediaFile], hashes: HashCache, sources: SourceCache,
-                   writer: FrameWriter, rows: list[dict[str, Any]], counts: dict[str, int], progress: bool) -> None:
+def _ingest_domain(
+    domain: int,
+    media_files: list[MediaFile],
+    hashes: HashCache,
+    sources: SourceCache,
+    writer: FrameWriter,
+    rows: list[dict[str, Any]],
+    counts: dict[str, int],
+    progress: bool,
+) -> None:
     last_pack = time.perf_counter()
     bar = tqdm(media_files, desc=f"ingest domain{domain}", unit="file", disable=not progress, leave=False)
     for media in bar:
@@ -348,7 +386,9 @@ def _ingest_domain(domain: int, media_files: list[MediaFile], hashes: HashCache,
         try:
             md5 = hashes.md5(media.path)
         except OSError as exc:
-            rows.append({**base, "source_md5": None, **_skip(f"unreadable:{media.path}", media, 0, f"cannot read file: {exc}")})
+            rows.append(
+                {**base, "source_md5": None, **_skip(f"unreadable:{media.path}", media, 0, f"cannot read file: {exc}")}
+            )
             continue
         cached = sources.get(md5)
         if cached is not None and all(
@@ -374,7 +414,9 @@ def cli_ingest(args) -> int:
     """`rfp ingest --domain0 DIR... --domain1 DIR... --out MANIFEST.parquet`."""
     domain0 = "random" if args.domain0 == ["random"] else [Path(p) for p in args.domain0]
     try:
-        report = ingest(domain0, [Path(p) for p in args.domain1], Path(args.out), FrameStore(max_side=args.store_max_side))
+        report = ingest(
+            domain0, [Path(p) for p in args.domain1], Path(args.out), FrameStore(max_side=args.store_max_side)
+        )
     except IngestError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
@@ -382,7 +424,11 @@ def cli_ingest(args) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     for d, counts in report.per_domain.items():
-        label = "random (generative: no rows)" if d == 0 and domain0 == "random" else f"{counts['ok']} ok, {counts['skipped']} skipped"
+        label = (
+            "random (generative: no rows)"
+            if d == 0 and domain0 == "random"
+            else f"{counts['ok']} ok, {counts['skipped']} skipped"
+        )
         print(f"domain{d}: {label}")
     print(
         f"frames decoded {report.frames_decoded}, reused from the store {report.frames_reused}, "

@@ -61,7 +61,9 @@ class DecodedFrame:
 
 
 _KIND_BY_EXT: dict[str, MediaKind] = {
-    **{e: "image" for e in IMAGE_EXTS}, **{e: "video" for e in VIDEO_EXTS}, **{e: "zip" for e in ZIP_EXTS}
+    **{e: "image" for e in IMAGE_EXTS},
+    **{e: "video" for e in VIDEO_EXTS},
+    **{e: "zip" for e in ZIP_EXTS},
 }
 
 
@@ -93,8 +95,10 @@ def discover(dirs: list[Path]) -> list[MediaFile]:
 
 def _walk(d: Path) -> dict[str, MediaKind]:
     def failed(exc: OSError) -> None:
-        raise FolderError(f"cannot list folder {exc.filename} inside domain folder {d}: {exc.strerror} "
-                          "(it vanished or is unreadable while being scanned; fix it and run again)")
+        raise FolderError(
+            f"cannot list folder {exc.filename} inside domain folder {d}: {exc.strerror} "
+            "(it vanished or is unreadable while being scanned; fix it and run again)"
+        )
 
     found: dict[str, MediaKind] = {}
     seen: set[str] = set()
@@ -105,7 +109,9 @@ def _walk(d: Path) -> dict[str, MediaKind]:
             subdirs[:] = []
             continue
         seen.add(real)
-        subdirs[:] = sorted(s for s in subdirs if not s.startswith("."))  # sorted: a loop is cut at the same place every time
+        subdirs[:] = sorted(
+            s for s in subdirs if not s.startswith(".")
+        )  # sorted: a loop is cut at the same place every time
         for name in files:
             if not name.startswith(".") and (kind := kind_of(name)) is not None:
                 found[os.path.join(root, name)] = kind
@@ -233,7 +239,8 @@ def _iter_zip(path: Path) -> Iterator[DecodedFrame]:
         raise MediaError(f"cannot open zip archive: {exc}") from None
     with zf:
         members = [
-            info for info in zf.infolist()
+            info
+            for info in zf.infolist()
             if not info.is_dir()
             and PurePosixPath(info.filename).suffix.lower() in IMAGE_EXTS | ZIP_EXTS
             and not any(_hidden(part) for part in PurePosixPath(info.filename).parts)

@@ -118,8 +118,9 @@ class _FrameWriter:
     """Batches decoded frames, translates them and encodes the results with the source frames'
     own timestamps; feeds the flicker meter and the progress bar."""
 
-    def __init__(self, oc, out_v, in_v, translate_batch: TranslateBatch, size: int, batch_size: int, bar,
-                 rotation: int = 0):
+    def __init__(
+        self, oc, out_v, in_v, translate_batch: TranslateBatch, size: int, batch_size: int, bar, rotation: int = 0
+    ):
         self.oc, self.out_v, self.tb = oc, out_v, in_v.time_base
         self.turn = round(rotation / 90) * 90 % 360  # quarter turns: a square stays a square
         self.translate_batch, self.size, self.batch_size, self.bar = translate_batch, size, batch_size, bar
@@ -208,15 +209,21 @@ def translate_video(
         matrix, rotation = _container_info(in_path)
         ic = av.open(str(in_path))
     except av.FFmpegError as exc:
-        raise VideoTranslateError(f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4") from None
+        raise VideoTranslateError(
+            f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4"
+        ) from None
     start = time.perf_counter()
     audio_packets = 0
     with ic, atomic_path(out_path) as tmp:
         in_v = ic.streams.video[0]
         in_v.thread_type = "AUTO"
         in_audio = list(ic.streams.audio)
-        with av.open(str(tmp), "w", format=muxer) as oc, \
-                tqdm(total=in_v.frames or None, desc=in_path.name, unit="frame", disable=not progress, dynamic_ncols=True) as bar:
+        with (
+            av.open(str(tmp), "w", format=muxer) as oc,
+            tqdm(
+                total=in_v.frames or None, desc=in_path.name, unit="frame", disable=not progress, dynamic_ncols=True
+            ) as bar,
+        ):
             out_v = _open_video_out(oc, in_v, size, codec, crf, preset, pix_fmt, matrix)
             out_audio = {a.index: oc.add_stream_from_template(a) for a in in_audio}
             writer = _FrameWriter(oc, out_v, in_v, translate_batch, size, batch_size, bar, rotation)
@@ -231,18 +238,32 @@ def translate_video(
                         audio_packets += 1
                 writer.close()
             except av.FFmpegError as exc:
-                raise VideoTranslateError(f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})") from None
+                raise VideoTranslateError(
+                    f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})"
+                ) from None
             if in_v.frames and writer.frames < in_v.frames:  # a truncated file can also end quietly
-                raise VideoTranslateError(f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames "
-                                          "(truncated?); nothing written")
+                raise VideoTranslateError(
+                    f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames "
+                    "(truncated?); nothing written"
+                )
         duration = float(in_v.duration * in_v.time_base) if in_v.duration else None
         fps = float(in_v.average_rate) if in_v.average_rate else None
     seconds = time.perf_counter() - start
     result = {
-        "input": str(in_path), "output": str(out_path), "frames": writer.frames, "fps": fps, "duration_s": duration,
-        "size": size, "rotation": rotation, "audio_streams": len(in_audio), "audio_packets": audio_packets,
-        "codec": codec, "crf": crf, "seconds": seconds,
-        "frames_per_s": writer.frames / seconds if seconds > 0 else None, **writer.flicker.report(),
+        "input": str(in_path),
+        "output": str(out_path),
+        "frames": writer.frames,
+        "fps": fps,
+        "duration_s": duration,
+        "size": size,
+        "rotation": rotation,
+        "audio_streams": len(in_audio),
+        "audio_packets": audio_packets,
+        "codec": codec,
+        "crf": crf,
+        "seconds": seconds,
+        "frames_per_s": writer.frames / seconds if seconds > 0 else None,
+        **writer.flicker.report(),
     }
     if progress:
         print(summary_line(result), file=sys.stderr)
@@ -250,12 +271,19 @@ def translate_video(
 
 
 def summary_line(r: dict) -> str:
-    flick = "n/a (one frame)" if r["flicker_ratio"] is None and r["flicker_output"] is None else (
-        f"output {r['flicker_output']:.2f} vs input {r['flicker_input']:.2f} grey levels/frame"
-        + (f" (ratio {r['flicker_ratio']:.2f})" if r["flicker_ratio"] is not None else ""))
+    flick = (
+        "n/a (one frame)"
+        if r["flicker_ratio"] is None and r["flicker_output"] is None
+        else (
+            f"output {r['flicker_output']:.2f} vs input {r['flicker_input']:.2f} grey levels/frame"
+            + (f" (ratio {r['flicker_ratio']:.2f})" if r["flicker_ratio"] is not None else "")
+        )
+    )
     audio = f", {r['audio_streams']} audio stream(s) copied" if r["audio_streams"] else ""
-    return (f"{r['input']} -> {r['output']}: {r['frames']} frames at {r['size']}x{r['size']}"
-            f"{audio}, {r['frames_per_s']:.1f} frames/s; flicker {flick}")
+    return (
+        f"{r['input']} -> {r['output']}: {r['frames']} frames at {r['size']}x{r['size']}"
+        f"{audio}, {r['frames_per_s']:.1f} frames/s; flicker {flick}"
+    )
 
 
 # ---- `rfp translate` with video inputs ------------------------------------------------------
@@ -293,7 +321,10 @@ def video_outputs(videos: Sequence[Path], out: Path, other_inputs: bool) -> list
     input only), else `out/<stem><suffix>` with `-2`, `-3` for a repeated stem."""
     if out.suffix.lower() in MUXERS:
         if len(videos) != 1 or other_inputs:
-            raise VideoTranslateError(f"--out {out} is a video file name, which takes exactly one video input; pass a folder for several inputs")
+            raise VideoTranslateError(
+                f"--out {out} is a video file name, which takes exactly one video input; pass a folder for several "
+                f"inputs"
+            )
         return [out]
     seen: dict[str, int] = {}
     names = []
@@ -316,9 +347,15 @@ def cli_translate_videos(tr, videos: Sequence[Path], args: argparse.Namespace, o
     failed = 0
     for src, dst in zip(videos, outs):
         try:
-            translate_video(src, dst, lambda x: tr.translate(x, steps, sampler, reverse), tr.size,
-                            batch_size=tr.cfg.velocity.sample_batch_size, codec=getattr(args, "video_codec", "libx264"),
-                            crf=getattr(args, "crf", 18))
+            translate_video(
+                src,
+                dst,
+                lambda x: tr.translate(x, steps, sampler, reverse),
+                tr.size,
+                batch_size=tr.cfg.velocity.sample_batch_size,
+                codec=getattr(args, "video_codec", "libx264"),
+                crf=getattr(args, "crf", 18),
+            )
         except VideoTranslateError as exc:
             print(f"skipped: {exc}", file=sys.stderr)
             failed += 1

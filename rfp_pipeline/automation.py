@@ -31,9 +31,11 @@ cheap = AC.eager
 def follows(*ignored: str) -> dg.AutomationCondition:
     """Eager, but updates of `ignored` inputs do not trigger a run (they are read, not followed):
     the evaluation follows a new velocity, not every re-ingest before the next retraining."""
-    return AC.eager().replace(
-        "any_deps_updated", AC.any_deps_updated().ignore(dg.AssetSelection.assets(*ignored))
-    ).with_label(f"eager (ignoring {', '.join(ignored)})")
+    return (
+        AC.eager()
+        .replace("any_deps_updated", AC.any_deps_updated().ignore(dg.AssetSelection.assets(*ignored)))
+        .with_label(f"eager (ignoring {', '.join(ignored)})")
+    )
 
 
 def on_retrain_cron(cron: str | None = None, timezone: str | None = None) -> dg.AutomationCondition:
@@ -52,6 +54,6 @@ def on_retrain_cron(cron: str | None = None, timezone: str | None = None) -> dg.
     ).with_label("input data version changed")
     changed = (input_changed | AC.code_version_changed()).since_last_handled()
     due = (AC.cron_tick_passed(cron, timezone) & changed).since_last_handled()
-    return (
-        due & ~AC.any_deps_missing() & ~AC.any_deps_in_progress() & ~AC.in_progress()
-    ).with_label(f"retrain on cron({cron}, {timezone}) if inputs changed")
+    return (due & ~AC.any_deps_missing() & ~AC.any_deps_in_progress() & ~AC.in_progress()).with_label(
+        f"retrain on cron({cron}, {timezone}) if inputs changed"
+    )

@@ -31,8 +31,15 @@ def _setup_env(root: Path) -> Path:
     return home
 
 
-def run_graph(instance, resources: dict[str, Any], partition: str, cfg=None, run_config: dict | None = None,
-              out: TextIO = sys.stderr, tags: dict[str, str] | None = None):
+def run_graph(
+    instance,
+    resources: dict[str, Any],
+    partition: str,
+    cfg=None,
+    run_config: dict | None = None,
+    out: TextIO = sys.stderr,
+    tags: dict[str, str] | None = None,
+):
     """Materialise every asset for `partition` in `instance`, printing each stage to `out` as it
     runs. Dagster's own console logger stays at WARNING: the progress lines say what it would."""
     import dagster as dg
@@ -42,11 +49,24 @@ def run_graph(instance, resources: dict[str, Any], partition: str, cfg=None, run
 
     token = uuid.uuid4().hex
     run_config = {**(run_config or {}), "loggers": {"console": {"config": {"log_level": "WARNING"}}}}
-    progress = RunProgress(instance, ("rfp/progress", token), experiment=partition,
-                           tracking_uri=resources["mlflow_tracking"].uri(), totals=training_totals(cfg) if cfg else None, out=out)
+    progress = RunProgress(
+        instance,
+        ("rfp/progress", token),
+        experiment=partition,
+        tracking_uri=resources["mlflow_tracking"].uri(),
+        totals=training_totals(cfg) if cfg else None,
+        out=out,
+    )
     with progress:
-        result = dg.materialize(assets, instance=instance, resources=resources, partition_key=partition,
-                                tags={**(tags or {}), "rfp/progress": token}, run_config=run_config, raise_on_error=False)
+        result = dg.materialize(
+            assets,
+            instance=instance,
+            resources=resources,
+            partition_key=partition,
+            tags={**(tags or {}), "rfp/progress": token},
+            run_config=run_config,
+            raise_on_error=False,
+        )
     return result
 
 
@@ -97,12 +117,21 @@ def main(argv: list[str] | None = None) -> int:
     print(f"  training samples (inputs above, outputs below): {vel.get('sample_grid')}")
     for name, path in ev["grids"].items():
         print(f"  evaluation {name.removeprefix('grid_')}: {path}")
-    shown = {k: metrics[k] for k in ("transfer_rate", "mask_iou", "cycle_error", "straightness", "ms_per_image") if k in metrics}
+    shown = {
+        k: metrics[k]
+        for k in ("transfer_rate", "mask_iou", "cycle_error", "straightness", "ms_per_image")
+        if k in metrics
+    }
     print("metrics: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
-    print(f"registered model: models:/{DEMO}/{vel.get('model_version')} (mlflow.pyfunc.load_model; {vel.get('model_uri')})")
+    print(
+        f"registered model: models:/{DEMO}/{vel.get('model_version')} (mlflow.pyfunc.load_model; "
+        f"{vel.get('model_uri')})"
+    )
     print("\nopen the UIs (from the project root):")
-    print(f"  Dagster: DAGSTER_HOME={dagster_home} RFP_HOME={rfp_home()} .venv/bin/dagster dev -w workspace.yaml"
-          "   -> http://127.0.0.1:3000")
+    print(
+        f"  Dagster: DAGSTER_HOME={dagster_home} RFP_HOME={rfp_home()} .venv/bin/dagster dev -w workspace.yaml"
+        "   -> http://127.0.0.1:3000"
+    )
     ui = resources["mlflow_tracking"].ui_base()  # the address the run links in Dagster were written with
     port = urllib.parse.urlsplit(ui).port or 5000
     print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {tracking} --port {port}   -> {ui}")

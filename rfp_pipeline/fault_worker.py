@@ -15,8 +15,16 @@ import os
 import sys
 from pathlib import Path
 
-STAGES = ["experiment_config", "media_manifest", "frame_store", "structure_embeddings", "structure_pairs",
-          "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint"]
+STAGES = [
+    "experiment_config",
+    "media_manifest",
+    "frame_store",
+    "structure_embeddings",
+    "structure_pairs",
+    "codec_checkpoint",
+    "saliency_checkpoint",
+    "velocity_checkpoint",
+]
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -35,17 +43,25 @@ def main(argv: list[str] | None = None) -> int:
     home = Path(os.environ["RFP_HOME"])
     root = Path(args.project)
     resources = default_resources()
-    resources["rfp"] = RfpHome(home=str(home), project_root=str(root), experiments_dir=str(root / "experiments"),
-                               device="cpu")
-    resources["mlflow_tracking"] = MlflowTracking(tracking_uri=f"sqlite:///{home}/mlflow.db",
-                                                  artifact_root=str(home / "mlartifacts"))
+    resources["rfp"] = RfpHome(
+        home=str(home), project_root=str(root), experiments_dir=str(root / "experiments"), device="cpu"
+    )
+    resources["mlflow_tracking"] = MlflowTracking(
+        tracking_uri=f"sqlite:///{home}/mlflow.db", artifact_root=str(home / "mlartifacts")
+    )
     # the campaign checks resume, not translation quality: no quality gate on these tiny nets
     resources["thresholds"] = CheckThresholds(min_transfer_rate=0.0, min_mask_iou=0.0)
     instance = dg.DagsterInstance.get()
     if not instance.has_dynamic_partition(EXPERIMENTS, args.experiment):
         instance.add_dynamic_partitions(EXPERIMENTS, [args.experiment])
-    result = dg.materialize(assets, instance=instance, resources=resources, partition_key=args.experiment,
-                            selection=STAGES, raise_on_error=False)
+    result = dg.materialize(
+        assets,
+        instance=instance,
+        resources=resources,
+        partition_key=args.experiment,
+        selection=STAGES,
+        raise_on_error=False,
+    )
     if not result.success:
         print(f"fault worker: the run of {args.experiment} failed (run id {result.run_id})", file=sys.stderr)
         return 1

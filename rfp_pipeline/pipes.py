@@ -47,22 +47,40 @@ class TrainingLauncher(dg.ConfigurableResource):
     def resolved_mode(self) -> str:
         mode = self.mode or os.environ.get("RFP_TRAINING_LAUNCHER", "") or "in_process"
         if mode not in MODES:
-            raise ValueError(f"training launcher mode '{mode}' is not one of {MODES}: fix the resource config "
-                             "or $RFP_TRAINING_LAUNCHER")
+            raise ValueError(
+                f"training launcher mode '{mode}' is not one of {MODES}: fix the resource config "
+                "or $RFP_TRAINING_LAUNCHER"
+            )
         return mode
 
-    def train_codec(self, context: dg.AssetExecutionContext, cfg, manifest: Path, out_dir: Path, *, device: str, store,
-                    log: Callable[[dict, int], None], mlflow_uri: str, mlflow_run_id: str) -> Launched:
+    def train_codec(
+        self,
+        context: dg.AssetExecutionContext,
+        cfg,
+        manifest: Path,
+        out_dir: Path,
+        *,
+        device: str,
+        store,
+        log: Callable[[dict, int], None],
+        mlflow_uri: str,
+        mlflow_run_id: str,
+    ) -> Launched:
         """Train the codec (phase 0); an unfinished codec.pt in `out_dir` is continued wherever it runs."""
         from rfp_core.train.codec import CodecResult, train_codec
 
         if self.resolved_mode() == "in_process":
             return Launched(train_codec(cfg, manifest, out_dir, device=device, store=store, log=log, progress=False))
-        invocation = self._run(context, _extras("codec", cfg, manifest, out_dir, device, store, None, mlflow_uri,
-                                                mlflow_run_id))
+        invocation = self._run(
+            context, _extras("codec", cfg, manifest, out_dir, device, store, None, mlflow_uri, mlflow_run_id)
+        )
         md = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
-        result = CodecResult(checkpoint=Path(md["checkpoint"]), recon_l1=float(md["recon_l1"]), steps=int(md["steps"]),
-                             recon_l1_init=float(md["recon_l1_init"]))
+        result = CodecResult(
+            checkpoint=Path(md["checkpoint"]),
+            recon_l1=float(md["recon_l1"]),
+            steps=int(md["steps"]),
+            recon_l1_init=float(md["recon_l1_init"]),
+        )
         return _launched(result, invocation, md)
 
     def train_saliency(
@@ -84,18 +102,33 @@ class TrainingLauncher(dg.ConfigurableResource):
         if self.resolved_mode() == "in_process":
             from rfp_core.train.saliency import train_saliency
 
-            return Launched(train_saliency(cfg, manifest, out_dir, device=device, store=store, log=log,
-                                           codec_checkpoint=codec_checkpoint, progress=False))
+            return Launched(
+                train_saliency(
+                    cfg,
+                    manifest,
+                    out_dir,
+                    device=device,
+                    store=store,
+                    log=log,
+                    codec_checkpoint=codec_checkpoint,
+                    progress=False,
+                )
+            )
         extras = _extras("saliency", cfg, manifest, out_dir, device, store, codec_checkpoint, mlflow_uri, mlflow_run_id)
         invocation = self._run(context, extras)
         metadata = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
         from rfp_core.train.saliency import SaliencyResult
 
-        result = SaliencyResult(checkpoint=Path(metadata["checkpoint"]), state_path=Path(metadata["state"]),
-                                accuracy=float(metadata["accuracy"]), steps=int(metadata["steps"]),
-                                warmed_up=bool(metadata["warmed_up"]), stopped_by=metadata.get("stopped_by") or None,
-                                train_accuracy=_number(metadata.get("train_accuracy")),
-                                report_accuracy=_number(metadata.get("report_accuracy")))
+        result = SaliencyResult(
+            checkpoint=Path(metadata["checkpoint"]),
+            state_path=Path(metadata["state"]),
+            accuracy=float(metadata["accuracy"]),
+            steps=int(metadata["steps"]),
+            warmed_up=bool(metadata["warmed_up"]),
+            stopped_by=metadata.get("stopped_by") or None,
+            train_accuracy=_number(metadata.get("train_accuracy")),
+            report_accuracy=_number(metadata.get("report_accuracy")),
+        )
         return _launched(result, invocation, metadata)
 
     def train_velocity(
@@ -122,21 +155,37 @@ class TrainingLauncher(dg.ConfigurableResource):
         if self.resolved_mode() == "in_process":
             from rfp_core.structure import read_pairs
 
-            return Launched(train_velocity(cfg, manifest, out_dir, device=device, saliency_checkpoint=saliency_checkpoint,
-                                           store=store, log=log, progress=False,
-                                           pairs=read_pairs(pairs_path) if pairs_path else None,
-                                           codec_checkpoint=codec_checkpoint))
+            return Launched(
+                train_velocity(
+                    cfg,
+                    manifest,
+                    out_dir,
+                    device=device,
+                    saliency_checkpoint=saliency_checkpoint,
+                    store=store,
+                    log=log,
+                    progress=False,
+                    pairs=read_pairs(pairs_path) if pairs_path else None,
+                    codec_checkpoint=codec_checkpoint,
+                )
+            )
         extras = _extras("velocity", cfg, manifest, out_dir, device, store, codec_checkpoint, mlflow_uri, mlflow_run_id)
         extras.update(saliency_checkpoint=str(saliency_checkpoint) if saliency_checkpoint else None, pairs=pairs_path)
         invocation = self._run(context, extras)
         md = {k: v.value for k, v in invocation.get_materialize_result().metadata.items()}
         if md.get("non_finite_loss"):
             last = md.get("last_checkpoint") or None
-            raise NonFiniteLoss(md["non_finite_loss"], step=int(md["step"]), last_checkpoint=Path(last) if last else None)
-        result = VelocityResult(checkpoint=Path(md["checkpoint"]), final_loss=float(md["final_loss"]),
-                                steps=int(md["steps"]), images_per_s=float(md["images_per_s"]),
-                                sample_grid=Path(md["sample_grid"]) if md.get("sample_grid") else None,
-                                metrics_path=Path(md["metrics"]))
+            raise NonFiniteLoss(
+                md["non_finite_loss"], step=int(md["step"]), last_checkpoint=Path(last) if last else None
+            )
+        result = VelocityResult(
+            checkpoint=Path(md["checkpoint"]),
+            final_loss=float(md["final_loss"]),
+            steps=int(md["steps"]),
+            images_per_s=float(md["images_per_s"]),
+            sample_grid=Path(md["sample_grid"]) if md.get("sample_grid") else None,
+            metrics_path=Path(md["metrics"]),
+        )
         return _launched(result, invocation, md)
 
     def _run(self, context: dg.AssetExecutionContext, extras: dict[str, Any]) -> dg.PipesClientCompletedInvocation:
@@ -144,28 +193,48 @@ class TrainingLauncher(dg.ConfigurableResource):
         env = {"PYTHONPATH": os.pathsep.join([str(PACKAGE_ROOT), *([path] if path else [])])}
         client = dg.PipesSubprocessClient(env=env, cwd=str(PACKAGE_ROOT))
         command = [self.python or sys.executable, "-m", WORKER_MODULE]
-        context.log.info(f"training {extras['phase']} out of process: {' '.join(command)} ({json.dumps(extras['device'])})")
+        context.log.info(
+            f"training {extras['phase']} out of process: {' '.join(command)} ({json.dumps(extras['device'])})"
+        )
         return client.run(context=context, command=command, extras=extras)
 
 
-def _extras(phase: str, cfg, manifest: Path, out_dir: Path, device: str, store, codec_checkpoint: Path | None,
-            mlflow_uri: str, mlflow_run_id: str) -> dict[str, Any]:
+def _extras(
+    phase: str,
+    cfg,
+    manifest: Path,
+    out_dir: Path,
+    device: str,
+    store,
+    codec_checkpoint: Path | None,
+    mlflow_uri: str,
+    mlflow_run_id: str,
+) -> dict[str, Any]:
     """What every phase's worker needs, as Pipes extras (the config travels as a file beside its work)."""
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     config_path = atomic_write_text(out_dir / "pipes_config.json", cfg.to_json())
     return {
-        "phase": phase, "config": str(config_path), "manifest": str(manifest), "out_dir": str(out_dir),
-        "device": device, "store_root": str(store.root), "store_max_side": store.max_side,
+        "phase": phase,
+        "config": str(config_path),
+        "manifest": str(manifest),
+        "out_dir": str(out_dir),
+        "device": device,
+        "store_root": str(store.root),
+        "store_max_side": store.max_side,
         "codec_checkpoint": str(codec_checkpoint) if codec_checkpoint else None,
-        "mlflow_uri": mlflow_uri, "mlflow_run_id": mlflow_run_id,
+        "mlflow_uri": mlflow_uri,
+        "mlflow_run_id": mlflow_run_id,
     }
 
 
 def _launched(result: Any, invocation: dg.PipesClientCompletedInvocation, metadata: dict[str, Any]) -> Launched:
     steps = [m for m in invocation.get_custom_messages() if isinstance(m, dict) and "step" in m]
-    return Launched(result, {"launcher": "pipes", "pipes_steps_streamed": len(steps),
-                             "worker_pid": int(metadata["worker_pid"])}, steps)
+    return Launched(
+        result,
+        {"launcher": "pipes", "pipes_steps_streamed": len(steps), "worker_pid": int(metadata["worker_pid"])},
+        steps,
+    )
 
 
 def _number(value) -> float | None:

@@ -2,9 +2,9 @@
 
 It imports `dagster_pipes` (the small protocol package), not `dagster`: the process that trains
 needs torch, rfp_core and MLflow's client only. Everything it needs arrives as Pipes extras.
-Per evaluation (saliency) or logging (velocity) step it logs the metrics into the asset's MLflow run (by id: the run stays the
-asset's, this process never ends it), sends them to Dagster as a log line and a custom message,
-and at the end reports the materialisation metadata the asset returns.
+Per evaluation (saliency) or logging (velocity) step it logs the metrics into the asset's MLflow run
+(by id: the run stays the asset's, this process never ends it), sends them to Dagster as a log line and a
+custom message, and at the end reports the materialisation metadata the asset returns.
 """
 
 from __future__ import annotations
@@ -43,12 +43,24 @@ def codec(pipes: PipesContext, extras: dict[str, Any]) -> None:
     cfg_path = Path(extras["config"])
     cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
     store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
-    res = train_codec(cfg, Path(extras["manifest"]), Path(extras["out_dir"]), device=extras["device"], store=store,
-                      log=_step_logger(pipes, extras), progress=False)
-    pipes.report_asset_materialization(metadata={
-        "recon_l1": res.recon_l1, "recon_l1_init": res.recon_l1_init, "steps": res.steps, "worker_pid": os.getpid(),
-        "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
-    })
+    res = train_codec(
+        cfg,
+        Path(extras["manifest"]),
+        Path(extras["out_dir"]),
+        device=extras["device"],
+        store=store,
+        log=_step_logger(pipes, extras),
+        progress=False,
+    )
+    pipes.report_asset_materialization(
+        metadata={
+            "recon_l1": res.recon_l1,
+            "recon_l1_init": res.recon_l1_init,
+            "steps": res.steps,
+            "worker_pid": os.getpid(),
+            "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
+        }
+    )
 
 
 def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
@@ -60,19 +72,32 @@ def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
     cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
     store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
     codec = extras.get("codec_checkpoint")
-    res = train_saliency(cfg, Path(extras["manifest"]), Path(extras["out_dir"]), device=extras["device"], store=store,
-                         log=_step_logger(pipes, extras), codec_checkpoint=Path(codec) if codec else None, progress=False)
-    pipes.report_asset_materialization(metadata={
-        "accuracy": res.accuracy,
-        "steps": res.steps,
-        "warmed_up": res.warmed_up,
-        "stopped_by": res.stopped_by or "",
-        **{k: v for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
-           if v is not None},
-        "worker_pid": os.getpid(),
-        "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
-        "state": {"raw_value": str(res.state_path), "type": "path"},
-    })
+    res = train_saliency(
+        cfg,
+        Path(extras["manifest"]),
+        Path(extras["out_dir"]),
+        device=extras["device"],
+        store=store,
+        log=_step_logger(pipes, extras),
+        codec_checkpoint=Path(codec) if codec else None,
+        progress=False,
+    )
+    pipes.report_asset_materialization(
+        metadata={
+            "accuracy": res.accuracy,
+            "steps": res.steps,
+            "warmed_up": res.warmed_up,
+            "stopped_by": res.stopped_by or "",
+            **{
+                k: v
+                for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
+                if v is not None
+            },
+            "worker_pid": os.getpid(),
+            "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
+            "state": {"raw_value": str(res.state_path), "type": "path"},
+        }
+    )
 
 
 def velocity(pipes: PipesContext, extras: dict[str, Any]) -> None:
@@ -86,24 +111,39 @@ def velocity(pipes: PipesContext, extras: dict[str, Any]) -> None:
     store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
     codec, sal, pairs = extras.get("codec_checkpoint"), extras.get("saliency_checkpoint"), extras.get("pairs")
     try:
-        res = train_velocity(cfg, Path(extras["manifest"]), Path(extras["out_dir"]), device=extras["device"], store=store,
-                             log=_step_logger(pipes, extras), saliency_checkpoint=Path(sal) if sal else None,
-                             codec_checkpoint=Path(codec) if codec else None,
-                             pairs=read_pairs(pairs) if pairs else None, progress=False)
+        res = train_velocity(
+            cfg,
+            Path(extras["manifest"]),
+            Path(extras["out_dir"]),
+            device=extras["device"],
+            store=store,
+            log=_step_logger(pipes, extras),
+            saliency_checkpoint=Path(sal) if sal else None,
+            codec_checkpoint=Path(codec) if codec else None,
+            pairs=read_pairs(pairs) if pairs else None,
+            progress=False,
+        )
     except NonFiniteLoss as exc:  # the asset fails it as it would in process: its check, its metadata
-        pipes.report_asset_materialization(metadata={
-            "non_finite_loss": str(exc), "step": exc.step if exc.step is not None else -1,
-            "last_checkpoint": str(exc.last_checkpoint) if exc.last_checkpoint else "", "worker_pid": os.getpid()})
+        pipes.report_asset_materialization(
+            metadata={
+                "non_finite_loss": str(exc),
+                "step": exc.step if exc.step is not None else -1,
+                "last_checkpoint": str(exc.last_checkpoint) if exc.last_checkpoint else "",
+                "worker_pid": os.getpid(),
+            }
+        )
         return
-    pipes.report_asset_materialization(metadata={
-        "final_loss": res.final_loss,
-        "steps": res.steps,
-        "images_per_s": res.images_per_s,
-        "worker_pid": os.getpid(),
-        "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
-        "sample_grid": str(res.sample_grid) if res.sample_grid else "",
-        "metrics": {"raw_value": str(res.metrics_path), "type": "path"},
-    })
+    pipes.report_asset_materialization(
+        metadata={
+            "final_loss": res.final_loss,
+            "steps": res.steps,
+            "images_per_s": res.images_per_s,
+            "worker_pid": os.getpid(),
+            "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
+            "sample_grid": str(res.sample_grid) if res.sample_grid else "",
+            "metrics": {"raw_value": str(res.metrics_path), "type": "path"},
+        }
+    )
 
 
 PHASES = {"codec": codec, "saliency": saliency, "velocity": velocity}

@@ -37,7 +37,9 @@ CHECKPOINT = "checkpoint"
 SIGNATURE = ModelSignature(
     inputs=None,
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
-    params=ParamSchema([ParamSpec("steps", "integer", 0), ParamSpec("reverse", "boolean", False), ParamSpec("seed", "integer", 0)]),
+    params=ParamSchema(
+        [ParamSpec("steps", "integer", 0), ParamSpec("reverse", "boolean", False), ParamSpec("seed", "integer", 0)]
+    ),
 )
 INPUT_KEYS = ("images_b64", "images")
 
@@ -93,8 +95,10 @@ def images_from_input(model_input) -> list[np.ndarray]:
     if isinstance(model_input, dict):
         unknown = sorted(set(model_input) - set(INPUT_KEYS))
         if unknown or not model_input:
-            raise ValueError(f"input keys {unknown or '(none)'} not understood; send 'images_b64' (base64 PNG/JPEG strings) "
-                             "or 'images' (uint8 arrays (N, H, W, 3))")
+            raise ValueError(
+                f"input keys {unknown or '(none)'} not understood; send 'images_b64' (base64 PNG/JPEG strings) "
+                "or 'images' (uint8 arrays (N, H, W, 3))"
+            )
         images = _decode_b64(model_input["images_b64"]) if "images_b64" in model_input else []
         return images + (_as_uint8(model_input["images"]) if "images" in model_input else [])
     if isinstance(model_input, (str, bytes)):
@@ -106,7 +110,9 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
         from rfp_core.translate import Translator
 
-        self.translator = Translator.from_run(context.artifacts[CHECKPOINT], device=os.environ.get("RFP_DEVICE") or None)
+        self.translator = Translator.from_run(
+            context.artifacts[CHECKPOINT], device=os.environ.get("RFP_DEVICE") or None
+        )
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         import torch
@@ -123,8 +129,12 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         if tr.generative:
             out = tr.generate(len(images), seed=int(params.get("seed") or 0), steps=steps)
         else:
-            x = torch.stack([to_tensor(center_square(Image.fromarray(np.ascontiguousarray(im)), tr.size)) for im in images])
-            out = torch.cat([tr.translate(b, steps=steps, reverse=bool(params.get("reverse", False))) for b in x.split(32)])
+            x = torch.stack(
+                [to_tensor(center_square(Image.fromarray(np.ascontiguousarray(im)), tr.size)) for im in images]
+            )
+            out = torch.cat(
+                [tr.translate(b, steps=steps, reverse=bool(params.get("reverse", False))) for b in x.split(32)]
+            )
         out = ((out.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return out.permute(0, 2, 3, 1).numpy()
 

@@ -15,12 +15,11 @@ from typing import Any, Iterator
 import dagster as dg
 from pydantic import Field
 
+from rfp_core import experiments as exps
 from rfp_core import paths, tracking
 from rfp_core.config import ConfigError, ExperimentConfig
 from rfp_core.frame_store import FrameStore
 from rfp_core.hashing import HashCache
-from rfp_core import experiments as exps
-
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s own default address
 # MLflow 3.17's UI picks GenAI or model-training pages from this query parameter (else its own
@@ -37,10 +36,13 @@ class RfpHome(dg.ConfigurableResource):
 
     home: str = Field(default="", description="state root; empty = $RFP_HOME or <project>/.rfp_home")
     project_root: str = Field(
-        default="", description="relative paths in experiment files resolve here; empty = $RFP_PROJECT_ROOT or the checkout"
+        default="",
+        description="relative paths in experiment files resolve here; empty = $RFP_PROJECT_ROOT or the checkout",
     )
     experiments_dir: str = Field(
-        default="", description="folder of <name>.json experiment files; empty = $RFP_EXPERIMENTS_DIR or <project_root>/experiments"
+        default="",
+        description="folder of <name>.json experiment files; empty = $RFP_EXPERIMENTS_DIR or "
+        "<project_root>/experiments",
     )
     device: str = Field(default="", description="cuda, mps or cpu; empty = $RFP_DEVICE or the best available")
 
@@ -103,9 +105,7 @@ class RfpHome(dg.ConfigurableResource):
 class MlflowTracking(dg.ConfigurableResource):
     """MLflow: one MLflow experiment (and one registered model) per pipeline experiment."""
 
-    tracking_uri: str = Field(
-        default="", description="empty = $MLFLOW_TRACKING_URI or sqlite:///$RFP_HOME/mlflow.db"
-    )
+    tracking_uri: str = Field(default="", description="empty = $MLFLOW_TRACKING_URI or sqlite:///$RFP_HOME/mlflow.db")
     artifact_root: str = Field(
         default="",
         description="where new MLflow experiments keep artifacts; empty = $RFP_HOME/mlartifacts, or for a tracking "
@@ -136,12 +136,15 @@ class MlflowTracking(dg.ConfigurableResource):
         return tracking.experiment_id(name, self.tracking_uri, self.artifact_root)
 
     @contextlib.contextmanager
-    def start_run(self, experiment: str, run_name: str, tags: dict[str, Any],
-                  manifest: tuple[Path, str] | None = None) -> Iterator[Any]:
+    def start_run(
+        self, experiment: str, run_name: str, tags: dict[str, Any], manifest: tuple[Path, str] | None = None
+    ) -> Iterator[Any]:
         """`with tracking.start_run(exp, name, tags) as run:` an active MLflow run; ended (FAILED on error) on exit.
         System metrics are sampled while it runs when psutil is installed; `manifest` = (parquet, content
         version) is logged as its training dataset (rfp_core.tracking)."""
-        with tracking.start_run(experiment, run_name, tags, self.tracking_uri, self.artifact_root, manifest=manifest) as run:
+        with tracking.start_run(
+            experiment, run_name, tags, self.tracking_uri, self.artifact_root, manifest=manifest
+        ) as run:
             yield run
 
     @contextlib.contextmanager
@@ -152,7 +155,9 @@ class MlflowTracking(dg.ConfigurableResource):
         with mlflow.start_run(run_id=run_id) as run:
             yield run
 
-    def log_translator(self, checkpoint: Path, registered_name: str, tags: dict[str, str] | None = None) -> tuple[str, str | None]:
+    def log_translator(
+        self, checkpoint: Path, registered_name: str, tags: dict[str, str] | None = None
+    ) -> tuple[str, str | None]:
         """Log the pyfunc translator (the final checkpoint as its artifact: one MLflow logged model
         per final checkpoint) in the active run and register a version under `registered_name`;
         `tags` (partition, data versions) go on both the logged model and the version.
@@ -175,9 +180,12 @@ class MlflowTracking(dg.ConfigurableResource):
             artifacts={pyfunc_model.CHECKPOINT: str(checkpoint)},
             code_paths=[str(Path(paths.PACKAGE_DIR))],  # rfp_core travels with the model
             signature=pyfunc_model.SIGNATURE,
-            input_example=pyfunc_model.input_example(),  # the documented request format, in the UI and serving_input_example.json
+            # the documented request format, in the UI and serving_input_example.json
+            input_example=pyfunc_model.input_example(),
             # explicit: MLflow's requirement inference would load the model in a subprocess
-            pip_requirements=[pin(p) for p in ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyarrow", "tqdm")],
+            pip_requirements=[
+                pin(p) for p in ("torch", "torchvision", "numpy", "pillow", "pydantic", "pyarrow", "tqdm")
+            ],
             registered_model_name=registered_name,
             tags=tags or None,
         )
@@ -208,7 +216,12 @@ class CheckThresholds(dg.ConfigurableResource):
     max_skip_rate: float = Field(default=0.2, description="largest allowed fraction of skipped manifest rows")
     min_frames_per_domain: int = Field(default=2, description="fewest usable frames each domain must have")
     min_saliency_accuracy: float = Field(
-        default=-1.0, description="held-out accuracy the saliency classifier must reach; < 0 = the config's accuracy_threshold"
+        default=-1.0,
+        description="held-out accuracy the saliency classifier must reach; < 0 = the config's accuracy_threshold",
     )
-    min_transfer_rate: float = Field(default=0.9, description="evaluation: fraction of outputs the judge assigns to domain 1")
-    min_mask_iou: float = Field(default=0.8, description="evaluation: IoU of input and output shape masks (content kept)")
+    min_transfer_rate: float = Field(
+        default=0.9, description="evaluation: fraction of outputs the judge assigns to domain 1"
+    )
+    min_mask_iou: float = Field(
+        default=0.8, description="evaluation: IoU of input and output shape masks (content kept)"
+    )

@@ -38,8 +38,12 @@ TRAINING: dict[str, tuple[str, tuple[str, ...]]] = {
     "velocity_checkpoint": ("velocity", ("velocity/loss", "velocity/images_per_s")),
 }
 EVENTS = {
-    dg.DagsterEventType.STEP_START, dg.DagsterEventType.ASSET_MATERIALIZATION, dg.DagsterEventType.ASSET_CHECK_EVALUATION,
-    dg.DagsterEventType.STEP_SKIPPED, dg.DagsterEventType.STEP_FAILURE, dg.DagsterEventType.STEP_UP_FOR_RETRY,
+    dg.DagsterEventType.STEP_START,
+    dg.DagsterEventType.ASSET_MATERIALIZATION,
+    dg.DagsterEventType.ASSET_CHECK_EVALUATION,
+    dg.DagsterEventType.STEP_SKIPPED,
+    dg.DagsterEventType.STEP_FAILURE,
+    dg.DagsterEventType.STEP_UP_FOR_RETRY,
 }
 
 
@@ -100,7 +104,9 @@ def format_event(entry, started: dict[str, float], t0: float) -> str | None:
     if kind == dg.DagsterEventType.STEP_FAILURE:
         err = getattr(ev.event_specific_data, "error", None)
         msg = " ".join((err.message if err is not None else ev.message or "").split())[:300]
-        return f"[{clock}] {step}: FAILED after {_duration(entry.timestamp - started.get(step, entry.timestamp))}: {msg}"
+        return (
+            f"[{clock}] {step}: FAILED after {_duration(entry.timestamp - started.get(step, entry.timestamp))}: {msg}"
+        )
     return None
 
 
@@ -120,9 +126,12 @@ class _TrainingBar:
         if exp is None:
             return None
         runs = self.client.search_runs(
-            [exp.experiment_id], max_results=1, order_by=["attributes.start_time DESC"],
+            [exp.experiment_id],
+            max_results=1,
+            order_by=["attributes.start_time DESC"],
             filter_string=f"attributes.run_name = '{self.prefix} {self.experiment}' and attributes.status = 'RUNNING' "
-                          f"and attributes.start_time >= {int(self.since * 1000) - 5000}")
+            f"and attributes.start_time >= {int(self.since * 1000) - 5000}",
+        )
         return runs[0].info.run_id if runs else None
 
     def poll(self) -> None:
@@ -144,8 +153,16 @@ class _TrainingBar:
                 post[key.split("/")[-1]] = f"{max(hist, key=lambda m: m.step).value:.4g}"
         step = min(step, self.total or step)
         if self.bar is None:  # starts at the first step seen (a resumed run's too): the rate counts from here
-            self.bar = tqdm(total=self.total, initial=step, desc=f"  {self.prefix}", unit="step", file=self.out,
-                            dynamic_ncols=True, leave=False, mininterval=0)
+            self.bar = tqdm(
+                total=self.total,
+                initial=step,
+                desc=f"  {self.prefix}",
+                unit="step",
+                file=self.out,
+                dynamic_ncols=True,
+                leave=False,
+                mininterval=0,
+            )
         else:
             self.bar.update(step - self.bar.n)
         self.bar.set_postfix(post)
@@ -160,9 +177,17 @@ class RunProgress:
     """`with RunProgress(instance, ("rfp/progress", token), ...): dg.materialize(..., tags={"rfp/progress": token})`
     prints the run's progress to `out` while it executes and drains the last events on exit."""
 
-    def __init__(self, instance: dg.DagsterInstance, tag: tuple[str, str] | None = None, experiment: str = "",
-                 tracking_uri: str | None = None, totals: dict[str, int | None] | None = None,
-                 out: TextIO = sys.stderr, poll_s: float = 1.0, run_id: str | None = None):
+    def __init__(
+        self,
+        instance: dg.DagsterInstance,
+        tag: tuple[str, str] | None = None,
+        experiment: str = "",
+        tracking_uri: str | None = None,
+        totals: dict[str, int | None] | None = None,
+        out: TextIO = sys.stderr,
+        poll_s: float = 1.0,
+        run_id: str | None = None,
+    ):
         self.instance, self.tag, self.experiment = instance, tag, experiment
         self.tracking_uri, self.totals, self.out, self.poll_s = tracking_uri, totals or {}, out, poll_s
         self.lines: list[str] = []
@@ -256,8 +281,11 @@ class RunProgress:
 def training_totals(cfg) -> dict[str, int | None]:
     """Steps each training stage plans, for the bars' totals (None where the config does not say)."""
     get: Callable[[str, str], int | None] = lambda sec, key: getattr(getattr(cfg, sec, None), key, None)  # noqa: E731
-    return {"velocity_checkpoint": get("velocity", "total_steps"), "saliency_checkpoint": get("saliency", "max_steps"),
-            "codec_checkpoint": None}
+    return {
+        "velocity_checkpoint": get("velocity", "total_steps"),
+        "saliency_checkpoint": get("saliency", "max_steps"),
+        "codec_checkpoint": None,
+    }
 
 
 def replay(instance: dg.DagsterInstance, run_id: str, out: TextIO = sys.stderr) -> list[str]:

@@ -9,8 +9,8 @@ import json
 
 import dagster as dg
 
-from rfp_core.config import ConfigError
 from rfp_core import experiments as exps
+from rfp_core.config import ConfigError
 from rfp_pipeline.assets.ingest import experiment_config, media_manifest
 from rfp_pipeline.partitions import EXPERIMENTS, experiments_partitions
 from rfp_pipeline.resources import RfpHome
@@ -35,7 +35,9 @@ def _latest_data_version(instance: dg.DagsterInstance, key: dg.AssetKey, partiti
 
 
 def _latest_metadata(instance: dg.DagsterInstance, key: dg.AssetKey, partition: str, entry: str) -> str | None:
-    result = instance.fetch_materializations(dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1)
+    result = instance.fetch_materializations(
+        dg.AssetRecordsFilter(asset_key=key, asset_partitions=[partition]), limit=1
+    )
     if not result.records:
         return None
     value = result.records[0].asset_materialization.metadata.get(entry)
@@ -78,8 +80,13 @@ def experiments_sensor(context: dg.SensorEvaluationContext, rfp: RfpHome) -> dg.
     if removed:
         requests.append(dg.DeleteDynamicPartitionsRequest(EXPERIMENTS, removed))
     if added or removed or runs:
-        context.log.info(f"experiments: added {added}, removed {removed}, changed {[r.partition_key for r in runs if r.partition_key not in added]}")
-    return dg.SensorResult(run_requests=runs, dynamic_partitions_requests=requests, cursor=json.dumps(cursor, sort_keys=True))
+        context.log.info(
+            f"experiments: added {added}, removed {removed}, changed "
+            f"{[r.partition_key for r in runs if r.partition_key not in added]}"
+        )
+    return dg.SensorResult(
+        run_requests=runs, dynamic_partitions_requests=requests, cursor=json.dumps(cursor, sort_keys=True)
+    )
 
 
 @dg.sensor(

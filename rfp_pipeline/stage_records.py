@@ -63,8 +63,10 @@ class StageRecords(dg.IOManager):
         return json.loads(path.read_text())
 
 
-@dg.io_manager(required_resource_keys={"rfp"},
-               description="Stage records (pipeline/<experiment>/<stage>/result.json) as asset inputs")
+@dg.io_manager(
+    required_resource_keys={"rfp"},
+    description="Stage records (pipeline/<experiment>/<stage>/result.json) as asset inputs",
+)
 def stage_records(init_context: dg.InitResourceContext) -> StageRecords:
     # the run's own `rfp` resource: a test or launchpad that points RfpHome elsewhere moves the records with it
     return StageRecords(init_context.resources.rfp)

@@ -41,13 +41,26 @@ def train(job: dict) -> None:
         except SaliencyThresholdNotReached:
             pass  # the step budget is the test's: its checkpoint is written
     else:
-        train_velocity(cfg, Path(job["manifest"]), out, device="cpu", store=store, progress=False,
-                       saliency_checkpoint=Path(job["saliency_checkpoint"]))
+        train_velocity(
+            cfg,
+            Path(job["manifest"]),
+            out,
+            device="cpu",
+            store=store,
+            progress=False,
+            saliency_checkpoint=Path(job["saliency_checkpoint"]),
+        )
 
 
 def _rank_main(rank: int, size: int, port: int, jobs: list[dict]) -> None:
-    os.environ.update(MASTER_ADDR="127.0.0.1", MASTER_PORT=str(port), WORLD_SIZE=str(size), RANK=str(rank),
-                      LOCAL_RANK=str(rank), RFP_HOME=jobs[0]["rfp_home"])
+    os.environ.update(
+        MASTER_ADDR="127.0.0.1",
+        MASTER_PORT=str(port),
+        WORLD_SIZE=str(size),
+        RANK=str(rank),
+        LOCAL_RANK=str(rank),
+        RFP_HOME=jobs[0]["rfp_home"],
+    )
     torch.set_num_threads(1)
     try:
         for job in jobs:

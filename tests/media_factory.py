@@ -176,7 +176,7 @@ def make_video_with_audio(
         samples = samples.astype(np.float32) if fmt == "fltp" else (samples * 32767).astype(np.int16)
         chunk = 1024
         for start in range(0, n, chunk):
-            frame = av.AudioFrame.from_ndarray(samples[None, start:start + chunk].copy(), format=fmt, layout="mono")
+            frame = av.AudioFrame.from_ndarray(samples[None, start : start + chunk].copy(), format=fmt, layout="mono")
             frame.sample_rate, frame.pts = audio_rate, start
             container.mux(a.encode(frame))
         container.mux(a.encode())

@@ -33,8 +33,12 @@ def postgres(*databases: str) -> Iterator[str]:
     folder = tempfile.mkdtemp(prefix="rfp-pg-")
     port = free_port()
     try:
-        done = subprocess.run(["bash", str(PG_SCRIPT), "start", folder, str(port), *databases],
-                              capture_output=True, text=True, timeout=900)
+        done = subprocess.run(
+            ["bash", str(PG_SCRIPT), "start", folder, str(port), *databases],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         if done.returncode != 0:
             raise RuntimeError(f"{PG_SCRIPT.name} start failed ({done.returncode}):\n{done.stdout}\n{done.stderr}")
         yield done.stdout.strip().splitlines()[-1]
@@ -59,9 +63,23 @@ def mlflow_server(backend_uri: str, artifacts: Path, log: Path) -> Iterator[str]
     mlflow = Path(sys.executable).parent / "mlflow"
     with open(log, "w") as out:
         proc = subprocess.Popen(
-            [str(mlflow), "server", "--backend-store-uri", backend_uri, "--artifacts-destination", str(artifacts),
-             "--host", "127.0.0.1", "--port", str(port), "--workers", "1"],
-            stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+            [
+                str(mlflow),
+                "server",
+                "--backend-store-uri",
+                backend_uri,
+                "--artifacts-destination",
+                str(artifacts),
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--workers",
+                "1",
+            ],
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
             # no background job consumer (trace archival and the like): it would only take CPU here
             env={**os.environ, "MLFLOW_TRACKING_URI": "", "MLFLOW_SERVER_JOB_ENABLE_PERIODIC_TASKS": "false"},
         )

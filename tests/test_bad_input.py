@@ -6,9 +6,9 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from media_factory import make_audio_only, make_image, make_video, make_zip
 from PIL import Image
 
-from media_factory import make_audio_only, make_image, make_video, make_zip
 from rfp_core.cli import main
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest

@@ -112,8 +112,16 @@ def test_image_modes_odd_names_zip_bombs_nested_zips_and_links(tmp_path, isolate
     exif = Image.Exif()
     exif[0x0112] = 6  # display turned 90 degrees clockwise
     exif_img.save(d / "exif6.jpg", exif=exif, quality=95)
-    odd = ["with space.png", "ünïcödé.png", "-dash.png", "semi;colon#hash&.png", "quote'\".png", "new\nline.png",
-           "UPPER.PNG", "x" * 200 + ".png"]
+    odd = [
+        "with space.png",
+        "ünïcödé.png",
+        "-dash.png",
+        "semi;colon#hash&.png",
+        "quote'\".png",
+        "new\nline.png",
+        "UPPER.PNG",
+        "x" * 200 + ".png",
+    ]
     for i, name in enumerate(odd):
         make_image(d / name, 8, (10 * i, 100, 50))
     # a zip bomb: a member far bigger unpacked than packed, over the (lowered) member limit
@@ -167,7 +175,10 @@ def test_image_modes_odd_names_zip_bombs_nested_zips_and_links(tmp_path, isolate
 
     bomb = {r["frame_key"].split(":member:")[1]: r for r in rows["bomb.zip"]}
     assert bomb["ok.png"]["status"] == "ok"
-    assert bomb["huge.png"]["status"] == "skipped" and "2000000 bytes uncompressed, over the 50000 limit" in bomb["huge.png"]["error"]
+    assert (
+        bomb["huge.png"]["status"] == "skipped"
+        and "2000000 bytes uncompressed, over the 50000 limit" in bomb["huge.png"]["error"]
+    )
     nested = {r["frame_key"].split(":member:")[1]: r for r in rows["nested.zip"]}
     assert nested["top.png"]["status"] == "ok"
     assert nested["inner.zip"]["status"] == "skipped" and "archive inside an archive" in nested["inner.zip"]["error"]
@@ -281,8 +292,9 @@ def test_a_domain_folder_that_vanishes_during_ingest_is_a_clear_error(tmp_path, 
 def _mount_tmpfs(where: Path, size: str) -> bool:
     where.mkdir(parents=True, exist_ok=True)
     try:
-        done = subprocess.run(["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)],
-                              capture_output=True, timeout=30)
+        done = subprocess.run(
+            ["mount", "-t", "tmpfs", "-o", f"size={size}", "tmpfs", str(where)], capture_output=True, timeout=30
+        )
     except (OSError, subprocess.TimeoutExpired):
         return False
     return done.returncode == 0
@@ -343,8 +355,13 @@ def test_file_size_limit_write_is_a_clear_error(tmp_path):
         noisy(d1 / f"b{i}.png", 128, 10 + i)
     out = tmp_path / "m.parquet"
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1]), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-c", FSIZE_SCRIPT, str(d0), str(d1), str(out)], env=env,
-                          capture_output=True, text=True, timeout=120)
+    done = subprocess.run(
+        [sys.executable, "-c", FSIZE_SCRIPT, str(d0), str(d1), str(out)],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
     assert done.returncode == 1, done.stderr[-2000:]
     assert "error: cannot write frame" in done.stderr and "File too large" in done.stderr
     assert "Traceback" not in done.stderr and not out.exists()
@@ -360,11 +377,17 @@ def test_temp_files_of_killed_writers_are_swept_and_live_ones_kept(tmp_path, iso
     # a writer killed mid-write: a child process that made a temp file in the store and died
     frames = isolated_rfp_home / "store" / "frames" / "s512" / "ab"
     frames.mkdir(parents=True)
-    child = subprocess.Popen([sys.executable, "-c",
-                              "import os,sys,tempfile,time; from rfp_core.atomic import temp_prefix;"
-                              "tempfile.mkstemp(prefix=temp_prefix('x.png'), suffix='.tmp', dir=sys.argv[1]);"
-                              "time.sleep(60)", str(frames)],
-                             env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])})
+    child = subprocess.Popen(
+        [
+            sys.executable,
+            "-c",
+            "import os,sys,tempfile,time; from rfp_core.atomic import temp_prefix;"
+            "tempfile.mkstemp(prefix=temp_prefix('x.png'), suffix='.tmp', dir=sys.argv[1]);"
+            "time.sleep(60)",
+            str(frames),
+        ],
+        env={**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[1])},
+    )
     try:
         for _ in range(200):
             if list(frames.glob("*.tmp")):

@@ -33,7 +33,7 @@ def test_task_pools_are_disjoint_labelled_and_unpaired(tmp_path, name):
     # no digit sample / photo tile is in two pools: the translator never sees the judges' or the scored material
     pools = list(sources)
     for i, a in enumerate(pools):
-        for b in pools[i + 1:]:
+        for b in pools[i + 1 :]:
             assert not sources[a] & sources[b], (a, b)
     # domain 1 really is restyled: its colour statistics differ from domain 0's
     m0, _ = Q.channel_stats(task.load("train0", 0)[0])
@@ -51,7 +51,7 @@ def test_content_judge_and_two_sample_test_on_known_answers():
     # class = which third of the image is bright: learnable; noise makes every image different
     x = torch.rand(120, 3, 16, 16, generator=g) * 0.4 - 1
     for i, c in enumerate(labels.tolist()):
-        x[i, :, :, 5 * c:5 * c + 5] += 1.2
+        x[i, :, :, 5 * c : 5 * c + 5] += 1.2
     judge = train_content_judge(x[:90], labels[:90], 3, steps=120, seed=0)
     assert judge.accuracy(x[90:], labels[90:]) >= 0.9
     with pytest.raises(ValueError, match="labels must lie"):
@@ -92,12 +92,16 @@ def test_row_configs_set_every_training_key_and_differ_only_in_the_loss():
 
     def keys(d, prefix=""):
         return {prefix + k for k, v in d.items() if not isinstance(v, dict)} | {
-            kk for k, v in d.items() if isinstance(v, dict) for kk in keys(v, prefix + k + ".")}
+            kk for k, v in d.items() if isinstance(v, dict) for kk in keys(v, prefix + k + ".")
+        }
 
     # every key that trains something: section `type` names carry no setting, and an Identity
     # codec trains nothing, so its training keys cannot move a result
-    ignored = {k for k in keys(defaults) if k.endswith(".type") and k.count(".") == 1 or
-               k.startswith("codec.") and k != "codec.net.type"} | {"domain0", "domain1"}
+    ignored = {
+        k
+        for k in keys(defaults)
+        if k.endswith(".type") and k.count(".") == 1 or k.startswith("codec.") and k != "codec.net.type"
+    } | {"domain0", "domain1"}
     for row, raw in Q.ROW_CONFIGS.items():
         assert raw["codec"]["net"]["type"] == "Identity"
         assert keys(defaults) - ignored <= keys(raw), (row, sorted(keys(defaults) - ignored - keys(raw)))
@@ -123,7 +127,11 @@ def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_ho
     c = d["ceilings"]
     assert c["domain_judge_acc"] >= 0.8  # the domain judge beats chance on real images
     assert d["identity"]["transfer_rate"]["mean"] <= 0.2  # untranslated inputs are not called domain 1
-    raw = {"tasks": {"digits": json.loads((isolated_rfp_home / "bench" / "quality" / "report" / "digits.json").read_text())}}
+    raw = {
+        "tasks": {
+            "digits": json.loads((isolated_rfp_home / "bench" / "quality" / "report" / "digits.json").read_text())
+        }
+    }
     rows = raw["tasks"]["digits"]["rows"]
     assert rows["identity"][0]["edge_agreement"] == pytest.approx(1.0)
     assert rows["identity"][0]["two_sample_acc"] >= 0.8  # domain 0 is trivially told from domain 1
@@ -131,7 +139,9 @@ def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_ho
     assert rows["mse"][0]["nfe"] == Q.QUICK_OVERRIDES["velocity"]["num_inference_steps"]
     assert rows["mse"][0]["straightness"] is not None and rows["mse"][0]["wall_s"] > 0
     report = isolated_rfp_home / "bench" / "quality" / "report"
-    assert {"digits_identity.png", "digits_tint.png", "digits_mse.png", "QUALITY.md"} <= {p.name for p in report.iterdir()}
+    assert {"digits_identity.png", "digits_tint.png", "digits_mse.png", "QUALITY.md"} <= {
+        p.name for p in report.iterdir()
+    }
     assert "tint baseline" in (report / "QUALITY.md").read_text()
     # a --quick run leaves the docs alone
     assert (bench_md.read_text() if bench_md.exists() else None) == before

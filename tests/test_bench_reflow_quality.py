@@ -9,10 +9,30 @@ from rfp_core.bench.reflow_quality import acceptance, summary_rows
 
 def _seed(s1: float, s2: float, c12: float, c1: float, t12: float, t1: float, tr: float = 1.0) -> list[dict]:
     return [
-        {"model": "1-RF", "steps": 12, "straightness": s1, "content_kept": c12, "transfer_rate": tr, "seconds_per_input": t12},
-        {"model": "2-RF", "steps": 12, "straightness": s2, "content_kept": c12, "transfer_rate": tr, "seconds_per_input": t12},
-        {"model": "distilled", "steps": 1, "straightness": float("nan"), "content_kept": c1, "transfer_rate": tr,
-         "seconds_per_input": t1},
+        {
+            "model": "1-RF",
+            "steps": 12,
+            "straightness": s1,
+            "content_kept": c12,
+            "transfer_rate": tr,
+            "seconds_per_input": t12,
+        },
+        {
+            "model": "2-RF",
+            "steps": 12,
+            "straightness": s2,
+            "content_kept": c12,
+            "transfer_rate": tr,
+            "seconds_per_input": t12,
+        },
+        {
+            "model": "distilled",
+            "steps": 1,
+            "straightness": float("nan"),
+            "content_kept": c1,
+            "transfer_rate": tr,
+            "seconds_per_input": t1,
+        },
     ]
 
 

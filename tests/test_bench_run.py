@@ -14,8 +14,13 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
 
 def test_bench_run_times_every_phase_of_a_real_training(tmp_path):
-    cfg = {**json.loads(TINY.read_text()), "saliency_max_steps": 40, "saliency_accuracy_threshold": 0.6,
-           "saliency_warmup_threshold": 0.55, "train_images": 32}
+    cfg = {
+        **json.loads(TINY.read_text()),
+        "saliency_max_steps": 40,
+        "saliency_accuracy_threshold": 0.6,
+        "saliency_warmup_threshold": 0.55,
+        "train_images": 32,
+    }
     path = tmp_path / "cfg.json"
     path.write_text(json.dumps(cfg))
     out = run(quick=True, device="cpu", config=str(path))

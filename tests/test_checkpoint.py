@@ -84,7 +84,10 @@ def test_list_is_newest_first_by_step_and_ignores_other_files(tmp_path):
     (tmp_path / "velocity_notes.txt").write_text("x")
     (tmp_path / ".velocity_00000011.pt.abc.tmp").write_bytes(b"partial")
     assert [p.name for p in list_checkpoints(tmp_path, "velocity")] == [
-        "velocity_00000010.pt", "velocity_00000009.pt", "velocity_00000002.pt"]
+        "velocity_00000010.pt",
+        "velocity_00000009.pt",
+        "velocity_00000002.pt",
+    ]
     assert list_checkpoints(tmp_path / "missing", "velocity") == []
 
 

@@ -14,15 +14,32 @@ from rfp_core.nets.autoencoder import SAE, VAE, Identity, build_codec
 from rfp_core.train.codec import structure_loss, train_codec
 from rfp_core.train.codec_io import load_codec
 
-TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
-            "num_res_blocks": 1}
-LOSSES = [{"type": "L1Loss", "id": "recon"}, {"type": "StructureLoss", "weight": 0.1}, {"type": "KLLoss", "weight": 1e-6}]
-TINY_CODEC = {"net": TINY_VAE, "losses": LOSSES, "learning_rate": 3e-3, "train_batch_size": 16, "lr_schedule": "constant"}
+TINY_VAE = {
+    "type": "VAE",
+    "latent_channels": 4,
+    "model_channels": 8,
+    "ch_mult": [1, 2],
+    "normalization": "GroupNormAuto",
+    "num_res_blocks": 1,
+}
+LOSSES = [
+    {"type": "L1Loss", "id": "recon"},
+    {"type": "StructureLoss", "weight": 0.1},
+    {"type": "KLLoss", "weight": 1e-6},
+]
+TINY_CODEC = {
+    "net": TINY_VAE,
+    "losses": LOSSES,
+    "learning_rate": 3e-3,
+    "train_batch_size": 16,
+    "lr_schedule": "constant",
+}
 
 
 def _cfg(**over):
     base = {
-        "max_size": 16, "seed": 0,
+        "max_size": 16,
+        "seed": 0,
         "codec": {**TINY_CODEC, "train_images": 16 * 80},
     }
     for key, value in over.items():
@@ -72,8 +89,8 @@ def test_sae_codes_live_on_the_sphere():
 
 
 def test_losses_the_codec_cannot_feed_or_whose_weights_are_missing_stop_before_training(tmp_path, monkeypatch):
-    from rfp_core.train.codec_losses import check_losses
     from rfp_core.config import CodecLossConfig
+    from rfp_core.train.codec_losses import check_losses
 
     with pytest.raises(ConfigError, match="KLLoss .* needs a VAE"):
         check_losses([CodecLossConfig(type="KLLoss")], "AutoEncoder")
@@ -106,7 +123,9 @@ def test_structure_loss_is_zero_only_for_equal_images_and_punishes_blur():
 def test_vae_trains_and_reports_reconstruction(tmp_path):
     manifest, store, _ = _manifest(tmp_path)
     logged = []
-    result = train_codec(_cfg(), manifest, tmp_path / "run", store=store, log=lambda m, s: logged.append((s, m)), progress=False)
+    result = train_codec(
+        _cfg(), manifest, tmp_path / "run", store=store, log=lambda m, s: logged.append((s, m)), progress=False
+    )
     assert result.checkpoint == tmp_path / "run" / "codec.pt" and result.checkpoint.exists()
     assert result.steps == 80
     assert result.recon_l1 < 0.6 * result.recon_l1_init, (result.recon_l1, result.recon_l1_init)
@@ -121,7 +140,10 @@ def test_vae_trains_and_reports_reconstruction(tmp_path):
     assert set(ckpt) >= {"codec", "config"} and ckpt["config"]["codec"]["net"]["type"] == "VAE"
     # the same config again: the finished checkpoint is reused, not retrained
     again = train_codec(_cfg(), manifest, tmp_path / "run", store=store, progress=False)
-    assert again.recon_l1 == result.recon_l1 and again.checkpoint.stat().st_mtime_ns == result.checkpoint.stat().st_mtime_ns
+    assert (
+        again.recon_l1 == result.recon_l1
+        and again.checkpoint.stat().st_mtime_ns == result.checkpoint.stat().st_mtime_ns
+    )
 
 
 def test_identity_codec_checkpoint(tmp_path):
@@ -146,19 +168,29 @@ def test_vae_codec_run_end_to_end(tmp_path):
     from rfp_core.translate import Translator
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
-    cfg = load_config(tiny, overrides={
-        "max_size": 16,
-        "codec": {**TINY_CODEC, "train_images": 16 * 40},
-        "velocity": {"train_images": 16 * 12, "sample_every_images": 16 * 12},
-    })
+    cfg = load_config(
+        tiny,
+        overrides={
+            "max_size": 16,
+            "codec": {**TINY_CODEC, "train_images": 16 * 40},
+            "velocity": {"train_images": 16 * 12, "sample_every_images": 16 * 12},
+        },
+    )
     manifest, store, (d0, _) = _manifest(tmp_path, n=24)
     run = tmp_path / "run"
     codec = train_codec(cfg, manifest, run, store=store, progress=False)
     sal = train_saliency(cfg, manifest, run, store=store, codec_checkpoint=codec.checkpoint, progress=False)
     net = load_saliency(sal.checkpoint)
     assert net.latent_input and net.backbone[0].in_channels == 4 and sal.accuracy >= cfg.saliency.accuracy_threshold
-    vel = train_velocity(cfg, manifest, run, saliency_checkpoint=sal.checkpoint, store=store,
-                         codec_checkpoint=codec.checkpoint, progress=False)
+    vel = train_velocity(
+        cfg,
+        manifest,
+        run,
+        saliency_checkpoint=sal.checkpoint,
+        store=store,
+        codec_checkpoint=codec.checkpoint,
+        progress=False,
+    )
     assert vel.checkpoint.is_file() and torch.isfinite(torch.tensor(vel.final_loss))
 
     tr = Translator.from_run(run, device="cpu")

@@ -41,7 +41,8 @@ while not gate.exists():
     time.sleep(0.005)
 store = FrameStore(max_side=32)
 report = ingest_mod.ingest([d0], [d1], out=out, store=store, progress=False)
-keys = [k for k, s in zip(report.table.column("frame_key").to_pylist(), report.table.column("status").to_pylist()) if s == "ok"]
+table = report.table
+keys = [k for k, s in zip(table.column("frame_key").to_pylist(), table.column("status").to_pylist()) if s == "ok"]
 EmbeddingCache("thumbnail8").compute_missing(keys, store, ThumbnailEncoder(8), batch_size=2, progress=False)
 """
 
@@ -67,9 +68,18 @@ def _reference(tmp_path: Path, f: dict[str, Path], monkeypatch) -> tuple[dict[st
     home = tmp_path / "reference_home"
     monkeypatch.setenv("RFP_HOME", str(home))
     store = FrameStore(max_side=32)
-    tables = [ingest([d0], [d1], out=tmp_path / f"ref{i}.parquet", store=store, progress=False).table
-              for i, (d0, d1) in enumerate(_experiments(f))]
-    keys = sorted({k for t in tables for k, s in zip(t.column("frame_key").to_pylist(), t.column("status").to_pylist()) if s == "ok"})
+    tables = [
+        ingest([d0], [d1], out=tmp_path / f"ref{i}.parquet", store=store, progress=False).table
+        for i, (d0, d1) in enumerate(_experiments(f))
+    ]
+    keys = sorted(
+        {
+            k
+            for t in tables
+            for k, s in zip(t.column("frame_key").to_pylist(), t.column("status").to_pylist())
+            if s == "ok"
+        }
+    )
     cache = EmbeddingCache("thumbnail8")
     cache.compute_missing(keys, store, ThumbnailEncoder(8), progress=False)
     vectors, _ = cache.get(keys)
@@ -82,9 +92,16 @@ def _round(tmp_path: Path, f: dict[str, Path], n: int) -> tuple[Path, list[Path]
     gate = tmp_path / f"gate{n:02d}"
     outs = [tmp_path / f"m{n:02d}_{i}.parquet" for i in range(2)]
     env = {**os.environ, "RFP_HOME": str(home), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    procs = [subprocess.Popen([sys.executable, "-c", WORKER, str(gate), str(d0), str(d1), str(out)], env=env,
-                              stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-             for (d0, d1), out in zip(_experiments(f), outs)]
+    procs = [
+        subprocess.Popen(
+            [sys.executable, "-c", WORKER, str(gate), str(d0), str(d1), str(out)],
+            env=env,
+            stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for (d0, d1), out in zip(_experiments(f), outs)
+    ]
     deadline = time.monotonic() + 300
     while not all(Path(str(out) + ".ready").exists() for out in outs):  # both past their imports
         assert time.monotonic() < deadline and all(p.poll() is None for p in procs), "a worker did not start"
@@ -102,8 +119,9 @@ def _check(home: Path, outs: list[Path], pixels: dict, ref_tables: list, vectors
     for out, ref in zip(outs, ref_tables):
         assert read_manifest(out).equals(ref)
     # corrupt nothing: the store holds exactly the expected files, each whole and each the pixels of its key
-    expected = {store.path_for(k) for k in pixels} | {store.path_for(k, lv) for k in pixels for lv in store.levels
-                                                       if store.path_for(k, lv).exists()}
+    expected = {store.path_for(k) for k in pixels} | {
+        store.path_for(k, lv) for k in pixels for lv in store.levels if store.path_for(k, lv).exists()
+    }
     files = {p for p in (home / "store" / "frames").rglob("*") if p.is_file()}
     assert files == expected, sorted(map(str, files ^ expected))[:5]
     for key, ref in pixels.items():

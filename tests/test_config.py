@@ -15,19 +15,39 @@ NESTED = {
     "max_size": 128,
     "structure": {"pairing": False, "candidates": 8},
     "velocity": {
-        "sample_batch_size": 8, "train_batch_size": 48, "train_minibatch_size": 24,
-        "train_images": 6000000, "learning_rate": 0.0002, "num_inference_steps": 12,
+        "sample_batch_size": 8,
+        "train_batch_size": 48,
+        "train_minibatch_size": 24,
+        "train_images": 6000000,
+        "learning_rate": 0.0002,
+        "num_inference_steps": 12,
         "timestep_sampling": "logit-normal",
-        "net": {"type": "UNet", "model_channels": 128, "ch_mult": [1, 2, 4, 8, 8],
-                "normalization": "GroupNorm32", "activation": "SiLU", "num_res_blocks": 2,
-                "zero_res_blocks": False, "attention_resolutions": [], "num_attention_heads": 8},
+        "net": {
+            "type": "UNet",
+            "model_channels": 128,
+            "ch_mult": [1, 2, 4, 8, 8],
+            "normalization": "GroupNorm32",
+            "activation": "SiLU",
+            "num_res_blocks": 2,
+            "zero_res_blocks": False,
+            "attention_resolutions": [],
+            "num_attention_heads": 8,
+        },
     },
     "saliency": {
-        "learning_rate": 0.00005, "accuracy_threshold": 0.995, "warmup_threshold": 0.90,
-        "blend_fraction": 0.0, "label_smoothing": 0.1,
+        "learning_rate": 0.00005,
+        "accuracy_threshold": 0.995,
+        "warmup_threshold": 0.90,
+        "blend_fraction": 0.0,
+        "label_smoothing": 0.1,
         "augmentations": ["color_jitter", "grayscale", "hflip", "random_erasing"],
-        "net": {"type": "ResNetSaliencyNet", "backbone": "resnet50", "num_classes": 2,
-                "pretrained": True, "latent_channels": 512},
+        "net": {
+            "type": "ResNetSaliencyNet",
+            "backbone": "resnet50",
+            "num_classes": 2,
+            "pretrained": True,
+            "latent_channels": 512,
+        },
     },
 }
 
@@ -103,8 +123,11 @@ def test_overrides_merge_in_either_format():
 def test_experiment_resolves_relative_paths(tmp_path):
     (tmp_path / "configs").mkdir()
     (tmp_path / "configs" / "m.json").write_text(FLAT.read_text())
-    exp_path = write(tmp_path, "horses.json", {"domain0": "random", "domain1": "data/zebras",
-                                               "config": "configs/m.json", "overrides": {"max_size": 64}})
+    exp_path = write(
+        tmp_path,
+        "horses.json",
+        {"domain0": "random", "domain1": "data/zebras", "config": "configs/m.json", "overrides": {"max_size": 64}},
+    )
     exp = load_experiment(exp_path, root=tmp_path)
     assert exp.name == "horses" and exp.generative
     assert exp.domain1 == [tmp_path / "data" / "zebras"]

@@ -16,9 +16,21 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {"experiment_config", "media_manifest", "frame_store", "structure_embeddings", "structure_pairs",
-            "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples", "translated_media",
-            "reflow_couplings", "reflow_checkpoint", "distilled_checkpoint"}
+EXPECTED = {
+    "experiment_config",
+    "media_manifest",
+    "frame_store",
+    "structure_embeddings",
+    "structure_pairs",
+    "codec_checkpoint",
+    "saliency_checkpoint",
+    "velocity_checkpoint",
+    "evaluation_samples",
+    "translated_media",
+    "reflow_couplings",
+    "reflow_checkpoint",
+    "distilled_checkpoint",
+}
 
 
 def free_port() -> int:
@@ -28,8 +40,11 @@ def free_port() -> int:
 
 
 def graphql(port: int, query: str) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql", data=json.dumps({"query": query}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=10) as resp:
         return json.loads(resp.read())
 
@@ -44,8 +59,14 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
     env = {**os.environ, "DAGSTER_HOME": str(home), "RFP_EXPERIMENTS_DIR": str(tmp_path / "experiments")}
     dagster = Path(sys.executable).parent / "dagster"
     log = open(tmp_path / "dev.log", "w")
-    proc = subprocess.Popen([str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(dagster), "dev", "-w", "workspace.yaml", "-h", "127.0.0.1", "-p", str(port)],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     try:
         deadline, keys, last = time.monotonic() + 240, set(), None
         while time.monotonic() < deadline and proc.poll() is None:
@@ -59,11 +80,18 @@ def test_dagster_dev_serves_the_asset_graph(tmp_path):
             time.sleep(2)
         assert proc.poll() is None, f"dagster dev exited early:\n{(tmp_path / 'dev.log').read_text()[-3000:]}"
         assert keys == EXPECTED, f"served {keys} (last error {last})"
-        sensors = graphql(port, '{ sensorsOrError(repositorySelector: {repositoryName: "__repository__", '
-                                'repositoryLocationName: "rfp_pipeline.definitions"}) { ... on Sensors { results { name '
-                                'sensorState { status } } } } }')
+        sensors = graphql(
+            port,
+            '{ sensorsOrError(repositorySelector: {repositoryName: "__repository__", '
+            'repositoryLocationName: "rfp_pipeline.definitions"}) { ... on Sensors { results { name '
+            "sensorState { status } } } } }",
+        )
         states = {s["name"]: s["sensorState"]["status"] for s in sensors["data"]["sensorsOrError"]["results"]}
-        assert states == {"experiments_sensor": "RUNNING", "domain_folders_sensor": "RUNNING", "rfp_automation": "RUNNING"}
+        assert states == {
+            "experiments_sensor": "RUNNING",
+            "domain_folders_sensor": "RUNNING",
+            "rfp_automation": "RUNNING",
+        }
     finally:
         proc.send_signal(signal.SIGINT)
         try:

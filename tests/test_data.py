@@ -5,10 +5,10 @@ import pyarrow as pa
 import pyarrow.compute as pc
 import pytest
 import torch
+from media_factory import make_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from media_factory import make_image
 from rfp_core.data import FrameDataset, TrainCrop, UnpairedDataset, holdout_split
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
@@ -84,7 +84,9 @@ def test_train_crop_random_box_within_bounds():
 def test_frame_dataset_items_and_splits(manifest):
     store = FrameStore()
     full = FrameDataset(manifest.manifest_path, store, domain=0, size=S)
-    assert len(full) == 6 and full.frame_keys == [r["frame_key"] for r in manifest.table.to_pylist() if r["domain"] == 0]
+    assert len(full) == 6 and full.frame_keys == [
+        r["frame_key"] for r in manifest.table.to_pylist() if r["domain"] == 0
+    ]
     train = FrameDataset(manifest.table, store, 0, S, split="train", holdout_fraction=0.3)
     hold = FrameDataset(manifest.table, store, 0, S, split="holdout", holdout_fraction=0.3)
     assert sorted(train.frame_keys + hold.frame_keys) == sorted(full.frame_keys)
@@ -127,12 +129,14 @@ def test_pairs_restrict_domain1_to_candidates(manifest):
     d0_keys = FrameDataset(manifest.table, store, 0, S).frame_keys
     d1_keys = FrameDataset(manifest.table, store, 1, S).frame_keys
     # item i's candidates: d1 frames (i) and (i + 1), ranked
-    pairs = pa.table({
-        "d0_key": [k for k in d0_keys for _ in range(2)],
-        "d1_key": [d1_keys[(i + r) % 8] for i in range(6) for r in range(2)],
-        "rank": [r for _ in range(6) for r in range(2)],
-        "similarity": [0.9, 0.8] * 6,
-    })
+    pairs = pa.table(
+        {
+            "d0_key": [k for k in d0_keys for _ in range(2)],
+            "d1_key": [d1_keys[(i + r) % 8] for i in range(6) for r in range(2)],
+            "rank": [r for _ in range(6) for r in range(2)],
+            "similarity": [0.9, 0.8] * 6,
+        }
+    )
     ds = UnpairedDataset(manifest.table, store, S, split="all", pairs=pairs)
     torch.manual_seed(1)
     seen = {i: set() for i in range(6)}

@@ -15,7 +15,9 @@ from rfp_core.evaluate.metrics import foreground_mask, mask_ious, stripe_energy
 
 
 def _load(paths):
-    return torch.stack([torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for p in paths])
+    return torch.stack(
+        [torch.from_numpy(np.array(Image.open(p).convert("RGB"))).permute(2, 0, 1).float() / 127.5 - 1 for p in paths]
+    )
 
 
 @pytest.fixture(scope="module")
@@ -105,7 +107,9 @@ def test_cli_writes_and_prints_the_path(tmp_path):
     out = tmp_path / "cli"
     proc = subprocess.run(
         [sys.executable, "-m", "rfp_core.cli", "demo-data", str(out), "--num", "3", "--size", "32"],
-        capture_output=True, text=True, check=True,
+        capture_output=True,
+        text=True,
+        check=True,
     )
     assert proc.stdout.strip().splitlines()[-1] == str(out.resolve())
     assert len(list((out / "domain1").glob("*.png"))) == 3

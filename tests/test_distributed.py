@@ -12,9 +12,9 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from disc_data import make_discs
 from dist_worker import spawn, train
+
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config import ConfigError, config_from_dict, load_config
 from rfp_core.frame_store import FrameStore
@@ -25,11 +25,28 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 # velocity: 6 images a step, minibatch 2: 1 rank accumulates 3 micro-batches, 2 ranks 2 + 1 each
 OVERRIDES = {
     "max_size": 16,
-    "saliency": {"batch_size": 8, "max_steps": 6, "eval_every": 1, "accuracy_threshold": 1.0, "warmup_threshold": 0.5,
-                 "augmentations": ["hflip", "color_jitter"], "blend_fraction": 0.0, "label_smoothing": 0.1},
-    "velocity": {"train_batch_size": 6, "train_minibatch_size": 2, "train_images": 24, "loss": "saliency",
-                 "mse_weight": 0.1, "ema": 0.9, "gradient_clip": 1.0, "sample_every_images": 10_000, "checkpoint_every_steps": 2,
-                 "timestep_sampling": "logit-normal"},
+    "saliency": {
+        "batch_size": 8,
+        "max_steps": 6,
+        "eval_every": 1,
+        "accuracy_threshold": 1.0,
+        "warmup_threshold": 0.5,
+        "augmentations": ["hflip", "color_jitter"],
+        "blend_fraction": 0.0,
+        "label_smoothing": 0.1,
+    },
+    "velocity": {
+        "train_batch_size": 6,
+        "train_minibatch_size": 2,
+        "train_images": 24,
+        "loss": "saliency",
+        "mse_weight": 0.1,
+        "ema": 0.9,
+        "gradient_clip": 1.0,
+        "sample_every_images": 10_000,
+        "checkpoint_every_steps": 2,
+        "timestep_sampling": "logit-normal",
+    },
 }
 
 
@@ -47,8 +64,16 @@ def data(tmp_path_factory):
 def _job(root: Path, cfg, manifest, store, phase: str, name: str, **extra) -> dict:
     out = root / name
     out.mkdir(exist_ok=True)
-    return {"phase": phase, "config": cfg.model_dump(mode="json"), "manifest": str(manifest), "store_root": str(store.root),
-            "out_dir": str(out), "log": str(out / "log.jsonl"), "rfp_home": str(root / "home"), **extra}
+    return {
+        "phase": phase,
+        "config": cfg.model_dump(mode="json"),
+        "manifest": str(manifest),
+        "store_root": str(store.root),
+        "out_dir": str(out),
+        "log": str(out / "log.jsonl"),
+        "rfp_home": str(root / "home"),
+        **extra,
+    }
 
 
 def _rows(path: Path) -> list[dict]:
@@ -80,12 +105,17 @@ def runs(data):
     sal = {n: _job(root, cfg, manifest, store, "saliency", f"saliency_{n}") for n in (1, 2)}
     train(sal[1])
     sal_ckpt = str(Path(sal[1]["out_dir"]) / "saliency.pt")  # both velocity runs use 1 rank's saliency net
-    vel = {n: _job(root, cfg, manifest, store, "velocity", name, saliency_checkpoint=sal_ckpt)
-           for n, name in ((1, "velocity_1"), (2, "velocity_2"), ("resumed", "velocity_resumed"))}
+    vel = {
+        n: _job(root, cfg, manifest, store, "velocity", name, saliency_checkpoint=sal_ckpt)
+        for n, name in ((1, "velocity_1"), (2, "velocity_2"), ("resumed", "velocity_resumed"))
+    }
     train(vel[1])
     shutil.copy(Path(vel[1]["out_dir"]) / "velocity_00000002.pt", vel["resumed"]["out_dir"])
     spawn([sal[2], vel[2], vel["resumed"]], 2)
-    return {k: Path(j["out_dir"]) for k, j in {"sal_1": sal[1], "sal_2": sal[2], **{f"vel_{n}": j for n, j in vel.items()}}.items()}
+    return {
+        k: Path(j["out_dir"])
+        for k, j in {"sal_1": sal[1], "sal_2": sal[2], **{f"vel_{n}": j for n, j in vel.items()}}.items()
+    }
 
 
 def test_saliency_two_ranks_match_one_rank(data, runs):
@@ -115,8 +145,9 @@ def test_velocity_saliency_loss_two_ranks_match_one_rank(data, runs):
     fa, fb = (load_checkpoint(runs[k] / "velocity_00000004.pt", map_location="cpu") for k in ("vel_1", "vel_2"))
     _assert_same_weights(fa["model"], fb["model"], lr, 4)
     _assert_same_weights(fa["ema"]["model"], fb["ema"]["model"], lr, 4)
-    _assert_same_weights(*(load_checkpoint(runs[k] / "velocity.pt", map_location="cpu")["velocity"]
-                           for k in ("vel_1", "vel_2")), lr, 4)
+    _assert_same_weights(
+        *(load_checkpoint(runs[k] / "velocity.pt", map_location="cpu")["velocity"] for k in ("vel_1", "vel_2")), lr, 4
+    )
 
 
 def test_a_one_rank_checkpoint_continued_by_two_ranks_ends_where_one_rank_did(data, runs):
@@ -148,11 +179,28 @@ def test_torchrun_command_passes_the_command_line_on_without_its_own_flags(tmp_p
         return torchrun_command(args)
 
     one_node = command()
-    assert one_node[1:8] == ["-m", "torch.distributed.run", "--nproc-per-node", "2", "--standalone", "-m", "rfp_core.cli"]
+    assert one_node[1:8] == [
+        "-m",
+        "torch.distributed.run",
+        "--nproc-per-node",
+        "2",
+        "--standalone",
+        "-m",
+        "rfp_core.cli",
+    ]
     assert one_node[8:] == ["train", "-c", "cfg.json", "-d0", "a", "-d1", "b", "--dev"]
     two_nodes = command("--nnodes", "2", "--node-rank=1", "--master-addr", "10.0.0.1", "--master-port", "29500")
     assert "--standalone" not in two_nodes
-    assert two_nodes[5:13] == ["--nnodes", "2", "--node-rank", "1", "--master-addr", "10.0.0.1", "--master-port", "29500"]
+    assert two_nodes[5:13] == [
+        "--nnodes",
+        "2",
+        "--node-rank",
+        "1",
+        "--master-addr",
+        "10.0.0.1",
+        "--master-port",
+        "29500",
+    ]
     assert two_nodes[-8:] == one_node[-8:]
 
 
@@ -166,14 +214,22 @@ def test_rfp_train_nproc_per_node_2_trains_like_one_process(data, tmp_path, monk
     root, cfg, _, _ = data
     d0, d1 = root / "data" / "domain0", root / "data" / "domain1"
     cfg_path = tmp_path / "cfg.json"
-    cfg_path.write_text(config_from_dict(cfg.model_dump(mode="json"), overrides={
-        "saliency": {"max_steps": 3, "accuracy_threshold": 0.5, "warmup_threshold": 0.5}}).to_json())
+    cfg_path.write_text(
+        config_from_dict(
+            cfg.model_dump(mode="json"),
+            overrides={"saliency": {"max_steps": 3, "accuracy_threshold": 0.5, "warmup_threshold": 0.5}},
+        ).to_json()
+    )
     home = tmp_path / "home"
     monkeypatch.setenv("RFP_HOME", str(home))
     args = ["train", "-c", str(cfg_path), "-d0", str(d0), "-d1", str(d1), "--dev", "--device", "cpu"]
     for run_id, extra in (("one", []), ("two", ["--nproc-per-node", "2"])):
-        proc = subprocess.run([sys.executable, "-m", "rfp_core.cli", *args, "--run-id", run_id, *extra],
-                              capture_output=True, text=True, timeout=600)
+        proc = subprocess.run(
+            [sys.executable, "-m", "rfp_core.cli", *args, "--run-id", run_id, *extra],
+            capture_output=True,
+            text=True,
+            timeout=600,
+        )
         assert proc.returncode == 0, proc.stderr[-3000:]
         assert proc.stdout.strip().splitlines() == [str(home / "runs" / run_id)]  # rank 0 prints the folder once
     assert "torch.distributed.run --nproc-per-node 2 --standalone" in proc.stderr

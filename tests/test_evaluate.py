@@ -30,7 +30,9 @@ HOLDOUT = 0.3
 def identity_translator(size: int) -> Translator:
     cfg = ModelConfig(max_size=size)
     cfg.velocity.num_inference_steps = 4
-    net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=True, normalization="GroupNormAuto")).eval()
+    net = UNet(
+        UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, zero_out=True, normalization="GroupNormAuto")
+    ).eval()
     return Translator(cfg, net, build_codec(cfg.codec.net), torch.device("cpu"))
 
 
@@ -41,7 +43,9 @@ class UNetTranslator:
         self.size = size
         self.cfg = ModelConfig(max_size=size)
         self.cfg.velocity.num_inference_steps = 4
-        self.net = UNet(UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto")).eval()
+        self.net = UNet(
+            UNetConfig(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto")
+        ).eval()
 
     def encode(self, x):
         return x
@@ -66,7 +70,10 @@ class OracleTranslator(UNetTranslator):
             fill = torch.tensor([0.9, 0.2, -0.6]).view(1, 3, 1, 1).expand_as(x)
         else:
             rows = (torch.arange(x.shape[-2]) % 4 < 2).view(1, 1, -1, 1)
-            light, dark = torch.tensor([-0.3, 0.6, 0.9]).view(1, 3, 1, 1), torch.tensor([-0.9, -0.6, 0.0]).view(1, 3, 1, 1)
+            light, dark = (
+                torch.tensor([-0.3, 0.6, 0.9]).view(1, 3, 1, 1),
+                torch.tensor([-0.9, -0.6, 0.0]).view(1, 3, 1, 1),
+            )
             fill = torch.where(rows, light, dark).expand_as(x)
         return torch.where(fg, fill, x)
 
@@ -114,8 +121,14 @@ def test_judge_refuses_too_few_frames():
 def test_identity_flow_keeps_content_and_transfers_nothing(demo, tmp_path):
     data, store, manifest = demo
     res = evaluate_run(
-        identity_translator(SIZE), manifest, store, tmp_path / "ev", masks_dir=data.masks_dir(0),
-        structure_encoder=ThumbnailEncoder(8), holdout_fraction=HOLDOUT, judge_steps=100,
+        identity_translator(SIZE),
+        manifest,
+        store,
+        tmp_path / "ev",
+        masks_dir=data.masks_dir(0),
+        structure_encoder=ThumbnailEncoder(8),
+        holdout_fraction=HOLDOUT,
+        judge_steps=100,
     )
     on_disk = json.loads((tmp_path / "ev" / "metrics.json").read_text())
     assert on_disk["transfer_rate"] == res["transfer_rate"]
@@ -143,10 +156,24 @@ def _keys(demo, domain):
 def test_a_perfect_restyle_scores_as_transferred_and_realistic(demo, judge, tmp_path):
     data, store, manifest = demo
     # one judge grades both, as in the ablation
-    ident = evaluate_run(identity_translator(SIZE), manifest, store, tmp_path / "a", masks_dir=data.root / "masks",
-                         holdout_fraction=HOLDOUT, judge=judge)
-    oracle = evaluate_run(OracleTranslator(SIZE), manifest, store, tmp_path / "b", masks_dir=data.root / "masks",
-                          holdout_fraction=HOLDOUT, judge=judge)
+    ident = evaluate_run(
+        identity_translator(SIZE),
+        manifest,
+        store,
+        tmp_path / "a",
+        masks_dir=data.root / "masks",
+        holdout_fraction=HOLDOUT,
+        judge=judge,
+    )
+    oracle = evaluate_run(
+        OracleTranslator(SIZE),
+        manifest,
+        store,
+        tmp_path / "b",
+        masks_dir=data.root / "masks",
+        holdout_fraction=HOLDOUT,
+        judge=judge,
+    )
     assert ident["transfer_rate"] == 0.0
     assert oracle["transfer_rate"] >= 0.9
     assert oracle["mask_iou"] >= 0.95, "restyled shapes stay exactly where they were"
@@ -163,21 +190,46 @@ def test_bad_inputs_are_clear_errors(demo, judge, tmp_path):
     with pytest.raises(ValueError, match="held-out|no usable frames"):
         evaluate_run(UNetTranslator(SIZE), manifest, store, tmp_path / "c", holdout_fraction=0.001, judge_steps=1)
     with pytest.raises(FileNotFoundError, match="masks_dir"):
-        evaluate_run(UNetTranslator(SIZE), manifest, store, tmp_path / "c", masks_dir=tmp_path / "nope",
-                     holdout_fraction=HOLDOUT, judge=judge)
+        evaluate_run(
+            UNetTranslator(SIZE),
+            manifest,
+            store,
+            tmp_path / "c",
+            masks_dir=tmp_path / "nope",
+            holdout_fraction=HOLDOUT,
+            judge=judge,
+        )
     assert not (tmp_path / "c" / "metrics.json").exists(), "no half-made report"
 
 
 def test_ablation_table_names_both_rows_and_marks_missing_values():
     from rfp_core.bench.ablation import COLUMNS, markdown
 
-    rows = {"saliency": {"transfer_rate": 0.95, "mask_iou": 0.9, "nfe": 12, "fid_judge": float("nan")},
-            "mse": {"transfer_rate": 0.9, "mask_iou": 0.3, "nfe": 12}}
-    header = {"quick": False, "date": "2026-01-01", "device": "cpu", "platform": "x86_64", "config": "configs/demo.json",
-              "seed": 0, "train_images": 100, "steps": 10, "batch": 10, "size": 32, "data_num": 256, "n_eval": 30,
-              "nfe": 12, "sampler": "euler", "judge_accuracy": 1.0, "structure_encoder": "thumbnail16",
-              "fid_floor": 0.5, "kid_floor": None,
-              "grids": {"saliency": "a.png", "mse": "b.png"}}
+    rows = {
+        "saliency": {"transfer_rate": 0.95, "mask_iou": 0.9, "nfe": 12, "fid_judge": float("nan")},
+        "mse": {"transfer_rate": 0.9, "mask_iou": 0.3, "nfe": 12},
+    }
+    header = {
+        "quick": False,
+        "date": "2026-01-01",
+        "device": "cpu",
+        "platform": "x86_64",
+        "config": "configs/demo.json",
+        "seed": 0,
+        "train_images": 100,
+        "steps": 10,
+        "batch": 10,
+        "size": 32,
+        "data_num": 256,
+        "n_eval": 30,
+        "nfe": 12,
+        "sampler": "euler",
+        "judge_accuracy": 1.0,
+        "structure_encoder": "thumbnail16",
+        "fid_floor": 0.5,
+        "kid_floor": None,
+        "grids": {"saliency": "a.png", "mse": "b.png"},
+    }
     text = markdown(rows, header)
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 4 and all(line.count("|") == len(COLUMNS) + 2 for line in table)
@@ -190,7 +242,9 @@ def test_ablation_table_replaces_its_section_of_benchmarks_md_only(tmp_path):
     from rfp_core.bench.ablation import BEGIN, END, splice_benchmarks
 
     bench = tmp_path / "BENCHMARKS.md"
-    bench.write_text(f"# Benchmarks\n\n## Ingest\n\nkeep me\n\n## Ablation\n\n{BEGIN}\nold table\n{END}\n\n## Later\n\nkeep too\n")
+    bench.write_text(
+        f"# Benchmarks\n\n## Ingest\n\nkeep me\n\n## Ablation\n\n{BEGIN}\nold table\n{END}\n\n## Later\n\nkeep too\n"
+    )
     splice_benchmarks(bench, "# Ablation: title\n\n| loss | x |\n| saliency | 1 |\n")
     once = bench.read_text()
     assert "old table" not in once and "| saliency | 1 |" in once and "# Ablation: title" not in once

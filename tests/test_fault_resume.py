@@ -25,6 +25,7 @@ def kill_at(step: int):
     def log(metrics: dict, at: int) -> None:
         if at == step:
             raise Killed(at)
+
     return log
 
 
@@ -46,13 +47,27 @@ def test_saliency_resume_is_exact(tmp_path, data, warmup, killed_in_1b):
     manifest, store = data
     # augmentations and blends draw random numbers: resume must continue them, not only the weights.
     # warm-up threshold 0.6: 1a lasts until the end (measured); 0.3: 1b from step 2 on
-    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": warmup,
-        "eval_every": 2, "max_steps": 60, "batch_size": 8, "blend_fraction": 0.5, "augmentations": ["hflip"],
-        "checkpoint_every_steps": 3}})
+    cfg = config_from_dict(
+        json.loads(TINY.read_text()),
+        overrides={
+            "saliency": {
+                "stop_on": "holdout",
+                "learning_rate": 1e-5,
+                "accuracy_threshold": 0.95,
+                "warmup_threshold": warmup,
+                "eval_every": 2,
+                "max_steps": 60,
+                "batch_size": 8,
+                "blend_fraction": 0.5,
+                "augmentations": ["hflip"],
+                "checkpoint_every_steps": 3,
+            }
+        },
+    )
     logged: list[tuple[int, dict]] = []
-    straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False,
-                              log=lambda m, at: logged.append((at, m)))
+    straight = train_saliency(
+        cfg, manifest, tmp_path / "a", store=store, progress=False, log=lambda m, at: logged.append((at, m))
+    )
     evals = [at for at, m in logged if m.get("saliency/warmed_up") == float(killed_in_1b) and 4 < at < straight.steps]
     assert evals, [(at, m.get("saliency/warmed_up")) for at, m in logged]
     kill = evals[len(evals) // 2]  # at an evaluation, before that step's checkpoint
@@ -71,13 +86,31 @@ def test_codec_resume_is_exact(tmp_path, data):
     from rfp_core.train.codec import train_codec
 
     manifest, store = data
-    vae = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2],
-           "normalization": "GroupNormAuto", "num_res_blocks": 1}
+    vae = {
+        "type": "VAE",
+        "latent_channels": 4,
+        "model_channels": 8,
+        "ch_mult": [1, 2],
+        "normalization": "GroupNormAuto",
+        "num_res_blocks": 1,
+    }
     # the VAE samples its latent and the augmentation flips: both draw from the RNG
-    cfg = config_from_dict({"max_size": 16, "seed": 0, "codec": {
-        "net": vae, "losses": [{"type": "L1Loss", "id": "recon"}, {"type": "KLLoss", "weight": 1e-6}],
-        "learning_rate": 3e-3, "train_batch_size": 8, "train_minibatch_size": 4, "train_images": 8 * 12,
-        "augmentations": ["hflip"], "checkpoint_every_steps": 4}})
+    cfg = config_from_dict(
+        {
+            "max_size": 16,
+            "seed": 0,
+            "codec": {
+                "net": vae,
+                "losses": [{"type": "L1Loss", "id": "recon"}, {"type": "KLLoss", "weight": 1e-6}],
+                "learning_rate": 3e-3,
+                "train_batch_size": 8,
+                "train_minibatch_size": 4,
+                "train_images": 8 * 12,
+                "augmentations": ["hflip"],
+                "checkpoint_every_steps": 4,
+            },
+        }
+    )
     straight = train_codec(cfg, manifest, tmp_path / "a", store=store, progress=False)
     assert straight.steps == 12
     with pytest.raises(Killed):  # killed at step 12 (logged at the last step): the step-8 checkpoint is the last
@@ -97,9 +130,22 @@ def test_saliency_resumes_from_the_checkpoint_when_a_kill_left_the_state_file_be
     from rfp_core.train.saliency import train_saliency
 
     manifest, store = data
-    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": 0.95, "warmup_threshold": 0.3, "eval_every": 2, "max_steps": 60,
-        "batch_size": 8, "augmentations": ["hflip"], "checkpoint_every_steps": 3}})
+    cfg = config_from_dict(
+        json.loads(TINY.read_text()),
+        overrides={
+            "saliency": {
+                "stop_on": "holdout",
+                "learning_rate": 1e-5,
+                "accuracy_threshold": 0.95,
+                "warmup_threshold": 0.3,
+                "eval_every": 2,
+                "max_steps": 60,
+                "batch_size": 8,
+                "augmentations": ["hflip"],
+                "checkpoint_every_steps": 3,
+            }
+        },
+    )
     straight = train_saliency(cfg, manifest, tmp_path / "a", store=store, progress=False)
     run = tmp_path / "b"
     with pytest.raises(Killed):
@@ -111,5 +157,7 @@ def test_saliency_resumes_from_the_checkpoint_when_a_kill_left_the_state_file_be
     (run / "saliency_state.json").write_text(older)  # as if killed right after the step-9 checkpoint
     resumed = train_saliency(cfg, manifest, run, store=store, progress=False)
     assert resumed.steps == straight.steps
-    assert _equal(torch.load(straight.checkpoint, weights_only=True)["saliency"],
-                  torch.load(resumed.checkpoint, weights_only=True)["saliency"])
+    assert _equal(
+        torch.load(straight.checkpoint, weights_only=True)["saliency"],
+        torch.load(resumed.checkpoint, weights_only=True)["saliency"],
+    )

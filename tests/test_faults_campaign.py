@@ -36,7 +36,11 @@ def test_audit_finds_orphaned_temp_files_and_torn_files(tmp_path):
 
 
 def test_mismatches_name_each_differing_tensor():
-    ref = {"codec": {"w": torch.zeros(2)}, "saliency": {"w": torch.ones(2)}, "velocity": {"a": torch.ones(1), "b": torch.ones(1)}}
+    ref = {
+        "codec": {"w": torch.zeros(2)},
+        "saliency": {"w": torch.ones(2)},
+        "velocity": {"a": torch.ones(1), "b": torch.ones(1)},
+    }
     same = {k: {n: t.clone() for n, t in v.items()} for k, v in ref.items()}
     assert mismatches(ref, same) == []
     same["velocity"]["b"] = torch.ones(1) + 1e-7
@@ -48,8 +52,13 @@ def test_mismatches_name_each_differing_tensor():
 @pytest.mark.timeout(3600)
 def test_fault_campaign_ten_kills_every_phase_both_launchers(tmp_path):
     env = {**os.environ, "TMPDIR": str(tmp_path), "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
-    done = subprocess.run([sys.executable, "-m", "rfp_core.cli", "bench", "faults", "--device", "cpu"], env=env,
-                          capture_output=True, text=True, timeout=3500)
+    done = subprocess.run(
+        [sys.executable, "-m", "rfp_core.cli", "bench", "faults", "--device", "cpu"],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=3500,
+    )
     assert done.returncode == 0, done.stderr[-4000:]
     result = json.loads(done.stdout.strip().splitlines()[-1])
     assert result["kills"] == 10 and result["kills_rfp_train"] == 6 and result["kills_dagster"] == 4, result

@@ -50,7 +50,9 @@ def test_fast_saliency_loss_matches_the_reference_gradients_float64():
         # gradients (rounding noise ~1e-17), which per-tensor ratios would blow up
         scale = max(float(g.abs().max()) for g in ref.values())
         worst = max(float((got[k] - ref[k]).abs().max()) for k in ref) / scale
-        print(f"{name}: loss {float(loss):.12g} vs {float(ref_loss):.12g}, max relative gradient difference {worst:.2e}")
+        print(
+            f"{name}: loss {float(loss):.12g} vs {float(ref_loss):.12g}, max relative gradient difference {worst:.2e}"
+        )
         assert worst <= 1e-5, f"{name}: max relative gradient difference {worst:.2e}"
         # and tensor by tensor, wherever the gradient is not numerically zero
         for k in ref:
@@ -102,7 +104,11 @@ def test_saliency_params_get_no_grad_even_if_trainable_and_accumulation_adds_up(
 
 def test_fast_loss_under_bf16_autocast_runs_the_saliency_in_float32():
     torch.manual_seed(0)
-    sal = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=False, latent_channels=16)).eval().requires_grad_(False)
+    sal = (
+        SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=False, latent_channels=16))
+        .eval()
+        .requires_grad_(False)
+    )
     x_t, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     v = torch.randn(2, 3, 16, 16).bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
@@ -207,8 +213,9 @@ def test_straightness():
     curved = flow.straightness(lambda z, t: z @ rot.T, torch.randn(64, 2, dtype=torch.float64), steps=20, sampler="rk4")
     assert curved > 0.01
     # velocity depending on t alone: v = t, Z1 - Z0 = 1/2 -> S = mean over grid of (1/2 - t_i)^2
-    s = flow.straightness(lambda z, t: t.view(-1, 1).expand_as(z), torch.zeros(2, 1, dtype=torch.float64), steps=4,
-                          sampler="heun")
+    s = flow.straightness(
+        lambda z, t: t.view(-1, 1).expand_as(z), torch.zeros(2, 1, dtype=torch.float64), steps=4, sampler="heun"
+    )
     assert s == pytest.approx(sum((0.5 - i / 4) ** 2 for i in range(4)) / 4)
 
 
@@ -219,7 +226,7 @@ def test_anchored_loss_terms_add_up_and_leave_the_gradient_as_it_was():
     for weight in (0.0, 5.0):
         terms = {}
 
-        def total(*a, w=weight):
+        def total(*a, w=weight, terms=terms):
             out = flow.anchored_saliency_loss_terms(*a, mse_weight=w)
             terms.update(sal=out.saliency, mse=out.mse)
             return out.total

@@ -40,8 +40,10 @@ def test_stop_and_report_halves_are_disjoint_sources():
     stop, report = holdout_parts(keys, 0.3)
     assert not (stop & report).any() and np.array_equal(stop | report, held)
     assert stop.any() and report.any()
-    n_stop, n_report = len({k.split(":frame:")[0] for k, m in zip(keys, stop) if m}), len(
-        {k.split(":frame:")[0] for k, m in zip(keys, report) if m})
+    n_stop, n_report = (
+        len({k.split(":frame:")[0] for k, m in zip(keys, stop) if m}),
+        len({k.split(":frame:")[0] for k, m in zip(keys, report) if m}),
+    )
     assert abs(n_stop - n_report) <= 1  # equal halves of the held-out sources
     source = lambda mask: {k.split(":frame:")[0] for k, m in zip(keys, mask) if m}  # noqa: E731
     assert not source(stop) & source(report)

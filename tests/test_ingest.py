@@ -7,8 +7,8 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import pytest
-
 from media_factory import decode_video, frame_array, make_image, make_video, make_zip
+
 from rfp_core.cli import main
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import IngestError, ingest
@@ -38,22 +38,57 @@ def expected_rows(d0: Path, d1: Path) -> list[dict]:
     v = d0 / "clips" / "walk.mp4"
     z = d1 / "pack.zip"
     img = lambda domain, p, w, h: dict(  # noqa: E731
-        frame_key=md5(p), domain=domain, source_path=str(p), source_md5=md5(p), media_type="image",
-        frame_index=0, timestamp=None, width=w, height=h, status="ok", error=None,
+        frame_key=md5(p),
+        domain=domain,
+        source_path=str(p),
+        source_md5=md5(p),
+        media_type="image",
+        frame_index=0,
+        timestamp=None,
+        width=w,
+        height=h,
+        status="ok",
+        error=None,
     )
     video = [
-        dict(frame_key=f"{md5(v)}:frame:{i}", domain=0, source_path=str(v), source_md5=md5(v), media_type="video",
-             frame_index=i, timestamp=i / FPS, width=VSIZE[0], height=VSIZE[1], status="ok", error=None)
+        dict(
+            frame_key=f"{md5(v)}:frame:{i}",
+            domain=0,
+            source_path=str(v),
+            source_md5=md5(v),
+            media_type="video",
+            frame_index=i,
+            timestamp=i / FPS,
+            width=VSIZE[0],
+            height=VSIZE[1],
+            status="ok",
+            error=None,
+        )
         for i in range(N_FRAMES)
     ]
     zipped = [
-        dict(frame_key=f"{md5(z)}:member:{name}", domain=1, source_path=str(z), source_md5=md5(z), media_type="zip_image",
-             frame_index=i, timestamp=None, width=w, height=h, status="ok", error=None)
+        dict(
+            frame_key=f"{md5(z)}:member:{name}",
+            domain=1,
+            source_path=str(z),
+            source_md5=md5(z),
+            media_type="zip_image",
+            frame_index=i,
+            timestamp=None,
+            width=w,
+            height=h,
+            status="ok",
+            error=None,
+        )
         for i, (name, w, h) in enumerate([("a/c.jpg", 20, 12), ("b.png", 16, 16)])
     ]
     return [
-        *video, img(0, d0 / "photo.jpg", 48, 32), img(0, d0 / "red.png", 40, 40),
-        img(1, d1 / "blue.png", 32, 32), *[img(1, d1 / "more" / "green.jpeg", 24, 36)], *zipped,
+        *video,
+        img(0, d0 / "photo.jpg", 48, 32),
+        img(0, d0 / "red.png", 40, 40),
+        img(1, d1 / "blue.png", 32, 32),
+        *[img(1, d1 / "more" / "green.jpeg", 24, 36)],
+        *zipped,
     ]
 
 
@@ -82,7 +117,7 @@ def test_manifest_row_by_row_and_store_matches_independent_decode(domains, tmp_p
     vmd5 = md5(d0 / "clips" / "walk.mp4")
     reference = decode_video(d0 / "clips" / "walk.mp4")
     assert len(reference) == N_FRAMES
-    for i, (ts, ref) in enumerate(reference):
+    for i, (_ts, ref) in enumerate(reference):
         got = np.asarray(store.load(f"{vmd5}:frame:{i}"), np.float32)
         assert got.shape == ref.shape
         assert np.abs(got - ref).mean() < 0.5, f"stored frame {i} differs from an independent PyAV decode"
@@ -193,7 +228,9 @@ def test_cli_ingest_and_summary(domains, tmp_path, capsys):
     d0, d1 = domains
     (d1 / "bad.jpg").write_bytes(b"")
     out = tmp_path / "cli.parquet"
-    assert main(["ingest", "--domain0", str(d0), "--domain1", str(d1), "--out", str(out), "--store-max-side", "64"]) == 0
+    assert (
+        main(["ingest", "--domain0", str(d0), "--domain1", str(d1), "--out", str(out), "--store-max-side", "64"]) == 0
+    )
     text = capsys.readouterr().out
     assert f"domain0: {N_FRAMES + 2} ok, 0 skipped" in text and "domain1: 4 ok, 1 skipped" in text
     assert "skipped 1 row(s)" in text

@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from disc_data import make_discs
+
 from rfp_core.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from rfp_core.config import config_from_dict
 from rfp_core.frame_store import FrameStore
@@ -29,13 +29,21 @@ def kill_at(step: int):
     def log(metrics: dict, at: int) -> None:
         if at == step:
             raise Killed(at)
+
     return log
 
 
 def _cfg(**flat):
     # plain MSE: the saliency phase is not what these tests are about
-    raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 8, "train_minibatch_size": 4,
-           "checkpoint_every_steps": 2, "sample_every_images": 10**6, **flat}
+    raw = {
+        **json.loads(TINY.read_text()),
+        "loss": "mse",
+        "train_batch_size": 8,
+        "train_minibatch_size": 4,
+        "checkpoint_every_steps": 2,
+        "sample_every_images": 10**6,
+        **flat,
+    }
     return config_from_dict(raw)
 
 
@@ -116,7 +124,9 @@ def test_other_inputs_are_refused_with_what_changed_and_restart_moves_the_old_wo
     rows = [json.loads(line) for line in (run / "metrics.jsonl").read_text().splitlines()]
     assert [r["step"] for r in rows] == [1, 2, 3, 4]  # the new run's own log, from step 1
     old = list((run / "superseded").glob("velocity-*"))
-    assert len(old) == 1 and {"velocity_00000004.pt", "velocity.pt", "metrics.jsonl"} <= {p.name for p in old[0].iterdir()}
+    assert len(old) == 1 and {"velocity_00000004.pt", "velocity.pt", "metrics.jsonl"} <= {
+        p.name for p in old[0].iterdir()
+    }
 
 
 def test_raising_train_images_continues_with_the_schedule_recomputed(tmp_path, data, capsys):
@@ -161,8 +171,18 @@ def test_a_finished_saliency_phase_on_other_frames_is_not_reused(tmp_path, data)
     from rfp_core.train.saliency import train_saliency
 
     manifest, store = data
-    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={"saliency": {
-        "accuracy_threshold": 0.75, "warmup_threshold": 0.6, "eval_every": 2, "max_steps": 200, "augmentations": []}})
+    cfg = config_from_dict(
+        json.loads(TINY.read_text()),
+        overrides={
+            "saliency": {
+                "accuracy_threshold": 0.75,
+                "warmup_threshold": 0.6,
+                "eval_every": 2,
+                "max_steps": 200,
+                "augmentations": [],
+            }
+        },
+    )
     run = tmp_path / "run"
     first = train_saliency(cfg, manifest, run, store=store, progress=False)
     assert first.accuracy >= 0.75 and first.steps > 0
@@ -187,9 +207,19 @@ def test_rfp_train_on_new_data_is_refused_and_restart_retrains_every_phase_built
 
     raw = load_config(TINY).model_dump(mode="json")
     raw["velocity"].update(loss="mse", train_images=8 * 2, sample_every_images=10**6)
-    raw["codec"].update(net={"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2],
-                             "normalization": "GroupNormAuto", "num_res_blocks": 1},
-                        losses=[{"type": "L1Loss"}, {"type": "KLLoss"}], train_images=16 * 4, train_batch_size=16)
+    raw["codec"].update(
+        net={
+            "type": "VAE",
+            "latent_channels": 4,
+            "model_channels": 8,
+            "ch_mult": [1, 2],
+            "normalization": "GroupNormAuto",
+            "num_res_blocks": 1,
+        },
+        losses=[{"type": "L1Loss"}, {"type": "KLLoss"}],
+        train_images=16 * 4,
+        train_batch_size=16,
+    )
     cfg_path = tmp_path / "vae.json"
     cfg_path.write_text(json.dumps(raw))
     d0, d1 = make_discs(tmp_path / "data", n=12, size=32)

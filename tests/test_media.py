@@ -5,9 +5,9 @@ import time
 
 import numpy as np
 import pytest
+from media_factory import frame_array, make_image, make_video, make_zip
 from PIL import Image
 
-from media_factory import frame_array, make_image, make_video, make_zip
 from rfp_core import paths
 from rfp_core.frame_store import FrameStore, cap_short_side
 from rfp_core.hashing import HashCache, md5_file
@@ -31,9 +31,16 @@ def test_discover_recursive_case_insensitive_sorted_hidden_skipped(tmp_path):
     rel = [(f.path.relative_to(d).as_posix(), f.kind) for f in found]
     assert rel == sorted(rel)
     assert dict(rel) == {
-        "b.PNG": "image", "c.jpg": "image", "clip.MOV": "video", "pack.Zip": "zip",
-        "sub/deeper/a.JpEg": "image", "v/x.avi": "video", "v/x.m4v": "video", "v/x.mkv": "video",
-        "v/x.mp4": "video", "v/x.webm": "video",
+        "b.PNG": "image",
+        "c.jpg": "image",
+        "clip.MOV": "video",
+        "pack.Zip": "zip",
+        "sub/deeper/a.JpEg": "image",
+        "v/x.avi": "video",
+        "v/x.m4v": "video",
+        "v/x.mkv": "video",
+        "v/x.mp4": "video",
+        "v/x.webm": "video",
     }
     assert all(f.path.is_absolute() for f in found)
     # the same folder twice does not duplicate files

@@ -6,13 +6,19 @@ import torchvision
 from torch import nn
 
 from rfp_core.config import ConfigError, SaliencyNetConfig, UNetConfig, config_from_dict
-from rfp_core.nets.saliency import PretrainedWeightsMissing, SaliencyNet, pretrained_weights_file
 from rfp_core.nets.dit import DiT
 from rfp_core.nets.layers import ResBlock, SelfAttention, auto_groups, normalization
+from rfp_core.nets.saliency import PretrainedWeightsMissing, SaliencyNet, pretrained_weights_file
 from rfp_core.nets.unet import UNet
 
-TINY_UNET = dict(model_channels=16, ch_mult=[1, 2], num_res_blocks=1, num_attention_heads=2, normalization="GroupNormAuto",
-                 zero_out=True)
+TINY_UNET = dict(
+    model_channels=16,
+    ch_mult=[1, 2],
+    num_res_blocks=1,
+    num_attention_heads=2,
+    normalization="GroupNormAuto",
+    zero_out=True,
+)
 
 
 def _sal(backbone="resnet18", **kw) -> SaliencyNetConfig:
@@ -74,7 +80,9 @@ def test_missing_pretrained_weights_names_the_file_and_the_fix(tmp_path, monkeyp
     assert str(expected) in msg and '"pretrained": false' in msg and "download.pytorch.org" in msg
     # an explicit path that is missing is named too
     with pytest.raises(PretrainedWeightsMissing, match="my_weights.pth"):
-        SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, pretrained_path=tmp_path / "my_weights.pth"))
+        SaliencyNet(
+            SaliencyNetConfig(backbone="resnet18", pretrained=True, pretrained_path=tmp_path / "my_weights.pth")
+        )
 
 
 def test_pretrained_weights_load_from_the_torch_cache(tmp_path, monkeypatch):
@@ -87,8 +95,9 @@ def test_pretrained_weights_load_from_the_torch_cache(tmp_path, monkeypatch):
     assert torch.equal(net.backbone[6][0].conv1.weight, donor.layer3[0].conv1.weight)  # backbone.6 = layer3
     assert torch.equal(net.backbone[1].running_var, donor.bn1.running_var)
     # latent input keeps the pretrained body but not the (replaced) RGB stem
-    lat = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=True, latent_channels=8, pretrained_path=path),
-                      in_channels=4)
+    lat = SaliencyNet(
+        SaliencyNetConfig(backbone="resnet18", pretrained=True, latent_channels=8, pretrained_path=path), in_channels=4
+    )
     assert torch.equal(lat.backbone[3][0].conv2.weight, donor.layer1[0].conv2.weight)  # no max-pool: layer1 is 3
     assert lat.backbone[0].weight.shape == (64, 4, 3, 3)
 
@@ -102,7 +111,9 @@ def _trained_looking_bn(net: nn.Module) -> nn.Module:
     return net
 
 
-@pytest.mark.parametrize("backbone,in_channels,latent", [("resnet18", 3, False), ("resnet50", 3, False), ("resnet18", 4, True)])
+@pytest.mark.parametrize(
+    "backbone,in_channels,latent", [("resnet18", 3, False), ("resnet50", 3, False), ("resnet18", 4, True)]
+)
 def test_frozen_h_is_the_same_function_with_the_same_jacobian(backbone, in_channels, latent):
     torch.manual_seed(0)
     net = _trained_looking_bn(SaliencyNet(_sal(backbone), in_channels=in_channels).double())
@@ -155,7 +166,9 @@ def test_zero_out_gives_zero_velocity_at_init():
     (net(torch.randn(2, 3, 16, 16), torch.rand(2)) - 1).pow(2).mean().backward()
     assert net.output_block[3].weight.grad.abs().sum() > 0
     # off by default, as in the original
-    assert torch.count_nonzero(UNet(UNetConfig(**{**TINY_UNET, "zero_out": False}))(torch.randn(1, 3, 16, 16), torch.rand(1)))
+    assert torch.count_nonzero(
+        UNet(UNetConfig(**{**TINY_UNET, "zero_out": False}))(torch.randn(1, 3, 16, 16), torch.rand(1))
+    )
 
 
 def test_time_conditioning_changes_the_output():
@@ -207,7 +220,9 @@ def test_normalizations():
     assert auto_groups(32) == 8 and auto_groups(16) == 4 and auto_groups(48) == 12 and auto_groups(3) == 1
     # the original's names mean what they meant there
     assert normalization("GroupNorm32", 64).num_groups == 32 and normalization("GroupNorm16", 64).num_groups == 16
-    assert isinstance(normalization("BatchNorm2d", 8), nn.BatchNorm2d) and isinstance(normalization("None", 8), nn.Identity)
+    assert isinstance(normalization("BatchNorm2d", 8), nn.BatchNorm2d) and isinstance(
+        normalization("None", 8), nn.Identity
+    )
     with pytest.raises(ValueError, match="GroupNormAuto"):
         normalization("GroupNorm32", 16)
 
@@ -228,12 +243,28 @@ def test_dit_shapes_and_zero_init(patch, in_channels):
 
 
 def test_original_flat_config_builds_both_nets(tmp_path):
-    raw = {"type": "RFPix2pixModel", "max_size": 32,
-           "velocity_net": {"type": "UNet", "model_channels": 16, "ch_mult": [1, 2], "normalization": "GroupNorm16",
-                            "activation": "SiLU", "num_res_blocks": 1, "zero_res_blocks": False,
-                            "attention_resolutions": [1], "num_attention_heads": 4},
-           "saliency_net": {"type": "ResNetSaliencyNet", "backbone": "resnet18", "num_classes": 2,
-                            "pretrained": False, "latent_channels": 16}}
+    raw = {
+        "type": "RFPix2pixModel",
+        "max_size": 32,
+        "velocity_net": {
+            "type": "UNet",
+            "model_channels": 16,
+            "ch_mult": [1, 2],
+            "normalization": "GroupNorm16",
+            "activation": "SiLU",
+            "num_res_blocks": 1,
+            "zero_res_blocks": False,
+            "attention_resolutions": [1],
+            "num_attention_heads": 4,
+        },
+        "saliency_net": {
+            "type": "ResNetSaliencyNet",
+            "backbone": "resnet18",
+            "num_classes": 2,
+            "pretrained": False,
+            "latent_channels": 16,
+        },
+    }
     cfg = config_from_dict(json.loads(json.dumps(raw)))
     unet, sal = UNet(cfg.velocity.net), SaliencyNet(cfg.saliency.net).eval()
     x = torch.rand(2, 3, 32, 32) * 2 - 1

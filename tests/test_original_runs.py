@@ -20,8 +20,15 @@ RUN = Path(__file__).parent / "fixtures" / "original" / "runs" / "unet_identity"
 
 def _small(cfg_path: Path):
     raw = json.loads(cfg_path.read_text())
-    raw["velocity"].update({"train_images": 4 * 2, "train_batch_size": 4, "train_minibatch_size": 4,
-                            "sample_batch_size": 2, "sample_every_images": 10**6})
+    raw["velocity"].update(
+        {
+            "train_images": 4 * 2,
+            "train_batch_size": 4,
+            "train_minibatch_size": 4,
+            "sample_batch_size": 2,
+            "sample_every_images": 10**6,
+        }
+    )
     return config_from_dict(raw)
 
 
@@ -30,13 +37,18 @@ def test_checkpoint_step_is_read_from_the_file_name_as_the_original_does():
     assert checkpoint_step(RUN / "velocity_fixture_000010.ckpt") == 10
     assert checkpoint_step(RUN / "velocity_fixture_final_ema.ckpt") is None
     found = find_original_run(RUN)
-    assert found.velocity.name == "velocity_fixture_final_ema.ckpt" and found.saliency.name == "saliency_fixture_000010.ckpt"
+    assert (
+        found.velocity.name == "velocity_fixture_final_ema.ckpt"
+        and found.saliency.name == "saliency_fixture_000010.ckpt"
+    )
 
 
 def test_continue_an_original_velocity_with_its_saliency(tmp_path):
     d0, d1 = make_discs(tmp_path / "data", n=6, size=32)
     imports = Imports(saliency=RUN / "saliency_fixture_000010.ckpt", velocity=RUN / "velocity_fixture_000010.ckpt")
-    run = train_run(_small(RUN / "config.json"), [d0], [d1], run_id="cont", device="cpu", progress=False, imports=imports)
+    run = train_run(
+        _small(RUN / "config.json"), [d0], [d1], run_id="cont", device="cpu", progress=False, imports=imports
+    )
     final = load_checkpoint(run / "velocity.pt")
     # the original continues counting from the checkpoint's step and trains a fresh budget after it
     assert final["step"] == 10 + 2
@@ -53,18 +65,48 @@ def test_continue_an_original_velocity_with_its_saliency(tmp_path):
 def test_saliency_only_and_codec_only_stop_after_their_phase(tmp_path):
     d0, d1 = make_discs(tmp_path / "data", n=4, size=32)
     imports = Imports(saliency=RUN / "saliency_fixture_000010.ckpt")
-    run = train_run(_small(RUN / "config.json"), [d0], [d1], run_id="sal", device="cpu", progress=False,
-                    imports=imports, only="saliency")
+    run = train_run(
+        _small(RUN / "config.json"),
+        [d0],
+        [d1],
+        run_id="sal",
+        device="cpu",
+        progress=False,
+        imports=imports,
+        only="saliency",
+    )
     assert (run / "saliency_imported.pt").is_file() and not (run / "velocity.pt").exists()
     run = train_run(_small(RUN / "config.json"), [d0], [d1], run_id="codec", device="cpu", progress=False, only="codec")
     assert not (run / "saliency.pt").exists() and not (run / "velocity.pt").exists()
 
 
 def test_the_original_command_line_parses():
-    args = build_parser().parse_args(["train", "-c", "c.json", "-d0", "a", "-d1", "b", "--codec-ckpt", "x.ckpt",
-                                      "--saliency-ckpt", "s.ckpt", "--velocity-ckpt", "v.ckpt", "--saliency-only", "--dev"])
+    args = build_parser().parse_args(
+        [
+            "train",
+            "-c",
+            "c.json",
+            "-d0",
+            "a",
+            "-d1",
+            "b",
+            "--codec-ckpt",
+            "x.ckpt",
+            "--saliency-ckpt",
+            "s.ckpt",
+            "--velocity-ckpt",
+            "v.ckpt",
+            "--saliency-only",
+            "--dev",
+        ]
+    )
     assert (args.codec_ckpt, args.saliency_ckpt, args.velocity_ckpt, args.saliency_only, args.dev) == (
-        "x.ckpt", "s.ckpt", "v.ckpt", True, True)
+        "x.ckpt",
+        "s.ckpt",
+        "v.ckpt",
+        True,
+        True,
+    )
     split = build_parser().parse_args(["split", "-ckpt", str(RUN), "-i", "in", "-o", "out", "-t", "0.8"])
     assert (split.run, split.input, split.output, split.threshold) == (str(RUN), ["in"], "out", 0.8)
     assert default_run_id(dev=True).startswith("run_") and default_run_id(dev=True).endswith("_dev")
@@ -96,18 +138,45 @@ def test_rfp_train_trains_an_sae_and_a_dit_and_tracks_them_in_mlflow(tmp_path):
     from rfp_core.cli import main
 
     d0, d1 = make_discs(tmp_path / "data", n=6, size=16)
-    sae = {"type": "SAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
-           "num_res_blocks": 1}
-    cfg = {"type": "RFPix2pixModel", "max_size": 16,
-           "codec": {"type": "Codec", "net": sae, "train_images": 8 * 6, "train_batch_size": 8, "learning_rate": 3e-3,
-                     "losses": [{"type": "L1Loss"}, {"type": "SAELatentConsistencyLoss", "weight": 0.1}]},
-           "velocity": {"type": "Velocity", "net": {"type": "DiT", "patch_size": 2, "hidden_size": 32, "depth": 1,
-                                                    "num_heads": 4},
-                        "train_images": 4 * 3, "train_batch_size": 4, "train_minibatch_size": 4, "sample_batch_size": 2,
-                        "num_inference_steps": 2},
-           "saliency": {"type": "Saliency", "net": {"type": "ResNetSaliencyNet", "pretrained": False, "latent_channels": 8},
-                        "accuracy_threshold": 0.5, "warmup_threshold": 0.5, "batch_size": 4, "eval_every": 2,
-                        "holdout_fraction": 0.35, "smoothing_window": 10}}  # stops on the original's criterion, soon
+    sae = {
+        "type": "SAE",
+        "latent_channels": 4,
+        "model_channels": 8,
+        "ch_mult": [1, 2],
+        "normalization": "GroupNormAuto",
+        "num_res_blocks": 1,
+    }
+    cfg = {
+        "type": "RFPix2pixModel",
+        "max_size": 16,
+        "codec": {
+            "type": "Codec",
+            "net": sae,
+            "train_images": 8 * 6,
+            "train_batch_size": 8,
+            "learning_rate": 3e-3,
+            "losses": [{"type": "L1Loss"}, {"type": "SAELatentConsistencyLoss", "weight": 0.1}],
+        },
+        "velocity": {
+            "type": "Velocity",
+            "net": {"type": "DiT", "patch_size": 2, "hidden_size": 32, "depth": 1, "num_heads": 4},
+            "train_images": 4 * 3,
+            "train_batch_size": 4,
+            "train_minibatch_size": 4,
+            "sample_batch_size": 2,
+            "num_inference_steps": 2,
+        },
+        "saliency": {
+            "type": "Saliency",
+            "net": {"type": "ResNetSaliencyNet", "pretrained": False, "latent_channels": 8},
+            "accuracy_threshold": 0.5,
+            "warmup_threshold": 0.5,
+            "batch_size": 4,
+            "eval_every": 2,
+            "holdout_fraction": 0.35,
+            "smoothing_window": 10,
+        },
+    }  # stops on the original's criterion, soon
     path = tmp_path / "dit.json"
     path.write_text(json.dumps(cfg))
     assert main(["train", "-c", str(path), "-d0", str(d0), "-d1", str(d1), "--run-id", "dit", "--device", "cpu"]) == 0
@@ -134,8 +203,12 @@ def test_the_mlflow_pyfunc_serves_an_original_run_folder(tmp_path):
     from rfp_pipeline import pyfunc_model
 
     target = tmp_path / "model"
-    mlflow.pyfunc.save_model(str(target), python_model=Path(pyfunc_model.__file__),
-                             artifacts={pyfunc_model.CHECKPOINT: str(RUN)}, code_paths=[str(paths.PACKAGE_DIR)])
+    mlflow.pyfunc.save_model(
+        str(target),
+        python_model=Path(pyfunc_model.__file__),
+        artifacts={pyfunc_model.CHECKPOINT: str(RUN)},
+        code_paths=[str(paths.PACKAGE_DIR)],
+    )
     model = mlflow.pyfunc.load_model(str(target))
     images = np.stack([np.asarray(Image.open(p).convert("RGB")) for p in sorted((RUN / "inputs").glob("*.png"))[:2]])
     out = model.predict(images)

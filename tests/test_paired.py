@@ -112,8 +112,13 @@ def test_pairing_mode_key():
 
 def test_train_paired_writes_a_usable_velocity(paired, tmp_path):
     manifest, store, d0, _ = paired
-    raw = {**json.loads(TINY.read_text()), "train_batch_size": 4, "train_minibatch_size": 2, "train_images": 12,
-           "domain0": [str(d0)]}
+    raw = {
+        **json.loads(TINY.read_text()),
+        "train_batch_size": 4,
+        "train_minibatch_size": 2,
+        "train_images": 12,
+        "domain0": [str(d0)],
+    }
     cfg = config_from_dict(raw)
     with pytest.warns(UserWarning):
         path = train_paired(cfg, manifest, tmp_path / "run", store=store, progress=False)
@@ -132,8 +137,23 @@ def test_rfp_train_paired_trains_on_the_filename_pairs(tmp_path):
     cfg = {**json.loads(TINY.read_text()), "train_batch_size": 4, "train_minibatch_size": 2, "train_images": 8}
     (tmp_path / "cfg.json").write_text(json.dumps(cfg))
     with pytest.warns(UserWarning):  # the unpaired files are named in a warning
-        rc = main(["train", "-c", str(tmp_path / "cfg.json"), "-d0", str(d0), "-d1", str(d1), "--paired", "--dev",
-                   "--run-id", "paired-cli", "--device", "cpu"])
+        rc = main(
+            [
+                "train",
+                "-c",
+                str(tmp_path / "cfg.json"),
+                "-d0",
+                str(d0),
+                "-d1",
+                str(d1),
+                "--paired",
+                "--dev",
+                "--run-id",
+                "paired-cli",
+                "--device",
+                "cpu",
+            ]
+        )
     assert rc == 0
     from rfp_core.paths import runs_dir
 

@@ -94,7 +94,9 @@ def test_rfp_translate_reproduces_expected_pngs(run_dir, tmp_path):
     from rfp_core.cli import main
 
     out = tmp_path / "out"
-    assert main(["translate", "--run", str(run_dir), str(run_dir / "inputs"), "--out", str(out), "--device", "cpu"]) == 0
+    assert (
+        main(["translate", "--run", str(run_dir), str(run_dir / "inputs"), "--out", str(out), "--device", "cpu"]) == 0
+    )
     for expected in sorted((run_dir / "expected").glob("*.png")):
         got = np.asarray(Image.open(out / expected.name), dtype=np.int16)
         want = np.asarray(Image.open(expected), dtype=np.int16)

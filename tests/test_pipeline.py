@@ -21,17 +21,42 @@ from rfp_pipeline.sensors import experiments_sensor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.json"
-STAGES = ["experiment_config", "media_manifest", "frame_store", "structure_embeddings", "structure_pairs",
-          "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples", "translated_media",
-          "reflow_couplings", "reflow_checkpoint", "distilled_checkpoint"]  # reflow: skipped unless opted in
+STAGES = [
+    "experiment_config",
+    "media_manifest",
+    "frame_store",
+    "structure_embeddings",
+    "structure_pairs",
+    "codec_checkpoint",
+    "saliency_checkpoint",
+    "velocity_checkpoint",
+    "evaluation_samples",
+    "translated_media",
+    "reflow_couplings",
+    "reflow_checkpoint",
+    "distilled_checkpoint",
+]  # reflow: skipped unless opted in
 # 16 px, one or two optimizer steps per phase: enough to exercise every stage, fast on 2 cores
 TINY_OVERRIDES = {
     "max_size": 16,
     "store_max_side": 16,
-    "saliency": {"accuracy_threshold": 0.6, "warmup_threshold": 0.55, "eval_every": 2, "max_steps": 60,
-                 "batch_size": 8, "holdout_fraction": 0.35, "augmentations": []},
-    "velocity": {"train_images": 32, "train_batch_size": 8, "train_minibatch_size": 8, "sample_batch_size": 4,
-                 "sample_every_images": 16, "num_inference_steps": 2},
+    "saliency": {
+        "accuracy_threshold": 0.6,
+        "warmup_threshold": 0.55,
+        "eval_every": 2,
+        "max_steps": 60,
+        "batch_size": 8,
+        "holdout_fraction": 0.35,
+        "augmentations": [],
+    },
+    "velocity": {
+        "train_images": 32,
+        "train_batch_size": 8,
+        "train_minibatch_size": 8,
+        "sample_batch_size": 4,
+        "sample_every_images": 16,
+        "num_inference_steps": 2,
+    },
 }
 RUN_CONFIG = {"ops": {"evaluation_samples": {"config": {"judge_steps": 10, "max_images": 16}}}}
 
@@ -57,16 +82,24 @@ def make_project(root: Path, experiments: dict[str, dict], n: int = 12) -> Path:
 def write_experiment(root: Path, name: str, overrides: dict, generative: bool = False) -> Path:
     path = root / "experiments" / f"{name}.json"
     path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps({
-        "domain0": "random" if generative else [f"data/{name}/domain0"], "domain1": [f"data/{name}/domain1"],
-        "config": str(TINY), "overrides": overrides,
-    }))
+    path.write_text(
+        json.dumps(
+            {
+                "domain0": "random" if generative else [f"data/{name}/domain0"],
+                "domain1": [f"data/{name}/domain1"],
+                "config": str(TINY),
+                "overrides": overrides,
+            }
+        )
+    )
     return path
 
 
 def resources_for(root: Path, home: Path, tracking_uri: str) -> dict:
     res = default_resources()
-    res["rfp"] = RfpHome(home=str(home), project_root=str(root), experiments_dir=str(root / "experiments"), device="cpu")
+    res["rfp"] = RfpHome(
+        home=str(home), project_root=str(root), experiments_dir=str(root / "experiments"), device="cpu"
+    )
     res["mlflow_tracking"] = MlflowTracking(tracking_uri=tracking_uri, artifact_root=str(home / "mlartifacts"))
     res["thresholds"] = CheckThresholds(min_transfer_rate=0.0, min_mask_iou=0.0)
     return res
@@ -87,9 +120,14 @@ def register_partitions(instance: dg.DagsterInstance, resources: dict) -> dg.Sen
 
 
 def materialize_all(instance, resources, partition: str, selection=None) -> dg.ExecuteInProcessResult:
-    return dg.materialize(assets, instance=instance, resources=resources, partition_key=partition,
-                          run_config=RUN_CONFIG if selection is None or "evaluation_samples" in selection else None,
-                          selection=selection)
+    return dg.materialize(
+        assets,
+        instance=instance,
+        resources=resources,
+        partition_key=partition,
+        run_config=RUN_CONFIG if selection is None or "evaluation_samples" in selection else None,
+        selection=selection,
+    )
 
 
 def data_version(instance, key: str, partition: str) -> str:
@@ -115,8 +153,15 @@ def built(tmp_path_factory):
         with dg.instance_for_test(temp_dir=str(base / "dagster_home")) as instance:
             sensor_result = register_partitions(instance, resources)
             results = {name: materialize_all(instance, resources, name) for name in ("alpha", "beta", "gen")}
-            yield {"root": root, "home": home, "uri": uri, "instance": instance, "resources": resources,
-                   "results": results, "sensor": sensor_result}
+            yield {
+                "root": root,
+                "home": home,
+                "uri": uri,
+                "instance": instance,
+                "resources": resources,
+                "results": results,
+                "sensor": sensor_result,
+            }
 
 
 def test_experiments_sensor_adds_partitions_and_requests_their_spec(built):
@@ -132,7 +177,8 @@ def test_experiments_sensor_adds_partitions_and_requests_their_spec(built):
     try:
         gone = tick(experiments_sensor, built["instance"], built["resources"], result.cursor)
         assert [(type(r).__name__, list(r.partition_keys)) for r in gone.dynamic_partitions_requests] == [
-            ("DeleteDynamicPartitionsRequest", ["beta"])]
+            ("DeleteDynamicPartitionsRequest", ["beta"])
+        ]
     finally:
         (built["root"] / "beta.json.off").rename(built["root"] / "experiments" / "beta.json")
 
@@ -154,16 +200,24 @@ def test_whole_graph_materialises_with_metadata_and_checks(built):
         grid = mats["evaluation_samples"].materialization.metadata["grid"].value
         assert grid.startswith("![") and "data:image/png;base64," in grid
         assert 0.0 <= mats["evaluation_samples"].materialization.metadata["transfer_rate"].value <= 1.0
-        checks = {(e.asset_check_key.asset_key.to_user_string(), e.asset_check_key.name): e.passed
-                  for e in result.get_asset_check_evaluations()}
-        assert checks == {("media_manifest", "usable_frames"): True, ("media_manifest", "skip_rate"): True,
-                          ("saliency_checkpoint", "accuracy"): True, ("velocity_checkpoint", "loss_finite"): True,
-                          ("evaluation_samples", "transfer_rate"): True, ("evaluation_samples", "mask_iou"): True}
+        checks = {
+            (e.asset_check_key.asset_key.to_user_string(), e.asset_check_key.name): e.passed
+            for e in result.get_asset_check_evaluations()
+        }
+        assert checks == {
+            ("media_manifest", "usable_frames"): True,
+            ("media_manifest", "skip_rate"): True,
+            ("saliency_checkpoint", "accuracy"): True,
+            ("velocity_checkpoint", "loss_finite"): True,
+            ("evaluation_samples", "transfer_rate"): True,
+            ("evaluation_samples", "mask_iou"): True,
+        }
         # per-partition outputs under $RFP_HOME/pipeline/<experiment>/
         out = built["home"] / "pipeline" / name
         assert (out / "manifest.parquet").exists() and (out / "evaluation" / "metrics.json").exists()
         # media_manifest's data version is the manifest's content version
         from rfp_core.manifest import content_version
+
         assert data_version(built["instance"], "media_manifest", name) == content_version(out / "manifest.parquet")
 
 
@@ -175,7 +229,7 @@ def test_mlflow_holds_one_run_per_training_asset_with_params_metrics_artifacts(b
         runs = client.search_runs([exp.experiment_id], f"tags.dagster_run_id = '{run_id}'")
         by_stage = {r.data.tags["stage"]: r for r in runs}
         assert sorted(by_stage) == ["saliency", "velocity"] and len(runs) == 2
-        for stage, run in by_stage.items():
+        for run in by_stage.values():
             assert run.data.tags["dagster_run_id"] == run_id
             assert run.data.tags["partition"] == name
             assert run.data.params["max_size"] == "16"
@@ -245,8 +299,14 @@ def test_two_configs_side_by_side_in_search_runs(built):
 
 def test_failing_blocking_check_stops_the_stages_after_it(built):
     resources = {**built["resources"], "thresholds": CheckThresholds(min_saliency_accuracy=1.01)}
-    result = dg.materialize(assets, instance=built["instance"], resources=resources, partition_key="alpha",
-                            selection=["saliency_checkpoint", "velocity_checkpoint"], raise_on_error=False)
+    result = dg.materialize(
+        assets,
+        instance=built["instance"],
+        resources=resources,
+        partition_key="alpha",
+        selection=["saliency_checkpoint", "velocity_checkpoint"],
+        raise_on_error=False,
+    )
     checks = {e.asset_check_key.name: e.passed for e in result.get_asset_check_evaluations()}
     assert checks == {"accuracy": False}
     done = {m.asset_key.to_user_string() for m in result.get_asset_materialization_events()}
@@ -255,7 +315,10 @@ def test_failing_blocking_check_stops_the_stages_after_it(built):
     from rfp_pipeline.run_progress import replay
 
     text = "\n".join(replay(built["instance"], result.run_id, out=io.StringIO()))
-    assert "check accuracy: FAILED (accuracy" in text and "velocity_checkpoint: Dependencies for step velocity_checkpoint failed" in text, text
+    assert (
+        "check accuracy: FAILED (accuracy" in text
+        and "velocity_checkpoint: Dependencies for step velocity_checkpoint failed" in text
+    ), text
 
 
 def test_a_failing_evaluation_check_is_blocking_and_reported_failed_for_its_partition(built):
@@ -264,15 +327,23 @@ def test_a_failing_evaluation_check_is_blocking_and_reported_failed_for_its_part
     assert {s.name: s.blocking for s in EVALUATION_CHECKS} == {"transfer_rate": True, "mask_iou": True}
     instance = built["instance"]
     resources = {**built["resources"], "thresholds": CheckThresholds(min_transfer_rate=1.01, min_mask_iou=0.0)}
-    result = dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
-                            selection=["evaluation_samples"], run_config=RUN_CONFIG, raise_on_error=False)
+    result = dg.materialize(
+        assets,
+        instance=instance,
+        resources=resources,
+        partition_key="alpha",
+        selection=["evaluation_samples"],
+        run_config=RUN_CONFIG,
+        raise_on_error=False,
+    )
     assert not result.success  # a failed blocking check fails its step: later stages of the run would not run
     evals = {e.check_name: e for e in result.get_asset_check_evaluations()}
     assert evals["transfer_rate"].passed is False and evals["transfer_rate"].metadata["min_transfer_rate"].value == 1.01
     assert evals["mask_iou"].passed is True  # alpha has no true masks: nothing to fail
     # the failed check judged alpha's new materialisation
     latest = instance.fetch_materializations(
-        dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_samples"), asset_partitions=["alpha"]), limit=1).records[0]
+        dg.AssetRecordsFilter(asset_key=dg.AssetKey("evaluation_samples"), asset_partitions=["alpha"]), limit=1
+    ).records[0]
     assert evals["transfer_rate"].target_materialization_data.storage_id == latest.storage_id
     assert latest.event_log_entry.dagster_event.partition == "alpha"
     failure = result.get_step_failure_events()[0].step_failure_data.error.message
@@ -281,15 +352,35 @@ def test_a_failing_evaluation_check_is_blocking_and_reported_failed_for_its_part
 
 def test_a_non_finite_velocity_loss_fails_loss_finite_visibly_and_registers_nothing(built):
     root, instance = built["root"], built["instance"]
-    velocity = {**TINY_OVERRIDES["velocity"], "loss": "mse", "learning_rate": 1e30, "gradient_clip": 0,
-                "lr_schedule": "constant", "warmup_fraction": 0.0, "checkpoint_every_steps": 1}
-    (root / "experiments" / "nan.json").write_text(json.dumps({
-        "domain0": ["data/alpha/domain0"], "domain1": ["data/alpha/domain1"], "config": str(TINY),
-        "overrides": {**TINY_OVERRIDES, "velocity": velocity}}))
+    velocity = {
+        **TINY_OVERRIDES["velocity"],
+        "loss": "mse",
+        "learning_rate": 1e30,
+        "gradient_clip": 0,
+        "lr_schedule": "constant",
+        "warmup_fraction": 0.0,
+        "checkpoint_every_steps": 1,
+    }
+    (root / "experiments" / "nan.json").write_text(
+        json.dumps(
+            {
+                "domain0": ["data/alpha/domain0"],
+                "domain1": ["data/alpha/domain1"],
+                "config": str(TINY),
+                "overrides": {**TINY_OVERRIDES, "velocity": velocity},
+            }
+        )
+    )
     instance.add_dynamic_partitions("experiments", ["nan"])
     try:
-        result = dg.materialize(assets, instance=instance, resources=built["resources"], partition_key="nan",
-                                run_config=RUN_CONFIG, raise_on_error=False)
+        result = dg.materialize(
+            assets,
+            instance=instance,
+            resources=built["resources"],
+            partition_key="nan",
+            run_config=RUN_CONFIG,
+            raise_on_error=False,
+        )
     finally:
         (root / "experiments" / "nan.json").unlink()
     assert not result.success
@@ -298,7 +389,10 @@ def test_a_non_finite_velocity_loss_fails_loss_finite_visibly_and_registers_noth
     check = {e.check_name: e for e in result.get_asset_check_evaluations()}["loss_finite"]
     md = {k: v.value for k, v in check.metadata.items()}
     assert check.passed is False and md["partition"] == "nan" and md["step"] >= 2
-    assert md["last_good_checkpoint"].endswith(f"velocity_{md['step'] - 1:08d}.pt") and Path(md["last_good_checkpoint"]).is_file()
+    assert (
+        md["last_good_checkpoint"].endswith(f"velocity_{md['step'] - 1:08d}.pt")
+        and Path(md["last_good_checkpoint"]).is_file()
+    )
     failure = result.get_step_failure_events()[0].step_failure_data
     assert "velocity loss became" in failure.user_failure_data.description
     client = mlflow.MlflowClient(built["uri"])

@@ -8,8 +8,8 @@ import time
 
 import dagster as dg
 import pytest
-from dagster._utils.test.data_versions import get_stale_status_resolver  # the UI's staleness, for tests
 from dagster._core.definitions.data_version import StaleStatus
+from dagster._utils.test.data_versions import get_stale_status_resolver  # the UI's staleness, for tests
 from media_factory import make_image
 from test_pipeline import (
     TINY_OVERRIDES,
@@ -51,13 +51,19 @@ def folder_tick(instance, resources, cursor):
 def training_requests(instance, cursor, when, keys=TRAINING):
     """What the automation sensor would request at `when` (partitions by asset, among `keys`)."""
     result = dg.evaluate_automation_conditions(defs=defs, instance=instance, evaluation_time=when, cursor=cursor)
-    return {k.to_user_string(): sorted(result.get_requested_partitions(k)) for k in keys if result.get_requested_partitions(k)}, result.cursor
+    return {
+        k.to_user_string(): sorted(result.get_requested_partitions(k))
+        for k in keys
+        if result.get_requested_partitions(k)
+    }, result.cursor
 
 
 def test_touch_keeps_versions_fresh_and_adding_an_image_makes_training_stale(project):
     root, resources, instance = project
     assert materialize_all(instance, resources, "inc").success
-    assert dg.materialize(assets, instance=instance, resources=resources, partition_key="other", selection=INGEST).success
+    assert dg.materialize(
+        assets, instance=instance, resources=resources, partition_key="other", selection=INGEST
+    ).success
     v1 = data_version(instance, "media_manifest", "inc")
     now = datetime.datetime.now(datetime.timezone.utc)
     requested, auto = training_requests(instance, None, now)  # first evaluation: the baseline
@@ -71,8 +77,9 @@ def test_touch_keeps_versions_fresh_and_adding_an_image_makes_training_stale(pro
     os.utime(victim, (later, later))
     touched = folder_tick(instance, resources, first.cursor)
     assert touched.run_requests == []
-    assert dg.materialize(assets, instance=instance, resources=resources, partition_key="inc",
-                          selection=["media_manifest", "frame_store"]).success
+    assert dg.materialize(
+        assets, instance=instance, resources=resources, partition_key="inc", selection=["media_manifest", "frame_store"]
+    ).success
     assert data_version(instance, "media_manifest", "inc") == v1
     for key in ("frame_store", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples"):
         assert stale(instance, key, "inc") == StaleStatus.FRESH, key
@@ -84,17 +91,23 @@ def test_touch_keeps_versions_fresh_and_adding_an_image_makes_training_stale(pro
     # add an image to one experiment: the sensor requests exactly that experiment
     make_image(root / "data" / "inc" / "domain1" / "new.png", 16, (20, 90, 230))
     added = folder_tick(instance, resources, touched.cursor)
-    assert [(r.partition_key, r.asset_selection) for r in added.run_requests] == [("inc", [dg.AssetKey("media_manifest")])]
+    assert [(r.partition_key, r.asset_selection) for r in added.run_requests] == [
+        ("inc", [dg.AssetKey("media_manifest")])
+    ]
     assert folder_tick(instance, resources, added.cursor).run_requests == []  # requested once, not every tick
-    assert dg.materialize(assets, instance=instance, resources=resources, partition_key="inc",
-                          selection=["media_manifest"]).success
+    assert dg.materialize(
+        assets, instance=instance, resources=resources, partition_key="inc", selection=["media_manifest"]
+    ).success
     assert data_version(instance, "media_manifest", "inc") != v1
     assert stale(instance, "frame_store", "inc") == StaleStatus.STALE
     # the frame store follows eagerly; the evaluation waits for a new velocity, not every re-ingest
-    requested, auto = training_requests(instance, auto, now + datetime.timedelta(days=8, seconds=30), TRAINING + FOLLOWERS)
+    requested, auto = training_requests(
+        instance, auto, now + datetime.timedelta(days=8, seconds=30), TRAINING + FOLLOWERS
+    )
     assert requested == {"frame_store": ["inc"]}
-    assert dg.materialize(assets, instance=instance, resources=resources, partition_key="inc",
-                          selection=["frame_store"]).success
+    assert dg.materialize(
+        assets, instance=instance, resources=resources, partition_key="inc", selection=["frame_store"]
+    ).success
     for key in ("saliency_checkpoint", "velocity_checkpoint"):
         assert stale(instance, key, "inc") == StaleStatus.STALE, key
     # training waits for the retraining cron, then runs for the changed experiment only

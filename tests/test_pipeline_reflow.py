@@ -8,15 +8,15 @@ from pathlib import Path
 
 import dagster as dg
 import pytest
-
 from disc_data import make_discs
+
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config import config_from_dict
 from rfp_core.ingest import ingest
 from rfp_core.train.velocity import train_velocity
 from rfp_pipeline.assets import assets
-from rfp_pipeline.definitions import default_resources
 from rfp_pipeline.assets.reflow import distilled_checkpoint, reflow_checkpoint, reflow_couplings, reflow_spec
+from rfp_pipeline.definitions import default_resources
 from rfp_pipeline.metadata import write_result
 from rfp_pipeline.resources import RfpHome
 
@@ -25,11 +25,21 @@ REFLOW_ASSETS = [reflow_couplings, reflow_checkpoint, distilled_checkpoint]
 
 
 def _partition(tmp_path: Path, reflow: dict | None) -> RfpHome:
-    rfp = RfpHome(home=str(tmp_path / "rfp_home"), project_root=str(tmp_path), experiments_dir=str(tmp_path / "exp"),
-                  device="cpu")
+    rfp = RfpHome(
+        home=str(tmp_path / "rfp_home"), project_root=str(tmp_path), experiments_dir=str(tmp_path / "exp"), device="cpu"
+    )
     d0, d1 = make_discs(tmp_path / "data", n=6, size=32)
-    raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 4, "train_minibatch_size": 4,
-           "train_images": 8, "sample_batch_size": 2, "store_max_side": 64, "domain0": [str(d0)], "domain1": [str(d1)]}
+    raw = {
+        **json.loads(TINY.read_text()),
+        "loss": "mse",
+        "train_batch_size": 4,
+        "train_minibatch_size": 4,
+        "train_images": 8,
+        "sample_batch_size": 2,
+        "store_max_side": 64,
+        "domain0": [str(d0)],
+        "domain1": [str(d1)],
+    }
     cfg = config_from_dict(raw)
     store = rfp.frame_store(64)
     manifest = ingest([d0], [d1], out=rfp.out_dir("x") / "manifest.parquet", store=store, progress=False).manifest_path
@@ -49,14 +59,22 @@ def _materialise(rfp: RfpHome, tmp_path: Path) -> dg.ExecuteInProcessResult:
         instance.add_dynamic_partitions("experiments", ["x"])
         # the whole graph, so the velocity and saliency records load as the reflow assets' inputs (the
         # stage-record IO manager reads them from this `rfp`)
-        return dg.materialize(assets, selection=REFLOW_ASSETS, partition_key="x", instance=instance,
-                              resources={**default_resources(), "rfp": rfp})
+        return dg.materialize(
+            assets,
+            selection=REFLOW_ASSETS,
+            partition_key="x",
+            instance=instance,
+            resources={**default_resources(), "rfp": rfp},
+        )
 
 
 def _metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
-    return {m.asset_key.to_user_string(): m.metadata for m in result.asset_materializations_for_node("reflow_couplings")
-            + result.asset_materializations_for_node("reflow_checkpoint")
-            + result.asset_materializations_for_node("distilled_checkpoint")}
+    return {
+        m.asset_key.to_user_string(): m.metadata
+        for m in result.asset_materializations_for_node("reflow_couplings")
+        + result.asset_materializations_for_node("reflow_checkpoint")
+        + result.asset_materializations_for_node("distilled_checkpoint")
+    }
 
 
 def test_reflow_assets_materialise_when_opted_in(tmp_path):

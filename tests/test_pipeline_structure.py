@@ -27,17 +27,33 @@ from test_pipeline_incremental import training_requests as automation_requests
 from rfp_pipeline.assets import assets
 
 PAIRED = {**TINY_OVERRIDES, "structure": {"pairing": True, "encoder": "thumbnail", "candidates": 3}}
-TINY_VAE = {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
-            "num_res_blocks": 1}
+TINY_VAE = {
+    "type": "VAE",
+    "latent_channels": 4,
+    "model_channels": 8,
+    "ch_mult": [1, 2],
+    "normalization": "GroupNormAuto",
+    "num_res_blocks": 1,
+}
 # an SAE codec (spherical latents) under a DiT velocity: both of the current trainer's newer nets
 TINY_SAE = {**TINY_VAE, "type": "SAE"}
 TINY_DIT = {"type": "DiT", "patch_size": 2, "hidden_size": 32, "depth": 1, "num_heads": 4}
-SAE_DIT = {**TINY_OVERRIDES,
-           "codec": {"net": TINY_SAE, "learning_rate": 3e-3, "train_images": 16 * 30, "train_batch_size": 16,
-                     "lr_schedule": "constant",
-                     "losses": [{"type": "L1Loss"}, {"type": "SAEPixelConsistencyLoss", "lpips_weight": 0.0},
-                                {"type": "SAELatentConsistencyLoss", "weight": 0.1}]},
-           "velocity": {**TINY_OVERRIDES["velocity"], "net": TINY_DIT}}
+SAE_DIT = {
+    **TINY_OVERRIDES,
+    "codec": {
+        "net": TINY_SAE,
+        "learning_rate": 3e-3,
+        "train_images": 16 * 30,
+        "train_batch_size": 16,
+        "lr_schedule": "constant",
+        "losses": [
+            {"type": "L1Loss"},
+            {"type": "SAEPixelConsistencyLoss", "lpips_weight": 0.0},
+            {"type": "SAELatentConsistencyLoss", "weight": 0.1},
+        ],
+    },
+    "velocity": {**TINY_OVERRIDES["velocity"], "net": TINY_DIT},
+}
 EMBED = ["experiment_config", "media_manifest", "frame_store", "structure_embeddings"]
 TRAIN = ["codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint"]
 WATCHED = [dg.AssetKey(k) for k in ("structure_embeddings", "codec_checkpoint", "saliency_checkpoint")]
@@ -51,13 +67,22 @@ def make_experiments(root: Path, experiments: dict[str, dict], n: int = 10) -> P
 
 
 def materialize(instance, resources, partition, selection, **kw) -> dg.ExecuteInProcessResult:
-    return dg.materialize(assets, instance=instance, resources=resources, partition_key=partition, selection=selection,
-                          run_config=RUN_CONFIG if "evaluation_samples" in selection else None, **kw)
+    return dg.materialize(
+        assets,
+        instance=instance,
+        resources=resources,
+        partition_key=partition,
+        selection=selection,
+        run_config=RUN_CONFIG if "evaluation_samples" in selection else None,
+        **kw,
+    )
 
 
 def metadata(result: dg.ExecuteInProcessResult) -> dict[str, dict]:
-    return {e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
-            for e in result.get_asset_materialization_events()}
+    return {
+        e.asset_key.to_user_string(): {k: v.value for k, v in e.materialization.metadata.items()}
+        for e in result.get_asset_materialization_events()
+    }
 
 
 def stale(instance, key: str, partition: str) -> StaleStatus:
@@ -68,6 +93,7 @@ def stale(instance, key: str, partition: str) -> StaleStatus:
 def project(tmp_path, isolated_rfp_home):
     """`project({name: overrides}, n)` -> (root, resources, instance): disc data, experiment files, partitions."""
     with contextlib.ExitStack() as stack:
+
         def start(experiments: dict[str, dict], n: int = 10):
             root = make_experiments(tmp_path / "project", experiments, n)
             resources = resources_for(root, isolated_rfp_home, os.environ["MLFLOW_TRACKING_URI"])
@@ -109,7 +135,10 @@ def test_adding_one_image_computes_exactly_one_embedding(project):
 def test_pairing_off_skips_without_weights_and_missing_weights_name_the_fix(project):
     # the default encoder is DINOv2, whose weights are not here: with pairing off nothing asks for them
     off = {**TINY_OVERRIDES, "structure": {"pairing": False}}
-    missing = {**TINY_OVERRIDES, "structure": {"pairing": True, "encoder": "dinov2_vits14", "weights_path": "/nonexistent/dinov2.pth"}}
+    missing = {
+        **TINY_OVERRIDES,
+        "structure": {"pairing": True, "encoder": "dinov2_vits14", "weights_path": "/nonexistent/dinov2.pth"},
+    }
     root, resources, instance = project({"off": off, "noweights": missing}, n=4)
     md = metadata(materialize(instance, resources, "off", EMBED + ["structure_pairs"]))
     for key in ("structure_embeddings", "structure_pairs"):
@@ -189,7 +218,9 @@ def test_sae_codec_and_dit_velocity_through_the_graph(project):
     assert md["structure_pairs"]["skipped"] is True  # pairing off here
 
     codec_version = data_version(instance, "codec_checkpoint", "vae")
-    assert md["saliency_checkpoint"]["built_from_codec"] == md["velocity_checkpoint"]["built_from_codec"] == codec_version
+    assert (
+        md["saliency_checkpoint"]["built_from_codec"] == md["velocity_checkpoint"]["built_from_codec"] == codec_version
+    )
     home = resources["rfp"].home_path() / "pipeline" / "vae"
     vel = json.loads((home / "velocity" / "result.json").read_text())
     tr = Translator.from_run(vel["checkpoint"], device="cpu")
@@ -201,9 +232,16 @@ def test_sae_codec_and_dit_velocity_through_the_graph(project):
     assert sorted(r.data.tags["stage"] for r in runs) == ["codec", "saliency", "velocity"]
     codec_run = next(r for r in runs if r.data.tags["stage"] == "codec")
     # every listed loss is logged under its id
-    assert {"codec/recon_l1", "codec/recon_l1_init", "codec/l1_loss", "codec/pix_con_loss",
-            "codec/lat_con_loss"} <= set(codec_run.data.metrics)
-    assert next(r for r in runs if r.data.tags["stage"] == "velocity").data.tags["codec_run_id"] == codec_run.info.run_id
+    assert {
+        "codec/recon_l1",
+        "codec/recon_l1_init",
+        "codec/l1_loss",
+        "codec/pix_con_loss",
+        "codec/lat_con_loss",
+    } <= set(codec_run.data.metrics)
+    assert (
+        next(r for r in runs if r.data.tags["stage"] == "velocity").data.tags["codec_run_id"] == codec_run.info.run_id
+    )
 
     # nothing the codec reads changed: re-materialising keeps it (no new run, same version, training fresh)
     kept = metadata(materialize(instance, resources, "vae", ["codec_checkpoint"]))["codec_checkpoint"]

@@ -15,7 +15,7 @@ import mlflow
 import pytest
 from media_factory import make_image, make_video
 from PIL import Image
-from test_pipeline import RUN_CONFIG, TINY_OVERRIDES, make_project, materialize_all, register_partitions, resources_for
+from test_pipeline import TINY_OVERRIDES, make_project, materialize_all, register_partitions, resources_for
 
 from rfp_core import tracking
 from rfp_core.evaluate import explain
@@ -44,7 +44,9 @@ def built(tmp_path_factory):
         spec = json.loads((root / "experiments" / f"{NAME}.json").read_text())
         (root / "experiments" / f"{NAME}.json").write_text(json.dumps({**spec, "translate": ["clips/"]}))
         resources = resources_for(root, home, uri)
-        resources["mlflow_tracking"] = MlflowTracking(tracking_uri=uri, artifact_root=str(home / "mlartifacts"), ui_url=UI)
+        resources["mlflow_tracking"] = MlflowTracking(
+            tracking_uri=uri, artifact_root=str(home / "mlartifacts"), ui_url=UI
+        )
         (base / "dagster_home").mkdir()
         with dg.instance_for_test(temp_dir=str(base / "dagster_home")) as instance:
             register_partitions(instance, resources)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pyarrow.parquet as pq
 import pytest
 import torch
+from disc_data import make_discs
 from torch import nn
 
-from disc_data import make_discs
 from rfp_core import flow
 from rfp_core.bench.reflow import ToyVelocity, run_toy
 from rfp_core.checkpoint import load_checkpoint
@@ -43,8 +43,12 @@ def test_couplings_deterministic_and_resumable_after_a_kill(tmp_path):
     assert z0.shape == (10, 2, 4, 4) and not torch.equal(z0, z1)
 
     # a kill after 3 shards (no index yet), then the last finished shard lost or truncated
-    assert generate_couplings(_swirl, src, "v1", Solver("rk4", 8), shard_size=3, root=tmp_path / "b",
-                              progress=False, max_new_shards=3) is None
+    assert (
+        generate_couplings(
+            _swirl, src, "v1", Solver("rk4", 8), shard_size=3, root=tmp_path / "b", progress=False, max_new_shards=3
+        )
+        is None
+    )
     part = tmp_path / "b" / full.digest
     assert sorted(p.name for p in part.glob("shard_*.pt")) == ["shard_00000.pt", "shard_00001.pt", "shard_00002.pt"]
     assert not (part / "index.parquet").exists()
@@ -65,9 +69,14 @@ def test_couplings_deterministic_and_resumable_after_a_kill(tmp_path):
     assert torch.allclose(shard["z1"], flow.integrate(_swirl, shard["z0"], 8, "rk4"))
 
     # the address changes with the velocity, the solver and the inputs
-    other = {generate_couplings(_swirl, s, v, sv, shard_size=3, root=tmp_path / "c", progress=False).digest
-             for s, v, sv in [(src, "v2", Solver("rk4", 8)), (src, "v1", Solver("heun", 8)),
-                              (noise_source(10, (2, 4, 4), seed=4), "v1", Solver("rk4", 8))]}
+    other = {
+        generate_couplings(_swirl, s, v, sv, shard_size=3, root=tmp_path / "c", progress=False).digest
+        for s, v, sv in [
+            (src, "v2", Solver("rk4", 8)),
+            (src, "v1", Solver("heun", 8)),
+            (noise_source(10, (2, 4, 4), seed=4), "v1", Solver("rk4", 8)),
+        ]
+    }
     assert len(other) == 3 and full.digest not in other
     assert open_couplings(part).index.num_rows == 10
 
@@ -86,8 +95,9 @@ def test_constant_velocity_is_straight_and_reflow_leaves_it_unchanged(tmp_path):
     v = Constant(c)
     z0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
     assert flow.straightness(v, z0, 8, sampler="rk4") < 1e-12
-    couplings = generate_couplings(v, tensor_source(z0), "const", Solver("rk4", 4), shard_size=32, root=tmp_path,
-                                   progress=False)
+    couplings = generate_couplings(
+        v, tensor_source(z0), "const", Solver("rk4", 4), shard_size=32, root=tmp_path, progress=False
+    )
     a, b = couplings.load()
     assert torch.allclose(b, a + c, atol=1e-6)
     settings = FitSettings(steps=200, batch_size=64, minibatch_size=32, learning_rate=1e-2, seed=0)
@@ -104,8 +114,7 @@ def test_constant_velocity_is_straight_and_reflow_leaves_it_unchanged(tmp_path):
 @pytest.fixture(scope="module")
 def toy(tmp_path_factory):
     torch.manual_seed(0)
-    return run_toy(steps_1rf=300, steps_reflow=300, steps_distill=300, pairs=1024,
-                   root=tmp_path_factory.mktemp("toy"))
+    return run_toy(steps_1rf=300, steps_reflow=300, steps_distill=300, pairs=1024, root=tmp_path_factory.mktemp("toy"))
 
 
 def test_toy_reflow_straightens_and_uncrosses(toy):
@@ -136,8 +145,13 @@ def test_steps_table_rows_and_scorer():
         seen.append((images_in.clone(), images_out.clone()))
         return {"shift": float((images_out - images_in)[:, 0].mean())}
 
-    rows = steps_table([FlowModel("a", v), FlowModel("d", v, one_step_only=True)], z0, steps=(1, 2), score=score,
-                       reference=z0 + torch.tensor([1.0, 0.0]))
+    rows = steps_table(
+        [FlowModel("a", v), FlowModel("d", v, one_step_only=True)],
+        z0,
+        steps=(1, 2),
+        score=score,
+        reference=z0 + torch.tensor([1.0, 0.0]),
+    )
     assert [(r["model"], r["steps"]) for r in rows] == [("a", 1), ("a", 2), ("d", 1)]
     assert all(abs(r["shift"] - 1.0) < 1e-6 and r["mse_to_reference"] < 1e-12 for r in rows)
     assert rows[0]["straightness"] < 1e-12 and rows[2]["straightness"] != rows[2]["straightness"]  # nan: no path
@@ -158,8 +172,15 @@ def tiny_run(tmp_path_factory):
         root = tmp_path_factory.mktemp("run")
         mp.setenv("RFP_HOME", str(root / "home"))
         d0, d1 = make_discs(root / "data", n=8, size=32)
-        raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 4, "train_minibatch_size": 4,
-               "train_images": 4 * 4, "sample_batch_size": 2, "domain0": [str(d0)]}
+        raw = {
+            **json.loads(TINY.read_text()),
+            "loss": "mse",
+            "train_batch_size": 4,
+            "train_minibatch_size": 4,
+            "train_images": 4 * 4,
+            "sample_batch_size": 2,
+            "domain0": [str(d0)],
+        }
         store = FrameStore(max_side=64)
         run = root / "home" / "runs" / "tiny"
         ingest([d0], [d1], out=run / "manifest.parquet", store=store, progress=False)
@@ -171,8 +192,17 @@ def tiny_run(tmp_path_factory):
 def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatch):
     run = tiny_run
     monkeypatch.setenv("RFP_HOME", str(run.parents[1]))  # the run's frame store
-    res = reflow_run(run, rounds=2, pairs=5, distill=True, solver=Solver("rk4", 3), train_steps=2, shard_size=2,
-                     device="cpu", progress=False)
+    res = reflow_run(
+        run,
+        rounds=2,
+        pairs=5,
+        distill=True,
+        solver=Solver("rk4", 3),
+        train_steps=2,
+        shard_size=2,
+        device="cpu",
+        progress=False,
+    )
     assert res.flows == [run / "reflow_1" / "velocity.pt", run / "reflow_2" / "velocity.pt"]
     assert res.distilled == run / "distilled" / "velocity.pt" and len(res.trained) == 3
     metas = [load_checkpoint(p)["reflow"] for p in [*res.flows, res.distilled]]
@@ -181,8 +211,15 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
     assert metas[2]["settings"]["distill"] and not metas[0]["settings"]["distill"]
     # the couplings of round 1 are the training domain-0 frames, centred crop, solved by 1-RF
     cfg = Translator.from_run(run).cfg
-    train_keys = FrameDataset(run / "manifest.parquet", FrameStore(max_side=64), 0, 32, split="train",
-                              holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False).frame_keys
+    train_keys = FrameDataset(
+        run / "manifest.parquet",
+        FrameStore(max_side=64),
+        0,
+        32,
+        split="train",
+        holdout_fraction=cfg.saliency.holdout_fraction,
+        train_crop=False,
+    ).frame_keys
     c1 = res.couplings[0]
     assert c1.index.column("source_key").to_pylist() == train_keys[:5]
     z0, z1 = c1.load()
@@ -196,17 +233,48 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
     one = tr.translate(torch.zeros(1, 3, 32, 32), steps=1)
     assert one.shape == (1, 3, 32, 32)
 
-    again = reflow_run(run, rounds=2, pairs=5, distill=True, solver=Solver("rk4", 3), train_steps=2, shard_size=2,
-                       device="cpu", progress=False)
+    again = reflow_run(
+        run,
+        rounds=2,
+        pairs=5,
+        distill=True,
+        solver=Solver("rk4", 3),
+        train_steps=2,
+        shard_size=2,
+        device="cpu",
+        progress=False,
+    )
     assert again.trained == [] and all(c.computed == 0 for c in again.couplings)
-
 
 
 def test_reflow_cli_writes_products_and_the_steps_table(tiny_run, capsys, monkeypatch):
     run = tiny_run
     monkeypatch.setenv("RFP_HOME", str(run.parents[1]))
-    assert main(["reflow", "--run", str(run), "--rounds", "1", "--distill", "--pairs", "5", "--steps-solver", "3",
-                 "--train-steps", "3", "--shard-size", "2", "--device", "cpu", "--report-inputs", "2"]) == 0
+    assert (
+        main(
+            [
+                "reflow",
+                "--run",
+                str(run),
+                "--rounds",
+                "1",
+                "--distill",
+                "--pairs",
+                "5",
+                "--steps-solver",
+                "3",
+                "--train-steps",
+                "3",
+                "--shard-size",
+                "2",
+                "--device",
+                "cpu",
+                "--report-inputs",
+                "2",
+            ]
+        )
+        == 0
+    )
     out = capsys.readouterr().out
     assert "| 1-RF | 12 |" in out and "| distilled | 1 |" in out
     rows = json.loads((run / "reflow_report.json").read_text())
@@ -223,8 +291,14 @@ def test_reflow_refuses_a_folder_without_a_run(tmp_path, capsys):
 
 def test_generative_reflow_couples_seeded_noise(tmp_path):
     _, d1 = make_discs(tmp_path / "data", n=6, size=32)
-    raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 4, "train_minibatch_size": 4,
-           "train_images": 8, "sample_batch_size": 2}
+    raw = {
+        **json.loads(TINY.read_text()),
+        "loss": "mse",
+        "train_batch_size": 4,
+        "train_minibatch_size": 4,
+        "train_images": 8,
+        "sample_batch_size": 2,
+    }
     run = train_run(config_from_dict(raw), "random", [d1], run_id="gen", device="cpu", progress=False)
     res = reflow_run(run, rounds=1, pairs=3, solver=Solver("euler", 2), train_steps=1, device="cpu", progress=False)
     c = res.couplings[0]
@@ -242,12 +316,21 @@ def test_fit_resumes_exactly_after_a_kill(tmp_path):
 
     def run(state: Path, fail_at: int | None = None):
         torch.manual_seed(0)
+
         def draw(step):
             if fail_at is not None and step == fail_at:
                 raise KeyboardInterrupt  # the kill
             return batches(step)
-        return fit(ToyVelocity(16), draw, settings, state_path=state, fingerprint={"c": "x"}, checkpoint_every=4,
-                   progress=False)
+
+        return fit(
+            ToyVelocity(16),
+            draw,
+            settings,
+            state_path=state,
+            fingerprint={"c": "x"},
+            checkpoint_every=4,
+            progress=False,
+        )
 
     whole = run(tmp_path / "a.pt")
     with pytest.raises(KeyboardInterrupt):

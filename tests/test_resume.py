@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from disc_data import make_discs
+
 from rfp_core.checkpoint import load_latest
 from rfp_core.config import config_from_dict
 from rfp_core.frame_store import FrameStore
@@ -53,8 +53,22 @@ def test_sigkill_during_velocity_then_checkpoint_resume_finishes_the_run(tmp_pat
     cfg_path = tmp_path / "tiny_resume.json"
     cfg_path.write_text(json.dumps(_tiny_raw(train_images=8 * 40, checkpoint_every_steps=5, sample_every_images=10**6)))
     total = config_from_dict(json.loads(cfg_path.read_text())).velocity.total_steps
-    cmd = [sys.executable, "-m", "rfp_core.cli", "train", "-c", str(cfg_path), "-d0", str(d0), "-d1", str(d1),
-           "--run-id", "killed", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rfp_core.cli",
+        "train",
+        "-c",
+        str(cfg_path),
+        "-d0",
+        str(d0),
+        "-d1",
+        str(d1),
+        "--run-id",
+        "killed",
+        "--device",
+        "cpu",
+    ]
     run = runs_dir() / "killed"
     # one thread: on a busy machine, two spinning OpenMP threads per process slow tiny nets many times over
     env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": "1"}
@@ -97,8 +111,9 @@ def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, 
     # resume from step 6 in a fresh folder: the same final weights, bit for bit
     (tmp_path / "b").mkdir()
     shutil.copy(tmp_path / "a" / "velocity_00000006.pt", tmp_path / "b" / "from6.pt")
-    resumed = train_velocity(cfg, manifest, tmp_path / "b", store=store, progress=False,
-                             resume_from=tmp_path / "b" / "from6.pt")
+    resumed = train_velocity(
+        cfg, manifest, tmp_path / "b", store=store, progress=False, resume_from=tmp_path / "b" / "from6.pt"
+    )
     a, b = _weights(straight.checkpoint), _weights(resumed.checkpoint)
     assert all(torch.equal(a[k], b[k]) for k in a)
 
@@ -119,8 +134,14 @@ def test_resume_is_exact_and_a_corrupted_newest_checkpoint_falls_back(tmp_path, 
 
 def test_non_finite_loss_stops_with_a_clear_error_and_keeps_the_last_good_checkpoint(tmp_path, data):
     _, _, manifest, store = data
-    cfg = _mse_cfg(train_images=8 * 20, checkpoint_every_steps=1, learning_rate=1e30, gradient_clip=0,
-                   warmup_fraction=0.0, lr_schedule="constant")
+    cfg = _mse_cfg(
+        train_images=8 * 20,
+        checkpoint_every_steps=1,
+        learning_rate=1e30,
+        gradient_clip=0,
+        warmup_fraction=0.0,
+        lr_schedule="constant",
+    )
     out = tmp_path / "nan"
     with pytest.raises(NonFiniteLoss) as err:
         train_velocity(cfg, manifest, out, store=store, progress=False)

@@ -7,17 +7,23 @@ import re
 
 import dagster as dg
 import pytest
+from test_pipeline import RUN_CONFIG, STAGES, TINY_OVERRIDES, make_project, resources_for
 
 from rfp_pipeline.run_progress import key_figures
-from test_pipeline import RUN_CONFIG, STAGES, TINY_OVERRIDES, make_project, resources_for
 
 
 def test_key_figures_pick_the_stage_numbers_and_say_why_a_stage_skipped():
-    md = {"accuracy": dg.MetadataValue.float(0.93751), "steps": 40, "checkpoint": dg.MetadataValue.path("/x"),
-          "accuracy_threshold": 0.8}
+    md = {
+        "accuracy": dg.MetadataValue.float(0.93751),
+        "steps": 40,
+        "checkpoint": dg.MetadataValue.path("/x"),
+        "accuracy_threshold": 0.8,
+    }
     assert key_figures("saliency_checkpoint", md) == "accuracy 0.9375, accuracy_threshold 0.8, steps 40"
-    assert key_figures("structure_pairs", {"skipped": True, "reason": dg.MetadataValue.text("pairing is off")}) == \
-        "skipped: pairing is off"
+    assert (
+        key_figures("structure_pairs", {"skipped": True, "reason": dg.MetadataValue.text("pairing is off")})
+        == "skipped: pairing is off"
+    )
     assert key_figures("media_manifest", {"frames_ok": 24, "frames_skipped": 0}) == "frames_ok 24, frames_skipped 0"
     assert key_figures("unknown_asset", {"a": 1}) == ""
 
@@ -76,4 +82,10 @@ def test_training_bar_follows_the_running_mlflow_run(tmp_path):
     assert bar.bar.n == 40
     bar.close()
     shown = out.getvalue()
-    assert "20/100" in shown and "40/100" in shown and "loss=0.25" in shown and "loss=0.125" in shown and "images_per_s=12.5" in shown
+    assert (
+        "20/100" in shown
+        and "40/100" in shown
+        and "loss=0.25" in shown
+        and "loss=0.125" in shown
+        and "images_per_s=12.5" in shown
+    )

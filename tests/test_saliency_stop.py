@@ -16,9 +16,14 @@ from rfp_core.data import FrameDataset, holdout_split
 from rfp_core.frame_store import FrameStore
 from rfp_core.ingest import ingest
 from rfp_core.manifest import ok_frames, read_manifest
-from rfp_core.train.saliency import (SaliencyThresholdNotReached, _holdout_batches, evaluate_accuracy, load_saliency,
-                                     train_saliency)
 from rfp_core.train.codec_io import load_codec
+from rfp_core.train.saliency import (
+    SaliencyThresholdNotReached,
+    _holdout_batches,
+    evaluate_accuracy,
+    load_saliency,
+    train_saliency,
+)
 
 SIZE = 16
 
@@ -57,17 +62,31 @@ def _domains(root, n: int, decoys: bool = False):
 
 
 def _cfg(**saliency):
-    return config_from_dict({"max_size": SIZE, "saliency": {
-        "net": {"backbone": "resnet18", "pretrained": False, "latent_channels": 8}, "learning_rate": 1e-3,
-        "accuracy_threshold": 0.9, "warmup_threshold": 0.8, "batch_size": 8, "eval_every": 5, "max_steps": 80,
-        "holdout_fraction": 0.3, "smoothing_window": 8, **saliency}})
+    return config_from_dict(
+        {
+            "max_size": SIZE,
+            "saliency": {
+                "net": {"backbone": "resnet18", "pretrained": False, "latent_channels": 8},
+                "learning_rate": 1e-3,
+                "accuracy_threshold": 0.9,
+                "warmup_threshold": 0.8,
+                "batch_size": 8,
+                "eval_every": 5,
+                "max_steps": 80,
+                "holdout_fraction": 0.3,
+                "smoothing_window": 8,
+                **saliency,
+            },
+        }
+    )
 
 
 def test_default_stops_on_the_smoothed_training_accuracy_and_logs_both(tmp_path):
     manifest, store = _domains(tmp_path, 20)
     logged = []
-    res = train_saliency(_cfg(), manifest, tmp_path / "run", store=store, progress=False,
-                         log=lambda m, s: logged.append(m))
+    res = train_saliency(
+        _cfg(), manifest, tmp_path / "run", store=store, progress=False, log=lambda m, s: logged.append(m)
+    )
     assert res.stopped_by == "train_smoothed" and res.accuracy >= 0.9 and res.train_accuracy >= 0.9
     assert res.steps >= 2 * 8  # a full window in each sub-phase, as the original
     assert res.report_accuracy is not None and res.report_separate
@@ -109,5 +128,10 @@ def test_an_unreachable_held_out_threshold_ends_on_the_original_criterion(tmp_pa
     assert "the train_smoothed accuracy did" in capsys.readouterr().err
     # neither criterion met: the run fails with both named
     with pytest.raises(SaliencyThresholdNotReached, match="other criterion"):
-        train_saliency(_cfg(stop_on="holdout", max_steps=3, accuracy_threshold=1.0, warmup_threshold=1.0), manifest,
-                       tmp_path / "run2", store=store, progress=False)
+        train_saliency(
+            _cfg(stop_on="holdout", max_steps=3, accuracy_threshold=1.0, warmup_threshold=1.0),
+            manifest,
+            tmp_path / "run2",
+            store=store,
+            progress=False,
+        )

@@ -49,8 +49,13 @@ def sql(url: str, query: str, *args) -> list[tuple]:
 def make_vars(**env: str) -> dict[str, str]:
     """The variables `make` exports with `env` set (its database, without running a recipe)."""
     clean = {k: v for k, v in os.environ.items() if k not in ("DAGSTER_HOME", "MLFLOW_TRACKING_URI", "MLFLOW_UI_URL")}
-    out = subprocess.run(["make", "-pn", "-f", str(ROOT / "Makefile"), "setup"], cwd=ROOT, capture_output=True,
-                         text=True, env={**clean, "RFP_HOME": "/tmp/rfp-home", **env}).stdout
+    out = subprocess.run(
+        ["make", "-pn", "-f", str(ROOT / "Makefile"), "setup"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**clean, "RFP_HOME": "/tmp/rfp-home", **env},
+    ).stdout
     found = {}
     for line in out.splitlines():
         for op in (" := ", " = "):
@@ -76,14 +81,21 @@ def test_makefile_switches_stores_by_environment_variables():
     plain = make_vars()
     assert plain["DAGSTER_HOME"] == str(ROOT / "dagster_home")
     assert plain["MLFLOW_TRACKING_URI"] == "sqlite:////tmp/rfp-home/mlflow.db"
-    scaled = make_vars(RFP_POSTGRES_URL="postgresql+psycopg2://u@127.0.0.1:5433/d",
-                       RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://u@127.0.0.1:5433/m")
+    scaled = make_vars(
+        RFP_POSTGRES_URL="postgresql+psycopg2://u@127.0.0.1:5433/d",
+        RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://u@127.0.0.1:5433/m",
+    )
     assert scaled["DAGSTER_HOME"] == str(PG_HOME)
     assert scaled["MLFLOW_TRACKING_URI"] == "http://127.0.0.1:5001"
     assert scaled["MLFLOW_UI_URL"] == "http://127.0.0.1:5001"
     # a URL without the driver stops make with the fix in the message
-    bad = subprocess.run(["make", "-n", "setup"], cwd=ROOT, capture_output=True, text=True,
-                         env={**os.environ, "RFP_POSTGRES_URL": "postgresql://u@h/d"})
+    bad = subprocess.run(
+        ["make", "-n", "setup"],
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "RFP_POSTGRES_URL": "postgresql://u@h/d"},
+    )
     assert bad.returncode != 0 and "RFP_POSTGRES_URL must name the driver: postgresql+psycopg2://" in bad.stderr
     # an explicit tracking URI wins
     pinned = make_vars(RFP_MLFLOW_BACKEND_URI="postgresql+psycopg2://m", MLFLOW_TRACKING_URI="http://h:9")
@@ -123,8 +135,9 @@ def built(pg, tmp_path_factory):
         dagster_home = pg_instance_home(base / "dagster_home")
         with dg.DagsterInstance.from_config(str(dagster_home)) as instance:
             register_partitions(instance, resources)
-            result = dg.materialize(assets, instance=instance, resources=resources, partition_key="alpha",
-                                    run_config=RUN_CONFIG)
+            result = dg.materialize(
+                assets, instance=instance, resources=resources, partition_key="alpha", run_config=RUN_CONFIG
+            )
         yield {"home": home, "uri": uri, "artifacts": artifacts, "dagster_home": dagster_home, "result": result}
 
 
@@ -135,7 +148,9 @@ def test_dagster_runs_and_event_logs_live_in_postgres(built, pg):
     run_id = built["result"].run_id
     # a fresh instance on the same database sees what the first one wrote
     with dg.DagsterInstance.from_config(str(built["dagster_home"])) as instance:
-        kinds = {type(s).__name__ for s in (instance.run_storage, instance.event_log_storage, instance.schedule_storage)}
+        kinds = {
+            type(s).__name__ for s in (instance.run_storage, instance.event_log_storage, instance.schedule_storage)
+        }
         assert kinds == {"PostgresRunStorage", "PostgresEventLogStorage", "PostgresScheduleStorage"}
         runs = instance.get_runs(dg.RunsFilter(tags={"dagster/partition": "alpha"}))
         assert [(r.run_id, r.status) for r in runs] == [(run_id, dg.DagsterRunStatus.SUCCESS)]
@@ -148,11 +163,16 @@ def test_dagster_runs_and_event_logs_live_in_postgres(built, pg):
         assert np.isfinite(velocity.metadata["final_loss"].value)
         assert velocity.metadata["registered_model"].value == "models:/alpha/1"
         checks = instance.event_log_storage.get_latest_asset_check_execution_by_key(
-            [dg.AssetCheckKey(dg.AssetKey("velocity_checkpoint"), "loss_finite")])
+            [dg.AssetCheckKey(dg.AssetKey("velocity_checkpoint"), "loss_finite")]
+        )
         assert [c.status.value for c in checks.values()] == ["SUCCEEDED"]
     # the rows are in Postgres, and no sqlite file was written instead
-    mats = sql(pg["dagster"], "SELECT asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type = %s",
-               run_id, "ASSET_MATERIALIZATION")
+    mats = sql(
+        pg["dagster"],
+        "SELECT asset_key FROM event_logs WHERE run_id = %s AND dagster_event_type = %s",
+        run_id,
+        "ASSET_MATERIALIZATION",
+    )
     assert sorted(json.loads(k)[0] for (k,) in mats) == sorted(STAGES)
     assert sql(pg["dagster"], "SELECT status FROM runs WHERE run_id = %s", run_id) == [("SUCCESS",)]
     assert not (built["dagster_home"] / "history").exists() and not (built["dagster_home"] / "schedules").exists()
@@ -165,7 +185,9 @@ def test_mlflow_runs_models_and_artifacts_live_on_the_server(built, pg):
     client = mlflow.MlflowClient(uri)
     exp = client.get_experiment_by_name("alpha")
     assert exp.artifact_location.startswith("mlflow-artifacts:")  # proxied: no client-side path
-    runs = {r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id], f"tags.dagster_run_id = '{run_id}'")}
+    runs = {
+        r.data.tags["stage"]: r for r in client.search_runs([exp.experiment_id], f"tags.dagster_run_id = '{run_id}'")
+    }
     assert sorted(runs) == ["saliency", "velocity"]
     assert all(r.info.status == "FINISHED" for r in runs.values())
     vel = runs["velocity"]
@@ -193,19 +215,40 @@ def test_dagster_dev_daemon_records_sensor_ticks_in_postgres(pg, tmp_path):
     home = pg_instance_home(tmp_path / "dagster_home")
     (tmp_path / "experiments").mkdir()  # no experiments: the sensors tick and skip
     port = free_port()
-    env = {**os.environ, "DAGSTER_HOME": str(home), "RFP_POSTGRES_URL": pg["dagster"],
-           "RFP_EXPERIMENTS_DIR": str(tmp_path / "experiments"), "RFP_HOME": str(tmp_path / "rfp_home")}
+    env = {
+        **os.environ,
+        "DAGSTER_HOME": str(home),
+        "RFP_POSTGRES_URL": pg["dagster"],
+        "RFP_EXPERIMENTS_DIR": str(tmp_path / "experiments"),
+        "RFP_HOME": str(tmp_path / "rfp_home"),
+    }
     log = open(tmp_path / "dev.log", "w")
-    proc = subprocess.Popen([str(Path(sys.executable).parent / "dagster"), "dev", "-w", "workspace.yaml",
-                             "-h", "127.0.0.1", "-p", str(port)],
-                            cwd=ROOT, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [
+            str(Path(sys.executable).parent / "dagster"),
+            "dev",
+            "-w",
+            "workspace.yaml",
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(port),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     ticked: set[str] = set()
     try:
         deadline = time.monotonic() + 300
         while time.monotonic() < deadline and proc.poll() is None and "experiments_sensor" not in ticked:
             time.sleep(3)
-            ticked = {deserialize_value(body).instigator_name
-                      for (body,) in sql(pg["dagster"], "SELECT tick_body FROM job_ticks WHERE type = 'SENSOR'")}
+            ticked = {
+                deserialize_value(body).instigator_name
+                for (body,) in sql(pg["dagster"], "SELECT tick_body FROM job_ticks WHERE type = 'SENSOR'")
+            }
         assert proc.poll() is None, f"dagster dev exited early:\n{(tmp_path / 'dev.log').read_text()[-3000:]}"
         assert "experiments_sensor" in ticked, f"ticks of {ticked} only:\n{(tmp_path / 'dev.log').read_text()[-3000:]}"
     finally:

@@ -18,7 +18,6 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from rfp_pipeline.pyfunc_model import TranslatorModel, images_from_input
@@ -39,8 +38,9 @@ def _images(n: int, h: int = 24, w: int = 20) -> np.ndarray:
 def _standin_model(size: int = 16) -> TranslatorModel:
     model = TranslatorModel()
     # a deterministic stand-in translator: mirror, darker when reversed
-    model.translator = SimpleNamespace(size=size, generative=False,
-                                       translate=lambda x, steps, reverse: x.flip(-1) * (0.5 if reverse else 1.0))
+    model.translator = SimpleNamespace(
+        size=size, generative=False, translate=lambda x, steps, reverse: x.flip(-1) * (0.5 if reverse else 1.0)
+    )
     return model
 
 
@@ -62,12 +62,15 @@ def test_single_image_batch_and_base64_give_the_same_translation():
     assert np.abs(batch[0].astype(int) - crop[:, ::-1].astype(int)).max() <= 1
 
 
-@pytest.mark.parametrize("bad, match", [
-    (np.zeros((2, 8, 8, 4), np.uint8), r"\(N, H, W, 3\).*shape \(2, 8, 8, 4\)"),
-    (np.full((1, 8, 8, 3), 300), r"uint8 pixel values 0\.\.255"),
-    ({"pixels": [1]}, r"'pixels'.*images_b64"),
-    ({"images_b64": ["bm90IGFuIGltYWdl"]}, r"images_b64\[0\] is not a base64-encoded PNG"),
-])
+@pytest.mark.parametrize(
+    "bad, match",
+    [
+        (np.zeros((2, 8, 8, 4), np.uint8), r"\(N, H, W, 3\).*shape \(2, 8, 8, 4\)"),
+        (np.full((1, 8, 8, 3), 300), r"uint8 pixel values 0\.\.255"),
+        ({"pixels": [1]}, r"'pixels'.*images_b64"),
+        ({"images_b64": ["bm90IGFuIGltYWdl"]}, r"images_b64\[0\] is not a base64-encoded PNG"),
+    ],
+)
 def test_bad_input_is_refused_in_one_short_line(bad, match):
     with pytest.raises(ValueError, match=match) as err:
         _standin_model().predict(None, bad)
@@ -116,15 +119,19 @@ def test_logged_model_has_example_and_signature_and_champion_alias_follows_check
 
     tracking, log = MlflowTracking(), SimpleNamespace(info=lambda msg: None)
     ok = [dg.AssetCheckResult(check_name="transfer_rate", passed=True)]
-    bad = [dg.AssetCheckResult(check_name="transfer_rate", passed=True), dg.AssetCheckResult(check_name="mask_iou", passed=False)]
+    bad = [
+        dg.AssetCheckResult(check_name="transfer_rate", passed=True),
+        dg.AssetCheckResult(check_name="mask_iou", passed=False),
+    ]
     client = tracking.client()
     assert "mask_iou" in promote_champion(tracking, "tiny", version, bad, log)["champion"]
     assert client.get_registered_model("tiny").aliases == {}
     promote_champion(tracking, "tiny", version, ok, log)
     assert str(client.get_model_version_by_alias("tiny", "champion").version) == version
     with tracking.start_run("tiny", "velocity tiny 2", {}):  # a second version that fails its checks
-        v2 = tracking.log_translator(Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "velocity.pt",
-                                     registered_name="tiny")[1]
+        v2 = tracking.log_translator(
+            Path(mlflow.artifacts.download_artifacts(uri)) / "artifacts" / "velocity.pt", registered_name="tiny"
+        )[1]
     promote_champion(tracking, "tiny", v2, bad, log)
     assert v2 != version and str(client.get_model_version_by_alias("tiny", "champion").version) == version
 
@@ -145,8 +152,11 @@ def _free_port() -> int:
 
 
 def _post(port: int, body: dict) -> np.ndarray:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/invocations", data=json.dumps(body).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/invocations",
+        data=json.dumps(body).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=120) as resp:
         return np.asarray(json.loads(resp.read())["predictions"], dtype=np.uint8)
 
@@ -161,14 +171,24 @@ def test_rfp_serve_answers_like_the_in_process_model(tmp_path):
     uri, version = _logged_model(tmp_path, "served")
     import dagster as dg
 
-    promote_champion(MlflowTracking(), "served", version, [dg.AssetCheckResult(check_name="x", passed=True)],
-                     SimpleNamespace(info=print))
+    promote_champion(
+        MlflowTracking(),
+        "served",
+        version,
+        [dg.AssetCheckResult(check_name="x", passed=True)],
+        SimpleNamespace(info=print),
+    )
     port = _free_port()
     # PATH without the venv: `rfp serve` must put it there itself
     env = {**os.environ, "PATH": "/usr/bin:/bin", "PYTHONPATH": str(ROOT)}
-    proc = subprocess.Popen([sys.executable, "-m", "rfp_core.cli", "serve", "--model", "models:/served@champion",
-                             "--port", str(port)], env=env, start_new_session=True,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "rfp_core.cli", "serve", "--model", "models:/served@champion", "--port", str(port)],
+        env=env,
+        start_new_session=True,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 180
         while True:

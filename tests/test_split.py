@@ -28,14 +28,24 @@ def trained_run(tmp_path_factory):
     d0, d1 = make_discs(root / "data", n=32, size=SIZE, seed=1)
     store = FrameStore(root / "store", max_side=64)
     manifest = ingest([d0], [d1], root / "manifest.parquet", store, progress=False).manifest_path
-    cfg = config_from_dict({
-        "max_size": SIZE,
-        "saliency": {
-            "net": {"backbone": "resnet18", "pretrained": False, "latent_channels": 16},
-            "learning_rate": 1e-3, "accuracy_threshold": 1.0, "warmup_threshold": 0.9, "eval_every": 5,
-            "max_steps": 300, "augmentations": [], "label_smoothing": 0.0, "batch_size": 16, "holdout_fraction": 0.25, "stop_on": "holdout",
-        },
-    })
+    cfg = config_from_dict(
+        {
+            "max_size": SIZE,
+            "saliency": {
+                "net": {"backbone": "resnet18", "pretrained": False, "latent_channels": 16},
+                "learning_rate": 1e-3,
+                "accuracy_threshold": 1.0,
+                "warmup_threshold": 0.9,
+                "eval_every": 5,
+                "max_steps": 300,
+                "augmentations": [],
+                "label_smoothing": 0.0,
+                "batch_size": 16,
+                "holdout_fraction": 0.25,
+                "stop_on": "holdout",
+            },
+        }
+    )
     result = train_saliency(cfg, manifest, root / "run", store=store, progress=False)
     assert result.accuracy == 1.0
     return root / "run"
@@ -98,8 +108,23 @@ def test_split_sorts_a_mixed_pile(trained_run, tmp_path):
 def test_split_cli_and_errors(trained_run, tmp_path, capsys):
     inputs, ignore, _ = _pile(tmp_path)
     out = tmp_path / "cli_out"
-    rc = main(["split", "--run", str(trained_run), "--input", *map(str, inputs), "--output", str(out),
-               "--threshold", "0.9", "--ignore", str(ignore), "--device", "cpu"])
+    rc = main(
+        [
+            "split",
+            "--run",
+            str(trained_run),
+            "--input",
+            *map(str, inputs),
+            "--output",
+            str(out),
+            "--threshold",
+            "0.9",
+            "--ignore",
+            str(ignore),
+            "--device",
+            "cpu",
+        ]
+    )
     assert rc == 0
     printed = capsys.readouterr().out
     assert "duplicates skipped 3" in printed and "ignored 2" in printed and "split_report.csv" in printed

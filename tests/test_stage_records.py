@@ -66,8 +66,14 @@ def _probe(tmp_path: Path, partition: str, rfp: RfpHome, selection=(probe,)) -> 
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
         instance.add_dynamic_partitions("experiments", ["a", "b", "c"])
-        return dg.materialize([*assets, probe, skipped_probe], selection=list(selection), partition_key=partition,
-                              instance=instance, resources={**default_resources(), "rfp": rfp}, raise_on_error=False)
+        return dg.materialize(
+            [*assets, probe, skipped_probe],
+            selection=list(selection),
+            partition_key=partition,
+            instance=instance,
+            resources={**default_resources(), "rfp": rfp},
+            raise_on_error=False,
+        )
 
 
 def test_the_input_is_the_record_of_its_own_partition_under_the_runs_home(tmp_path):
@@ -110,9 +116,14 @@ def test_an_upstream_without_a_stage_folder_is_named_in_the_error(tmp_path):
     (tmp_path / "dagster_home").mkdir()
     with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
         instance.add_dynamic_partitions("experiments", ["a"])
-        result = dg.materialize([unnamed_stage, reads_unnamed], selection=[reads_unnamed], partition_key="a",
-                                instance=instance, resources={"rfp": rfp, STAGE_RECORDS: stage_records},
-                                raise_on_error=False)
+        result = dg.materialize(
+            [unnamed_stage, reads_unnamed],
+            selection=[reads_unnamed],
+            partition_key="a",
+            instance=instance,
+            resources={"rfp": rfp, STAGE_RECORDS: stage_records},
+            raise_on_error=False,
+        )
     error = result.get_step_failure_events()[0].step_failure_data.error
     text = error.message + (error.cause.message if error.cause else "")
     assert f"'unnamed_stage' uses the '{STAGE_RECORDS}' IO manager but names no stage folder" in text, text

@@ -64,9 +64,16 @@ def _fill_store(store: FrameStore, domain: int, n: int, seed: int) -> tuple[list
 
 def _tiny_dino(img_size: int = 28) -> torch.nn.Module:
     torch.manual_seed(0)
-    return timm.create_model("vit_small_patch14_dinov2", pretrained=False, img_size=img_size,
-                             depth=1, embed_dim=32, num_heads=2, num_classes=0,
-                             init_values=1.0)  # DINOv2 layer scale starts at 1e-5: blocks would be ~no-ops
+    return timm.create_model(
+        "vit_small_patch14_dinov2",
+        pretrained=False,
+        img_size=img_size,
+        depth=1,
+        embed_dim=32,
+        num_heads=2,
+        num_classes=0,
+        init_values=1.0,
+    )  # DINOv2 layer scale starts at 1e-5: blocks would be ~no-ops
 
 
 def _brute_force(a: np.ndarray, b: np.ndarray, k: int) -> tuple[np.ndarray, np.ndarray]:

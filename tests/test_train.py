@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from disc_data import make_discs
 from PIL import Image
 
-from disc_data import make_discs
 from rfp_core.cli import main
 from rfp_core.config import config_from_dict, load_config
 from rfp_core.data import FrameDataset
@@ -44,7 +44,14 @@ def test_tiny_config_is_in_the_original_flat_format():
 
 def test_run_folder_holds_every_artefact(trained):
     run, *_ = trained
-    for name in ("config.json", "manifest.parquet", "saliency.pt", "saliency_state.json", "velocity.pt", "metrics.jsonl"):
+    for name in (
+        "config.json",
+        "manifest.parquet",
+        "saliency.pt",
+        "saliency_state.json",
+        "velocity.pt",
+        "metrics.jsonl",
+    ):
         assert (run / name).is_file(), name
     assert list((run / "samples").glob("step_*.png"))
     cfg = config_from_dict(json.loads((run / "config.json").read_text()))
@@ -133,8 +140,26 @@ def test_translate_cli_forward_and_reverse(trained, tmp_path):
     assert blue1 - red1 > blue0 - red0 + 20, ((red0, blue0), (red1, blue1))
 
     back = tmp_path / "back"
-    assert main(["translate", "--run", str(run), str(d1), "--out", str(back), "--reverse", "--steps", "2",
-                 "--sampler", "heun", "--device", "cpu"]) == 0
+    assert (
+        main(
+            [
+                "translate",
+                "--run",
+                str(run),
+                str(d1),
+                "--out",
+                str(back),
+                "--reverse",
+                "--steps",
+                "2",
+                "--sampler",
+                "heun",
+                "--device",
+                "cpu",
+            ]
+        )
+        == 0
+    )
     assert sorted(p.stem for p in back.iterdir()) == sorted(p.stem for p in d1.glob("*.png"))
 
 
@@ -144,9 +169,18 @@ def test_unreachable_threshold_stops_with_a_clear_error(tmp_path):
     d1, _ = make_discs(tmp_path / "b", n=12, size=32, seed=1)
     store = FrameStore(max_side=64)
     report = ingest([d0], [d1], out=tmp_path / "m.parquet", store=store, progress=False)
-    cfg = config_from_dict(json.loads(TINY.read_text()), overrides={
-        "saliency": {"max_steps": 2, "eval_every": 1, "warmup_threshold": 1.0, "accuracy_threshold": 1.0,
-                     "learning_rate": 1e-9}})
+    cfg = config_from_dict(
+        json.loads(TINY.read_text()),
+        overrides={
+            "saliency": {
+                "max_steps": 2,
+                "eval_every": 1,
+                "warmup_threshold": 1.0,
+                "accuracy_threshold": 1.0,
+                "learning_rate": 1e-9,
+            }
+        },
+    )
     with pytest.raises(SaliencyThresholdNotReached) as err:
         train_saliency(cfg, report.manifest_path, tmp_path / "run", store=store, progress=False)
     msg = str(err.value)
@@ -161,8 +195,20 @@ def test_dev_flag_shrinks_the_budget_and_a_missing_device_is_refused(tmp_path, c
     assert cfg.velocity.total_steps == 20 and cfg.saliency.max_steps <= 500
     assert cfg.velocity.learning_rate == load_config(TINY).velocity.learning_rate  # only the budget changes
     d0, d1 = make_discs(tmp_path / "data", n=2, size=32)
-    rc = main(["train", "-c", str(TINY), "-d0", str(d0), "-d1", str(d1), "--device", "cuda:7" if not
-               torch.cuda.is_available() else "mps", "--dev"])
+    rc = main(
+        [
+            "train",
+            "-c",
+            str(TINY),
+            "-d0",
+            str(d0),
+            "-d1",
+            str(d1),
+            "--device",
+            "cuda:7" if not torch.cuda.is_available() else "mps",
+            "--dev",
+        ]
+    )
     assert rc == 2 and "not available" in capsys.readouterr().err
     assert main(["train", "-c", str(TINY), "-d1", str(d1)]) == 2
     assert "--domain0" in capsys.readouterr().err

@@ -8,9 +8,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from disc_data import make_discs
 from PIL import Image
 
-from disc_data import make_discs
 from rfp_core.cli import main
 from rfp_core.config import config_from_dict
 from rfp_core.frame_store import FrameStore
@@ -25,8 +25,14 @@ TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
 def _run(tmp: Path, generative: bool) -> Path:
     d0, d1 = make_discs(tmp / "data", n=8, size=32)
-    raw = {**json.loads(TINY.read_text()), "loss": "mse", "train_batch_size": 4, "train_minibatch_size": 4,
-           "train_images": 4 * 6, "sample_batch_size": 3}
+    raw = {
+        **json.loads(TINY.read_text()),
+        "loss": "mse",
+        "train_batch_size": 4,
+        "train_minibatch_size": 4,
+        "train_images": 4 * 6,
+        "sample_batch_size": 3,
+    }
     if generative:  # the whole `rfp train` path with domain0 = random: no saliency phase
         run = train_run(config_from_dict(raw), "random", [d1], run_id="gen", device="cpu", progress=False)
         assert not (run / "saliency.pt").exists()
@@ -96,8 +102,22 @@ def test_translate_cli_folders_bad_files_and_repeated_stems(translation_run, tmp
     Image.open(data / "domain0" / "d0_001.png").save(nested / "same.png")
     (nested / "broken.png").write_bytes(b"not a png")
     out = tmp_path / "out"
-    assert main(["translate", "--run", str(run), str(tmp_path / "in"), str(data / "domain0" / "d0_002.png"),
-                 "--out", str(out), "--device", "cpu"]) == 1
+    assert (
+        main(
+            [
+                "translate",
+                "--run",
+                str(run),
+                str(tmp_path / "in"),
+                str(data / "domain0" / "d0_002.png"),
+                "--out",
+                str(out),
+                "--device",
+                "cpu",
+            ]
+        )
+        == 1
+    )
     err = capsys.readouterr().err
     assert "broken.png" in err and "skipped" in err
     assert sorted(p.name for p in out.iterdir()) == ["d0_002.png", "same-2.png", "same.png"]
@@ -128,10 +148,21 @@ def test_save_grid_lays_rows_out(tmp_path):
 
 def test_a_vae_codec_run_trains_and_translates_in_latent_space(tmp_path):
     d0, d1 = make_discs(tmp_path / "data", n=8, size=32)
-    raw = {**json.loads(TINY.read_text()), "train_images": 8 * 3, "codec_train_images": 32, "codec_train_batch_size": 8,
-           "codec_losses": [{"type": "L1Loss"}, {"type": "KLLoss"}],
-           "codec_net": {"type": "VAE", "latent_channels": 4, "model_channels": 16, "ch_mult": [1, 2],
-                         "normalization": "GroupNormAuto", "num_res_blocks": 1}}
+    raw = {
+        **json.loads(TINY.read_text()),
+        "train_images": 8 * 3,
+        "codec_train_images": 32,
+        "codec_train_batch_size": 8,
+        "codec_losses": [{"type": "L1Loss"}, {"type": "KLLoss"}],
+        "codec_net": {
+            "type": "VAE",
+            "latent_channels": 4,
+            "model_channels": 16,
+            "ch_mult": [1, 2],
+            "normalization": "GroupNormAuto",
+            "num_res_blocks": 1,
+        },
+    }
     run = train_run(config_from_dict(raw), [d0], [d1], run_id="vae", device="cpu", progress=False)
     assert {"codec.pt", "saliency.pt", "velocity.pt"} <= {p.name for p in run.iterdir()}
     sal = torch.load(run / "saliency.pt", map_location="cpu", weights_only=True)

@@ -22,11 +22,22 @@ import ui_servers as U
 
 from rfp_core import tracking
 
-EXPECTED = ["experiment_config", "media_manifest", "frame_store", "structure_embeddings", "structure_pairs",
-            "codec_checkpoint", "saliency_checkpoint", "velocity_checkpoint", "evaluation_samples", "translated_media"]
+EXPECTED = [
+    "experiment_config",
+    "media_manifest",
+    "frame_store",
+    "structure_embeddings",
+    "structure_pairs",
+    "codec_checkpoint",
+    "saliency_checkpoint",
+    "velocity_checkpoint",
+    "evaluation_samples",
+    "translated_media",
+]
 GROUPS = ("ingest", "structure", "training", "evaluation")
 
-MATERIALIZATION = """query($key: [String!]!, $p: String!) { assetNodeOrError(assetKey: {path: $key}) { ... on AssetNode {
+MATERIALIZATION = """query($key: [String!]!, $p: String!) {
+  assetNodeOrError(assetKey: {path: $key}) { ... on AssetNode {
   assetMaterializations(partitions: [$p], limit: 1) { partition metadataEntries { label
     ... on MarkdownMetadataEntry { mdStr } ... on UrlMetadataEntry { url } } }
   assetChecksOrError { ... on AssetChecks { checks { name executionForLatestMaterialization { status
@@ -70,7 +81,9 @@ def _skip_dagster_welcome(driver) -> None:
 def _label_matches(name: str, labels: set[str]) -> bool:
     """Dagster shortens long node labels to `start…end`."""
     for label in labels:
-        if label == name or ("…" in label and name.startswith(label.split("…")[0]) and name.endswith(label.split("…")[-1])):
+        if label == name or (
+            "…" in label and name.startswith(label.split("…")[0]) and name.endswith(label.split("…")[-1])
+        ):
             return True
     return False
 
@@ -101,12 +114,18 @@ def test_dagster_and_mlflow_uis_show_the_demo_state(tmp_path):
 
     with U.serve(tmp_path, env, dport, mport):
         # -- content, from the webserver's GraphQL API (what the pages are drawn from)
-        served = {"/".join(n["assetKey"]["path"]) for n in U.graphql(dport, "{ assetNodes { assetKey { path } } }")["assetNodes"]}
+        served = {
+            "/".join(n["assetKey"]["path"])
+            for n in U.graphql(dport, "{ assetNodes { assetKey { path } } }")["assetNodes"]
+        }
         assert set(EXPECTED) <= served
         evaluation = _node(dport, "evaluation_samples")
         entries = {e["label"]: e for e in evaluation["assetMaterializations"][0]["metadataEntries"]}
         assert evaluation["assetMaterializations"][0]["partition"] == U.NAME
-        assert "data:image/png;base64," in entries["grid"]["mdStr"] and "data:image/png;base64," in entries["cycle_grid"]["mdStr"]
+        assert (
+            "data:image/png;base64," in entries["grid"]["mdStr"]
+            and "data:image/png;base64," in entries["cycle_grid"]["mdStr"]
+        )
         run_link, runs_link = entries["mlflow_run"]["url"], entries["mlflow_runs"]["url"]
         assert run_link.startswith(f"{mlflow_ui}/#/experiments/")  # the UI's real port, not 5000
         checks = evaluation["assetChecksOrError"]["checks"]
@@ -117,8 +136,11 @@ def test_dagster_and_mlflow_uis_show_the_demo_state(tmp_path):
             ev = c["executionForLatestMaterialization"]["evaluation"]
             assert ev["partition"] == U.NAME and ev["description"].startswith(f"partition '{U.NAME}'"), c
         exp_id = re.search(r"#/experiments/(\d+)", run_link).group(1)
-        search = urllib.request.Request(f"{mlflow_ui}/api/2.0/mlflow/runs/search", data=json.dumps(
-            {"experiment_ids": [exp_id]}).encode(), headers={"Content-Type": "application/json"})
+        search = urllib.request.Request(
+            f"{mlflow_ui}/api/2.0/mlflow/runs/search",
+            data=json.dumps({"experiment_ids": [exp_id]}).encode(),
+            headers={"Content-Type": "application/json"},
+        )
         with urllib.request.urlopen(search, timeout=30) as resp:
             runs = json.loads(resp.read())["runs"]
         assert re.search(r"/runs/(\w+)", run_link).group(1) in {r["info"]["run_id"] for r in runs}
@@ -130,13 +152,18 @@ def test_dagster_and_mlflow_uis_show_the_demo_state(tmp_path):
         try:
             # -- the asset graph, every group open, the partition materialised
             driver.get(f"{dagster}/server_info")
-            driver.execute_script("localStorage.setItem(arguments[0], arguments[1])",
-                                  "asset-graph-open-graph-nodes-global-__GLOBAL__",
-                                  json.dumps({"expanded": ",".join(f"global@global:{g}" for g in GROUPS)}))
+            driver.execute_script(
+                "localStorage.setItem(arguments[0], arguments[1])",
+                "asset-graph-open-graph-nodes-global-__GLOBAL__",
+                json.dumps({"expanded": ",".join(f"global@global:{g}" for g in GROUPS)}),
+            )
             driver.get(f"{dagster}/asset-groups")
-            labels = lambda: set(driver.execute_script(  # noqa: E731 - the text of every leaf element, after the JS ran
-                "return Array.from(document.querySelectorAll('*')).filter(e => !e.children.length)"
-                ".map(e => e.textContent.trim()).filter(Boolean)"))
+            labels = lambda: set(  # noqa: E731 - the text of every leaf element, after the JS ran
+                driver.execute_script(
+                    "return Array.from(document.querySelectorAll('*')).filter(e => !e.children.length)"
+                    ".map(e => e.textContent.trim()).filter(Boolean)"
+                )
+            )
             _wait_for(driver, lambda: _label_matches("translated_media", labels()), what="the asset graph")
             _skip_dagster_welcome(driver)
             time.sleep(5)  # the nodes' materialisation status arrives after their labels
@@ -153,10 +180,20 @@ def test_dagster_and_mlflow_uis_show_the_demo_state(tmp_path):
                 assert metric in page
             assert f'href="{run_link}"' in page.replace("&amp;", "&")
             driver.find_elements(By.XPATH, "//*[text()='[Show Markdown]']")[0].click()
-            img = _wait_for(driver, lambda: [i for i in driver.find_elements(By.TAG_NAME, "img")
-                                             if (i.get_attribute("src") or "").startswith("data:image/png")], what="grid image")[0]
-            loaded = driver.execute_script("return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight,"
-                                           " arguments[0].getBoundingClientRect().width]", img)
+            img = _wait_for(
+                driver,
+                lambda: [
+                    i
+                    for i in driver.find_elements(By.TAG_NAME, "img")
+                    if (i.get_attribute("src") or "").startswith("data:image/png")
+                ],
+                what="grid image",
+            )[0]
+            loaded = driver.execute_script(
+                "return [arguments[0].complete, arguments[0].naturalWidth, arguments[0].naturalHeight,"
+                " arguments[0].getBoundingClientRect().width]",
+                img,
+            )
             assert loaded[0] and loaded[1] >= 360 and loaded[2] > 0 and loaded[3] >= 360, loaded
             time.sleep(1)
             U.save_small(driver.get_screenshot_as_png(), shots / "dagster_evaluation_grid.png")
@@ -171,8 +208,10 @@ def test_dagster_and_mlflow_uis_show_the_demo_state(tmp_path):
 
             # -- MLflow: the link from Dagster works on this port, the experiment opens on its runs
             driver.get(mlflow_ui)
-            driver.execute_script("localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
-                                  "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')")
+            driver.execute_script(
+                "localStorage.setItem('mlflow.assistant.panelOpen_v1', 'false');"
+                "localStorage.setItem('mlflow.assistant.fab.autoOpenedOnFirstLoad_v1', 'true')"
+            )
             driver.get(run_link)
             _wait_for(driver, lambda: "velocity/loss" in driver.page_source, what="the velocity run's metrics")
             assert f"velocity {U.NAME}" in driver.page_source
@@ -198,5 +237,12 @@ def test_dagster_and_mlflow_uis_show_the_demo_state(tmp_path):
         finally:
             driver.quit()
     assert sorted(p.name for p in shots.glob("*.png")) == sorted(
-        ["dagster_asset_graph.png", "dagster_evaluation_grid.png", "dagster_checks.png", "mlflow_runs.png", "mlflow_compare.png"])
+        [
+            "dagster_asset_graph.png",
+            "dagster_evaluation_grid.png",
+            "dagster_checks.png",
+            "mlflow_runs.png",
+            "mlflow_compare.png",
+        ]
+    )
     shutil.rmtree(tmp_path / "screens", ignore_errors=True)

@@ -6,8 +6,8 @@ from pathlib import Path
 
 import pytest
 import torch
-
 from disc_data import make_discs
+
 from rfp_core import flow
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config import load_config
@@ -45,12 +45,17 @@ def test_structure_space_coupling_pairs_by_layout(tmp_path):
     masks = torch.zeros(n, 1, 16, 16)
     for i in range(n):
         r, c = divmod(i, 4)
-        masks[i, :, 2 + 6 * r:8 + 6 * r, 1 + 4 * c:4 + 4 * c] = 1
+        masks[i, :, 2 + 6 * r : 8 + 6 * r, 1 + 4 * c : 4 + 4 * c] = 1
     x0 = -0.6 + masks * torch.tensor([1.4, 0.2, -0.2]).view(1, 3, 1, 1)
     order = torch.randperm(n, generator=g)
     x1 = (-0.6 + masks * torch.tensor([-0.2, 0.4, 1.4]).view(1, 3, 1, 1))[order]
-    cfg = load_config(TINY, overrides={"velocity": {"coupling": "minibatch_ot", "coupling_space": "structure"},
-                                       "structure": {"encoder": "thumbnail", "thumbnail_size": 8}})
+    cfg = load_config(
+        TINY,
+        overrides={
+            "velocity": {"coupling": "minibatch_ot", "coupling_space": "structure"},
+            "structure": {"encoder": "thumbnail", "thumbnail_size": 8},
+        },
+    )
     coupler = Coupler(cfg)
     assert isinstance(coupler.encoder, ThumbnailEncoder)
     batch = {"domain_0": x0, "domain_1": x1}
@@ -93,11 +98,27 @@ def test_relative_anchor_means_the_same_share_at_any_scale():
 
 def _short(tmp_path, **velocity):
     d0, d1 = make_discs(tmp_path / "data", n=12, size=16)
-    over = {"max_size": 16, "store_max_side": 16,
-            "saliency": {"accuracy_threshold": 0.6, "warmup_threshold": 0.55, "eval_every": 2, "max_steps": 60,
-                         "batch_size": 8, "holdout_fraction": 0.35, "augmentations": []},
-            "velocity": {"train_images": 6 * 8, "train_batch_size": 8, "train_minibatch_size": 8,
-                         "sample_every_images": 10_000, "checkpoint_every_steps": 3, **velocity}}
+    over = {
+        "max_size": 16,
+        "store_max_side": 16,
+        "saliency": {
+            "accuracy_threshold": 0.6,
+            "warmup_threshold": 0.55,
+            "eval_every": 2,
+            "max_steps": 60,
+            "batch_size": 8,
+            "holdout_fraction": 0.35,
+            "augmentations": [],
+        },
+        "velocity": {
+            "train_images": 6 * 8,
+            "train_batch_size": 8,
+            "train_minibatch_size": 8,
+            "sample_every_images": 10_000,
+            "checkpoint_every_steps": 3,
+            **velocity,
+        },
+    }
     return load_config(TINY, overrides=over), d0, d1
 
 
@@ -124,9 +145,15 @@ def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkey
     resumed_dir.mkdir()
     shutil.copy(run / "velocity_00000003.pt", resumed_dir / "from3.pt")
     cfg_run = config_from_dict(json.loads((run / "config.json").read_text()))
-    resumed = train_velocity(cfg_run, run / "manifest.parquet", resumed_dir, saliency_checkpoint=run / "saliency.pt",
-                             store=FrameStore(max_side=cfg_run.store_max_side), progress=False,
-                             resume_from=resumed_dir / "from3.pt")
+    resumed = train_velocity(
+        cfg_run,
+        run / "manifest.parquet",
+        resumed_dir,
+        saliency_checkpoint=run / "saliency.pt",
+        store=FrameStore(max_side=cfg_run.store_max_side),
+        progress=False,
+        resume_from=resumed_dir / "from3.pt",
+    )
     a, b = load_checkpoint(run / "velocity.pt")["velocity"], load_checkpoint(resumed.checkpoint)["velocity"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -9,9 +9,9 @@ import av
 import numpy as np
 import pytest
 import torch
+from media_factory import make_video, make_video_with_audio
 from PIL import Image
 
-from media_factory import make_video, make_video_with_audio
 from rfp_core.cli import main
 from rfp_core.images import center_square, load_image, to_tensor
 from rfp_core.video_translate import VideoTranslateError, split_video_inputs, translate_video
@@ -62,6 +62,7 @@ def test_container_properties_survive(tmp_path):
     assert r["audio_packets"] == len(_audio_packets(src))
     assert all(f.rotation == 90 for f in fout) and r["rotation"] == 90
     assert (fout[0].width, fout[0].height) == (32, 32)
+
     # translated upright (as ingest stores the frames: turned 90 degrees counter-clockwise), then
     # turned back, so the stored output shows upright under the same display matrix
     def expected(f: av.VideoFrame) -> np.ndarray:
@@ -92,8 +93,14 @@ def test_variable_frame_rate_and_pcm_audio_in_mkv(tmp_path):
 def test_webm_becomes_mkv_with_its_opus_audio_copied(tmp_path):
     from rfp_core.video_translate import video_outputs
 
-    src = make_video_with_audio(tmp_path / "in" / "clip.webm", n_frames=12, size=32, video_codec="libvpx-vp9",
-                                audio_codec="libopus", audio_rate=48000)
+    src = make_video_with_audio(
+        tmp_path / "in" / "clip.webm",
+        n_frames=12,
+        size=32,
+        video_codec="libvpx-vp9",
+        audio_codec="libopus",
+        audio_rate=48000,
+    )
     [dst] = video_outputs([src], tmp_path / "out", other_inputs=False)
     assert dst == tmp_path / "out" / "clip.mkv"
     r = translate_video(src, dst, mirror, 32, progress=False)
@@ -111,8 +118,9 @@ def test_flicker_is_measured_against_the_input(tmp_path):
     same = translate_video(src, tmp_path / "a.mp4", lambda x: x, 32, progress=False)
     assert same["flicker_ratio"] == pytest.approx(1.0) and same["flicker_input"] > 1
     g = torch.Generator().manual_seed(0)
-    noisy = translate_video(src, tmp_path / "b.mp4", lambda x: x + 0.3 * torch.randn(x.shape, generator=g), 32,
-                            progress=False)
+    noisy = translate_video(
+        src, tmp_path / "b.mp4", lambda x: x + 0.3 * torch.randn(x.shape, generator=g), 32, progress=False
+    )
     assert noisy["flicker_ratio"] > 1.5
 
 

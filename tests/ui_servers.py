@@ -37,11 +37,17 @@ def free_port() -> int:
 def environment(base: Path, mlflow_port: int) -> dict[str, str]:
     home = base / "rfp_home"
     return {
-        "DAGSTER_HOME": str(base / "dagster_home"), "RFP_HOME": str(home), "RFP_PROJECT_ROOT": str(base / "project"),
-        "RFP_EXPERIMENTS_DIR": str(base / "project" / "experiments"), "RFP_DEVICE": "cpu",
-        "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db", "MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}",
+        "DAGSTER_HOME": str(base / "dagster_home"),
+        "RFP_HOME": str(home),
+        "RFP_PROJECT_ROOT": str(base / "project"),
+        "RFP_EXPERIMENTS_DIR": str(base / "project" / "experiments"),
+        "RFP_DEVICE": "cpu",
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
+        "MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}",
         "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # MLflow's 10 s would miss a tiny training
-        "DAGSTER_DISABLE_TELEMETRY": "1", "HF_HUB_OFFLINE": "1", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+        "HF_HUB_OFFLINE": "1",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
     }
 
 
@@ -69,11 +75,26 @@ def build_state(base: Path, env: dict[str, str]):
     # trained twice, the second time with another learning rate: two velocity runs to compare
     for lr in (0.001, 0.003):
         overrides = {**TINY_OVERRIDES, "velocity": {**TINY_OVERRIDES["velocity"], "learning_rate": lr}}
-        (project / "experiments" / f"{NAME}.json").write_text(json.dumps({
-            "domain0": ["demo_data/domain0"], "domain1": ["demo_data/domain1"], "masks": "demo_data/masks/domain0",
-            "config": str(TINY), "overrides": overrides, "translate": ["demo_data/domain0/clip.mp4"]}))
-        result = dg.materialize(assets, instance=instance, resources=resources, partition_key=NAME,
-                                run_config=RUN_CONFIG, raise_on_error=False)
+        (project / "experiments" / f"{NAME}.json").write_text(
+            json.dumps(
+                {
+                    "domain0": ["demo_data/domain0"],
+                    "domain1": ["demo_data/domain1"],
+                    "masks": "demo_data/masks/domain0",
+                    "config": str(TINY),
+                    "overrides": overrides,
+                    "translate": ["demo_data/domain0/clip.mp4"],
+                }
+            )
+        )
+        result = dg.materialize(
+            assets,
+            instance=instance,
+            resources=resources,
+            partition_key=NAME,
+            run_config=RUN_CONFIG,
+            raise_on_error=False,
+        )
         if not result.success:
             break
     instance.dispose()
@@ -111,16 +132,39 @@ def serve(base: Path, env: dict[str, str], dagster_port: int, mlflow_port: int) 
     full_env = {**os.environ, **env}
     logs = {name: base / f"{name}.log" for name in ("dagster", "mlflow")}
     cmds = {
-        "dagster": [str(bin_dir / "dagster-webserver"), "-w", str(ROOT / "workspace.yaml"), "-h", "127.0.0.1",
-                    "-p", str(dagster_port)],
-        "mlflow": [str(bin_dir / "mlflow"), "ui", "--backend-store-uri", env["MLFLOW_TRACKING_URI"], "--host",
-                   "127.0.0.1", "--port", str(mlflow_port), "--workers", "1"],
+        "dagster": [
+            str(bin_dir / "dagster-webserver"),
+            "-w",
+            str(ROOT / "workspace.yaml"),
+            "-h",
+            "127.0.0.1",
+            "-p",
+            str(dagster_port),
+        ],
+        "mlflow": [
+            str(bin_dir / "mlflow"),
+            "ui",
+            "--backend-store-uri",
+            env["MLFLOW_TRACKING_URI"],
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--workers",
+            "1",
+        ],
     }
     procs = {}
     try:
         for name, cmd in cmds.items():
-            procs[name] = subprocess.Popen(cmd, cwd=ROOT, env=full_env, stdout=logs[name].open("w"),
-                                           stderr=subprocess.STDOUT, start_new_session=True)
+            procs[name] = subprocess.Popen(
+                cmd,
+                cwd=ROOT,
+                env=full_env,
+                stdout=logs[name].open("w"),
+                stderr=subprocess.STDOUT,
+                start_new_session=True,
+            )
         _wait(f"http://127.0.0.1:{dagster_port}/server_info", procs["dagster"], logs["dagster"])
         _wait(f"http://127.0.0.1:{mlflow_port}/health", procs["mlflow"], logs["mlflow"])
         yield
@@ -130,9 +174,11 @@ def serve(base: Path, env: dict[str, str], dagster_port: int, mlflow_port: int) 
 
 
 def graphql(port: int, query: str, variables: dict | None = None) -> dict:
-    req = urllib.request.Request(f"http://127.0.0.1:{port}/graphql",
-                                 data=json.dumps({"query": query, "variables": variables or {}}).encode(),
-                                 headers={"Content-Type": "application/json"})
+    req = urllib.request.Request(
+        f"http://127.0.0.1:{port}/graphql",
+        data=json.dumps({"query": query, "variables": variables or {}}).encode(),
+        headers={"Content-Type": "application/json"},
+    )
     with urllib.request.urlopen(req, timeout=30) as resp:
         out = json.loads(resp.read())
     if out.get("errors"):
@@ -147,8 +193,14 @@ def browser(width: int = 1400, height: int = 900):
 
     opts = webdriver.ChromeOptions()
     opts.binary_location = CHROMIUM
-    for arg in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
-                f"--window-size={width},{height}", "--hide-scrollbars"):
+    for arg in (
+        "--headless=new",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-dev-shm-usage",
+        f"--window-size={width},{height}",
+        "--hide-scrollbars",
+    ):
         opts.add_argument(arg)
     return webdriver.Chrome(service=Service(executable_path=CHROMEDRIVER), options=opts)
 

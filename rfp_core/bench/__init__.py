@@ -1,4 +1,5 @@
-"""`rfp bench ingest|train|pairing|ablation|reflow|reflow_quality|quality|run|faults`: each prints one JSON object as its last line."""
+"""`rfp bench ingest|train|pairing|ablation|reflow|reflow_quality|quality|run|faults`: each prints one JSON object
+as its last line."""
 
 from __future__ import annotations
 

@@ -7,7 +7,8 @@ velocity) and 4 through Dagster runs (`python -m rfp_pipeline.fault_worker`: the
 executes the run; kills in codec, saliency and twice in velocity), each relaunch resuming from
 the run folder / stage folders. A kill lands at a uniformly random moment within the first 40%
 of the target phase's reference duration, after the phase is seen to have started (from its
-files); a run that finishes before its kills are done is followed by another in a fresh folder. Every run must finish; on CPU the final codec, saliency and velocity weights must equal
+files); a run that finishes before its kills are done is followed by another in a fresh folder.
+Every run must finish; on CPU the final codec, saliency and velocity weights must equal
 the reference's bit for bit; no temp file (`*.tmp`) may remain and every checkpoint, parquet,
 JSON, metrics line and stored frame must read back. The last line is one JSON object: kills,
 resumes, mismatches, corrupt and orphaned files, wall time.
@@ -28,7 +29,11 @@ from pathlib import Path
 PHASES = ("codec", "saliency", "velocity")
 RFP_TARGETS = ["codec", "codec", "saliency", "saliency", "velocity", "velocity"]
 DAGSTER_TARGETS = ["codec", "saliency", "velocity", "velocity"]
-WEIGHTS = {"codec": ("codec.pt", "codec"), "saliency": ("saliency.pt", "saliency"), "velocity": ("velocity.pt", "velocity")}
+WEIGHTS = {
+    "codec": ("codec.pt", "codec"),
+    "saliency": ("saliency.pt", "saliency"),
+    "velocity": ("velocity.pt", "velocity"),
+}
 SALIENCY_THRESHOLD = 0.95
 LAUNCH_TIMEOUT_S = 600
 KILL_WINDOW = 0.4
@@ -37,24 +42,66 @@ KILL_WINDOW = 0.4
 def campaign_config(folder: Path) -> Path:
     """The tiny three-phase config: every phase some seconds on a busy CPU, checkpointing every few steps."""
     cfg = {
-        "type": "RFPix2pixModel", "max_size": 32, "store_max_side": 32, "seed": 0,
-        "codec": {"net": {"type": "VAE", "latent_channels": 4, "model_channels": 8, "ch_mult": [1, 2],
-                          "normalization": "GroupNormAuto", "num_res_blocks": 1},
-                  "losses": [{"type": "L1Loss", "id": "recon"}, {"type": "KLLoss", "weight": 1e-6}],
-                  "learning_rate": 3e-3, "train_batch_size": 8, "train_images": 8 * 150, "lr_schedule": "constant",
-                  "checkpoint_every_steps": 2},
-        "saliency": {"net": {"type": "ResNetSaliencyNet", "backbone": "resnet18", "num_classes": 2,
-                             "pretrained": False, "latent_channels": 8},
-                     "stop_on": "holdout", "learning_rate": 1e-5, "accuracy_threshold": SALIENCY_THRESHOLD,
-                     "warmup_threshold": 0.7,
-                     "eval_every": 2, "max_steps": 400, "batch_size": 8, "holdout_fraction": 0.25,
-                     "augmentations": ["hflip"], "checkpoint_every_steps": 6},  # resnet18 + Adam: 134 MB a save
-        "velocity": {"net": {"type": "UNet", "model_channels": 8, "ch_mult": [1, 2], "normalization": "GroupNormAuto",
-                             "activation": "SiLU", "num_res_blocks": 1, "attention_resolutions": [],
-                             "num_attention_heads": 2, "zero_out": True},
-                     "train_images": 8 * 30, "train_batch_size": 8, "train_minibatch_size": 4, "learning_rate": 1e-3,
-                     "sample_batch_size": 2, "sample_every_images": 10**6, "num_inference_steps": 2,
-                     "checkpoint_every_steps": 2},
+        "type": "RFPix2pixModel",
+        "max_size": 32,
+        "store_max_side": 32,
+        "seed": 0,
+        "codec": {
+            "net": {
+                "type": "VAE",
+                "latent_channels": 4,
+                "model_channels": 8,
+                "ch_mult": [1, 2],
+                "normalization": "GroupNormAuto",
+                "num_res_blocks": 1,
+            },
+            "losses": [{"type": "L1Loss", "id": "recon"}, {"type": "KLLoss", "weight": 1e-6}],
+            "learning_rate": 3e-3,
+            "train_batch_size": 8,
+            "train_images": 8 * 150,
+            "lr_schedule": "constant",
+            "checkpoint_every_steps": 2,
+        },
+        "saliency": {
+            "net": {
+                "type": "ResNetSaliencyNet",
+                "backbone": "resnet18",
+                "num_classes": 2,
+                "pretrained": False,
+                "latent_channels": 8,
+            },
+            "stop_on": "holdout",
+            "learning_rate": 1e-5,
+            "accuracy_threshold": SALIENCY_THRESHOLD,
+            "warmup_threshold": 0.7,
+            "eval_every": 2,
+            "max_steps": 400,
+            "batch_size": 8,
+            "holdout_fraction": 0.25,
+            "augmentations": ["hflip"],
+            "checkpoint_every_steps": 6,
+        },  # resnet18 + Adam: 134 MB a save
+        "velocity": {
+            "net": {
+                "type": "UNet",
+                "model_channels": 8,
+                "ch_mult": [1, 2],
+                "normalization": "GroupNormAuto",
+                "activation": "SiLU",
+                "num_res_blocks": 1,
+                "attention_resolutions": [],
+                "num_attention_heads": 2,
+                "zero_out": True,
+            },
+            "train_images": 8 * 30,
+            "train_batch_size": 8,
+            "train_minibatch_size": 4,
+            "learning_rate": 1e-3,
+            "sample_batch_size": 2,
+            "sample_every_images": 10**6,
+            "num_inference_steps": 2,
+            "checkpoint_every_steps": 2,
+        },
     }
     path = folder / "faults.json"
     path.write_text(json.dumps(cfg, indent=2))
@@ -78,7 +125,11 @@ class Channel:
 
     def phase(self) -> str:
         """The phase running now, judged from the files: start, codec, saliency, velocity or done."""
-        started = any(self.phase_dirs["codec"].glob("*/")) if self.stage_keys else (self.phase_dirs["codec"] / "config.json").exists()
+        started = (
+            any(self.phase_dirs["codec"].glob("*/"))
+            if self.stage_keys
+            else (self.phase_dirs["codec"] / "config.json").exists()
+        )
         if not started:
             return "start"
         if not any(_codec_finished(p) for p in self.files("codec", "codec.pt")):
@@ -155,7 +206,9 @@ def drive(ch: Channel, targets: list[str], estimate: dict[str, float], rng: rand
         return pending
 
 
-def _kill_at_random(proc, ch: Channel, phase: str, estimate: dict[str, float], rng: random.Random, tally: Tally) -> bool:
+def _kill_at_random(
+    proc, ch: Channel, phase: str, estimate: dict[str, float], rng: random.Random, tally: Tally
+) -> bool:
     import signal
 
     # within the first 40% of the phase's reference duration: two kills in one phase (resumed from
@@ -233,15 +286,37 @@ def _env(home: Path, root: Path) -> dict:
 
     code = str(Path(rfp_core.__file__).resolve().parents[1])
     path = os.environ.get("PYTHONPATH")
-    return {**os.environ, "RFP_HOME": str(home), "DAGSTER_HOME": str(root / "dagster_home"), "OMP_NUM_THREADS": "1",
-            "PYTHONPATH": code + (os.pathsep + path if path else ""), "HF_HUB_OFFLINE": "1",
-            "DAGSTER_DISABLE_TELEMETRY": "1", "PYTHONUNBUFFERED": "1"}
+    return {
+        **os.environ,
+        "RFP_HOME": str(home),
+        "DAGSTER_HOME": str(root / "dagster_home"),
+        "OMP_NUM_THREADS": "1",
+        "PYTHONPATH": code + (os.pathsep + path if path else ""),
+        "HF_HUB_OFFLINE": "1",
+        "DAGSTER_DISABLE_TELEMETRY": "1",
+        "PYTHONUNBUFFERED": "1",
+    }
 
 
 def _rfp_channel(run_id: str, cfg: Path, data, home: Path, root: Path) -> Channel:
     run = home / "runs" / run_id
-    cmd = [sys.executable, "-m", "rfp_core.cli", "train", "-c", str(cfg), "-d0", str(data.domain0), "-d1",
-           str(data.domain1), "--run-id", run_id, "--dev", "--device", "cpu"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "rfp_core.cli",
+        "train",
+        "-c",
+        str(cfg),
+        "-d0",
+        str(data.domain0),
+        "-d1",
+        str(data.domain1),
+        "--run-id",
+        run_id,
+        "--dev",
+        "--device",
+        "cpu",
+    ]
     return Channel(f"rfp train {run_id}", cmd, _env(home, root), {p: run for p in PHASES}, log=root / f"{run_id}.log")
 
 
@@ -253,12 +328,19 @@ def _dagster_channel(name: str, cfg: Path, data, home: Path, root: Path) -> Chan
     (root / "dagster_home").mkdir(exist_ok=True)
     cmd = [sys.executable, "-m", "rfp_pipeline.fault_worker", "--experiment", name, "--project", str(project)]
     stages = home / "pipeline" / name
-    return Channel(f"dagster {name}", cmd, _env(home, root), {p: stages / p for p in PHASES}, stage_keys=True,
-                   log=root / f"dagster-{name}.log")
+    return Channel(
+        f"dagster {name}",
+        cmd,
+        _env(home, root),
+        {p: stages / p for p in PHASES},
+        stage_keys=True,
+        log=root / f"dagster-{name}.log",
+    )
 
 
-def _campaign(channel_of, targets: list[str], reference: dict, estimate: dict, rng: random.Random, tally: Tally,
-              max_runs: int = 3) -> list[str]:
+def _campaign(
+    channel_of, targets: list[str], reference: dict, estimate: dict, rng: random.Random, tally: Tally, max_runs: int = 3
+) -> list[str]:
     """Faulted runs (fresh folders) until every target kill happened; the mismatches of each run."""
     bad: list[str] = []
     for n in range(max_runs):
@@ -279,13 +361,21 @@ def _create_mlflow_store(home: Path) -> None:
     mlflow.MlflowClient(tracking_uri=f"sqlite:///{home}/mlflow.db").search_experiments()
 
 
-def run(quick: bool = False, device: str | None = None, seed: int = 0, root: Path | None = None,
-        rfp_targets: list[str] | None = None, dagster_targets: list[str] | None = None) -> dict:
+def run(
+    quick: bool = False,
+    device: str | None = None,
+    seed: int = 0,
+    root: Path | None = None,
+    rfp_targets: list[str] | None = None,
+    dagster_targets: list[str] | None = None,
+) -> dict:
     """The campaign; `quick`: one kill per phase through `rfp train` and one through Dagster."""
     from rfp_core.demo_data import make_demo_data
 
     if device not in (None, "cpu"):
-        raise ValueError("rfp bench faults compares weights bit for bit, which resume guarantees on CPU only: use --device cpu")
+        raise ValueError(
+            "rfp bench faults compares weights bit for bit, which resume guarantees on CPU only: use --device cpu"
+        )
     start, load = time.perf_counter(), os.getloadavg()[0]
     root = Path(root) if root is not None else Path(tempfile.mkdtemp(prefix="rfp-faults-"))
     home = root / "home"
@@ -301,22 +391,42 @@ def run(quick: bool = False, device: str | None = None, seed: int = 0, root: Pat
     print(f"faults: reference run done, phase seconds {estimate}", file=sys.stderr)
 
     tally = Tally()
-    bad = _campaign(lambda n: _rfp_channel(f"faulted-{n}", cfg, data, home, root), rfp_targets, reference, estimate, rng, tally)
+    bad = _campaign(
+        lambda n: _rfp_channel(f"faulted-{n}", cfg, data, home, root), rfp_targets, reference, estimate, rng, tally
+    )
     rfp_kills = len(tally.kills)
     print(f"faults: rfp train: {rfp_kills} kills in {tally.kills}", file=sys.stderr)
     if dagster_targets:
         _create_mlflow_store(home)
-        bad += _campaign(lambda n: _dagster_channel(f"faults{n}", cfg, data, home, root), dagster_targets, reference,
-                         estimate, rng, tally)
+        bad += _campaign(
+            lambda n: _dagster_channel(f"faults{n}", cfg, data, home, root),
+            dagster_targets,
+            reference,
+            estimate,
+            rng,
+            tally,
+        )
     print(f"faults: dagster: {len(tally.kills) - rfp_kills} kills in {tally.kills[rfp_kills:]}", file=sys.stderr)
     orphans, corrupt = audit(home)
     for line in bad + orphans + corrupt:
         print(f"faults: {line}", file=sys.stderr)
     return {
-        "bench": "faults", "kills": len(tally.kills), "kills_rfp_train": rfp_kills,
-        "kills_dagster": len(tally.kills) - rfp_kills, "kills_by_phase": {p: tally.kills.count(p) for p in PHASES},
-        "resumes": tally.resumes, "launches": tally.launches, "mismatches": len(bad), "orphaned_files": len(orphans),
-        "corrupt_files": len(corrupt), "reference_phase_seconds": {k: round(v, 2) for k, v in estimate.items()},
-        "wall_s": round(time.perf_counter() - start, 1), "seed": seed, "quick": quick, "device": "cpu",
-        "cpus": os.cpu_count(), "load_avg_1min_at_start": round(load, 2), "root": str(root),
+        "bench": "faults",
+        "kills": len(tally.kills),
+        "kills_rfp_train": rfp_kills,
+        "kills_dagster": len(tally.kills) - rfp_kills,
+        "kills_by_phase": {p: tally.kills.count(p) for p in PHASES},
+        "resumes": tally.resumes,
+        "launches": tally.launches,
+        "mismatches": len(bad),
+        "orphaned_files": len(orphans),
+        "corrupt_files": len(corrupt),
+        "reference_phase_seconds": {k: round(v, 2) for k, v in estimate.items()},
+        "wall_s": round(time.perf_counter() - start, 1),
+        "seed": seed,
+        "quick": quick,
+        "device": "cpu",
+        "cpus": os.cpu_count(),
+        "load_avg_1min_at_start": round(load, 2),
+        "root": str(root),
     }

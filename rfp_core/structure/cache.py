@@ -87,21 +87,27 @@ class EmbeddingCache:
             have = set(keys)
             take = [i for i, k in enumerate(new_keys) if k not in have]
             if matrix.size and new_emb.size and matrix.shape[1] != new_emb.shape[1]:
-                raise ValueError(f"{self.path}: cached vectors have {matrix.shape[1]} dims, the encoder gives {new_emb.shape[1]}")
+                raise ValueError(
+                    f"{self.path}: cached vectors have {matrix.shape[1]} dims, the encoder gives {new_emb.shape[1]}"
+                )
             keys = keys + [new_keys[i] for i in take]
             matrix = np.concatenate([matrix, new_emb[take]]) if matrix.size else new_emb[take]
             dim = matrix.shape[1]
             flat = pa.array(np.ascontiguousarray(matrix, np.float32).reshape(-1))
-            table = pa.table({
-                "frame_key": pa.array(keys, pa.string()),
-                "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
-            }).replace_schema_metadata({"encoder_id": self.encoder_id})
+            table = pa.table(
+                {
+                    "frame_key": pa.array(keys, pa.string()),
+                    "embedding": pa.FixedSizeListArray.from_arrays(flat, dim),
+                }
+            ).replace_schema_metadata({"encoder_id": self.encoder_id})
             with atomic_path(self.path) as tmp:
                 pq.write_table(table, tmp)
             self._index = {k: i for i, k in enumerate(keys)}
             self._matrix = matrix
 
-    def compute_missing(self, keys: Sequence[str], store, encoder: StructureEncoder, batch_size: int = 64, progress: bool = True) -> int:
+    def compute_missing(
+        self, keys: Sequence[str], store, encoder: StructureEncoder, batch_size: int = 64, progress: bool = True
+    ) -> int:
         """Embed the keys not cached yet (frames from `store`), write them; return how many."""
         if encoder.encoder_id != self.encoder_id:
             raise ValueError(f"cache is for encoder '{self.encoder_id}', got encoder '{encoder.encoder_id}'")
@@ -132,11 +138,12 @@ class EmbeddingCache:
         return len(missing)
 
 
-def embed_frames(keys: Sequence[str], store, encoder: StructureEncoder, cache: EmbeddingCache | None = None, progress: bool = True) -> np.ndarray:
+def embed_frames(
+    keys: Sequence[str], store, encoder: StructureEncoder, cache: EmbeddingCache | None = None, progress: bool = True
+) -> np.ndarray:
     """Vectors for `keys` in key order (N, dim); only keys missing from the cache are computed."""
     cache = cache if cache is not None else EmbeddingCache(encoder.encoder_id)
     cache.compute_missing(keys, store, encoder, progress=progress)
     emb, missing = cache.get(keys)
     assert not missing, missing
     return emb
-

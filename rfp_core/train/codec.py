@@ -47,7 +47,9 @@ class CodecResult:
 def _datasets(cfg: ModelConfig, manifest: Path, store, split: str) -> ConcatDataset:
     domains = [1] if cfg.generative else [0, 1]
     frac = cfg.saliency.holdout_fraction  # the frames the saliency phase also holds out
-    return ConcatDataset([FrameDataset(manifest, store, d, cfg.max_size, split, frac, train_crop=split == "train") for d in domains])
+    return ConcatDataset(
+        [FrameDataset(manifest, store, d, cfg.max_size, split, frac, train_crop=split == "train") for d in domains]
+    )
 
 
 def _evenly(ds, n: int):
@@ -91,8 +93,12 @@ def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: i
     # the k-th image drawn depends only on (seed, k): a continued run draws what an uninterrupted
     # one would (with the RNG state restored by the caller, resume is exact on CPU)
     batch = min(mb, len(train))
-    loader = DataLoader(train, batch_size=batch, sampler=StepSampler(len(train), cfg.seed, start=step * accum * batch),
-                        generator=torch.Generator().manual_seed(cfg.seed))
+    loader = DataLoader(
+        train,
+        batch_size=batch,
+        sampler=StepSampler(len(train), cfg.seed, start=step * accum * batch),
+        generator=torch.Generator().manual_seed(cfg.seed),
+    )
     batches = iter(loader)
     augment = build_augment(list(cc.augmentations))
     codec.train()
@@ -129,8 +135,13 @@ def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: i
 
 
 def train_codec(
-    cfg: ModelConfig, manifest: Path, out_dir: Path, device: str | torch.device = "cpu",
-    store=None, log: LogFn | None = None, progress: bool = True,
+    cfg: ModelConfig,
+    manifest: Path,
+    out_dir: Path,
+    device: str | torch.device = "cpu",
+    store=None,
+    log: LogFn | None = None,
+    progress: bool = True,
 ) -> CodecResult:
     """Train the codec `cfg.codec` names; writes out_dir/codec.pt ({"codec": state, "config": ...}).
 
@@ -146,8 +157,9 @@ def train_codec(
     path = out_dir / "codec.pt"
     cfg_json = json.loads(cfg.to_json())
     if cc.net.type == "Identity":
-        save_checkpoint(path, {"codec": {}, "config": cfg_json, "recon_l1": 0.0, "recon_l1_init": 0.0, "steps": 0,
-                               "finished": True})
+        save_checkpoint(
+            path, {"codec": {}, "config": cfg_json, "recon_l1": 0.0, "recon_l1_init": 0.0, "steps": 0, "finished": True}
+        )
         return CodecResult(path, 0.0, 0, 0.0)
     old = load_checkpoint(path, map_location="cpu") if path.exists() else {}
     if old and not _same_setup(old, cfg):
@@ -161,8 +173,10 @@ def train_codec(
     torch.manual_seed(cfg.seed)
     codec = build_codec(cc.net).to(device)
     if cfg.max_size % codec.downsample:
-        raise ValueError(f"max_size {cfg.max_size} must be a multiple of the codec's downsampling {codec.downsample} "
-                         "(len(ch_mult) - 1 halvings)")
+        raise ValueError(
+            f"max_size {cfg.max_size} must be a multiple of the codec's downsampling {codec.downsample} "
+            "(len(ch_mult) - 1 halvings)"
+        )
     opt = torch.optim.AdamW(codec.parameters(), lr=cc.learning_rate, weight_decay=0.0)
     holdout = _evenly(_datasets(cfg, manifest, store, "holdout"), MAX_EVAL_IMAGES)
     step = 0
@@ -175,11 +189,19 @@ def train_codec(
         recon_init = reconstruction_l1(codec, holdout, device)
 
     def save(at: int, finished: bool = False, recon: float = float("nan")) -> None:
-        save_checkpoint(path, {
-            "codec": {k: v.cpu() for k, v in codec.state_dict().items()}, "config": cfg_json,
-            "optimizer": opt.state_dict(), "recon_l1": recon, "recon_l1_init": recon_init, "steps": at,
-            "finished": finished, "rng": rng_state(device),
-        })
+        save_checkpoint(
+            path,
+            {
+                "codec": {k: v.cpu() for k, v in codec.state_dict().items()},
+                "config": cfg_json,
+                "optimizer": opt.state_dict(),
+                "recon_l1": recon,
+                "recon_l1_init": recon_init,
+                "steps": at,
+                "finished": finished,
+                "rng": rng_state(device),
+            },
+        )
 
     train = _datasets(cfg, manifest, store, "train")
     if "rng" in old:  # last: nothing between here and the first step draws from the RNG

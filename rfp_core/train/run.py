@@ -31,11 +31,18 @@ from rfp_core.paths import resolve_against_root, runs_dir
 def smoke_config(cfg: ModelConfig) -> ModelConfig:
     """`--smoke`: a budget of 20 optimizer steps, frequent samples and capped saliency steps."""
     v, s = cfg.velocity, cfg.saliency
-    return config_from_dict(cfg.model_dump(mode="json"), source="--smoke", overrides={
-        "velocity": {"train_images": 20 * v.train_batch_size, "sample_every_images": 5 * v.train_batch_size,
-                     "checkpoint_every_minutes": 1.0},
-        "saliency": {"max_steps": min(s.max_steps, 500), "eval_every": min(s.eval_every, 25)},
-    })
+    return config_from_dict(
+        cfg.model_dump(mode="json"),
+        source="--smoke",
+        overrides={
+            "velocity": {
+                "train_images": 20 * v.train_batch_size,
+                "sample_every_images": 5 * v.train_batch_size,
+                "checkpoint_every_minutes": 1.0,
+            },
+            "saliency": {"max_steps": min(s.max_steps, 500), "eval_every": min(s.eval_every, 25)},
+        },
+    )
 
 
 def default_run_id(dev: bool) -> str:
@@ -45,7 +52,7 @@ def default_run_id(dev: bool) -> str:
 
 def _folders(value: list[str] | str | None, flag: str) -> list[Path] | str:
     if value is None or value == []:
-        raise ConfigError(f"no {flag}: pass --{flag} DIR... on the command line or set \"{flag}\" in the config")
+        raise ConfigError(f'no {flag}: pass --{flag} DIR... on the command line or set "{flag}" in the config')
     if value == "random" or value == ["random"]:
         if flag == "domain1":
             raise ConfigError("domain1 cannot be 'random': it names the target image folders")
@@ -106,14 +113,19 @@ def train_run(
     imports = imports or Imports()
     if smoke:
         cfg = smoke_config(cfg)
-    cfg = config_from_dict(cfg.model_dump(mode="json"), source="rfp train", overrides={
-        "domain0": "random" if domain0 == "random" else [str(p) for p in domain0],
-        "domain1": [str(p) for p in domain1],
-    })
+    cfg = config_from_dict(
+        cfg.model_dump(mode="json"),
+        source="rfp train",
+        overrides={
+            "domain0": "random" if domain0 == "random" else [str(p) for p in domain0],
+            "domain1": [str(p) for p in domain1],
+        },
+    )
     print(f"run {run_id}: {run_dir} (device {device})", file=sys.stderr)
     store = FrameStore(max_side=cfg.store_max_side)
-    report = world.from_main(lambda: ingest(domain0, list(domain1), out=run_dir / "manifest.parquet", store=store,
-                                            progress=progress))
+    report = world.from_main(
+        lambda: ingest(domain0, list(domain1), out=run_dir / "manifest.parquet", store=store, progress=progress)
+    )
     print(f"ingest: {report.n_ok} frames, {report.n_skipped} skipped -> {report.manifest_path}", file=sys.stderr)
     if world.main:
         atomic_write_text(run_dir / "config.json", cfg.to_json() + "\n")
@@ -155,8 +167,11 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
 
         # not data-parallel: under torchrun rank 0 trains it while the others wait
         codec = distributed.world().from_main(
-            lambda: _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log))
-        print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
+            lambda: _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log)
+        )
+        print(
+            f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr
+        )
         codec_ckpt = codec.checkpoint
     if only == "codec":
         return
@@ -164,20 +179,47 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
     if imports.saliency is not None:
         saliency_ckpt = distributed.world().from_main(lambda: import_saliency(imports.saliency, cfg, run_dir))
     elif not cfg.generative and cfg.velocity.loss == "saliency":
-        sal = train_saliency(cfg, manifest, run_dir, device=device, store=store, progress=progress,
-                             codec_checkpoint=codec_ckpt, log=log, force=force)
+        sal = train_saliency(
+            cfg,
+            manifest,
+            run_dir,
+            device=device,
+            store=store,
+            progress=progress,
+            codec_checkpoint=codec_ckpt,
+            log=log,
+            force=force,
+        )
         reported = "" if sal.report_accuracy is None else f", reported held-out accuracy {sal.report_accuracy:.4f}"
-        print(f"saliency: {sal.stopped_by or cfg.saliency.stop_on} accuracy {sal.accuracy:.4f}{reported} after {sal.steps} "
-              f"steps -> {sal.checkpoint}", file=sys.stderr)
+        print(
+            f"saliency: {sal.stopped_by or cfg.saliency.stop_on} accuracy {sal.accuracy:.4f}{reported} after "
+            f"{sal.steps} "
+            f"steps -> {sal.checkpoint}",
+            file=sys.stderr,
+        )
         saliency_ckpt = sal.checkpoint
     if only == "saliency":
         return
     pairs = distributed.world().from_main(lambda: _structure_pairs(cfg, manifest, run_dir, store, device, progress))
-    vel = train_velocity(cfg, manifest, run_dir, device=device, saliency_checkpoint=saliency_ckpt, store=store,
-                         resume_from=imports.velocity or checkpoint, codec_checkpoint=codec_ckpt, progress=progress,
-                         pairs=pairs, log=log, force=force)
-    print(f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
-          f"-> {vel.checkpoint}", file=sys.stderr)
+    vel = train_velocity(
+        cfg,
+        manifest,
+        run_dir,
+        device=device,
+        saliency_checkpoint=saliency_ckpt,
+        store=store,
+        resume_from=imports.velocity or checkpoint,
+        codec_checkpoint=codec_ckpt,
+        progress=progress,
+        pairs=pairs,
+        log=log,
+        force=force,
+    )
+    print(
+        f"velocity: {vel.steps} steps, final loss {vel.final_loss:.5f}, {vel.images_per_s:.1f} images/s "
+        f"-> {vel.checkpoint}",
+        file=sys.stderr,
+    )
 
 
 def _paired_phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, force, log) -> None:
@@ -206,8 +248,18 @@ def import_codec(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
         return Path(path)
     codec = load_into(build_codec(cfg.codec.net), path)
     out = run_dir / "codec.pt"
-    save_checkpoint(out, {"codec": codec.state_dict(), "config": json.loads(cfg.to_json()), "finished": True,
-                          "recon_l1": float("nan"), "recon_l1_init": float("nan"), "steps": 0, "imported_from": str(path)})
+    save_checkpoint(
+        out,
+        {
+            "codec": codec.state_dict(),
+            "config": json.loads(cfg.to_json()),
+            "finished": True,
+            "recon_l1": float("nan"),
+            "recon_l1_init": float("nan"),
+            "steps": 0,
+            "imported_from": str(path),
+        },
+    )
     return out
 
 
@@ -225,17 +277,26 @@ def import_saliency(path: Path, cfg: ModelConfig, run_dir: Path) -> Path:
     net_cfg = cfg.saliency.net.model_copy(update={"pretrained": False})
     net = load_into(SaliencyNet(net_cfg, in_channels=in_channels), path)
     out = run_dir / "saliency_imported.pt"
-    save_checkpoint(out, {"saliency": net.state_dict(), "config": json.loads(cfg.to_json()),
-                          "net": net_cfg.model_dump(mode="json"), "in_channels": in_channels,
-                          "latent_input": in_channels != 3, "imported_from": str(path)})
+    save_checkpoint(
+        out,
+        {
+            "saliency": net.state_dict(),
+            "config": json.loads(cfg.to_json()),
+            "net": net_cfg.model_dump(mode="json"),
+            "in_channels": in_channels,
+            "latent_input": in_channels != 3,
+            "imported_from": str(path),
+        },
+    )
     return out
 
 
 CODEC_LINEAGE = "codec_lineage.json"
 
 
-def _codec_phase(train_codec, cfg: ModelConfig, manifest: Path, run_dir: Path, device, store, progress: bool, force: bool,
-                 log=None):
+def _codec_phase(
+    train_codec, cfg: ModelConfig, manifest: Path, run_dir: Path, device, store, progress: bool, force: bool, log=None
+):
     """train_codec reuses a finished codec.pt of the same codec config; this makes sure it was also
     trained on the same frames (recorded in codec_lineage.json beside it). The record is written
     before training, so a codec.pt checkpointed part way (then killed) is known to belong to it."""
@@ -257,8 +318,10 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
     pairs = pair_manifest(manifest, store, cfg.structure, device=device, progress=progress)
     write_pairs(pairs, run_dir / "pairs.parquet")
     proof_sheet(pairs, store).save(run_dir / "proof_sheet.png")
-    print(f"pairing: {pairs.num_rows} candidate pairs ({cfg.structure.encoder}) -> {run_dir / 'pairs.parquet'}",
-          file=sys.stderr)
+    print(
+        f"pairing: {pairs.num_rows} candidate pairs ({cfg.structure.encoder}) -> {run_dir / 'pairs.parquet'}",
+        file=sys.stderr,
+    )
     return pairs
 
 
@@ -272,9 +335,15 @@ def cli_train(args: argparse.Namespace) -> int:
     cfg = load_config(args.config)
     domain0 = _folders(args.domain0 if args.domain0 else cfg.domain0, "domain0")
     domain1 = _folders(args.domain1 if args.domain1 else cfg.domain1, "domain1")
-    files = {name: _existing_file(getattr(args, attr), flag) for name, attr, flag in (
-        ("checkpoint", "checkpoint", "--checkpoint"), ("codec", "codec_ckpt", "--codec-ckpt"),
-        ("saliency", "saliency_ckpt", "--saliency-ckpt"), ("velocity", "velocity_ckpt", "--velocity-ckpt"))}
+    files = {
+        name: _existing_file(getattr(args, attr), flag)
+        for name, attr, flag in (
+            ("checkpoint", "checkpoint", "--checkpoint"),
+            ("codec", "codec_ckpt", "--codec-ckpt"),
+            ("saliency", "saliency_ckpt", "--saliency-ckpt"),
+            ("velocity", "velocity_ckpt", "--velocity-ckpt"),
+        )
+    }
     only = "codec" if args.codec_only else "saliency" if args.saliency_only else None
     if args.nproc_per_node is not None and args.paired:
         raise ConfigError("--paired trains in one process (paired mode is not data-parallel): drop --nproc-per-node")
@@ -283,10 +352,29 @@ def cli_train(args: argparse.Namespace) -> int:
 
         return torchrun(args)
     try:
-        run_dir = train_run(cfg, domain0, domain1, run_id=args.run_id, checkpoint=files["checkpoint"], dev=args.dev,
-                            device=args.device, imports=Imports(files["codec"], files["saliency"], files["velocity"]),
-                            only=only, smoke=args.smoke, track=not args.dev, force=args.restart, paired=args.paired)
-    except (SaliencyThresholdNotReached, NonFiniteLoss, CheckpointError, ResumeRefused, IngestError, StoreWriteError) as exc:
+        run_dir = train_run(
+            cfg,
+            domain0,
+            domain1,
+            run_id=args.run_id,
+            checkpoint=files["checkpoint"],
+            dev=args.dev,
+            device=args.device,
+            imports=Imports(files["codec"], files["saliency"], files["velocity"]),
+            only=only,
+            smoke=args.smoke,
+            track=not args.dev,
+            force=args.restart,
+            paired=args.paired,
+        )
+    except (
+        SaliencyThresholdNotReached,
+        NonFiniteLoss,
+        CheckpointError,
+        ResumeRefused,
+        IngestError,
+        StoreWriteError,
+    ) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 1
     if "RANK" not in os.environ or os.environ["RANK"] == "0":

@@ -110,8 +110,15 @@ def _holdout_batches(manifest: Path, store, cfg: ModelConfig, split: str = "hold
     out = []
     for domain in (0, 1):
         try:
-            ds = FrameDataset(manifest, store, domain, cfg.max_size, split=split,
-                              holdout_fraction=sc.holdout_fraction, train_crop=False)
+            ds = FrameDataset(
+                manifest,
+                store,
+                domain,
+                cfg.max_size,
+                split=split,
+                holdout_fraction=sc.holdout_fraction,
+                train_crop=False,
+            )
         except ValueError:
             raise ValueError(
                 f"{manifest}: domain {domain} has no held-out frames to measure saliency accuracy on; "
@@ -126,7 +133,9 @@ def _holdout_batches(manifest: Path, store, cfg: ModelConfig, split: str = "hold
 
 
 @torch.no_grad()
-def evaluate_accuracy(net: SaliencyNet, codec: nn.Module, holdout: list[tuple[torch.Tensor, int]], device, batch: int = 64) -> float:
+def evaluate_accuracy(
+    net: SaliencyNet, codec: nn.Module, holdout: list[tuple[torch.Tensor, int]], device, batch: int = 64
+) -> float:
     """Mean over the two domains of the held-out accuracy."""
     was_training = net.training
     net.eval()
@@ -168,8 +177,9 @@ def _saved_lineage(state: dict, ckpt_path: Path) -> dict | None:
 def load_saliency(path: str | Path, device: str | torch.device = "cpu") -> SaliencyNet:
     """The trained classifier from `saliency.pt`, in eval mode with every parameter frozen."""
     ckpt = load_checkpoint(Path(path), map_location="cpu")
-    net = SaliencyNet(SaliencyNetConfig.model_validate({**ckpt["net"], "pretrained": False}),
-                      in_channels=int(ckpt["in_channels"]))
+    net = SaliencyNet(
+        SaliencyNetConfig.model_validate({**ckpt["net"], "pretrained": False}), in_channels=int(ckpt["in_channels"])
+    )
     net.load_state_dict(ckpt["saliency"])
     return net.to(device).eval().requires_grad_(False)
 
@@ -207,14 +217,20 @@ def train_saliency(
 
     def saved_state() -> dict:  # rank 0 decides (it may move other work aside); the others get its answer
         state = _read_state(state_path) if ckpt_path.exists() else {}
-        return state if continue_saved("saliency", out_dir, _saved_lineage(state, ckpt_path), inputs, force,
-                                       SALIENCY_FILES) else {}
+        return (
+            state
+            if continue_saved("saliency", out_dir, _saved_lineage(state, ckpt_path), inputs, force, SALIENCY_FILES)
+            else {}
+        )
 
     state = world.from_main(saved_state)
     previous: dict = {}
     if state:
         previous = load_checkpoint(ckpt_path, map_location="cpu")
-        if previous.get("net") == sc.net.model_dump(mode="json") and previous.get("in_channels") == codec.latent_channels:
+        if (
+            previous.get("net") == sc.net.model_dump(mode="json")
+            and previous.get("in_channels") == codec.latent_channels
+        ):
             net.load_state_dict(previous["saliency"])
             # the checkpoint is the one atomic record: a kill between writing it and the state file
             # leaves the state file a save behind (found by `rfp bench faults`)
@@ -232,23 +248,51 @@ def train_saliency(
         if not world.main:
             return
         record = {
-            "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps,
-            "accuracy_threshold": sc.accuracy_threshold, "warmup_threshold": sc.warmup_threshold,
-            "stop_on": sc.stop_on, "train_accuracy": rule.smoothed, "train_window": list(rule.window),
-            "report_split": rule.report_split, "report_separate": separate, **report,
-            "checkpoint": ckpt_path.name, **lineage,
+            "accuracy": accuracy,
+            "backbone_warmed_up": warmed_up,
+            "steps": steps,
+            "accuracy_threshold": sc.accuracy_threshold,
+            "warmup_threshold": sc.warmup_threshold,
+            "stop_on": sc.stop_on,
+            "train_accuracy": rule.smoothed,
+            "train_window": list(rule.window),
+            "report_split": rule.report_split,
+            "report_separate": separate,
+            **report,
+            "checkpoint": ckpt_path.name,
+            **lineage,
         }
-        save_checkpoint(ckpt_path, {
-            "saliency": net.state_dict(), "config": json.loads(cfg.to_json()), "net": sc.net.model_dump(mode="json"),
-            "in_channels": codec.latent_channels, "latent_input": latent_input,
-            "accuracy": accuracy, "backbone_warmed_up": warmed_up, "steps": steps, **lineage,
-            "optimizer": opt.state_dict(), "rng": rng_state(device), "state": record,
-        })
+        save_checkpoint(
+            ckpt_path,
+            {
+                "saliency": net.state_dict(),
+                "config": json.loads(cfg.to_json()),
+                "net": sc.net.model_dump(mode="json"),
+                "in_channels": codec.latent_channels,
+                "latent_input": latent_input,
+                "accuracy": accuracy,
+                "backbone_warmed_up": warmed_up,
+                "steps": steps,
+                **lineage,
+                "optimizer": opt.state_dict(),
+                "rng": rng_state(device),
+                "state": record,
+            },
+        )
         atomic_write_text(state_path, json.dumps(record, indent=2))
 
     def result() -> SaliencyResult:
-        return SaliencyResult(ckpt_path, state_path, accuracy, steps, warmed_up, report["stopped_by"], rule.smoothed,
-                              report["report_accuracy"], separate)
+        return SaliencyResult(
+            ckpt_path,
+            state_path,
+            accuracy,
+            steps,
+            warmed_up,
+            report["stopped_by"],
+            rule.smoothed,
+            report["report_accuracy"],
+            separate,
+        )
 
     separate = _report_separate(manifest, sc) if rule.mode == "holdout" else True
     if report["stopped_by"] is not None or (state and accuracy >= sc.accuracy_threshold and warmed_up):
@@ -258,8 +302,9 @@ def train_saliency(
     pairs_per_batch = max(1, sc.batch_size // 2)  # each pair gives one image of each domain
     train = UnpairedDataset(manifest, store, cfg.max_size, split="train", holdout_fraction=sc.holdout_fraction)
     # step-indexed order (a resumed call continues it), this rank's shard of each step's pairs
-    shards = distributed.ShardBatches(pairs_per_batch, pairs_per_batch, world, start_step=steps,
-                                      what="saliency.batch_size / 2 (pairs)")
+    shards = distributed.ShardBatches(
+        pairs_per_batch, pairs_per_batch, world, start_step=steps, what="saliency.batch_size / 2 (pairs)"
+    )
     positions = distributed.Positions(train, cfg.seed, transform=_augment_item(build_augment(list(sc.augmentations))))
     batches = iter(DataLoader(positions, batch_sampler=shards))
     share = shards.count / pairs_per_batch  # of the global batch: DDP's mean over ranks is the batch mean
@@ -277,8 +322,13 @@ def train_saliency(
     # train mode in 1a too: a frozen backbone's BatchNorm statistics still adapt to these domains
     # (a from-scratch backbone has no useful ones yet)
     net.train()
-    bar = tqdm(total=sc.max_steps, initial=min(steps, sc.max_steps), desc="saliency", disable=not progress or not world.main,
-               dynamic_ncols=True)
+    bar = tqdm(
+        total=sc.max_steps,
+        initial=min(steps, sc.max_steps),
+        desc="saliency",
+        disable=not progress or not world.main,
+        dynamic_ncols=True,
+    )
     last_save, window, held_out = time.monotonic(), [], report["holdout_accuracy"]
     while report["stopped_by"] is None:
         if steps >= sc.max_steps:
@@ -288,9 +338,12 @@ def train_saliency(
                 save()
                 _not_reached(sc, warmed_up, accuracy, ckpt_path)
             # the other criterion met the threshold (the original's, or held-out frames): the phase is done
-            print(f"saliency: the {sc.stop_on} accuracy did not reach accuracy_threshold {sc.accuracy_threshold} in "
-                  f"saliency.max_steps={sc.max_steps}; the {fallback[0]} accuracy did ({fallback[1]:.4f}), so the "
-                  "phase ends on it", file=sys.stderr)
+            print(
+                f"saliency: the {sc.stop_on} accuracy did not reach accuracy_threshold {sc.accuracy_threshold} in "
+                f"saliency.max_steps={sc.max_steps}; the {fallback[0]} accuracy did ({fallback[1]:.4f}), so the "
+                "phase ends on it",
+                file=sys.stderr,
+            )
             report["stopped_by"], accuracy = fallback
             break
         loss, batch_acc = _train_step(ddp, codec, opt, next(batches), sc, device, cfg.seed, steps, share, world)
@@ -302,17 +355,24 @@ def train_saliency(
         evaluated = steps % sc.eval_every == 0 or steps >= sc.max_steps
         if evaluated:
             # one verdict for all ranks
-            held_out = report["holdout_accuracy"] = world.from_main(lambda: evaluate_accuracy(net, codec, holdout, device))
+            held_out = report["holdout_accuracy"] = world.from_main(
+                lambda: evaluate_accuracy(net, codec, holdout, device)
+            )
         value = rule.value(held_out if evaluated else None)
         if evaluated:
-            metrics = {"saliency/loss": sum(window) / len(window), "saliency/holdout_accuracy": held_out,
-                       "saliency/warmed_up": float(warmed_up)}
+            metrics = {
+                "saliency/loss": sum(window) / len(window),
+                "saliency/holdout_accuracy": held_out,
+                "saliency/warmed_up": float(warmed_up),
+            }
             if rule.smoothed is not None:
                 metrics["saliency/train_accuracy"] = rule.smoothed
             if value is not None:
                 metrics["saliency/accuracy"] = value
             window = []
-            bar.set_postfix(loss=f"{metrics['saliency/loss']:.4f}", acc=f"{held_out:.3f}", phase="1b" if warmed_up else "1a")
+            bar.set_postfix(
+                loss=f"{metrics['saliency/loss']:.4f}", acc=f"{held_out:.3f}", phase="1b" if warmed_up else "1a"
+            )
             if log and world.main:
                 log(metrics, steps)
         if value is None:
@@ -335,17 +395,34 @@ def train_saliency(
             save()
             last_save = time.monotonic()
     bar.close()
-    report["report_accuracy"] = evaluate_accuracy(net, codec, _holdout_batches(manifest, store, cfg, rule.report_split), device)
+    report["report_accuracy"] = evaluate_accuracy(
+        net, codec, _holdout_batches(manifest, store, cfg, rule.report_split), device
+    )
     if log and world.main:
-        log({"saliency/report_accuracy": report["report_accuracy"], **({"saliency/train_accuracy": rule.smoothed}
-            if rule.smoothed is not None else {})}, steps)
+        log(
+            {
+                "saliency/report_accuracy": report["report_accuracy"],
+                **({"saliency/train_accuracy": rule.smoothed} if rule.smoothed is not None else {}),
+            },
+            steps,
+        )
     save()
     world.barrier()  # every rank returns once the checkpoint is on disk
     return result()
 
 
-def _train_step(ddp: nn.Module, codec: nn.Module, opt: torch.optim.Optimizer, batch: dict, sc, device, seed: int,
-                step: int, share: float, world) -> tuple[float, float]:
+def _train_step(
+    ddp: nn.Module,
+    codec: nn.Module,
+    opt: torch.optim.Optimizer,
+    batch: dict,
+    sc,
+    device,
+    seed: int,
+    step: int,
+    share: float,
+    world,
+) -> tuple[float, float]:
     """One optimizer step on this rank's shard (augmented by the loader); returns the global batch's
     loss and accuracy (label: the majority domain), the same on every rank."""
     pos = batch["position"]
@@ -356,8 +433,12 @@ def _train_step(ddp: nn.Module, codec: nn.Module, opt: torch.optim.Optimizer, ba
         # blend training: points on the path x_t, labelled [1 - t, t] by how far along they are
         # (the flipped half pairs frames within a rank's shard: with several ranks, other pairs)
         x0, x1 = torch.cat([x0, x0.flip(0)]), torch.cat([x1, x1])
-        p1 = torch.cat([distributed.per_sample(lambda g: torch.rand(1, generator=g), seed, pos, salt)
-                        for salt in (SALT_P, SALT_P_FLIP)]).to(device)
+        p1 = torch.cat(
+            [
+                distributed.per_sample(lambda g: torch.rand(1, generator=g), seed, pos, salt)
+                for salt in (SALT_P, SALT_P_FLIP)
+            ]
+        ).to(device)
         x = torch.lerp(x0, x1, p1.view(-1, 1, 1, 1))
     else:
         x = torch.cat([x0, x1])
@@ -382,9 +463,12 @@ def _report_separate(manifest: Path, sc) -> bool:
     for domain in (0, 1):
         stop, rep = holdout_parts(ok_frames(table, domain), sc.holdout_fraction)
         if (stop & rep).any():
-            print(f"saliency: domain {domain} has fewer than {MIN_SOURCES_TO_HALVE} held-out source files, so the "
-                  "accuracy is reported on the frames that stop training; add files or raise "
-                  "saliency.holdout_fraction to keep them apart", file=sys.stderr)
+            print(
+                f"saliency: domain {domain} has fewer than {MIN_SOURCES_TO_HALVE} held-out source files, so the "
+                "accuracy is reported on the frames that stop training; add files or raise "
+                "saliency.holdout_fraction to keep them apart",
+                file=sys.stderr,
+            )
             return False
     return True
 

@@ -81,8 +81,15 @@ def _sample_inputs(cfg: ModelConfig, manifest: Path, store, n: int) -> torch.Ten
     """A fixed set of domain-0 frames (held-out first) for the periodic sample grids."""
     for split in ("holdout", "all"):
         try:
-            ds = FrameDataset(manifest, store, 0, cfg.max_size, split=split,
-                              holdout_fraction=cfg.saliency.holdout_fraction, train_crop=False)
+            ds = FrameDataset(
+                manifest,
+                store,
+                0,
+                cfg.max_size,
+                split=split,
+                holdout_fraction=cfg.saliency.holdout_fraction,
+                train_crop=False,
+            )
         except ValueError:  # no frames in this split
             continue
         # evenly spaced: consecutive frames of one video would fill the grid with one scene
@@ -199,15 +206,27 @@ def train_velocity(
     sample_noise = None
     sample_grid: Path | None = None
 
-    dataset = UnpairedDataset(manifest, store, cfg.max_size, generative=cfg.generative, split="train",
-                              holdout_fraction=cfg.saliency.holdout_fraction, pairs=pairs)
+    dataset = UnpairedDataset(
+        manifest,
+        store,
+        cfg.max_size,
+        generative=cfg.generative,
+        split="train",
+        holdout_fraction=cfg.saliency.holdout_fraction,
+        pairs=pairs,
+    )
     # Step-indexed order (StepSampler's), this rank's shard of each step's batch in micro-batches;
     # each sample's crop is seeded by its position, so resume is exact in loader workers too.
     workers = min(4, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
     shards = distributed.ShardBatches(vc.train_batch_size, mb, world, start_step=step)
     micro_sizes = shards.micro_sizes()
-    loader = DataLoader(distributed.Positions(dataset, cfg.seed), batch_sampler=shards, num_workers=workers,
-                        pin_memory=device.type == "cuda", persistent_workers=workers > 0)
+    loader = DataLoader(
+        distributed.Positions(dataset, cfg.seed),
+        batch_sampler=shards,
+        num_workers=workers,
+        pin_memory=device.type == "cuda",
+        persistent_workers=workers > 0,
+    )
     batches = iter(loader)
     autocast = (
         torch.autocast("cuda", dtype=torch.bfloat16) if vc.bf16 and device.type == "cuda" else contextlib.nullcontext()
@@ -216,12 +235,22 @@ def train_velocity(
     def save_state(at: int) -> Path:
         path = out_dir / f"{CKPT_PREFIX}_{at:08d}.pt"
         make_room(path, lineage["lineage"])
-        save_checkpoint(path, {
-            "model": model.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": at,
-            "rng": rng_state(device), "config": cfg_json, "in_channels": codec.latent_channels,
-            "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
-            "total_steps": total, **lineage, **({"anchor": anchor.state_dict()} if anchor is not None else {}),
-        })
+        save_checkpoint(
+            path,
+            {
+                "model": model.state_dict(),
+                "ema": ema.state_dict(),
+                "optimizer": opt.state_dict(),
+                "step": at,
+                "rng": rng_state(device),
+                "config": cfg_json,
+                "in_channels": codec.latent_channels,
+                "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
+                "total_steps": total,
+                **lineage,
+                **({"anchor": anchor.state_dict()} if anchor is not None else {}),
+            },
+        )
         prune_checkpoints(out_dir, CKPT_PREFIX, keep=2, lineage=lineage["lineage"])  # never another run's files
         return path
 
@@ -233,8 +262,9 @@ def train_velocity(
                 if sample_noise is None:
                     g = torch.Generator().manual_seed(cfg.seed)
                     side = cfg.max_size // codec.downsample
-                    sample_noise = codec.sample_random_latent((vc.sample_batch_size, codec.latent_channels, side, side),
-                                                              generator=g)
+                    sample_noise = codec.sample_random_latent(
+                        (vc.sample_batch_size, codec.latent_channels, side, side), generator=g
+                    )
                 z = flow.integrate(net, sample_noise.to(device), vc.num_inference_steps, sampler=vc.sampler)
                 rows = [codec.decode(z)]
             else:
@@ -265,13 +295,21 @@ def train_velocity(
             pos = batch["position"]  # per-sample draws by position: the same at any world size
             with torch.no_grad():
                 x1 = codec.encode(batch["domain_1"].to(device, non_blocking=True))
-                x0 = distributed.per_sample(lambda g: codec.sample_random_latent((1, *x1.shape[1:]), generator=g),
-                                            cfg.seed, pos, SALT_NOISE).to(device) if cfg.generative \
+                x0 = (
+                    distributed.per_sample(
+                        lambda g, shape=(1, *x1.shape[1:]): codec.sample_random_latent(shape, generator=g),
+                        cfg.seed,
+                        pos,
+                        SALT_NOISE,
+                    ).to(device)
+                    if cfg.generative
                     else codec.encode(batch["domain_0"].to(device, non_blocking=True))
+                )
                 if couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
                     x1 = couple(batch, x0, x1)
-            t = distributed.per_sample(lambda g: flow.sample_timesteps(1, vc.timestep_sampling, generator=g),
-                                       cfg.seed, pos, SALT_T).to(device)
+            t = distributed.per_sample(
+                lambda g: flow.sample_timesteps(1, vc.timestep_sampling, generator=g), cfg.seed, pos, SALT_T
+            ).to(device)
             x_t = flow.interpolate(x0, x1, t)
             target = x1 - x0
             share = n / vc.train_batch_size  # of the global batch: DDP's mean over ranks is the batch mean
@@ -296,7 +334,9 @@ def train_velocity(
             raise NonFiniteLoss(
                 f"velocity loss became {loss_value} at step {step + 1}/{total}; training stopped and {kept}. "
                 f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "
-                f"({vc.gradient_clip}), or turn velocity.bf16 off.", step=step + 1, last_checkpoint=last,
+                f"({vc.gradient_clip}), or turn velocity.bf16 off.",
+                step=step + 1,
+                last_checkpoint=last,
             )
         if vc.gradient_clip > 0:
             nn.utils.clip_grad_norm_(model.parameters(), vc.gradient_clip)
@@ -311,8 +351,13 @@ def train_velocity(
 
         if step % log_every == 0 or step == total:
             elapsed = time.perf_counter() - window_start
-            metrics = {"step": step, "loss": window_loss / window_steps, "lr": lr,
-                       "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9), "images": step * images_per_step}
+            metrics = {
+                "step": step,
+                "loss": window_loss / window_steps,
+                "lr": lr,
+                "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9),
+                "images": step * images_per_step,
+            }
             if use_saliency:  # the anchored loss's two terms apart: loss = loss_saliency + mse_weight * loss_mse
                 metrics["loss_saliency"], metrics["loss_mse"] = (window_terms / window_steps).tolist()
                 if anchor is not None:  # the MSE weight the relative anchor used last
@@ -322,9 +367,15 @@ def train_velocity(
                     fh.write(json.dumps(metrics) + "\n")
             bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
             if log and world.main:
-                logged = {"velocity/loss": metrics["loss"], "velocity/lr": lr, "velocity/images_per_s": metrics["images_per_s"]}
+                logged = {
+                    "velocity/loss": metrics["loss"],
+                    "velocity/lr": lr,
+                    "velocity/images_per_s": metrics["images_per_s"],
+                }
                 if use_saliency:
-                    logged.update({"velocity/loss_saliency": metrics["loss_saliency"], "velocity/loss_mse": metrics["loss_mse"]})
+                    logged.update(
+                        {"velocity/loss_saliency": metrics["loss_saliency"], "velocity/loss_mse": metrics["loss_mse"]}
+                    )
                     if anchor is not None:
                         logged["velocity/mse_weight_effective"] = metrics["mse_weight_effective"]
                 log(logged, step)
@@ -347,11 +398,19 @@ def train_velocity(
         save_state(step)
         sample_grid = write_samples(step)
         make_room(final, lineage["lineage"])
-        save_checkpoint(final, {
-            "velocity": ema.model.state_dict(), "config": cfg_json, "in_channels": codec.latent_channels,
-            "step": step, "final_loss": final_loss, "codec": codec.state_dict(),
-            "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None, **lineage,
-        })
+        save_checkpoint(
+            final,
+            {
+                "velocity": ema.model.state_dict(),
+                "config": cfg_json,
+                "in_channels": codec.latent_channels,
+                "step": step,
+                "final_loss": final_loss,
+                "codec": codec.state_dict(),
+                "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None,
+                **lineage,
+            },
+        )
     world.barrier()  # every rank returns once the product is on disk
     if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
         final_loss = _last_logged_loss(metrics_path)

@@ -8,8 +8,8 @@ from typing import Any
 import dagster as dg
 from pydantic import Field
 
-from rfp_core.evaluate import explain
 from rfp_core import experiments as exps
+from rfp_core.evaluate import explain
 from rfp_pipeline.assets.ingest import frame_store, load_spec
 from rfp_pipeline.automation import follows
 from rfp_pipeline.checks import EVALUATION_CHECKS, evaluation_checks
@@ -87,16 +87,28 @@ def evaluation_samples(
 
         masks = rfp.root_path() / spec["masks"] if spec.get("masks") else None
         result = evaluate_run(
-            translator, rfp.out_dir(name) / "manifest.parquet", rfp.frame_store(cfg.store_max_side), out_dir,
-            masks_dir=masks, steps=steps, structure_encoder=_structure_encoder(cfg, device), device=device,
-            judge_steps=config.judge_steps, max_images=config.max_images, seed=cfg.seed,
+            translator,
+            rfp.out_dir(name) / "manifest.parquet",
+            rfp.frame_store(cfg.store_max_side),
+            out_dir,
+            masks_dir=masks,
+            steps=steps,
+            structure_encoder=_structure_encoder(cfg, device),
+            device=device,
+            judge_steps=config.judge_steps,
+            max_images=config.max_images,
+            seed=cfg.seed,
         )
         paths = result.pop("paths")
         metrics, metrics_path = result, Path(paths["metrics"])
         grids = {k: v for k, v in paths.items() if k.startswith("grid_")}
         grid = Path(grids["grid_translate"])
 
-    numbers = {k: float(v) for k, v in metrics.items() if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)}
+    numbers = {
+        k: float(v)
+        for k, v in metrics.items()
+        if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
+    }
     url = None
     if vel.get("mlflow_run_id"):
         # the evaluation belongs to the velocity's run: runs compare side by side with their scores;
@@ -110,14 +122,16 @@ def evaluation_samples(
             url = mlflow_tracking.run_url(run)
     write_result(out_dir, {"metrics": str(metrics_path), "grids": grids, "built_from_velocity": vel.get("key")})
     metadata = _grid_metadata(grids, translator.generative, numbers)
-    metadata.update({
-        "metrics": dg.MetadataValue.md(explain.markdown_table(numbers)),
-        "metrics_json": dg.MetadataValue.path(str(metrics_path)),
-        "dagster/uri": dg.MetadataValue.path(str(grid)),
-        "built_from_velocity": str(vel.get("key")),
-        # rounded for reading (and plotting over materialisations); metrics.json keeps full precision
-        **{k: explain.rounded(v) for k, v in numbers.items()},
-    })
+    metadata.update(
+        {
+            "metrics": dg.MetadataValue.md(explain.markdown_table(numbers)),
+            "metrics_json": dg.MetadataValue.path(str(metrics_path)),
+            "dagster/uri": dg.MetadataValue.path(str(grid)),
+            "built_from_velocity": str(vel.get("key")),
+            # rounded for reading (and plotting over materialisations); metrics.json keeps full precision
+            **{k: explain.rounded(v) for k, v in numbers.items()},
+        }
+    )
     if url:
         metadata["mlflow_run"] = dg.MetadataValue.url(url)
         metadata["mlflow_runs"] = dg.MetadataValue.url(mlflow_tracking.experiment_url(run.info.experiment_id))
@@ -132,14 +146,21 @@ def _grid_metadata(grids: dict[str, str], generative: bool, numbers: dict[str, f
         return {"grid": markdown_image(Path(grids["grid_generate"]), "generated from noise")}
     n = int(numbers.get("n_eval", 0))
     return {
-        "grid": markdown_image(Path(grids["grid_translate"]), f"all {n} held-out inputs (upper row of each pair) "
-                               "and their translations (lower row)"),
-        "cycle_grid": markdown_image(Path(grids["grid_cycle"]), "each translation (upper row) and its reverse "
-                                     "translation back to domain 0 (lower row): cycle_error measures the difference"),
+        "grid": markdown_image(
+            Path(grids["grid_translate"]),
+            f"all {n} held-out inputs (upper row of each pair) and their translations (lower row)",
+        ),
+        "cycle_grid": markdown_image(
+            Path(grids["grid_cycle"]),
+            "each translation (upper row) and its reverse "
+            "translation back to domain 0 (lower row): cycle_error measures the difference",
+        ),
     }
 
 
-def promote_champion(tracking: MlflowTracking, name: str, version: str | None, checks: list[dg.AssetCheckResult], log) -> dict[str, Any]:
+def promote_champion(
+    tracking: MlflowTracking, name: str, version: str | None, checks: list[dg.AssetCheckResult], log
+) -> dict[str, Any]:
     """Point the registered model's `champion` alias (what `rfp serve` serves) at the evaluated
     version when every evaluation check passed; otherwise leave it where it was."""
     if not version:

@@ -5,11 +5,11 @@ import json
 import dagster as dg
 from dagster_duckdb import DuckDBResource
 
+from rfp_core import experiments as exps
 from rfp_core.atomic import atomic_write_text
 from rfp_core.images import grid_png_bytes
 from rfp_core.ingest import ingest
 from rfp_core.manifest import content_version, ok_frames, read_manifest
-from rfp_core import experiments as exps
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.checks import MANIFEST_CHECKS, manifest_checks
 from rfp_pipeline.metadata import markdown_image, write_result
@@ -145,8 +145,9 @@ def frame_store(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Materiali
         # the store was pruned or moved: ingest again, which decodes exactly the missing frames
         context.log.warning(f"{len(missing)} frames missing from {store.frames_dir}; decoding them again")
         domain0, domain1 = exps.spec_domains(spec, rfp.root_path())
-        repair = ingest(domain0, domain1, out=rfp.out_dir(name, "frame_store") / "repair.parquet",
-                        store=store, progress=False)
+        repair = ingest(
+            domain0, domain1, out=rfp.out_dir(name, "frame_store") / "repair.parquet", store=store, progress=False
+        )
         repaired = repair.frames_decoded
         still = [k for k in missing if not store.has(k)]
         if still:
@@ -156,7 +157,10 @@ def frame_store(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Materiali
             )
     size_bytes = sum(store.path_for(k).stat().st_size for d in (0, 1) for k in keys[d])
     preview = _preview(store, keys, cfg.max_size)
-    write_result(rfp.out_dir(name, "frame_store"), {"manifest_version": content_version(table), "frames": sum(map(len, keys.values()))})
+    write_result(
+        rfp.out_dir(name, "frame_store"),
+        {"manifest_version": content_version(table), "frames": sum(map(len, keys.values()))},
+    )
     metadata = {
         "frames_domain0": len(keys[0]),
         "frames_domain1": len(keys[1]),
@@ -172,8 +176,9 @@ def frame_store(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Materiali
 
 
 def _preview(store, keys: dict[int, list[str]], size: int, n: int = 8) -> bytes | None:
-    from rfp_core.images import center_square, to_tensor
     import torch
+
+    from rfp_core.images import center_square, to_tensor
 
     rows = []
     for d in (0, 1):

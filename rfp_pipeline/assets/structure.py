@@ -11,9 +11,9 @@ import hashlib
 import dagster as dg
 import pyarrow as pa
 
+from rfp_core import experiments as exps
 from rfp_core.atomic import atomic_write_with
 from rfp_core.manifest import ok_frames, read_manifest
-from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, stage_key, write_result
@@ -42,8 +42,14 @@ def _frames(rfp: RfpHome, name: str) -> dict[int, list[str]]:
 def _sources(rfp: RfpHome, name: str) -> dict[str, str]:
     """frame key -> the file it came from (its md5), for a proof sheet drawn from many files."""
     table = read_manifest(rfp.out_dir(name) / "manifest.parquet")
-    return {k: s or p for k, s, p in zip(table.column("frame_key").to_pylist(), table.column("source_md5").to_pylist(),
-                                         table.column("source_path").to_pylist())}
+    return {
+        k: s or p
+        for k, s, p in zip(
+            table.column("frame_key").to_pylist(),
+            table.column("source_md5").to_pylist(),
+            table.column("source_path").to_pylist(),
+        )
+    }
 
 
 def pairs_digest(table: pa.Table) -> str:
@@ -106,8 +112,17 @@ def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.
     computed = cache.compute_missing(keys, rfp.frame_store(cfg.store_max_side), encoder, progress=False)
     # keys are content hashes: (encoder, keys) fixes every vector, so it is the content version
     version = stage_key(encoder=encoder.encoder_id, d0=sorted(frames[0]), d1=sorted(frames[1]))
-    write_result(stage_dir, {"skipped": False, "encoder_id": encoder.encoder_id, "cache": str(cache.path),
-                             "version": version, "computed": computed, "cached": len(keys) - computed})
+    write_result(
+        stage_dir,
+        {
+            "skipped": False,
+            "encoder_id": encoder.encoder_id,
+            "cache": str(cache.path),
+            "version": version,
+            "computed": computed,
+            "cached": len(keys) - computed,
+        },
+    )
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),
         metadata={
@@ -137,8 +152,9 @@ def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.
     "chunked top-k): parquet (d0_key, d1_key, rank, similarity) and a proof sheet (a domain-0 frame, then its "
     "matches best first). Its data version is the pairs' content: re-pairing makes the velocity stale.",
 )
-def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome,
-                    structure_embeddings: dict) -> dg.MaterializeResult:
+def structure_pairs(
+    context: dg.AssetExecutionContext, rfp: RfpHome, structure_embeddings: dict
+) -> dg.MaterializeResult:
     import pyarrow.compute as pc
 
     from rfp_core.structure import proof_sheet, topk_pairs, write_pairs
@@ -149,7 +165,9 @@ def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome,
 
     emb = structure_embeddings
     if emb.get("skipped"):
-        raise FileNotFoundError(f"structure_embeddings last ran with pairing off: materialise it for partition '{name}' first")
+        raise FileNotFoundError(
+            f"structure_embeddings last ran with pairing off: materialise it for partition '{name}' first"
+        )
     cache = rfp.embedding_cache(emb["encoder_id"])
     frames = _frames(rfp, name)
     (e0, missing0), (e1, missing1) = cache.get(frames[0]), cache.get(frames[1])
@@ -162,15 +180,26 @@ def structure_pairs(context: dg.AssetExecutionContext, rfp: RfpHome,
     version = pairs_digest(table)
     out_dir = rfp.out_dir(name, "pairs", version[:16])
     path = write_pairs(table, out_dir / "pairs.parquet")
-    sheet = proof_sheet(table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE,
-                        sources=_sources(rfp, name))
+    sheet = proof_sheet(
+        table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE, sources=_sources(rfp, name)
+    )
     png = atomic_write_with(out_dir / "proof_sheet.png", lambda p: sheet.save(p, format="PNG"))
     context.log.info(f"{table.num_rows} pairs -> {path}; proof sheet {png}")
     top1 = table.filter(pc.equal(table["rank"], 0))["similarity"]
     top1_mean = float(pc.mean(top1).as_py()) if len(top1) else float("nan")
-    write_result(stage_dir, {"skipped": False, "pairs": str(path), "proof_sheet": str(png), "version": version,
-                             "encoder_id": emb["encoder_id"], "candidates": cfg.structure.candidates,
-                             "rows": table.num_rows, "built_from_embeddings": emb["version"]})
+    write_result(
+        stage_dir,
+        {
+            "skipped": False,
+            "pairs": str(path),
+            "proof_sheet": str(png),
+            "version": version,
+            "encoder_id": emb["encoder_id"],
+            "candidates": cfg.structure.candidates,
+            "rows": table.num_rows,
+            "built_from_embeddings": emb["version"],
+        },
+    )
     prune_stage_dirs(stage_dir, out_dir)
     return dg.MaterializeResult(
         data_version=dg.DataVersion(version),

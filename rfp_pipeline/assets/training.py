@@ -12,12 +12,18 @@ from typing import Any, Iterator
 
 import dagster as dg
 
-from rfp_core.manifest import content_version
 from rfp_core import experiments as exps
+from rfp_core.manifest import content_version
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.automation import on_retrain_cron
-from rfp_pipeline.checks import SALIENCY_CHECKS, VELOCITY_CHECKS, non_finite_loss_check, saliency_checks, velocity_checks
+from rfp_pipeline.checks import (
+    SALIENCY_CHECKS,
+    VELOCITY_CHECKS,
+    non_finite_loss_check,
+    saliency_checks,
+    velocity_checks,
+)
 from rfp_pipeline.metadata import (
     markdown_image,
     previous_result,
@@ -80,7 +86,10 @@ def _log_config(mlflow_mod, spec: dict, cfg) -> None:
 
 def _skip_reason(cfg) -> str | None:
     if cfg.generative:
-        return "generative mode (domain0 = random): the velocity trains with plain MSE from noise, no saliency classifier is needed"
+        return (
+            "generative mode (domain0 = random): the velocity trains with plain MSE from noise, "
+            "no saliency classifier is needed"
+        )
     if cfg.velocity.loss != "saliency":
         return f"velocity.loss is '{cfg.velocity.loss}': the velocity loss does not use a saliency classifier"
     return None
@@ -88,9 +97,16 @@ def _skip_reason(cfg) -> str | None:
 
 def _codec_key(cfg, manifest_version: str) -> str:
     """What the codec is built from: the frames and its own settings, not the flow's."""
-    return stage_key(manifest=manifest_version, codec=cfg.codec.model_dump(mode="json"), max_size=cfg.max_size,
-                     store_max_side=cfg.store_max_side, seed=cfg.seed, generative=cfg.generative,
-                     holdout=cfg.saliency.holdout_fraction, code=CODEC_CODE_VERSION)
+    return stage_key(
+        manifest=manifest_version,
+        codec=cfg.codec.model_dump(mode="json"),
+        max_size=cfg.max_size,
+        store_max_side=cfg.store_max_side,
+        seed=cfg.seed,
+        generative=cfg.generative,
+        holdout=cfg.saliency.holdout_fraction,
+        code=CODEC_CODE_VERSION,
+    )
 
 
 def current_codec(rec: dict, name: str, cfg) -> dict | None:
@@ -136,7 +152,10 @@ def _codec_metadata(rec: dict) -> dict[str, Any]:
     "velocity then work in its latent space. Materialises at once for the Identity codec (pixel space).",
 )
 def codec_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
+    context: dg.AssetExecutionContext,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
     name = context.partition_key
     spec = load_spec(rfp, name)
@@ -155,30 +174,52 @@ def codec_checkpoint(
     if prev.get("key") == key and Path(prev.get("checkpoint") or "").is_file():
         # only settings the codec does not read changed (say the flow's learning rate): keep it
         context.log.info(f"codec {key} is current: same frames and codec settings; not retrained")
-        return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata={**_codec_metadata(prev), "reused": True})
+        return dg.MaterializeResult(
+            data_version=dg.DataVersion(key), metadata={**_codec_metadata(prev), "reused": True}
+        )
     out_dir = rfp.out_dir(name, "codec", key)
     tags = run_tags(context, stage="codec", input_data_version=manifest_version, spec_version=exps.spec_digest(spec))
-    with transient_retry(), mlflow_tracking.start_run(name, f"codec {name}", tags, manifest=(manifest, manifest_version)) as run:
+    with (
+        transient_retry(),
+        mlflow_tracking.start_run(name, f"codec {name}", tags, manifest=(manifest, manifest_version)) as run,
+    ):
         _log_config(mlflow, spec, cfg)
         # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
         launched = training_launcher.train_codec(
-            context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=rfp.frame_store(cfg.store_max_side),
-            log=_mlflow_logger(mlflow), mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+            context,
+            cfg,
+            manifest,
+            out_dir,
+            device=rfp.resolve_device(),
+            store=rfp.frame_store(cfg.store_max_side),
+            log=_mlflow_logger(mlflow),
+            mlflow_uri=mlflow_tracking.uri(),
+            mlflow_run_id=run.info.run_id,
+        )
         res = launched.result
         grid = _recon_grid(rfp, name, cfg, res.checkpoint, out_dir / "reconstructions.png")
         if grid is not None:
             mlflow.log_artifact(str(grid), "samples")
         url = mlflow_tracking.run_url(run)
     rec = {
-        "skipped": False, "codec": cfg.codec.net.type, "codec_config": cfg.codec.model_dump(mode="json"),
-        "checkpoint": str(res.checkpoint), "key": key, "recon_l1": res.recon_l1, "recon_l1_init": res.recon_l1_init,
-        "steps": res.steps, "grid": str(grid) if grid else None, "mlflow_run_id": run.info.run_id, "mlflow_url": url,
+        "skipped": False,
+        "codec": cfg.codec.net.type,
+        "codec_config": cfg.codec.model_dump(mode="json"),
+        "checkpoint": str(res.checkpoint),
+        "key": key,
+        "recon_l1": res.recon_l1,
+        "recon_l1_init": res.recon_l1_init,
+        "steps": res.steps,
+        "grid": str(grid) if grid else None,
+        "mlflow_run_id": run.info.run_id,
+        "mlflow_url": url,
         "built_from": {"manifest": manifest_version},
     }
     write_result(stage_dir, rec)
     prune_stage_dirs(stage_dir, out_dir)
-    return dg.MaterializeResult(data_version=dg.DataVersion(key),
-                                metadata={**_codec_metadata(rec), "reused": False, **launched.metadata})
+    return dg.MaterializeResult(
+        data_version=dg.DataVersion(key), metadata={**_codec_metadata(rec), "reused": False, **launched.metadata}
+    )
 
 
 def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> Path | None:
@@ -194,7 +235,9 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
     frames = []
     for d in (1,) if cfg.generative else (0, 1):
         try:
-            ds = FrameDataset(manifest, store, d, cfg.max_size, "holdout", cfg.saliency.holdout_fraction, train_crop=False)
+            ds = FrameDataset(
+                manifest, store, d, cfg.max_size, "holdout", cfg.saliency.holdout_fraction, train_crop=False
+            )
         except ValueError:
             continue
         frames += [ds[i] for i in range(min(4, len(ds)))]
@@ -222,8 +265,12 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
     "weights the velocity loss; in the codec's latent space when there is one. Skipped in generative mode.",
 )
 def saliency_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, thresholds: CheckThresholds,
-    training_launcher: TrainingLauncher, codec_checkpoint: dict,
+    context: dg.AssetExecutionContext,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    thresholds: CheckThresholds,
+    training_launcher: TrainingLauncher,
+    codec_checkpoint: dict,
 ) -> dg.MaterializeResult:
     name = context.partition_key
     spec = load_spec(rfp, name)
@@ -232,7 +279,11 @@ def saliency_checkpoint(
     reason = _skip_reason(cfg)
     if reason is not None:
         context.log.info(f"saliency skipped: {reason}")
-        return skipped(stage_dir, reason, check_results=saliency_checks(None, 0.0, thresholds, skipped_reason=reason, partition=name))
+        return skipped(
+            stage_dir,
+            reason,
+            check_results=saliency_checks(None, 0.0, thresholds, skipped_reason=reason, partition=name),
+        )
 
     import mlflow
 
@@ -244,15 +295,31 @@ def saliency_checkpoint(
     key = stage_key(manifest=manifest_version, spec=spec_version, codec=codec_key, code=SALIENCY_CODE_VERSION)
     out_dir = rfp.out_dir(name, "saliency", key)
     store = rfp.frame_store(cfg.store_max_side)
-    tags = run_tags(context, stage="saliency", input_data_version=manifest_version, spec_version=spec_version,
-                    codec_run_id=(codec or {}).get("mlflow_run_id", ""))
-    with transient_retry(), mlflow_tracking.start_run(name, f"saliency {name}", tags, manifest=(manifest, manifest_version)) as run:
+    tags = run_tags(
+        context,
+        stage="saliency",
+        input_data_version=manifest_version,
+        spec_version=spec_version,
+        codec_run_id=(codec or {}).get("mlflow_run_id", ""),
+    )
+    with (
+        transient_retry(),
+        mlflow_tracking.start_run(name, f"saliency {name}", tags, manifest=(manifest, manifest_version)) as run,
+    ):
         _log_config(mlflow, spec, cfg)
         # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER)
         launched = training_launcher.train_saliency(
-            context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
-            codec_checkpoint=Path(codec["checkpoint"]) if codec else None, log=_mlflow_logger(mlflow),
-            mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+            context,
+            cfg,
+            manifest,
+            out_dir,
+            device=rfp.resolve_device(),
+            store=store,
+            codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
+            log=_mlflow_logger(mlflow),
+            mlflow_uri=mlflow_tracking.uri(),
+            mlflow_run_id=run.info.run_id,
+        )
         res = launched.result
         mlflow.log_metrics({"saliency/final_accuracy": res.accuracy, "saliency/steps": res.steps})
         mlflow.log_artifact(str(res.state_path), "saliency")
@@ -260,31 +327,45 @@ def saliency_checkpoint(
         if grid is not None:
             mlflow.log_artifact(str(grid), "samples")
         url = mlflow_tracking.run_url(run)
-    write_result(stage_dir, {
-        "skipped": False, "checkpoint": str(res.checkpoint), "state": str(res.state_path), "key": key,
-        "accuracy": res.accuracy, "threshold": cfg.saliency.accuracy_threshold, "steps": res.steps,
-        "mlflow_run_id": run.info.run_id,
-        "built_from": {"manifest": manifest_version, "spec": spec_version, "codec": codec_key},
-    })
+    write_result(
+        stage_dir,
+        {
+            "skipped": False,
+            "checkpoint": str(res.checkpoint),
+            "state": str(res.state_path),
+            "key": key,
+            "accuracy": res.accuracy,
+            "threshold": cfg.saliency.accuracy_threshold,
+            "steps": res.steps,
+            "mlflow_run_id": run.info.run_id,
+            "built_from": {"manifest": manifest_version, "spec": spec_version, "codec": codec_key},
+        },
+    )
     prune_stage_dirs(rfp.out_dir(name, "saliency"), out_dir)
-    return dg.MaterializeResult(check_results=saliency_checks(res.accuracy, cfg.saliency.accuracy_threshold, thresholds, partition=name), metadata={
-        "accuracy": res.accuracy,
-        "accuracy_threshold": cfg.saliency.accuracy_threshold,
-        "steps": res.steps,
-        "backbone_warmed_up": res.warmed_up,
-        # which accuracy met the threshold, the original's smoothed training one, and the held-out
-        # figure measured on frames that did not decide the stop (rfp_core/train/saliency_stop.py)
-        "stopped_by": res.stopped_by or "",
-        **{k: v for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
-           if v is not None},
-        "checkpoint": dg.MetadataValue.path(str(res.checkpoint)),
-        "mlflow_run": dg.MetadataValue.url(url),
-        "built_from_manifest": manifest_version,
-        "built_from_spec": spec_version,
-        "built_from_codec": codec_key or "identity",
-        **launched.metadata,
-        **({"frames": markdown_image(grid, "training frames: domain 0 above, domain 1 below")} if grid else {}),
-    })
+    return dg.MaterializeResult(
+        check_results=saliency_checks(res.accuracy, cfg.saliency.accuracy_threshold, thresholds, partition=name),
+        metadata={
+            "accuracy": res.accuracy,
+            "accuracy_threshold": cfg.saliency.accuracy_threshold,
+            "steps": res.steps,
+            "backbone_warmed_up": res.warmed_up,
+            # which accuracy met the threshold, the original's smoothed training one, and the held-out
+            # figure measured on frames that did not decide the stop (rfp_core/train/saliency_stop.py)
+            "stopped_by": res.stopped_by or "",
+            **{
+                k: v
+                for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
+                if v is not None
+            },
+            "checkpoint": dg.MetadataValue.path(str(res.checkpoint)),
+            "mlflow_run": dg.MetadataValue.url(url),
+            "built_from_manifest": manifest_version,
+            "built_from_spec": spec_version,
+            "built_from_codec": codec_key or "identity",
+            **launched.metadata,
+            **({"frames": markdown_image(grid, "training frames: domain 0 above, domain 1 below")} if grid else {}),
+        },
+    )
 
 
 def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
@@ -323,8 +404,13 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     "`velocity/loss_mse`).",
 )
 def velocity_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, mlflow_tracking: MlflowTracking, training_launcher: TrainingLauncher,
-    codec_checkpoint: dict, saliency_checkpoint: dict, structure_pairs: dict,
+    context: dg.AssetExecutionContext,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    training_launcher: TrainingLauncher,
+    codec_checkpoint: dict,
+    saliency_checkpoint: dict,
+    structure_pairs: dict,
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     import math
 
@@ -345,15 +431,30 @@ def velocity_checkpoint(
     paired = current_pairs(structure_pairs, name, cfg)
     pairs_version = paired["version"] if paired else None
     # the pairs' content enters the key: re-pairing trains afresh, not on from the old pairing
-    key = stage_key(manifest=manifest_version, spec=spec_version, saliency=sal.get("key"), codec=codec_key,
-                    pairs=pairs_version, code=VELOCITY_CODE_VERSION)
+    key = stage_key(
+        manifest=manifest_version,
+        spec=spec_version,
+        saliency=sal.get("key"),
+        codec=codec_key,
+        pairs=pairs_version,
+        code=VELOCITY_CODE_VERSION,
+    )
     out_dir = rfp.out_dir(name, "velocity", key)
     store = rfp.frame_store(cfg.store_max_side)
-    tags = run_tags(context, stage="velocity", input_data_version=manifest_version, spec_version=spec_version,
-                    saliency_run_id=sal.get("mlflow_run_id", ""), codec_run_id=(codec or {}).get("mlflow_run_id", ""),
-                    pairs_version=pairs_version or "")
+    tags = run_tags(
+        context,
+        stage="velocity",
+        input_data_version=manifest_version,
+        spec_version=spec_version,
+        saliency_run_id=sal.get("mlflow_run_id", ""),
+        codec_run_id=(codec or {}).get("mlflow_run_id", ""),
+        pairs_version=pairs_version or "",
+    )
     try:
-        with transient_retry(), mlflow_tracking.start_run(name, f"velocity {name}", tags, manifest=(manifest, manifest_version)) as run:
+        with (
+            transient_retry(),
+            mlflow_tracking.start_run(name, f"velocity {name}", tags, manifest=(manifest, manifest_version)) as run,
+        ):
             _log_config(mlflow, spec, cfg)
             if saliency_ckpt is not None:
                 mlflow.log_artifact(str(sal["state"]), "saliency")
@@ -362,10 +463,19 @@ def velocity_checkpoint(
             # in this process, or out of it through Dagster Pipes (`training_launcher`, $RFP_TRAINING_LAUNCHER);
             # either way it resumes from the newest checkpoint in out_dir, so a retry continues a killed run
             launched = training_launcher.train_velocity(
-                context, cfg, manifest, out_dir, device=rfp.resolve_device(), store=store,
-                saliency_checkpoint=saliency_ckpt, codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
-                pairs_path=paired["pairs"] if paired else None, log=_mlflow_logger(mlflow),
-                mlflow_uri=mlflow_tracking.uri(), mlflow_run_id=run.info.run_id)
+                context,
+                cfg,
+                manifest,
+                out_dir,
+                device=rfp.resolve_device(),
+                store=store,
+                saliency_checkpoint=saliency_ckpt,
+                codec_checkpoint=Path(codec["checkpoint"]) if codec else None,
+                pairs_path=paired["pairs"] if paired else None,
+                log=_mlflow_logger(mlflow),
+                mlflow_uri=mlflow_tracking.uri(),
+                mlflow_run_id=run.info.run_id,
+            )
             res = launched.result
             final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
             if math.isfinite(res.final_loss):
@@ -374,24 +484,48 @@ def velocity_checkpoint(
             if res.sample_grid is not None:
                 mlflow.log_artifact(str(res.sample_grid), "samples")
             mlflow.log_artifact(str(res.metrics_path), "metrics")
-            model_uri, model_version = mlflow_tracking.log_translator(res.checkpoint, registered_name=name, tags={
-                "partition": name, "input_data_version": manifest_version, "spec_version": spec_version,
-                "velocity_key": key})
+            model_uri, model_version = mlflow_tracking.log_translator(
+                res.checkpoint,
+                registered_name=name,
+                tags={
+                    "partition": name,
+                    "input_data_version": manifest_version,
+                    "spec_version": spec_version,
+                    "velocity_key": key,
+                },
+            )
             url = mlflow_tracking.run_url(run)
     except NonFiniteLoss as exc:
         # a NaN/inf loss: the check fails where it can be seen, the step fails, nothing is registered
         yield non_finite_loss_check(str(exc), exc.step, exc.last_checkpoint, name)
-        raise dg.Failure(description=str(exc), metadata={
-            "step": exc.step if exc.step is not None else -1,
-            "last_good_checkpoint": str(exc.last_checkpoint) if exc.last_checkpoint else "none written yet",
-        }) from exc
-    write_result(rfp.out_dir(name, "velocity"), {
-        "checkpoint": str(res.checkpoint), "key": key, "final_loss": res.final_loss, "steps": res.steps,
-        "images_per_s": res.images_per_s, "sample_grid": str(res.sample_grid) if res.sample_grid else None,
-        "mlflow_run_id": run.info.run_id, "model_uri": model_uri, "model_version": model_version,
-        "built_from": {"manifest": manifest_version, "spec": spec_version, "saliency": sal.get("key"),
-                       "codec": codec_key, "pairs": pairs_version},
-    })
+        raise dg.Failure(
+            description=str(exc),
+            metadata={
+                "step": exc.step if exc.step is not None else -1,
+                "last_good_checkpoint": str(exc.last_checkpoint) if exc.last_checkpoint else "none written yet",
+            },
+        ) from exc
+    write_result(
+        rfp.out_dir(name, "velocity"),
+        {
+            "checkpoint": str(res.checkpoint),
+            "key": key,
+            "final_loss": res.final_loss,
+            "steps": res.steps,
+            "images_per_s": res.images_per_s,
+            "sample_grid": str(res.sample_grid) if res.sample_grid else None,
+            "mlflow_run_id": run.info.run_id,
+            "model_uri": model_uri,
+            "model_version": model_version,
+            "built_from": {
+                "manifest": manifest_version,
+                "spec": spec_version,
+                "saliency": sal.get("key"),
+                "codec": codec_key,
+                "pairs": pairs_version,
+            },
+        },
+    )
     prune_stage_dirs(rfp.out_dir(name, "velocity"), out_dir)
     metadata: dict[str, Any] = {
         "final_loss": res.final_loss,

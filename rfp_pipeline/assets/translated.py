@@ -6,7 +6,6 @@ writes a new folder (the last two are kept). The metadata shows the first frame 
 under its input's.
 """
 
-
 from pathlib import Path
 from typing import Any
 
@@ -21,7 +20,7 @@ from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
 
 GROUP = "evaluation"
-NOTHING = "the experiment lists no media to translate (add \"translate\": [\"clips/\"] to its file)"
+NOTHING = 'the experiment lists no media to translate (add "translate": ["clips/"] to its file)'
 PREVIEW_COLUMNS = 8
 
 
@@ -45,8 +44,14 @@ def _media(entry: Path) -> tuple[list[Path], list[Path]]:
     from rfp_core.video_translate import is_video
 
     if not entry.exists():
-        raise FileNotFoundError(f"'translate' lists {entry}, which does not exist: fix the experiment file or add the media")
-    files = [entry] if entry.is_file() else sorted(f for f in entry.rglob("*") if f.is_file() and not f.name.startswith("."))
+        raise FileNotFoundError(
+            f"'translate' lists {entry}, which does not exist: fix the experiment file or add the media"
+        )
+    files = (
+        [entry]
+        if entry.is_file()
+        else sorted(f for f in entry.rglob("*") if f.is_file() and not f.name.startswith("."))
+    )
     return [f for f in files if is_video(f)], [f for f in files if f.suffix.lower() in IMAGE_SUFFIXES]
 
 
@@ -60,8 +65,11 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
     done, reports, skips = [], [], []
     for src, dst in zip(videos, video_outputs(videos, out, other_inputs=True)):
         try:
-            reports.append(translate_video(src, dst, tr.translate, tr.size, batch_size=tr.cfg.velocity.sample_batch_size,
-                                           progress=False))
+            reports.append(
+                translate_video(
+                    src, dst, tr.translate, tr.size, batch_size=tr.cfg.velocity.sample_batch_size, progress=False
+                )
+            )
             done.append((src, dst))
             log.info(f"translated {src} -> {dst}: {reports[-1]['frames']} frames")
         except VideoTranslateError as exc:
@@ -70,7 +78,7 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
     named = list(zip(stills, _out_names(stills)))
     for i in range(0, len(named), batch):
         chunk = []
-        for src, name in named[i:i + batch]:
+        for src, name in named[i : i + batch]:
             try:
                 chunk.append((src, load_image(src, tr.size), out / name))
             except ImageLoadError as exc:
@@ -90,12 +98,13 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
     kinds={"pytorch", "video"},
     # after the evaluation: the velocity is read, but a new one is translated once it has been evaluated
     automation_condition=follows("velocity_checkpoint"),
-    description="The evaluated model translates the media the experiment lists (\"translate\": [files or folders]): "
+    description='The evaluated model translates the media the experiment lists ("translate": [files or folders]): '
     "videos to videos (frames, timing, audio kept), stills to PNGs, under the partition's translated/ folder; the "
     "metadata shows each output's first frame under its input's. Materialises at once when nothing is listed.",
 )
-def translated_media(context: dg.AssetExecutionContext, rfp: RfpHome,
-                     velocity_checkpoint: dict) -> dg.MaterializeResult:
+def translated_media(
+    context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict
+) -> dg.MaterializeResult:
     from rfp_core.images import paired_rows, save_grid
     from rfp_core.translate import Translator
 
@@ -114,14 +123,30 @@ def translated_media(context: dg.AssetExecutionContext, rfp: RfpHome,
         d, r, s = _translate_entry(tr, entry, out_dir / f"{i}-{entry.stem or 'media'}", context.log)
         done, reports, skips = done + d, reports + r, skips + s
     if not done:
-        raise FileNotFoundError(f"nothing under {spec['translate']} could be translated: {skips or 'no videos or images found'}")
-    pairs = done[:PREVIEW_COLUMNS * 2]
-    preview = save_grid(paired_rows(torch.stack([_first_frame(a, tr.size) for a, _ in pairs]),
-                                    torch.stack([_first_frame(b, tr.size) for _, b in pairs]), PREVIEW_COLUMNS),
-                        out_dir / "preview.png")
-    write_result(stage_dir, {"skipped": False, "outputs": [str(b) for _, b in done], "folder": str(out_dir),
-                             "preview": str(preview), "videos": reports, "skipped_inputs": skips,
-                             "built_from_velocity": vel.get("key")})
+        raise FileNotFoundError(
+            f"nothing under {spec['translate']} could be translated: {skips or 'no videos or images found'}"
+        )
+    pairs = done[: PREVIEW_COLUMNS * 2]
+    preview = save_grid(
+        paired_rows(
+            torch.stack([_first_frame(a, tr.size) for a, _ in pairs]),
+            torch.stack([_first_frame(b, tr.size) for _, b in pairs]),
+            PREVIEW_COLUMNS,
+        ),
+        out_dir / "preview.png",
+    )
+    write_result(
+        stage_dir,
+        {
+            "skipped": False,
+            "outputs": [str(b) for _, b in done],
+            "folder": str(out_dir),
+            "preview": str(preview),
+            "videos": reports,
+            "skipped_inputs": skips,
+            "built_from_velocity": vel.get("key"),
+        },
+    )
     prune_stage_dirs(stage_dir, out_dir)
     return dg.MaterializeResult(metadata=_metadata(done, reports, skips, out_dir, preview, vel))
 
