@@ -1,7 +1,7 @@
 """Reflow couplings: pairs (z0, z1 = ODE(z0)) solved with a trained flow, stored content-addressed.
 
 A rectified flow's ODE turns any coupling into a non-crossing one; training a new velocity on
-(z0, ODE(z0)) gives straighter paths (method.md: reflow). The pairs are expensive (an accurate
+(z0, ODE(z0)) gives straighter paths (docs/METHOD.md: reflow). The pairs are expensive (an accurate
 solve per input) and are a pure function of (velocity weights, inputs, solver), so they live
 under `$RFP_HOME/reflow/<digest of those>/`:
 

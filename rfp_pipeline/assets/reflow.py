@@ -5,8 +5,6 @@ file (read from the resolved spec); without it every asset here is *skipped*. Pr
 `$RFP_HOME/pipeline/<exp>/reflow/<key>/` (`reflow_k/velocity.pt`, `distilled/velocity.pt`,
 `reflow_report.md`); the couplings themselves in the content-addressed `$RFP_HOME/reflow/` store,
 so a retry or a second experiment on the same velocity reuses them.
-
-Not wired into definitions.py yet: add the three assets to `rfp_pipeline.assets.assets`.
 """
 
 from pathlib import Path
