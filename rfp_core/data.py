@@ -20,6 +20,7 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from rfp_core.frame_store import FrameStore
+from rfp_core.images import to_tensor
 from rfp_core.manifest import ok_frames, read_manifest
 
 # "stop" / "report": the two halves of "holdout" (`holdout_parts`)
@@ -92,16 +93,6 @@ def holdout_parts(frame_keys: Sequence[str], fraction: float) -> tuple[np.ndarra
     report = {g: i >= (len(ranked) + 1) // 2 for i, g in enumerate(ranked)}
     rep = np.array([h and report[g] for g, h in zip(groups, held)], dtype=bool)
     return held & ~rep, rep
-
-
-def to_tensor(image: Image.Image) -> torch.Tensor:
-    """PIL RGB -> float (3, H, W) in [-1, 1].
-
-    Done in numpy: torch's intra-op threads turn this tiny op into ~50 ms of spinning when
-    the loader runs in a process whose cores are busy (measured), numpy never spins."""
-    arr = np.asarray(image.convert("RGB"), dtype=np.float32)
-    arr = arr.transpose(2, 0, 1) * np.float32(1 / 127.5) - np.float32(1.0)
-    return torch.from_numpy(np.ascontiguousarray(arr))
 
 
 class TrainCrop:

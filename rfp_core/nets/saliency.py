@@ -17,6 +17,7 @@ import torchvision
 from torch import nn
 
 from rfp_core.config import ConfigError, SaliencyNetConfig
+from rfp_core.images import IMAGENET_MEAN, IMAGENET_STD
 from rfp_core.nets.frozen import FrozenSaliency
 
 _WEIGHTS = {
@@ -49,8 +50,8 @@ class SaliencyNet(nn.Module):
         else:
             layers = [base.conv1, base.bn1, base.relu, base.maxpool]
         self.backbone = nn.Sequential(*layers, base.layer1, base.layer2, base.layer3, base.layer4)
-        self.register_buffer("imagenet_mean", torch.tensor([0.485, 0.456, 0.406]).view(1, 3, 1, 1))
-        self.register_buffer("imagenet_std", torch.tensor([0.229, 0.224, 0.225]).view(1, 3, 1, 1))
+        self.register_buffer("imagenet_mean", torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1))
+        self.register_buffer("imagenet_std", torch.tensor(IMAGENET_STD).view(1, 3, 1, 1))
         self.pool = nn.AdaptiveAvgPool2d((1, 1))
         self.latent_proj = nn.Linear(base.fc.in_features, cfg.latent_channels)
         self.classifier = nn.Linear(cfg.latent_channels, cfg.num_classes)

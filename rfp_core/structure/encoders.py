@@ -26,9 +26,8 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from rfp_core.config import ConfigError, StructureConfig
+from rfp_core.images import IMAGENET_MEAN, IMAGENET_STD
 
-IMAGENET_MEAN = (0.485, 0.456, 0.406)
-IMAGENET_STD = (0.229, 0.224, 0.225)
 # 16 x 14-pixel patches: DINOv2's pretraining crop; the 518 px position table is resampled.
 DINO_INPUT = 224
 
