@@ -37,7 +37,7 @@ def built(tmp_path_factory):
         mp.setenv("RFP_HOME", str(home))
         uri = f"sqlite:///{home}/mlflow.db"
         mp.setenv("MLFLOW_TRACKING_URI", uri)
-        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "1")  # the tiny training lasts seconds
+        mp.setenv("MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL", "0.1")  # the tiny training may last under 1 s
         make_project(root, {NAME: TINY_OVERRIDES})
         make_video(root / "clips" / "walk.mp4", n_frames=10, size=24, fps=10)
         make_image(root / "clips" / "still.png", 20, (220, 90, 40))
