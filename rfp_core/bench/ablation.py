@@ -187,6 +187,10 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     start = time.perf_counter()
     dev = pick_device(device)
     base, config_name = demo_config()
+    if quick:  # a smoke run: the `rfp train --smoke` budget (the demo's 1,600 steps x 3 rows took > 25 min)
+        from rfp_core.train.run import smoke_config
+
+        base, config_name = smoke_config(base), f"{config_name} (--smoke budget)"
     work = rfp_home() / "bench" / "ablation"
     data = make_demo_data(work / "demo_data", num=DEFAULT_NUM if not quick else 64)
     rows_to_run = variants(base)
