@@ -35,14 +35,20 @@ def _step_logger(pipes: PipesContext, extras: dict[str, Any]) -> Callable[[dict,
     return log
 
 
-def codec(pipes: PipesContext, extras: dict[str, Any]) -> None:
+def _config_and_store(extras: dict[str, Any]):
+    """The phase's config (a file beside its work) and the shared frame store, from the Pipes extras."""
     from rfp_core.config import config_from_dict
     from rfp_core.frame_store import FrameStore
-    from rfp_core.train.codec import train_codec
 
     cfg_path = Path(extras["config"])
     cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    return cfg, FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+
+
+def codec(pipes: PipesContext, extras: dict[str, Any]) -> None:
+    from rfp_core.train.codec import train_codec
+
+    cfg, store = _config_and_store(extras)
     res = train_codec(
         cfg,
         Path(extras["manifest"]),
@@ -64,13 +70,9 @@ def codec(pipes: PipesContext, extras: dict[str, Any]) -> None:
 
 
 def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
-    from rfp_core.config import config_from_dict
-    from rfp_core.frame_store import FrameStore
     from rfp_core.train.saliency import train_saliency
 
-    cfg_path = Path(extras["config"])
-    cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    cfg, store = _config_and_store(extras)
     codec = extras.get("codec_checkpoint")
     res = train_saliency(
         cfg,
@@ -101,14 +103,10 @@ def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
 
 
 def velocity(pipes: PipesContext, extras: dict[str, Any]) -> None:
-    from rfp_core.config import config_from_dict
-    from rfp_core.frame_store import FrameStore
     from rfp_core.structure import read_pairs
     from rfp_core.train.velocity import NonFiniteLoss, train_velocity
 
-    cfg_path = Path(extras["config"])
-    cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    cfg, store = _config_and_store(extras)
     codec, sal, pairs = extras.get("codec_checkpoint"), extras.get("saliency_checkpoint"), extras.get("pairs")
     try:
         res = train_velocity(

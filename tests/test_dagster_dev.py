@@ -14,23 +14,10 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+from stages import STAGES
 
 ROOT = Path(__file__).resolve().parents[1]
-EXPECTED = {
-    "experiment_config",
-    "media_manifest",
-    "frame_store",
-    "structure_embeddings",
-    "structure_pairs",
-    "codec_checkpoint",
-    "saliency_checkpoint",
-    "velocity_checkpoint",
-    "evaluation_samples",
-    "translated_media",
-    "reflow_couplings",
-    "reflow_checkpoint",
-    "distilled_checkpoint",
-}
+EXPECTED = set(STAGES)
 
 
 def free_port() -> int:

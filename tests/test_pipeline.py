@@ -13,6 +13,7 @@ import mlflow
 import numpy as np
 import pytest
 from media_factory import make_image
+from stages import STAGES
 
 from rfp_pipeline.assets import assets
 from rfp_pipeline.definitions import default_resources
@@ -21,21 +22,6 @@ from rfp_pipeline.sensors import experiments_sensor
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = ROOT / "configs" / "tiny.json"
-STAGES = [
-    "experiment_config",
-    "media_manifest",
-    "frame_store",
-    "structure_embeddings",
-    "structure_pairs",
-    "codec_checkpoint",
-    "saliency_checkpoint",
-    "velocity_checkpoint",
-    "evaluation_samples",
-    "translated_media",
-    "reflow_couplings",
-    "reflow_checkpoint",
-    "distilled_checkpoint",
-]  # reflow: skipped unless opted in
 # 16 px, one or two optimizer steps per phase: enough to exercise every stage, fast on 2 cores
 TINY_OVERRIDES = {
     "max_size": 16,

@@ -19,21 +19,11 @@ from pathlib import Path
 
 import pytest
 import ui_servers as U
+from stages import STAGES
 
 from rfp_core import tracking
 
-EXPECTED = [
-    "experiment_config",
-    "media_manifest",
-    "frame_store",
-    "structure_embeddings",
-    "structure_pairs",
-    "codec_checkpoint",
-    "saliency_checkpoint",
-    "velocity_checkpoint",
-    "evaluation_samples",
-    "translated_media",
-]
+EXPECTED = STAGES[: STAGES.index("translated_media") + 1]  # the graph before the reflow stages
 GROUPS = ("ingest", "structure", "training", "evaluation")
 
 MATERIALIZATION = """query($key: [String!]!, $p: String!) {

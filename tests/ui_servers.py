@@ -44,7 +44,7 @@ def environment(base: Path, mlflow_port: int) -> dict[str, str]:
         "RFP_DEVICE": "cpu",
         "MLFLOW_TRACKING_URI": f"sqlite:///{home}/mlflow.db",
         "MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}",
-        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "1",  # MLflow's 10 s would miss a tiny training
+        "MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL": "0.1",  # 10 s (even 1 s) can miss a tiny training
         "DAGSTER_DISABLE_TELEMETRY": "1",
         "HF_HUB_OFFLINE": "1",
         "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR": "false",
