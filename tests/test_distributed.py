@@ -17,8 +17,8 @@ from dist_worker import spawn, train
 
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config import ConfigError, config_from_dict, load_config
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train import distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"

@@ -13,8 +13,8 @@ from disc_data import make_discs
 
 from rfp_core.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
 from rfp_core.config import config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train.schedule import lr_at
 from rfp_core.train.velocity import train_velocity
 

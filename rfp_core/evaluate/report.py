@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.data import FrameDataset, TrainCrop
 from rfp_core.evaluate import metrics as M
 from rfp_core.evaluate.judge import Judge, train_judge
-from rfp_core.flow import nfe as flow_nfe
-from rfp_core.flow import straightness as flow_straightness
-from rfp_core.frame_store import FrameStore
-from rfp_core.images import paired_rows, save_grid, to_pil
-from rfp_core.manifest import read_manifest
+from rfp_core.flow.rf import nfe as flow_nfe
+from rfp_core.flow.rf import straightness as flow_straightness
+from rfp_core.media.datasets import FrameDataset, TrainCrop
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.images import paired_rows, save_grid, to_pil
+from rfp_core.media.manifest import read_manifest
 
 # every evaluated image is in the grids, GRID_COLUMNS to a row pair (input row above its output row)
 GRID_COLUMNS = 10
@@ -299,6 +299,6 @@ def _write(
 
 
 def _demo_background() -> tuple[float, float, float]:
-    from rfp_core.demo_data import background_tensor_value
+    from rfp_core.media.demo_data import background_tensor_value
 
     return background_tensor_value()

@@ -65,8 +65,8 @@ def evaluation_samples(
     import mlflow
 
     from rfp_core.atomic import atomic_write_text
-    from rfp_core.images import save_grid
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
+    from rfp_core.media.images import save_grid
 
     name = context.partition_key
     spec = load_spec(rfp, name)

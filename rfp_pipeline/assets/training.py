@@ -13,7 +13,7 @@ from typing import Any, Iterator
 import dagster as dg
 
 from rfp_core import experiments as exps
-from rfp_core.manifest import content_version
+from rfp_core.media.manifest import content_version
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.automation import on_retrain_cron
@@ -226,8 +226,8 @@ def _recon_grid(rfp: RfpHome, name: str, cfg, checkpoint: Path, path: Path) -> P
     """Held-out frames above their reconstructions: what the latent space keeps."""
     import torch
 
-    from rfp_core.data import FrameDataset
-    from rfp_core.images import save_grid
+    from rfp_core.media.datasets import FrameDataset
+    from rfp_core.media.images import save_grid
     from rfp_core.train.codec_io import load_codec
 
     manifest = rfp.out_dir(name) / "manifest.parquet"
@@ -372,8 +372,8 @@ def _frames_grid(rfp: RfpHome, name: str, cfg, path: Path) -> Path | None:
     """What the classifier tells apart: a row of domain-0 frames above a row of domain-1 frames."""
     import torch
 
-    from rfp_core.data import FrameDataset
-    from rfp_core.images import save_grid
+    from rfp_core.media.datasets import FrameDataset
+    from rfp_core.media.images import save_grid
 
     store = rfp.frame_store(cfg.store_max_side)
     manifest = rfp.out_dir(name) / "manifest.parquet"

@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -40,10 +39,10 @@ from tqdm.auto import tqdm
 
 from rfp_core import paths
 from rfp_core.atomic import atomic_path, file_lock, sweep_temps
-from rfp_core.frame_store import FrameStore
-from rfp_core.hashing import HashCache
-from rfp_core.manifest import MANIFEST_SCHEMA, content_version, write_manifest
-from rfp_core.media import FolderError, MediaError, MediaFile, discover, iter_frames
+from rfp_core.media.decode import FolderError, MediaError, MediaFile, discover, iter_frames
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.hashing import HashCache
+from rfp_core.media.manifest import MANIFEST_SCHEMA, content_version, write_manifest
 
 # the columns of a source's rows that depend only on its bytes (domain and path are per use)
 SOURCE_COLUMNS = ["frame_key", "media_type", "frame_index", "timestamp", "width", "height", "status", "error"]
@@ -408,35 +407,3 @@ def _ingest_domain(
         rows.extend({**base, "source_md5": md5, **r} for r in source_rows)
         if progress:
             bar.set_postfix(frames=counts["decoded"] + counts["reused"], refresh=False)
-
-
-def cli_ingest(args) -> int:
-    """`rfp ingest --domain0 DIR... --domain1 DIR... --out MANIFEST.parquet`."""
-    domain0 = "random" if args.domain0 == ["random"] else [Path(p) for p in args.domain0]
-    try:
-        report = ingest(
-            domain0, [Path(p) for p in args.domain1], Path(args.out), FrameStore(max_side=args.store_max_side)
-        )
-    except IngestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StoreWriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for d, counts in report.per_domain.items():
-        label = (
-            "random (generative: no rows)"
-            if d == 0 and domain0 == "random"
-            else f"{counts['ok']} ok, {counts['skipped']} skipped"
-        )
-        print(f"domain{d}: {label}")
-    print(
-        f"frames decoded {report.frames_decoded}, reused from the store {report.frames_reused}, "
-        f"files hashed {report.files_hashed}, {report.seconds:.1f} s"
-    )
-    print(f"manifest: {report.manifest_path} (content version {report.content_version[:16]})")
-    if report.n_skipped:
-        print(f"skipped {report.n_skipped} row(s); reasons: rfp manifest summary {report.manifest_path}")
-    else:
-        print("skipped 0")
-    return 0

@@ -20,7 +20,6 @@ What the output is:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from fractions import Fraction
@@ -34,8 +33,8 @@ from av.sidedata.sidedata import Type as SideDataType
 from PIL import Image
 
 from rfp_core.atomic import atomic_path
-from rfp_core.images import center_square, to_tensor
-from rfp_core.media import VIDEO_EXTS, upright
+from rfp_core.media.decode import VIDEO_EXTS, upright
+from rfp_core.media.images import center_square, to_tensor
 
 TranslateBatch = Callable[[torch.Tensor], torch.Tensor]
 # muxer per output suffix: the temp file's name (".tmp") cannot tell PyAV which one to use
@@ -293,7 +292,7 @@ def split_video_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[s
     """(video files, the inputs left for the still-image path). Folders are searched
     recursively for videos; a folder stays in the second list when it holds images too. With
     no video found the inputs come back unchanged (so a wrong path still fails as before)."""
-    from rfp_core.images import IMAGE_SUFFIXES
+    from rfp_core.media.images import IMAGE_SUFFIXES
 
     videos: list[Path] = []
     rest: list[str] = []
@@ -333,30 +332,3 @@ def video_outputs(videos: Sequence[Path], out: Path, other_inputs: bool) -> list
         stem = v.stem if seen[v.stem] == 1 else f"{v.stem}-{seen[v.stem]}"
         names.append(out / f"{stem}{_out_suffix(v)}")
     return names
-
-
-def cli_translate_videos(tr, videos: Sequence[Path], args: argparse.Namespace, other_inputs: bool) -> int:
-    """The video half of `rfp translate`: 0 when every video was written, 1 when one failed."""
-    from rfp_core.config import ConfigError
-
-    try:
-        outs = video_outputs(videos, Path(args.out), other_inputs)
-    except VideoTranslateError as exc:
-        raise ConfigError(str(exc)) from None
-    steps, sampler, reverse = args.steps, args.sampler, args.reverse
-    failed = 0
-    for src, dst in zip(videos, outs):
-        try:
-            translate_video(
-                src,
-                dst,
-                lambda x: tr.translate(x, steps, sampler, reverse),
-                tr.size,
-                batch_size=tr.cfg.velocity.sample_batch_size,
-                codec=getattr(args, "video_codec", "libx264"),
-                crf=getattr(args, "crf", 18),
-            )
-        except VideoTranslateError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0
