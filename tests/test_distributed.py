@@ -16,7 +16,8 @@ from disc_data import make_discs
 from dist_worker import spawn, train
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import ConfigError, config_from_dict, load_config
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict, load_config
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.ingest import ingest
 from rfp_core.train import distributed

@@ -11,7 +11,7 @@ from disc_data import make_discs
 
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import build_parser
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_core.original import checkpoint_step, find_original_run, load_state
 from rfp_core.train.run import Imports, default_run_id, train_run
 

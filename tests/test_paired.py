@@ -12,7 +12,8 @@ import torch
 from PIL import Image
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import ConfigError, config_from_dict
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
 from rfp_core.flow.paired import PairedDataset, paired_batches, pairing_from_filenames, pairing_mode
 from rfp_core.inference.translate import Translator
 from rfp_core.media.frame_store import FrameStore

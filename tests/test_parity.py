@@ -15,7 +15,7 @@ import pytest
 import torch
 from PIL import Image
 
-from rfp_core.config import load_config
+from rfp_core.config_files import load_config
 from rfp_core.flow import rf
 from rfp_core.original import find_original_run, load_original_nets, load_original_saliency
 

@@ -14,7 +14,7 @@ from torch import nn
 from rfp_core.bench.reflow import ToyVelocity, run_toy
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import main
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_core.flow import rf
 from rfp_core.flow.reflow import Solver, generate_couplings, noise_source, open_couplings, tensor_source
 from rfp_core.flow.reflow_metrics import FlowModel, markdown_table, order_flip_fraction, steps_table

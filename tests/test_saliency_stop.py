@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_core.media.datasets import FrameDataset, holdout_split
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.ingest import ingest

@@ -11,7 +11,7 @@ import dagster as dg
 import pytest
 from test_pipeline_structure import PAIRED, TINY_VAE
 
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_pipeline.assets import assets
 from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.assets.training import current_codec

@@ -11,7 +11,8 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
-from rfp_core.config import ConfigError, StructureConfig, config_from_dict
+from rfp_core.config import ConfigError, StructureConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.media.datasets import UnpairedDataset
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.ingest import ingest

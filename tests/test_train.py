@@ -13,7 +13,7 @@ from disc_data import make_discs
 from PIL import Image
 
 from rfp_core.cli import main
-from rfp_core.config import config_from_dict, load_config
+from rfp_core.config_files import config_from_dict, load_config
 from rfp_core.media.datasets import FrameDataset
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.ingest import ingest

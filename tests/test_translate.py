@@ -12,7 +12,7 @@ from disc_data import make_discs
 from PIL import Image
 
 from rfp_core.cli import main
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_core.inference.translate import Translator
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.images import load_image, save_grid

@@ -9,7 +9,7 @@ import torch
 from disc_data import make_discs
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import load_config
+from rfp_core.config_files import load_config
 from rfp_core.flow import rf
 from rfp_core.flow.coupling import Coupler, embedding_cost, ot_permutation, pixel_cost
 from rfp_core.structure.encoders import ThumbnailEncoder
@@ -137,7 +137,7 @@ def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkey
     # resuming at step 3 continues the anchor's scales: the same final weights, bit for bit
     import shutil
 
-    from rfp_core.config import config_from_dict
+    from rfp_core.config_files import config_from_dict
     from rfp_core.media.frame_store import FrameStore
     from rfp_core.train.velocity import train_velocity
 

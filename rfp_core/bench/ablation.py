@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from rfp_core.config import ConfigError, ModelConfig, config_from_dict, load_config
+from rfp_core.config import ConfigError, ModelConfig
+from rfp_core.config_files import config_from_dict, load_config
 from rfp_core.paths import project_root, rfp_home, runs_dir
 
 

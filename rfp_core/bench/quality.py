@@ -193,7 +193,7 @@ METRICS = (
 
 
 def row_config(row: str, seed: int, quick: bool, steps: int | None = None):
-    from rfp_core.config import config_from_dict
+    from rfp_core.config_files import config_from_dict
 
     raw = _merge(ROW_CONFIGS[row], QUICK_OVERRIDES) if quick else ROW_CONFIGS[row]
     over: dict[str, Any] = {"seed": seed}

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rfp_core.config import ConfigError, config_from_dict, load_config
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict, load_config
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 SIZE, BATCH, MINIBATCH, FRAMES = 32, 8, 4, 24

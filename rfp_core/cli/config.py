@@ -11,7 +11,7 @@ def add_parser(sub) -> None:
 
 
 def run(args) -> int:
-    from rfp_core.config import load_config
+    from rfp_core.config_files import load_config
 
     print(load_config(args.file).to_json())
     return 0

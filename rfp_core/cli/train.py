@@ -55,7 +55,8 @@ def run(args: argparse.Namespace) -> int:
     import os
 
     from rfp_core.checkpoint import CheckpointError
-    from rfp_core.config import ConfigError, load_config
+    from rfp_core.config import ConfigError
+    from rfp_core.config_files import load_config
     from rfp_core.media.ingest import IngestError, StoreWriteError
     from rfp_core.train.resume import ResumeRefused
     from rfp_core.train.run import Imports, folders, train_run

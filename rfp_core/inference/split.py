@@ -21,7 +21,8 @@ import torch
 from tqdm.auto import tqdm
 
 from rfp_core.atomic import atomic_path, atomic_write_text
-from rfp_core.config import ConfigError, config_from_dict
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
 from rfp_core.media.hashing import md5_file
 from rfp_core.media.images import ImageLoadError, find_images, load_image
 

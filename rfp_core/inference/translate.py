@@ -8,7 +8,8 @@ from typing import Sequence
 import torch
 from torch import nn
 
-from rfp_core.config import ConfigError, ModelConfig, config_from_dict
+from rfp_core.config import ConfigError, ModelConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.flow import rf
 from rfp_core.media.images import load_image
 

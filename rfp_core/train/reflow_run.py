@@ -20,7 +20,8 @@ from pathlib import Path
 import torch
 
 from rfp_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from rfp_core.config import ConfigError, config_from_dict
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
 from rfp_core.flow.reflow import Couplings, Solver, file_digest, frame_source, generate_couplings, noise_source
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, coupling_batches, fit
 

@@ -21,7 +21,8 @@ from pathlib import Path
 import torch
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.config import ConfigError, ModelConfig, config_from_dict
+from rfp_core.config import ConfigError, ModelConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.device import pick_device
 from rfp_core.paths import resolve_against_root, runs_dir
 

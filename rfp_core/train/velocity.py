@@ -30,7 +30,8 @@ from rfp_core.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from rfp_core.config import ModelConfig, config_from_dict
+from rfp_core.config import ModelConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.flow import rf
 from rfp_core.flow.coupling import Coupler
 from rfp_core.media.datasets import FrameDataset, UnpairedDataset
