@@ -19,8 +19,9 @@ from media_factory import make_image, make_video, make_zip
 
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.hashing import HashCache
-from rfp_core.media.ingest import SourceCache, ingest
+from rfp_core.media.ingest import ingest
 from rfp_core.media.manifest import read_manifest
+from rfp_core.media.source_cache import SourceCache
 from rfp_core.structure import EmbeddingCache, ThumbnailEncoder
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -185,6 +185,40 @@ def _check_output(out_path: Path, codec: str, size: int, pix_fmt: str) -> str:
     return muxer
 
 
+def _open_input(in_path: Path):
+    try:
+        matrix, rotation = _container_info(in_path)
+        return matrix, rotation, av.open(str(in_path))
+    except av.FFmpegError as exc:
+        raise VideoTranslateError(
+            f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4"
+        ) from None
+
+
+def _transcode(ic, oc, in_v, in_audio, out_audio: dict, writer: _FrameWriter, in_path: Path) -> int:
+    """Video frames through the translator, audio packets copied as they are; returns the audio packet count."""
+    audio_packets = 0
+    try:
+        for packet in ic.demux(in_v, *in_audio):
+            if packet.stream.type != "audio":
+                for f in packet.decode():
+                    writer.add(f)
+            elif packet.dts is not None:  # None: the demuxer's end-of-stream marker, not data
+                packet.stream = out_audio[packet.stream.index]
+                oc.mux(packet)
+                audio_packets += 1
+        writer.close()
+    except av.FFmpegError as exc:
+        raise VideoTranslateError(
+            f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})"
+        ) from None
+    if in_v.frames and writer.frames < in_v.frames:  # a truncated file can also end quietly
+        raise VideoTranslateError(
+            f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames (truncated?); nothing written"
+        )
+    return audio_packets
+
+
 def translate_video(
     in_path: str | Path,
     out_path: str | Path,
@@ -204,15 +238,8 @@ def translate_video(
 
     in_path, out_path = Path(in_path), Path(out_path)
     muxer = _check_output(out_path, codec, size, pix_fmt)
-    try:
-        matrix, rotation = _container_info(in_path)
-        ic = av.open(str(in_path))
-    except av.FFmpegError as exc:
-        raise VideoTranslateError(
-            f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4"
-        ) from None
+    matrix, rotation, ic = _open_input(in_path)
     start = time.perf_counter()
-    audio_packets = 0
     with ic, atomic_path(out_path) as tmp:
         in_v = ic.streams.video[0]
         in_v.thread_type = "AUTO"
@@ -226,25 +253,7 @@ def translate_video(
             out_v = _open_video_out(oc, in_v, size, codec, crf, preset, pix_fmt, matrix)
             out_audio = {a.index: oc.add_stream_from_template(a) for a in in_audio}
             writer = _FrameWriter(oc, out_v, in_v, translate_batch, size, batch_size, bar, rotation)
-            try:
-                for packet in ic.demux(in_v, *in_audio):
-                    if packet.stream.type != "audio":
-                        for f in packet.decode():
-                            writer.add(f)
-                    elif packet.dts is not None:  # None: the demuxer's end-of-stream marker, not data
-                        packet.stream = out_audio[packet.stream.index]
-                        oc.mux(packet)
-                        audio_packets += 1
-                writer.close()
-            except av.FFmpegError as exc:
-                raise VideoTranslateError(
-                    f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})"
-                ) from None
-            if in_v.frames and writer.frames < in_v.frames:  # a truncated file can also end quietly
-                raise VideoTranslateError(
-                    f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames "
-                    "(truncated?); nothing written"
-                )
+            audio_packets = _transcode(ic, oc, in_v, in_audio, out_audio, writer, in_path)
         duration = float(in_v.duration * in_v.time_base) if in_v.duration else None
         fps = float(in_v.average_rate) if in_v.average_rate else None
     seconds = time.perf_counter() - start
