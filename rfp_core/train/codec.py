@@ -27,9 +27,9 @@ from rfp_core.data import FrameDataset
 from rfp_core.frame_store import FrameStore
 from rfp_core.nets.autoencoder import build_codec
 from rfp_core.tracking import LogFn
+from rfp_core.train.augment import augment_batch, build_augment
 from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)
 from rfp_core.train.resume import StepSampler, rng_state, set_rng_state
-from rfp_core.train.saliency import augment_batch, build_augment
 from rfp_core.train.schedule import lr_at
 
 MAX_EVAL_IMAGES = 256  # held-out images scored for recon_l1
