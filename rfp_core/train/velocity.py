@@ -95,27 +95,25 @@ def train_velocity(
     sal_ckpt = saliency_checkpoint if run.use_saliency else None
     inputs = velocity_inputs(json.loads(cfg.to_json()), manifest, sal_ckpt, codec_checkpoint, pairs)
     run.lineage = lineage_record(inputs)
-    _resume(run, out_dir, inputs, resume_from, force)
+    _resume(run, inputs, resume_from, force)
     run.ddp = run.world.wrap(run.model, run.device)  # forward and backward through this
     metrics_path = out_dir / "metrics.jsonl"
     if run.world.main:
         trim_metrics(metrics_path, run.step)
-    shown = (
-        None
-        if cfg.generative or not run.world.main
-        else sample_inputs(cfg, manifest, store, cfg.velocity.sample_batch_size)
-    )
+    shown = None
+    if run.world.main and not cfg.generative:  # fixed inputs for the sample grids (rank 0 writes them)
+        shown = sample_inputs(cfg, manifest, store, cfg.velocity.sample_batch_size)
     samples = SampleGrids(cfg, run.codec, run.device, out_dir, shown)
     _data(run, manifest, store, pairs)
-    final_loss, images_per_s, sample_grid = _train(run, out_dir, samples, metrics_path, log, progress)
-    final, sample_grid = _finish(run, out_dir, samples, final_loss, sal_ckpt, sample_grid)
+    final_loss, images_per_s, sample_grid = _train(run, samples, metrics_path, log, progress)
+    final, sample_grid = _finish(run, samples, final_loss, sal_ckpt, sample_grid)
     if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
         final_loss = _last_logged_loss(metrics_path)
     return VelocityResult(final, final_loss, run.step, images_per_s, sample_grid, metrics_path)
 
 
 def _train(
-    run: VelocityRun, out_dir: Path, samples: SampleGrids, metrics_path: Path, log: LogFn | None, progress: bool
+    run: VelocityRun, samples: SampleGrids, metrics_path: Path, log: LogFn | None, progress: bool
 ) -> tuple[float, float, Path | None]:
     """The loop: steps to `run.total`, logging, sample grids and resume checkpoints on the way.
     Returns the last step's loss (NaN: no step trained), images/s and the newest grid."""
@@ -134,7 +132,7 @@ def _train(
         loss_value = float(step_loss)
         if not math.isfinite(loss_value):
             bar.close()
-            raise _non_finite(run, out_dir, loss_value)
+            raise _non_finite(run, loss_value)
         apply_step(run)
         final_loss = loss_value
         window.add(loss_value, step_terms)
@@ -145,7 +143,7 @@ def _train(
         if run.step % sample_every == 0 and run.step < run.total and main:
             sample_grid = samples.write(run.ema.model, run.step)
         if clock.due(run.step) and run.step < run.total and main:
-            _save_state(run, out_dir)
+            _save_state(run)
             clock.reset()
     bar.close()
     trained = run.step - run_start_step
@@ -179,13 +177,13 @@ def _set_up(
     anchor = RelativeAnchor(vc.mse_weight) if vc.mse_weight_mode == "relative" and vc.mse_weight > 0 else None
     couple = Coupler(cfg, device) if vc.coupling == "minibatch_ot" else None
     return VelocityRun(
-        cfg, world, device, codec, model, ema, opt, use_saliency, h, anchor, couple, total=vc.total_steps
+        cfg, out_dir, world, device, codec, model, ema, opt, use_saliency, h, anchor, couple, total=vc.total_steps
     )
 
 
-def _resume(run: VelocityRun, out_dir: Path, inputs: dict, resume_from: Path | None, force: bool) -> None:
+def _resume(run: VelocityRun, inputs: dict, resume_from: Path | None, force: bool) -> None:
     """Where this call starts: an original trainer's checkpoint, an explicit one, else the newest
-    loadable one of this lineage in `out_dir`, else step 0."""
+    loadable one of this lineage in the run folder, else step 0."""
     vc = run.cfg.velocity
     if resume_from is not None and Path(resume_from).suffix == ".ckpt":
         # the original trainer's velocity_<run>_<step>.ckpt: its weights, its step, a fresh budget after it
@@ -200,7 +198,7 @@ def _resume(run: VelocityRun, out_dir: Path, inputs: dict, resume_from: Path | N
             file=sys.stderr,
         )
         return
-    found = pick_resume_point(run.world, out_dir, CKPT_PREFIX, inputs, resume_from, force)
+    found = pick_resume_point(run.world, run.out_dir, CKPT_PREFIX, inputs, resume_from, force)
     if found is not None:
         _restore(run, *found)
 
@@ -264,9 +262,9 @@ def _log(run: VelocityRun, metrics: dict, metrics_path: Path, bar, log: LogFn | 
         log({f"velocity/{k}": v for k, v in metrics.items() if k not in ("step", "images")}, run.step)
 
 
-def _non_finite(run: VelocityRun, out_dir: Path, loss: float) -> NonFiniteLoss:
+def _non_finite(run: VelocityRun, loss: float) -> NonFiniteLoss:
     vc = run.cfg.velocity
-    last = latest_checkpoint(out_dir, CKPT_PREFIX, lineage=run.lineage["lineage"])
+    last = latest_checkpoint(run.out_dir, CKPT_PREFIX, lineage=run.lineage["lineage"])
     kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
     return NonFiniteLoss(
         f"velocity loss became {loss} at step {run.step + 1}/{run.total}; training stopped and {kept}. "
@@ -277,7 +275,7 @@ def _non_finite(run: VelocityRun, out_dir: Path, loss: float) -> NonFiniteLoss:
     )
 
 
-def _save_state(run: VelocityRun, out_dir: Path) -> Path:
+def _save_state(run: VelocityRun) -> Path:
     """A resume checkpoint at `run.step`: everything an exact continuation needs."""
     state = {
         "model": run.model.state_dict(),
@@ -292,16 +290,16 @@ def _save_state(run: VelocityRun, out_dir: Path) -> Path:
         **run.lineage,
         **({"anchor": run.anchor.state_dict()} if run.anchor is not None else {}),
     }
-    return write_step_checkpoint(out_dir, CKPT_PREFIX, run.step, state, run.lineage["lineage"])
+    return write_step_checkpoint(run.out_dir, CKPT_PREFIX, run.step, state, run.lineage["lineage"])
 
 
 def _finish(
-    run: VelocityRun, out_dir: Path, samples: SampleGrids, final_loss: float, saliency_ckpt, sample_grid
+    run: VelocityRun, samples: SampleGrids, final_loss: float, saliency_ckpt, sample_grid
 ) -> tuple[Path, Path | None]:
     """The end: full state (so a larger budget can continue from here) and the EMA-only product."""
-    final = out_dir / "velocity.pt"
+    final = run.out_dir / "velocity.pt"
     if run.world.main:
-        _save_state(run, out_dir)
+        _save_state(run)
         sample_grid = samples.write(run.ema.model, run.step)
         make_room(final, run.lineage["lineage"])
         extra = {"saliency_checkpoint": str(saliency_ckpt) if run.use_saliency else None, **run.lineage}

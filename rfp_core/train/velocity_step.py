@@ -11,6 +11,7 @@ from __future__ import annotations
 import contextlib
 import time
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Callable, Iterator
 
 import torch
@@ -31,6 +32,7 @@ class VelocityRun:
     """What phase 2's steps read and move on: settings, nets, optimizer, data and the step."""
 
     cfg: ModelConfig
+    out_dir: Path
     world: distributed.World
     device: torch.device
     codec: nn.Module
