@@ -7,7 +7,8 @@ within the current lineage. Work of another lineage in the folder is never used 
 continuing it is refused with what changed, unless the caller forces a fresh start (`force`,
 `rfp train --restart`), which moves that work to `superseded/` instead of deleting it.
 Budgets (`velocity.train_images`, the saliency step limit and thresholds) are not part of a
-lineage: raising one continues the phase.
+lineage: raising one continues the phase. Exact resume: a checkpoint holds the optimizer and
+RNG state (`restore_exact` puts them back) and the data order is a function of the step.
 """
 
 from __future__ import annotations
