@@ -19,11 +19,10 @@ from rfp_core.media.manifest import ok_frames, read_manifest
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.saliency import (
     SaliencyThresholdNotReached,
-    _holdout_batches,
-    evaluate_accuracy,
     load_saliency,
     train_saliency,
 )
+from rfp_core.train.saliency_stop import evaluate_accuracy, holdout_batches
 
 SIZE = 16
 
@@ -110,7 +109,7 @@ def test_holdout_stopping_reports_on_other_sources(tmp_path):
         assert stop and report and not stop & report
     # the reported figure is the saved net's accuracy on the report half, not on the stopping half
     net, codec = load_saliency(res.checkpoint), load_codec(cfg, None, "cpu")
-    again = evaluate_accuracy(net, codec, _holdout_batches(manifest, store, cfg, "report"), "cpu")
+    again = evaluate_accuracy(net, codec, holdout_batches(manifest, store, cfg, "report"), "cpu")
     assert res.report_accuracy == pytest.approx(again)
     assert json.loads(res.state_path.read_text())["report_split"] == "report"
 

@@ -10,9 +10,10 @@ on CPU: the checkpoint holds the optimizer and RNG state and the data order is a
 
 from __future__ import annotations
 
+import functools
 import json
+import math
 import sys
-import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,15 +23,16 @@ from torch.utils.data import ConcatDataset, DataLoader, Subset
 from tqdm.auto import tqdm
 
 from rfp_core.atomic import sweep_temps
+from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ConfigError, ModelConfig
 from rfp_core.media.datasets import FrameDataset
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.nets.autoencoder import build_codec
 from rfp_core.tracking import LogFn
+from rfp_core.train.augment import augment_batch, build_augment
 from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)
 from rfp_core.train.resume import StepSampler, rng_state, set_rng_state
-from rfp_core.train.saliency import augment_batch, build_augment
-from rfp_core.train.schedule import lr_at
+from rfp_core.train.schedule import CheckpointClock, lr_at, set_lr
 
 MAX_EVAL_IMAGES = 256  # held-out images scored for recon_l1
 LOG_EVERY = 25
@@ -103,10 +105,9 @@ def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: i
     augment = build_augment(list(cc.augmentations))
     codec.train()
     bar = tqdm(total=total, initial=step, desc="codec", disable=not progress, dynamic_ncols=True)
-    last_save = time.monotonic()
+    clock = CheckpointClock(cc.checkpoint_every_steps, cc.checkpoint_every_minutes * 60)
     while step < total:
-        for group in opt.param_groups:
-            group["lr"] = lr_at(step, total, cc.learning_rate, cc.lr_schedule, cc.warmup_fraction)
+        set_lr(opt, lr_at(step, total, cc.learning_rate, cc.lr_schedule, cc.warmup_fraction))
         opt.zero_grad(set_to_none=True)
         parts: dict[str, float] = {}
         for _ in range(accum):
@@ -125,10 +126,9 @@ def _train_steps(cfg: ModelConfig, codec: nn.Module, opt, train, device, step: i
             bar.set_postfix(loss=f"{parts['loss']:.4f}", refresh=False)
             if log is not None:
                 log({f"codec/{k}": v for k, v in parts.items()}, step)
-        due_steps = cc.checkpoint_every_steps is not None and step % cc.checkpoint_every_steps == 0
-        if (due_steps or time.monotonic() - last_save >= cc.checkpoint_every_minutes * 60) and step < total:
+        if clock.due(step) and step < total:
             save(step)
-            last_save = time.monotonic()
+            clock.reset()
     bar.close()
     codec.eval()
     return step
@@ -148,8 +148,6 @@ def train_codec(
     Identity needs no training: its (empty) checkpoint is written so every run has one.
     A finished checkpoint for the same codec config is reused; an unfinished one is continued.
     """
-    from rfp_core.checkpoint import load_checkpoint, save_checkpoint
-
     cc = cfg.codec
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -179,30 +177,8 @@ def train_codec(
         )
     opt = torch.optim.AdamW(codec.parameters(), lr=cc.learning_rate, weight_decay=0.0)
     holdout = _evenly(_datasets(cfg, manifest, store, "holdout"), MAX_EVAL_IMAGES)
-    step = 0
-    if old:  # an interrupted run of the same codec: continue where it stopped
-        codec.load_state_dict(old["codec"])
-        opt.load_state_dict(old["optimizer"])
-        step, recon_init = int(old["steps"]), float(old["recon_l1_init"])
-        print(f"codec: resuming from {path} at step {step}", file=sys.stderr)
-    else:
-        recon_init = reconstruction_l1(codec, holdout, device)
-
-    def save(at: int, finished: bool = False, recon: float = float("nan")) -> None:
-        save_checkpoint(
-            path,
-            {
-                "codec": {k: v.cpu() for k, v in codec.state_dict().items()},
-                "config": cfg_json,
-                "optimizer": opt.state_dict(),
-                "recon_l1": recon,
-                "recon_l1_init": recon_init,
-                "steps": at,
-                "finished": finished,
-                "rng": rng_state(device),
-            },
-        )
-
+    step, recon_init = _start(old, codec, opt, path, holdout, device)
+    save = functools.partial(_save, path, codec, opt, cfg_json, recon_init, device)
     train = _datasets(cfg, manifest, store, "train")
     if "rng" in old:  # last: nothing between here and the first step draws from the RNG
         set_rng_state(old["rng"], device)
@@ -212,3 +188,42 @@ def train_codec(
         log({"codec/recon_l1": recon, "codec/recon_l1_init": recon_init}, step)
     save(step, finished=True, recon=recon)
     return CodecResult(path, recon, step, recon_init)
+
+
+def _start(old: dict, codec: nn.Module, opt, path: Path, holdout, device) -> tuple[int, float]:
+    """(step, held-out L1 before training): an interrupted run of the same codec continues where it stopped."""
+    if not old:
+        return 0, reconstruction_l1(codec, holdout, device)
+    codec.load_state_dict(old["codec"])
+    opt.load_state_dict(old["optimizer"])
+    step = int(old["steps"])
+    print(f"codec: resuming from {path} at step {step}", file=sys.stderr)
+    return step, float(old["recon_l1_init"])
+
+
+def _save(
+    path: Path,
+    codec: nn.Module,
+    opt,
+    cfg_json: dict,
+    recon_init: float,
+    device,
+    at: int,
+    *,
+    finished=False,
+    recon=math.nan,
+) -> None:
+    """codec.pt at step `at` (finished, with the final held-out L1, once training is done)."""
+    save_checkpoint(
+        path,
+        {
+            "codec": {k: v.cpu() for k, v in codec.state_dict().items()},
+            "config": cfg_json,
+            "optimizer": opt.state_dict(),
+            "recon_l1": recon,
+            "recon_l1_init": recon_init,
+            "steps": at,
+            "finished": finished,
+            "rng": rng_state(device),
+        },
+    )

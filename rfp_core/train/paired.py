@@ -21,6 +21,8 @@ from rfp_core.config import ModelConfig
 from rfp_core.flow.paired import PAIRED_DEFAULT_LOSS, PairedDataset, paired_batches, pairing_from_filenames
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, fit
+from rfp_core.train.saliency import load_saliency_h
+from rfp_core.train.velocity import velocity_product
 
 
 def train_paired(
@@ -46,20 +48,13 @@ def train_paired(
         pq.write_table(pairs, tmp)
     dataset = PairedDataset(pairs, store, cfg.max_size, split="train", holdout_fraction=cfg.saliency.holdout_fraction)
     codec = load_codec(cfg, codec_checkpoint, device)
-    h = None
-    if loss == "saliency":
-        if saliency_checkpoint is None:
-            raise ValueError("paired mode with loss 'saliency' needs saliency_checkpoint; the paired default is 'mse'")
-        from rfp_core.train.saliency import load_saliency
-
-        sal = load_saliency(saliency_checkpoint, device)
-        h = sal.frozen_h() if hasattr(sal, "frozen_h") else sal.h
+    if loss == "saliency" and saliency_checkpoint is None:
+        raise ValueError("paired mode with loss 'saliency' needs saliency_checkpoint; the paired default is 'mse'")
+    h = load_saliency_h(saliency_checkpoint, device) if loss == "saliency" else None
     torch.manual_seed(cfg.seed)
     net = build_velocity_net(cfg, codec.latent_channels)
     settings = FitSettings.from_config(cfg, steps=steps, loss=loss)
-    digest = hashlib.sha256(
-        json.dumps(sorted(zip(pairs.column("d0_key").to_pylist(), pairs.column("d1_key").to_pylist()))).encode()
-    ).hexdigest()
+    digest = _pairs_digest(pairs)
     result = fit(
         net,
         paired_batches(dataset, lambda x: codec.encode(x.to(device)), settings.batch_size, cfg.seed),
@@ -73,21 +68,21 @@ def train_paired(
         desc="velocity (paired)",
     )
     final = out_dir / "velocity.pt"
-    save_checkpoint(
-        final,
-        {
-            "velocity": result.model.state_dict(),
-            "config": json.loads(cfg.to_json()),
-            "in_channels": codec.latent_channels,
-            "step": result.steps,
-            "final_loss": result.final_loss,
-            "codec": codec.state_dict(),
-            "paired": {"pairs": pairs.num_rows, "digest": digest, "loss": loss},
-        },
+    paired = {"pairs": pairs.num_rows, "digest": digest, "loss": loss}
+    weights, config = result.model.state_dict(), json.loads(cfg.to_json())
+    product = velocity_product(
+        weights, config, codec.latent_channels, codec.state_dict(), result.steps, result.final_loss, paired=paired
     )
+    save_checkpoint(final, product)
     print(
         f"paired: {pairs.num_rows} pairs ({len(dataset)} train), {result.steps} steps, "
         f"final loss {result.final_loss:.5f} -> {final}",
         file=sys.stderr,
     )
     return final
+
+
+def _pairs_digest(pairs) -> str:
+    """Who is paired with whom, order-free: a rerun with other pairs starts over."""
+    names = sorted(zip(pairs.column("d0_key").to_pylist(), pairs.column("d1_key").to_pylist()))
+    return hashlib.sha256(json.dumps(names).encode()).hexdigest()

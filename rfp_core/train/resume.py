@@ -7,7 +7,8 @@ within the current lineage. Work of another lineage in the folder is never used 
 continuing it is refused with what changed, unless the caller forces a fresh start (`force`,
 `rfp train --restart`), which moves that work to `superseded/` instead of deleting it.
 Budgets (`velocity.train_images`, the saliency step limit and thresholds) are not part of a
-lineage: raising one continues the phase.
+lineage: raising one continues the phase. Exact resume: a checkpoint holds the optimizer and
+RNG state (`restore_exact` puts them back) and the data order is a function of the step.
 """
 
 from __future__ import annotations
@@ -28,7 +29,15 @@ import torch
 from torch.utils.data import Sampler
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.checkpoint import CheckpointError, checkpoint_lineage, list_checkpoints, load_checkpoint, load_latest
+from rfp_core.checkpoint import (
+    CheckpointError,
+    checkpoint_lineage,
+    list_checkpoints,
+    load_checkpoint,
+    load_latest,
+    prune_checkpoints,
+    save_checkpoint,
+)
 
 SUPERSEDED = "superseded"
 # velocity settings that change how a run is watched, not what it trains
@@ -83,6 +92,14 @@ def set_rng_state(state: dict, device: torch.device) -> None:
         random.setstate((3, tuple(int(v) for v in state["python"]), None))
     if device.type == "cuda" and "cuda" in state:
         torch.cuda.set_rng_state(state["cuda"], device)
+
+
+def restore_exact(state: dict, device: torch.device, **parts) -> None:
+    """Load each part (model, EMA, optimizer, ...) from `state[name]`, then the RNG state: the
+    run continues as if it had never stopped. Call it where the first draw after it is a step's."""
+    for name, part in parts.items():
+        part.load_state_dict(state[name])
+    set_rng_state(state["rng"], device)
 
 
 # --- what a phase is built from ---------------------------------------------------------------
@@ -279,6 +296,32 @@ def resume_point(
             )
         supersede(out_dir, VELOCITY_FILES, prefix)
     return None
+
+
+def pick_resume_point(world, out_dir: Path, prefix: str, inputs: dict, resume_from: Path | None, force: bool):
+    """`resume_point` under torchrun: rank 0 picks (it may move other work aside), the other ranks
+    load the file it picked. Returns (path, state) or None."""
+    found = None
+
+    def pick() -> str | None:
+        nonlocal found
+        found = resume_point(out_dir, prefix, inputs, resume_from=resume_from, force=force)
+        return None if found is None else str(found[0])
+
+    picked = world.from_main(pick)
+    if picked is None:
+        return None
+    return found or (Path(picked), load_checkpoint(Path(picked), map_location="cpu"))
+
+
+def write_step_checkpoint(out_dir: Path, prefix: str, step: int, state: dict, lineage: str, keep: int = 2) -> Path:
+    """`<prefix>_<step>.pt` of this lineage; of this lineage's step checkpoints the newest `keep`
+    stay (another run's files are never moved out or deleted)."""
+    path = out_dir / f"{prefix}_{step:08d}.pt"
+    make_room(path, lineage)
+    save_checkpoint(path, state)
+    prune_checkpoints(out_dir, prefix, keep=keep, lineage=lineage)
+    return path
 
 
 def make_room(path: Path, lineage: str) -> None:

@@ -155,48 +155,16 @@ def _tracked(track: bool, cfg: ModelConfig, run_id: str, run_dir: Path):
 
 def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, checkpoint, log, force) -> None:
     from rfp_core.train import distributed
-    from rfp_core.train.saliency import train_saliency
     from rfp_core.train.velocity import train_velocity
 
-    codec_ckpt = None
-    if imports.codec is not None:
-        codec_ckpt = distributed.world().from_main(lambda: import_codec(imports.codec, cfg, run_dir))
-    elif cfg.codec.net.type != "Identity":  # phase 0: the later phases work in its latent space
-        from rfp_core.train.codec import train_codec
-
-        # not data-parallel: under torchrun rank 0 trains it while the others wait
-        codec = distributed.world().from_main(
-            lambda: _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log)
-        )
-        print(
-            f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr
-        )
-        codec_ckpt = codec.checkpoint
+    codec_ckpt = _codec_checkpoint(cfg, manifest, run_dir, store, device, progress, imports, force, log)
     if only == "codec":
         return
     saliency_ckpt = None
     if imports.saliency is not None:
         saliency_ckpt = distributed.world().from_main(lambda: import_saliency(imports.saliency, cfg, run_dir))
     elif not cfg.generative and cfg.velocity.loss == "saliency":
-        sal = train_saliency(
-            cfg,
-            manifest,
-            run_dir,
-            device=device,
-            store=store,
-            progress=progress,
-            codec_checkpoint=codec_ckpt,
-            log=log,
-            force=force,
-        )
-        reported = "" if sal.report_accuracy is None else f", reported held-out accuracy {sal.report_accuracy:.4f}"
-        print(
-            f"saliency: {sal.stopped_by or cfg.saliency.stop_on} accuracy {sal.accuracy:.4f}{reported} after "
-            f"{sal.steps} "
-            f"steps -> {sal.checkpoint}",
-            file=sys.stderr,
-        )
-        saliency_ckpt = sal.checkpoint
+        saliency_ckpt = _saliency_phase(cfg, manifest, run_dir, store, device, progress, codec_ckpt, log, force)
     if only == "saliency":
         return
     pairs = distributed.world().from_main(lambda: _structure_pairs(cfg, manifest, run_dir, store, device, progress))
@@ -221,17 +189,52 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
     )
 
 
+def _codec_checkpoint(cfg, manifest, run_dir, store, device, progress, imports: Imports, force, log) -> Path | None:
+    """Phase 0: the imported codec, else a trained one (None for Identity: the later phases work in pixels)."""
+    from rfp_core.train import distributed
+
+    if imports.codec is not None:
+        return distributed.world().from_main(lambda: import_codec(imports.codec, cfg, run_dir))
+    if cfg.codec.net.type == "Identity":
+        return None
+    from rfp_core.train.codec import train_codec
+
+    # not data-parallel: under torchrun rank 0 trains it while the others wait
+    codec = distributed.world().from_main(
+        lambda: _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log)
+    )
+    print(f"codec: held-out L1 {codec.recon_l1:.4f} after {codec.steps} steps -> {codec.checkpoint}", file=sys.stderr)
+    return codec.checkpoint
+
+
+def _saliency_phase(cfg, manifest, run_dir, store, device, progress, codec_ckpt, log, force) -> Path:
+    from rfp_core.train.saliency import train_saliency
+
+    sal = train_saliency(
+        cfg,
+        manifest,
+        run_dir,
+        device=device,
+        store=store,
+        progress=progress,
+        codec_checkpoint=codec_ckpt,
+        log=log,
+        force=force,
+    )
+    reported = "" if sal.report_accuracy is None else f", reported held-out accuracy {sal.report_accuracy:.4f}"
+    print(
+        f"saliency: {sal.stopped_by or cfg.saliency.stop_on} accuracy {sal.accuracy:.4f}{reported} after "
+        f"{sal.steps} steps -> {sal.checkpoint}",
+        file=sys.stderr,
+    )
+    return sal.checkpoint
+
+
 def _paired_phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, only, force, log) -> None:
     """Paired mode: the codec (trained or imported) as in unpaired mode, then the velocity on true pairs."""
     from rfp_core.train.paired import train_paired
 
-    codec_ckpt = None
-    if imports.codec is not None:
-        codec_ckpt = import_codec(imports.codec, cfg, run_dir)
-    elif cfg.codec.net.type != "Identity":
-        from rfp_core.train.codec import train_codec
-
-        codec_ckpt = _codec_phase(train_codec, cfg, manifest, run_dir, device, store, progress, force, log).checkpoint
+    codec_ckpt = _codec_checkpoint(cfg, manifest, run_dir, store, device, progress, imports, force, log)
     if only is not None:
         return
     train_paired(cfg, manifest, run_dir, store=store, device=device, codec_checkpoint=codec_ckpt, progress=progress)

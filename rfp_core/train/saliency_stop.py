@@ -1,4 +1,4 @@
-"""When the saliency phase stops, and on which frames its accuracy is reported.
+"""When the saliency phase stops, and on which frames its accuracy is measured and reported.
 
 Two accuracies are tracked and logged: the original trainer's — each training batch's accuracy
 (label = the majority domain of the input), smoothed over the last `smoothing_window` batches and
@@ -13,10 +13,19 @@ with a warning if either accuracy reached `accuracy_threshold`, and only fails w
 
 from __future__ import annotations
 
+import sys
 from collections import deque
+from pathlib import Path
 from typing import Iterable
 
-from rfp_core.config import SaliencyConfig
+import torch
+from torch import nn
+
+from rfp_core.config import ModelConfig, SaliencyConfig
+from rfp_core.media.datasets import MIN_SOURCES_TO_HALVE, FrameDataset, holdout_parts
+
+# held-out frames scored per domain at each evaluation (an evenly spaced, fixed subset)
+MAX_EVAL_PER_DOMAIN = 256
 
 
 class StopRule:
@@ -57,3 +66,68 @@ class StopRule:
         threshold, so the phase ends instead of failing; None if it did not."""
         other = ("holdout", held_out) if self.mode == "train_smoothed" else ("train_smoothed", self.smoothed)
         return other if other[1] is not None and other[1] >= self.threshold else None
+
+
+@torch.no_grad()
+def holdout_batches(manifest: Path, store, cfg: ModelConfig, split: str = "holdout") -> list[tuple[torch.Tensor, int]]:
+    """(frames, domain) of each domain's held-out `split`, at most MAX_EVAL_PER_DOMAIN evenly spaced."""
+    sc = cfg.saliency
+    out = []
+    for domain in (0, 1):
+        try:
+            ds = FrameDataset(
+                manifest,
+                store,
+                domain,
+                cfg.max_size,
+                split=split,
+                holdout_fraction=sc.holdout_fraction,
+                train_crop=False,
+            )
+        except ValueError:
+            raise ValueError(
+                f"{manifest}: domain {domain} has no held-out frames to measure saliency accuracy on; "
+                f"add frames to domain {domain} (at least 2 are needed) or raise saliency.holdout_fraction "
+                f"({sc.holdout_fraction})"
+            ) from None
+        n = len(ds)
+        step = max(1, n // MAX_EVAL_PER_DOMAIN)
+        idx = list(range(0, n, step))[:MAX_EVAL_PER_DOMAIN]
+        out.append((torch.stack([ds[i] for i in idx]), domain))
+    return out
+
+
+@torch.no_grad()
+def evaluate_accuracy(
+    net: nn.Module, codec: nn.Module, holdout: list[tuple[torch.Tensor, int]], device, batch: int = 64
+) -> float:
+    """Mean over the two domains of the held-out accuracy."""
+    was_training = net.training
+    net.eval()
+    accs = []
+    for x, label in holdout:
+        correct = 0
+        for chunk in x.split(batch):
+            logits = net(codec.encode(chunk.to(device)))
+            correct += int((logits.argmax(1) == label).sum())
+        accs.append(correct / len(x))
+    net.train(was_training)
+    return sum(accs) / len(accs)
+
+
+def report_separate(manifest: Path, sc: SaliencyConfig) -> bool:
+    """Whether every domain has >= 2 held-out sources, so stop and report frames differ."""
+    from rfp_core.media.manifest import ok_frames, read_manifest
+
+    table = read_manifest(manifest)
+    for domain in (0, 1):
+        stop, rep = holdout_parts(ok_frames(table, domain), sc.holdout_fraction)
+        if (stop & rep).any():
+            print(
+                f"saliency: domain {domain} has fewer than {MIN_SOURCES_TO_HALVE} held-out source files, so the "
+                "accuracy is reported on the frames that stop training; add files or raise "
+                "saliency.holdout_fraction to keep them apart",
+                file=sys.stderr,
+            )
+            return False
+    return True

@@ -3,11 +3,11 @@
 Resume is exact: the data order is a function of the step (`StepSampler`), the LR a function of
 the step (`lr_at`), and a checkpoint holds model, EMA, optimizer, step and the RNG states. It only
 continues checkpoints of the same lineage (what the run is built from; `train/resume.py`).
+One step is `train/velocity_step.py`; the sample grids are `train/velocity_samples.py`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import json
 import math
 import os
@@ -23,20 +23,12 @@ from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
 from rfp_core.atomic import sweep_temps
-from rfp_core.checkpoint import (
-    CheckpointError,
-    latest_checkpoint,
-    load_checkpoint,
-    prune_checkpoints,
-    save_checkpoint,
-)
+from rfp_core.checkpoint import CheckpointError, latest_checkpoint, load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig
 from rfp_core.config_files import config_from_dict
-from rfp_core.flow import rf
 from rfp_core.flow.coupling import Coupler
-from rfp_core.media.datasets import FrameDataset, UnpairedDataset
+from rfp_core.media.datasets import UnpairedDataset
 from rfp_core.media.frame_store import FrameStore
-from rfp_core.media.images import save_grid
 from rfp_core.nets import build_velocity_net
 from rfp_core.tracking import LogFn
 from rfp_core.train import distributed
@@ -47,17 +39,19 @@ from rfp_core.train.resume import (
     budget_note,
     lineage_record,
     make_room,
-    resume_point,
+    pick_resume_point,
+    restore_exact,
     rng_state,
-    set_rng_state,
     trim_metrics,
     velocity_inputs,
+    write_step_checkpoint,
 )
-from rfp_core.train.saliency import load_saliency
-from rfp_core.train.schedule import lr_at
+from rfp_core.train.saliency import load_saliency_h
+from rfp_core.train.schedule import CheckpointClock, lr_at, set_lr
+from rfp_core.train.velocity_samples import SampleGrids, sample_inputs
+from rfp_core.train.velocity_step import LossWindow, VelocityRun, accumulate_gradients, apply_step
 
 CKPT_PREFIX = "velocity"  # intermediate checkpoints: velocity_{step:08d}.pt
-SALT_T, SALT_NOISE = 1, 2  # per-sample draws (train/distributed.py): timestep, generative noise
 
 
 class NonFiniteLoss(RuntimeError):
@@ -78,27 +72,6 @@ class VelocityResult:
     metrics_path: Path
 
 
-def _sample_inputs(cfg: ModelConfig, manifest: Path, store, n: int) -> torch.Tensor | None:
-    """A fixed set of domain-0 frames (held-out first) for the periodic sample grids."""
-    for split in ("holdout", "all"):
-        try:
-            ds = FrameDataset(
-                manifest,
-                store,
-                0,
-                cfg.max_size,
-                split=split,
-                holdout_fraction=cfg.saliency.holdout_fraction,
-                train_crop=False,
-            )
-        except ValueError:  # no frames in this split
-            continue
-        # evenly spaced: consecutive frames of one video would fill the grid with one scene
-        idx = torch.linspace(0, len(ds) - 1, min(n, len(ds))).round().long().unique().tolist()
-        return torch.stack([ds[i] for i in idx])
-    return None
-
-
 def train_velocity(
     cfg: ModelConfig,
     manifest: Path,
@@ -117,96 +90,146 @@ def train_velocity(
 
     `force`: velocity work of another lineage in `out_dir` is moved to `superseded/` and training
     starts afresh, instead of refusing (ResumeRefused)."""
-    vc = cfg.velocity
     out_dir = Path(out_dir)
+    run = _set_up(cfg, out_dir, device, saliency_checkpoint, codec_checkpoint)
+    store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
+    sal_ckpt = saliency_checkpoint if run.use_saliency else None
+    inputs = velocity_inputs(json.loads(cfg.to_json()), manifest, sal_ckpt, codec_checkpoint, pairs)
+    run.lineage = lineage_record(inputs)
+    _resume(run, inputs, resume_from, force)
+    run.ddp = run.world.wrap(run.model, run.device)  # forward and backward through this
+    metrics_path = out_dir / "metrics.jsonl"
+    if run.world.main:
+        trim_metrics(metrics_path, run.step)
+    shown = None
+    if run.world.main and not cfg.generative:  # fixed inputs for the sample grids (rank 0 writes them)
+        shown = sample_inputs(cfg, manifest, store, cfg.velocity.sample_batch_size)
+    samples = SampleGrids(cfg, run.codec, run.device, out_dir, shown)
+    _data(run, manifest, store, pairs)
+    final_loss, images_per_s, sample_grid = _train(run, samples, metrics_path, log, progress)
+    final, sample_grid = _finish(run, samples, final_loss, sal_ckpt, sample_grid)
+    if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
+        final_loss = _last_logged_loss(metrics_path)
+    return VelocityResult(final, final_loss, run.step, images_per_s, sample_grid, metrics_path)
+
+
+def _train(
+    run: VelocityRun, samples: SampleGrids, metrics_path: Path, log: LogFn | None, progress: bool
+) -> tuple[float, float, Path | None]:
+    """The loop: steps to `run.total`, logging, sample grids and resume checkpoints on the way.
+    Returns the last step's loss (NaN: no step trained), images/s and the newest grid."""
+    vc, main = run.cfg.velocity, run.world.main
+    run.model.train()
+    bar = tqdm(total=run.total, initial=run.step, desc="velocity", disable=not progress or not main, dynamic_ncols=True)
+    log_every = max(1, min(50, run.total // 20))
+    sample_every = max(1, math.ceil(vc.sample_every_images / vc.train_batch_size))
+    clock = CheckpointClock(vc.checkpoint_every_steps, vc.checkpoint_every_minutes * 60)
+    window, final_loss, sample_grid = LossWindow(), float("nan"), None
+    run_start, run_start_step = time.perf_counter(), run.step
+    while run.step < run.total:
+        lr = lr_at(run.step - run.start, run.total - run.start, vc.learning_rate, vc.lr_schedule, vc.warmup_fraction)
+        set_lr(run.opt, lr)
+        step_loss, step_terms = accumulate_gradients(run)
+        loss_value = float(step_loss)
+        if not math.isfinite(loss_value):
+            bar.close()
+            raise _non_finite(run, loss_value)
+        apply_step(run)
+        final_loss = loss_value
+        window.add(loss_value, step_terms)
+        bar.update(1)
+        if run.step % log_every == 0 or run.step == run.total:
+            _log(run, window.metrics(run, lr), metrics_path, bar, log)
+            window.reset()
+        if run.step % sample_every == 0 and run.step < run.total and main:
+            sample_grid = samples.write(run.ema.model, run.step)
+        if clock.due(run.step) and run.step < run.total and main:
+            _save_state(run)
+            clock.reset()
+    bar.close()
+    trained = run.step - run_start_step
+    elapsed = max(time.perf_counter() - run_start, 1e-9)
+    return final_loss, trained * vc.train_batch_size / elapsed if trained else 0.0, sample_grid
+
+
+def _set_up(
+    cfg: ModelConfig, out_dir: Path, device, saliency_checkpoint: Path | None, codec_checkpoint: Path | None
+) -> VelocityRun:
+    """The world, the codec, the velocity net with its EMA and optimizer, the loss's saliency net."""
+    vc = cfg.velocity
     out_dir.mkdir(parents=True, exist_ok=True)
     world, device = distributed.init(device)  # one process, or this rank of torchrun's world
     sweep_temps(out_dir)  # temp files of a call killed mid-write
-    store = store if store is not None else FrameStore(max_side=cfg.store_max_side)
-    cfg_json = json.loads(cfg.to_json())
-    total, mb = vc.total_steps, vc.train_minibatch_size
     use_saliency = not cfg.generative and vc.loss == "saliency"
     if use_saliency and saliency_checkpoint is None:
         raise ValueError(
             "velocity.loss is 'saliency' but no saliency checkpoint was given: train phase 1 first "
             "(train_saliency) and pass saliency_checkpoint, or set velocity.loss to 'mse'"
         )
-
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
     model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
     ema = EMA(model, vc.ema, vc.ema_warmup_steps)
     opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
-    if (note := horizon_note(vc.ema, total)) is not None:
+    if (note := horizon_note(vc.ema, vc.total_steps)) is not None:
         print(note, file=sys.stderr)
-    h = None
-    if use_saliency:
-        saliency = load_saliency(saliency_checkpoint, device)
-        # the BN-folded copy with a batched primal+tangent jvp is the fast path of the loss
-        h = saliency.frozen_h() if hasattr(saliency, "frozen_h") else saliency.h
-    # the anchor's weight: a number, or a share of the saliency term (train/anchor.py)
+    h = load_saliency_h(saliency_checkpoint, device) if use_saliency else None
     anchor = RelativeAnchor(vc.mse_weight) if vc.mse_weight_mode == "relative" and vc.mse_weight > 0 else None
-    mse_weight = anchor if anchor is not None else vc.mse_weight
     couple = Coupler(cfg, device) if vc.coupling == "minibatch_ot" else None
+    return VelocityRun(
+        cfg, out_dir, world, device, codec, model, ema, opt, use_saliency, h, anchor, couple, total=vc.total_steps
+    )
 
-    # --- resume: an explicit checkpoint, else the newest loadable one of this lineage here
-    inputs = velocity_inputs(cfg_json, manifest, saliency_checkpoint if use_saliency else None, codec_checkpoint, pairs)
-    lineage = lineage_record(inputs)
-    step, resume_state, source = 0, None, None
-    start = 0  # the step this call's budget counts from (an original checkpoint's step, else 0)
+
+def _resume(run: VelocityRun, inputs: dict, resume_from: Path | None, force: bool) -> None:
+    """Where this call starts: an original trainer's checkpoint, an explicit one, else the newest
+    loadable one of this lineage in the run folder, else step 0."""
+    vc = run.cfg.velocity
     if resume_from is not None and Path(resume_from).suffix == ".ckpt":
         # the original trainer's velocity_<run>_<step>.ckpt: its weights, its step, a fresh budget after it
         from rfp_core.original import checkpoint_step, load_into
 
-        load_into(model, resume_from)
-        ema = EMA(model, vc.ema, vc.ema_warmup_steps)
-        step = start = checkpoint_step(resume_from) or 0
-        total = start + total
-        print(f"velocity: continuing from {resume_from} at step {start}; training to step {total}", file=sys.stderr)
-    else:
-        found = None
+        load_into(run.model, resume_from)
+        run.ema = EMA(run.model, vc.ema, vc.ema_warmup_steps)
+        run.step = run.start = checkpoint_step(resume_from) or 0
+        run.total = run.start + run.total
+        print(
+            f"velocity: continuing from {resume_from} at step {run.start}; training to step {run.total}",
+            file=sys.stderr,
+        )
+        return
+    found = pick_resume_point(run.world, run.out_dir, CKPT_PREFIX, inputs, resume_from, force)
+    if found is not None:
+        _restore(run, *found)
 
-        def pick() -> str | None:  # rank 0 picks (it may move other work aside); the others load that file
-            nonlocal found
-            found = resume_point(out_dir, CKPT_PREFIX, inputs, resume_from=resume_from, force=force)
-            return None if found is None else str(found[0])
 
-        picked = world.from_main(pick)
-        if picked is not None:
-            source, resume_state = found or (Path(picked), load_checkpoint(Path(picked), map_location="cpu"))
-    if resume_state is not None:
-        try:
-            if "optimizer" in resume_state:  # a full intermediate checkpoint: continue exactly
-                model.load_state_dict(resume_state["model"])
-                ema.load_state_dict(resume_state["ema"])
-                opt.load_state_dict(resume_state["optimizer"])
-                if anchor is not None and "anchor" in resume_state:
-                    anchor.load_state_dict(resume_state["anchor"])
-                step = int(resume_state["step"])
-                set_rng_state(resume_state["rng"], device)
-                print(f"velocity: resuming from {source} at step {step}/{total}", file=sys.stderr)
-                if (note := budget_note(resume_state, total, vc.train_batch_size)) is not None:
-                    print(note, file=sys.stderr)
-            else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
-                model.load_state_dict(resume_state["velocity"])
-                ema = EMA(model, vc.ema, vc.ema_warmup_steps)
-                print(f"velocity: initialised from the weights of {source}; training from step 0", file=sys.stderr)
-        except (KeyError, RuntimeError, ValueError) as exc:
-            raise CheckpointError(
-                f"{source} does not fit this velocity net / config ({type(exc).__name__}: {str(exc)[:200]}); "
-                "resume with the config it was trained with, or start without --checkpoint"
-            ) from None
+def _restore(run: VelocityRun, source: Path, state: dict) -> None:
+    vc = run.cfg.velocity
+    try:
+        if "optimizer" in state:  # a full intermediate checkpoint: continue exactly
+            anchor = {"anchor": run.anchor} if run.anchor is not None and "anchor" in state else {}
+            restore_exact(state, run.device, model=run.model, ema=run.ema, optimizer=run.opt, **anchor)
+            run.step = int(state["step"])
+            print(f"velocity: resuming from {source} at step {run.step}/{run.total}", file=sys.stderr)
+            if (note := budget_note(state, run.total, vc.train_batch_size)) is not None:
+                print(note, file=sys.stderr)
+        else:  # a final (EMA-only) checkpoint: initialise the weights, train from step 0
+            run.model.load_state_dict(state["velocity"])
+            run.ema = EMA(run.model, vc.ema, vc.ema_warmup_steps)
+            print(f"velocity: initialised from the weights of {source}; training from step 0", file=sys.stderr)
+    except (KeyError, RuntimeError, ValueError) as exc:
+        raise CheckpointError(
+            f"{source} does not fit this velocity net / config ({type(exc).__name__}: {str(exc)[:200]}); "
+            "resume with the config it was trained with, or start without --checkpoint"
+        ) from None
 
-    ddp = world.wrap(model, device)  # forward and backward through this; `model` holds the weights
-    metrics_path = out_dir / "metrics.jsonl"
-    if world.main:
-        trim_metrics(metrics_path, step)
-    samples_dir = out_dir / "samples"
-    sample_x = None if cfg.generative or not world.main else _sample_inputs(cfg, manifest, store, vc.sample_batch_size)
-    sample_noise = None
-    sample_grid: Path | None = None
 
+def _data(run: VelocityRun, manifest: Path, store, pairs) -> None:
+    """The step-indexed data order from `run.step`, this rank's shard of each step's batch in
+    micro-batches; each sample's crop is seeded by its position, so resume is exact in loader
+    workers too."""
+    cfg, vc, device = run.cfg, run.cfg.velocity, run.device
     dataset = UnpairedDataset(
         manifest,
         store,
@@ -216,11 +239,9 @@ def train_velocity(
         holdout_fraction=cfg.saliency.holdout_fraction,
         pairs=pairs,
     )
-    # Step-indexed order (StepSampler's), this rank's shard of each step's batch in micro-batches;
-    # each sample's crop is seeded by its position, so resume is exact in loader workers too.
     workers = min(4, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
-    shards = distributed.ShardBatches(vc.train_batch_size, mb, world, start_step=step)
-    micro_sizes = shards.micro_sizes()
+    shards = distributed.ShardBatches(vc.train_batch_size, vc.train_minibatch_size, run.world, start_step=run.step)
+    run.micro_sizes = shards.micro_sizes()
     loader = DataLoader(
         distributed.Positions(dataset, cfg.seed),
         batch_sampler=shards,
@@ -228,194 +249,83 @@ def train_velocity(
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
     )
-    batches = iter(loader)
-    autocast = (
-        torch.autocast("cuda", dtype=torch.bfloat16) if vc.bf16 and device.type == "cuda" else contextlib.nullcontext()
+    run.batches = iter(loader)
+    if vc.bf16 and device.type == "cuda":
+        run.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+
+
+def _log(run: VelocityRun, metrics: dict, metrics_path: Path, bar, log: LogFn | None) -> None:
+    if run.world.main:
+        with metrics_path.open("a") as fh:
+            fh.write(json.dumps(metrics) + "\n")
+    bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
+    if log and run.world.main:
+        log({f"velocity/{k}": v for k, v in metrics.items() if k not in ("step", "images")}, run.step)
+
+
+def _non_finite(run: VelocityRun, loss: float) -> NonFiniteLoss:
+    vc = run.cfg.velocity
+    last = latest_checkpoint(run.out_dir, CKPT_PREFIX, lineage=run.lineage["lineage"])
+    kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
+    return NonFiniteLoss(
+        f"velocity loss became {loss} at step {run.step + 1}/{run.total}; training stopped and {kept}. "
+        f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "
+        f"({vc.gradient_clip}), or turn velocity.bf16 off.",
+        step=run.step + 1,
+        last_checkpoint=last,
     )
 
-    def save_state(at: int) -> Path:
-        path = out_dir / f"{CKPT_PREFIX}_{at:08d}.pt"
-        make_room(path, lineage["lineage"])
-        save_checkpoint(
-            path,
-            {
-                "model": model.state_dict(),
-                "ema": ema.state_dict(),
-                "optimizer": opt.state_dict(),
-                "step": at,
-                "rng": rng_state(device),
-                "config": cfg_json,
-                "in_channels": codec.latent_channels,
-                "codec": codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
-                "total_steps": total,
-                **lineage,
-                **({"anchor": anchor.state_dict()} if anchor is not None else {}),
-            },
+
+def _save_state(run: VelocityRun) -> Path:
+    """A resume checkpoint at `run.step`: everything an exact continuation needs."""
+    state = {
+        "model": run.model.state_dict(),
+        "ema": run.ema.state_dict(),
+        "optimizer": run.opt.state_dict(),
+        "step": run.step,
+        "rng": rng_state(run.device),
+        "config": json.loads(run.cfg.to_json()),
+        "in_channels": run.codec.latent_channels,
+        "codec": run.codec.state_dict(),  # so `rfp translate --run velocity_N.pt` works in latent space too
+        "total_steps": run.total,
+        **run.lineage,
+        **({"anchor": run.anchor.state_dict()} if run.anchor is not None else {}),
+    }
+    return write_step_checkpoint(run.out_dir, CKPT_PREFIX, run.step, state, run.lineage["lineage"])
+
+
+def _finish(
+    run: VelocityRun, samples: SampleGrids, final_loss: float, saliency_ckpt, sample_grid
+) -> tuple[Path, Path | None]:
+    """The end: full state (so a larger budget can continue from here) and the EMA-only product."""
+    final = run.out_dir / "velocity.pt"
+    if run.world.main:
+        _save_state(run)
+        sample_grid = samples.write(run.ema.model, run.step)
+        make_room(final, run.lineage["lineage"])
+        extra = {"saliency_checkpoint": str(saliency_ckpt) if run.use_saliency else None, **run.lineage}
+        weights, config = run.ema.model.state_dict(), json.loads(run.cfg.to_json())
+        product = velocity_product(
+            weights, config, run.codec.latent_channels, run.codec.state_dict(), run.step, final_loss, **extra
         )
-        prune_checkpoints(out_dir, CKPT_PREFIX, keep=2, lineage=lineage["lineage"])  # never another run's files
-        return path
+        save_checkpoint(final, product)
+    run.world.barrier()  # every rank returns once the product is on disk
+    return final, sample_grid
 
-    def write_samples(at: int) -> Path:
-        nonlocal sample_noise
-        net = ema.model
-        with torch.no_grad():
-            if cfg.generative:
-                if sample_noise is None:
-                    g = torch.Generator().manual_seed(cfg.seed)
-                    side = cfg.max_size // codec.downsample
-                    sample_noise = codec.sample_random_latent(
-                        (vc.sample_batch_size, codec.latent_channels, side, side), generator=g
-                    )
-                z = rf.integrate(net, sample_noise.to(device), vc.num_inference_steps, sampler=vc.sampler)
-                rows = [codec.decode(z)]
-            else:
-                z = rf.integrate(net, codec.encode(sample_x.to(device)), vc.num_inference_steps, sampler=vc.sampler)
-                rows = [sample_x, codec.decode(z)]
-        return save_grid(rows, samples_dir / f"step_{at:08d}.png")
 
-    model.train()
-    bar = tqdm(total=total, initial=step, desc="velocity", disable=not progress or not world.main, dynamic_ncols=True)
-    log_every = max(1, min(50, total // 20))
-    images_per_step = vc.train_batch_size
-    sample_every = max(1, math.ceil(vc.sample_every_images / images_per_step))
-    last_ckpt_time = time.monotonic()
-    window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-    window_terms = torch.zeros(2)
-    run_start, run_start_step = time.perf_counter(), step
-    final_loss = float("nan")
-    while step < total:
-        lr = lr_at(step - start, total - start, vc.learning_rate, vc.lr_schedule, vc.warmup_fraction)
-        for group in opt.param_groups:
-            group["lr"] = lr
-        opt.zero_grad(set_to_none=True)
-        step_loss = torch.zeros((), device=device)
-        step_terms = torch.zeros(2, device=device)  # (saliency term, plain MSE) of the step, for the log
-        distributed.seed_step(cfg.seed, step, world)
-        for i, n in enumerate(micro_sizes):
-            batch = next(batches)
-            pos = batch["position"]  # per-sample draws by position: the same at any world size
-            with torch.no_grad():
-                x1 = codec.encode(batch["domain_1"].to(device, non_blocking=True))
-                x0 = (
-                    distributed.per_sample(
-                        lambda g, shape=(1, *x1.shape[1:]): codec.sample_random_latent(shape, generator=g),
-                        cfg.seed,
-                        pos,
-                        SALT_NOISE,
-                    ).to(device)
-                    if cfg.generative
-                    else codec.encode(batch["domain_0"].to(device, non_blocking=True))
-                )
-                if couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
-                    x1 = couple(batch, x0, x1)
-            t = distributed.per_sample(
-                lambda g: rf.sample_timesteps(1, vc.timestep_sampling, generator=g), cfg.seed, pos, SALT_T
-            ).to(device)
-            x_t = rf.interpolate(x0, x1, t)
-            target = x1 - x0
-            share = n / vc.train_batch_size  # of the global batch: DDP's mean over ranks is the batch mean
-            with distributed.no_sync(ddp, last=i == len(micro_sizes) - 1):  # the saliency jvp stays per rank
-                with autocast:
-                    v = ddp(x_t, t)
-                v = v.float()
-                if use_saliency:
-                    loss, term_sal, term_mse = rf.anchored_saliency_loss_terms(h, x_t, target, v, mse_weight)
-                    step_terms += torch.stack([term_sal, term_mse]) * share
-                else:
-                    loss = rf.velocity_mse_loss(v, target)
-                (loss * share * world.size).backward()
-            step_loss += loss.detach() * share
-        summed = world.sum_(torch.cat([step_loss.view(1), step_terms]))  # the global batch's loss, on every rank
-        step_loss, step_terms = summed[0], summed[1:]
-        loss_value = float(step_loss)
-        if not math.isfinite(loss_value):
-            bar.close()
-            last = latest_checkpoint(out_dir, CKPT_PREFIX, lineage=lineage["lineage"])
-            kept = f"the last good checkpoint is {last}" if last else "no checkpoint was written yet"
-            raise NonFiniteLoss(
-                f"velocity loss became {loss_value} at step {step + 1}/{total}; training stopped and {kept}. "
-                f"Lower velocity.learning_rate ({vc.learning_rate}), keep velocity.gradient_clip set "
-                f"({vc.gradient_clip}), or turn velocity.bf16 off.",
-                step=step + 1,
-                last_checkpoint=last,
-            )
-        if vc.gradient_clip > 0:
-            nn.utils.clip_grad_norm_(model.parameters(), vc.gradient_clip)
-        opt.step()
-        ema.update(model)
-        step += 1
-        final_loss = loss_value
-        window_loss += loss_value
-        window_terms += step_terms.detach().cpu()
-        window_steps += 1
-        bar.update(1)
-
-        if step % log_every == 0 or step == total:
-            elapsed = time.perf_counter() - window_start
-            metrics = {
-                "step": step,
-                "loss": window_loss / window_steps,
-                "lr": lr,
-                "images_per_s": window_steps * images_per_step / max(elapsed, 1e-9),
-                "images": step * images_per_step,
-            }
-            if use_saliency:  # the anchored loss's two terms apart: loss = loss_saliency + mse_weight * loss_mse
-                metrics["loss_saliency"], metrics["loss_mse"] = (window_terms / window_steps).tolist()
-                if anchor is not None:  # the MSE weight the relative anchor used last
-                    metrics["mse_weight_effective"] = anchor.effective
-            if world.main:
-                with metrics_path.open("a") as fh:
-                    fh.write(json.dumps(metrics) + "\n")
-            bar.set_postfix(loss=f"{metrics['loss']:.4f}", img_s=f"{metrics['images_per_s']:.1f}")
-            if log and world.main:
-                logged = {
-                    "velocity/loss": metrics["loss"],
-                    "velocity/lr": lr,
-                    "velocity/images_per_s": metrics["images_per_s"],
-                }
-                if use_saliency:
-                    logged.update(
-                        {"velocity/loss_saliency": metrics["loss_saliency"], "velocity/loss_mse": metrics["loss_mse"]}
-                    )
-                    if anchor is not None:
-                        logged["velocity/mse_weight_effective"] = metrics["mse_weight_effective"]
-                log(logged, step)
-            window_loss, window_start, window_steps = 0.0, time.perf_counter(), 0
-            window_terms = torch.zeros(2)
-        if step % sample_every == 0 and step < total and world.main:
-            sample_grid = write_samples(step)
-        due_time = time.monotonic() - last_ckpt_time >= vc.checkpoint_every_minutes * 60
-        due_steps = vc.checkpoint_every_steps is not None and step % vc.checkpoint_every_steps == 0
-        if (due_time or due_steps) and step < total and world.main:
-            save_state(step)
-            last_ckpt_time = time.monotonic()
-    bar.close()
-    trained = step - run_start_step
-    images_per_s = trained * images_per_step / max(time.perf_counter() - run_start, 1e-9) if trained else 0.0
-
-    # the end: full state (so a larger budget can continue from here) and the EMA-only product
-    final = out_dir / "velocity.pt"
-    if world.main:
-        save_state(step)
-        sample_grid = write_samples(step)
-        make_room(final, lineage["lineage"])
-        save_checkpoint(
-            final,
-            {
-                "velocity": ema.model.state_dict(),
-                "config": cfg_json,
-                "in_channels": codec.latent_channels,
-                "step": step,
-                "final_loss": final_loss,
-                "codec": codec.state_dict(),
-                "saliency_checkpoint": str(saliency_checkpoint) if use_saliency else None,
-                **lineage,
-            },
-        )
-    world.barrier()  # every rank returns once the product is on disk
-    if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
-        final_loss = _last_logged_loss(metrics_path)
-    return VelocityResult(final, final_loss, step, images_per_s, sample_grid, metrics_path)
+def velocity_product(
+    weights: dict, config: dict, in_channels: int, codec: dict, step: int, loss: float, **extra
+) -> dict:
+    """A `velocity.pt` (phase 2's product format, which `load_velocity` and `Translator` read)."""
+    return {
+        "velocity": weights,
+        "config": config,
+        "in_channels": in_channels,
+        "step": step,
+        "final_loss": loss,
+        "codec": codec,
+        **extra,
+    }
 
 
 def _last_logged_loss(path: Path) -> float:
