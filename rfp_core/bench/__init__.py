@@ -18,6 +18,7 @@ OPTIONS = {"quality": QUALITY_ONLY, "reflow_quality": REFLOW_QUALITY, "run": ("c
 
 
 def cli_bench(args) -> int:
+    from rfp_core.bench.report import publish
     from rfp_core.config import ConfigError
 
     module = importlib.import_module(f"rfp_core.bench.{args.which}")
@@ -30,5 +31,5 @@ def cli_bench(args) -> int:
     if "nproc_per_node" in extra:  # data-parallel training: 1 rank and N ranks side by side
         module = importlib.import_module("rfp_core.bench.train_ddp")
         extra = {"nproc": extra.pop("nproc_per_node")}
-    emit(module.run(quick=args.quick, device=args.device, **extra))
+    emit(publish(module.run(quick=args.quick, device=args.device, **extra)))  # a full run's docs written here
     return 0
