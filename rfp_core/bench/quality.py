@@ -71,13 +71,11 @@ def _score_row(
     task: QT.Task, row: str, seed: int, quick: bool, device, steps, judges: dict, ctx: dict
 ) -> tuple[dict, torch.Tensor | None]:
     """One row x seed scored, and its translations; a trained row that failed is a result too (its error)."""
-    t_row = time.perf_counter()
     try:
-        out, flow_stats, train_s = row_outputs(task, row, seed, quick, device, steps, ctx)
+        out, flow_stats, wall = row_outputs(task, row, seed, quick, device, steps, ctx)
     except SaliencyThresholdNotReached as exc:  # a failed row is a result, not the end of the run
         print(f"{task.name}/{row}/seed {seed}: {exc}", file=sys.stderr)
         return {"seed": seed, "error": str(exc)[:300]}, None
-    wall = train_s + (time.perf_counter() - t_row)  # training + translation (not the scoring)
     res = {"seed": seed, **score(out, judges, quick, seed, device), **flow_stats, "wall_s": wall}
     print(
         f"{task.name}/{row}/seed {seed}: " + ", ".join(f"{k} {v:.3f}" for k, v in res.items() if isinstance(v, float)),
