@@ -230,7 +230,7 @@ def _add_bench(sub) -> None:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
-    bench.add_argument("--tasks", default=None, help="quality: comma-separated, from digits,photo,digits_paired (default all)")
+    bench.add_argument("--tasks", default=None, help="quality: from digits,photo,digits_paired (default all)")
     bench.add_argument(
         "--rows",
         default=None,
