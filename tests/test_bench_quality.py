@@ -11,8 +11,10 @@ import pytest
 import torch
 
 from rfp_core.bench import quality as Q
+from rfp_core.bench import quality_configs as QC
+from rfp_core.bench import quality_judges as QJ
 from rfp_core.bench import quality_tasks as QT
-from rfp_core.bench.ablation import splice_benchmarks
+from rfp_core.bench.report import splice_benchmarks
 from rfp_core.cli import main
 from rfp_core.config import ConfigError
 from rfp_core.evaluate.judges import train_content_judge, two_sample_accuracy
@@ -36,8 +38,8 @@ def test_task_pools_are_disjoint_labelled_and_unpaired(tmp_path, name):
         for b in pools[i + 1 :]:
             assert not sources[a] & sources[b], (a, b)
     # domain 1 really is restyled: its colour statistics differ from domain 0's
-    m0, _ = Q.channel_stats(task.load("train0", 0)[0])
-    m1, _ = Q.channel_stats(task.load("train1", 1)[0])
+    m0, _ = QJ.channel_stats(task.load("train0", 0)[0])
+    m1, _ = QJ.channel_stats(task.load("train1", 1)[0])
     assert float((m0 - m1).abs().max()) > 0.05
     # a complete set is reused, not rewritten
     stamp = (task.root / "task.json").stat().st_mtime_ns
@@ -69,8 +71,8 @@ def test_edge_agreement_and_tint():
     flat = torch.zeros_like(x)
     assert edge_agreements(x, flat) == pytest.approx([0.0] * 4)
     assert float(edge_agreements(x, torch.rand(4, 3, 16, 16, generator=g)).mean()) < 0.5
-    stats0, stats1 = Q.channel_stats(x), (torch.tensor([0.2, -0.1, 0.4]), torch.tensor([0.1, 0.1, 0.1]))
-    m, s = Q.channel_stats(Q.tint(x, stats0, stats1))
+    stats0, stats1 = QJ.channel_stats(x), (torch.tensor([0.2, -0.1, 0.4]), torch.tensor([0.1, 0.1, 0.1]))
+    m, s = QJ.channel_stats(QJ.tint(x, stats0, stats1))
     torch.testing.assert_close(m, stats1[0], atol=0.02, rtol=0)
     torch.testing.assert_close(s, stats1[1], atol=0.02, rtol=0)
 
@@ -102,14 +104,14 @@ def test_row_configs_set_every_training_key_and_differ_only_in_the_loss():
         for k in keys(defaults)
         if k.endswith(".type") and k.count(".") == 1 or k.startswith("codec.") and k != "codec.net.type"
     } | {"domain0", "domain1"}
-    for row, raw in Q.ROW_CONFIGS.items():
+    for row, raw in QC.ROW_CONFIGS.items():
         assert raw["codec"]["net"]["type"] == "Identity"
         assert keys(defaults) - ignored <= keys(raw), (row, sorted(keys(defaults) - ignored - keys(raw)))
-        assert Q.row_config(row, 3, quick=False).seed == 3
+        assert QC.row_config(row, 3, quick=False).seed == 3
     strip = lambda r: {**r, "velocity": {k: v for k, v in r["velocity"].items() if k not in ("loss", "mse_weight")}}  # noqa: E731
-    assert strip(Q.ROW_CONFIGS["paper"]) == strip(Q.ROW_CONFIGS["mse"]) == strip(Q.ROW_CONFIGS["anchored"])
+    assert strip(QC.ROW_CONFIGS["paper"]) == strip(QC.ROW_CONFIGS["mse"]) == strip(QC.ROW_CONFIGS["anchored"])
     with pytest.raises(ConfigError, match="--rows"):
-        Q._parse_list("paper,bogus", Q.ROWS, "rows")
+        Q._parse_list("paper,bogus", QC.ROWS, "rows")
 
 
 def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_home):
@@ -136,7 +138,7 @@ def test_quick_run_scores_the_reference_rows_as_failures(capsys, isolated_rfp_ho
     assert rows["identity"][0]["edge_agreement"] == pytest.approx(1.0)
     assert rows["identity"][0]["two_sample_acc"] >= 0.8  # domain 0 is trivially told from domain 1
     assert rows["tint"][0]["two_sample_acc"] >= 0.8  # the colour wash does not pass for real target images
-    assert rows["mse"][0]["nfe"] == Q.QUICK_OVERRIDES["velocity"]["num_inference_steps"]
+    assert rows["mse"][0]["nfe"] == QC.QUICK_OVERRIDES["velocity"]["num_inference_steps"]
     assert rows["mse"][0]["straightness"] is not None and rows["mse"][0]["wall_s"] > 0
     report = isolated_rfp_home / "bench" / "quality" / "report"
     assert {"digits_identity.png", "digits_tint.png", "digits_mse.png", "QUALITY.md"} <= {
@@ -157,13 +159,90 @@ def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
                 out.add(prefix + k)
         return out
 
-    rows = Q.ROW_CONFIGS
+    rows = QC.ROW_CONFIGS
     assert diff(rows["anchored_relative"], rows["anchored"]) == {"velocity.mse_weight", "velocity.mse_weight_mode"}
     assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
     assert diff(rows["anchored_ot"], rows["anchored"]) == {"velocity.coupling"}
     assert diff(rows["mse_ot"], rows["mse"]) == {"velocity.coupling"}
     assert diff(rows["anchored_ot_structure"], rows["anchored"]) == {"velocity.coupling", "velocity.coupling_space"}
     assert diff(rows["anchored_train_stop"], rows["anchored"]) == {"saliency.stop_on"}
-    cfg = Q.row_config("anchored_ot_structure", 0, quick=True)
+    cfg = QC.row_config("anchored_ot_structure", 0, quick=True)
     assert cfg.velocity.coupling == "minibatch_ot" and cfg.structure.encoder == "thumbnail"
-    assert set(Q.ROW_CONFIGS) <= set(Q._parse_list(None, Q.ROWS, "rows"))
+    assert set(QC.ROW_CONFIGS) <= set(Q._parse_list(None, QC.ROWS, "rows"))
+
+
+def test_paired_task_renders_each_training_digit_in_both_domains_under_one_name(tmp_path):
+    from rfp_core.flow.paired import pairing_from_filenames
+    from rfp_core.media.frame_store import FrameStore
+    from rfp_core.media.ingest import ingest
+
+    task = QT.make_task("digits_paired", tmp_path / "p", QT.QUICK, seed=1)
+    assert task.paired and QT.is_paired("digits_paired") and not QT.is_paired("digits")
+    f0, f1 = task.folder("train0", 0), task.folder("train1", 1)
+    names = sorted(json.loads((f0 / "labels.json").read_text()))
+    assert len(names) == QT.QUICK.n_train and names == sorted(json.loads((f1 / "labels.json").read_text()))
+    for meta in ("labels.json", "sources.json"):  # the same digit sample and label under the same name
+        assert json.loads((f0 / meta).read_text()) == json.loads((f1 / meta).read_text())
+    # the same pose and pen: a pair's edges agree far better than a digit's with another render of its class
+    x0, x1 = task.load("train0", 0)[0], task.load("train1", 1)[0]
+    paired = float(edge_agreements(x0, x1).mean())
+    assert paired > 0.5
+    assert paired > float(edge_agreements(x0, x1.roll(1, dims=0)).mean()) + 0.2
+    # pairing by file names (rfp_core.flow.paired) finds exactly these pairs
+    store = FrameStore(root=tmp_path / "store", max_side=64)
+    report = ingest([f0], [f1], out=tmp_path / "m.parquet", store=store, progress=False)
+    pairs = pairing_from_filenames(report.manifest_path)
+    assert sorted(pairs.column("stem").to_pylist()) == [n.removesuffix(".png") for n in names]
+    # the judges' and the scored pools never share a digit sample with the training pairs
+    train_src = set(json.loads((f0 / "sources.json").read_text()).values())
+    for pool in ("judge", "eval"):
+        for d in (0, 1):
+            assert not train_src & set(json.loads((task.folder(pool, d) / "sources.json").read_text()).values())
+
+
+def test_paired_rows_run_on_paired_tasks_only():
+    plan = Q.plan_rows(["digits", "digits_paired"], list(QC.ROWS))
+    assert "paired" not in plan["digits"] and "mse" in plan["digits"] and "paper" in plan["digits"]
+    assert plan["digits_paired"] == ["identity", "tint", "mse", "paired"]
+    assert QC.row_pairing("paired") == "filenames" and QC.row_pairing("mse") == "unpaired"
+    assert QC.row_config("paired", 0, quick=True).velocity.loss == "mse"  # the pix2pix default: plain MSE
+    with pytest.raises(ConfigError, match="none runs on task digits; its rows are identity,tint,paper"):
+        Q.plan_rows(["digits"], ["paired"])
+
+
+def test_quick_paired_task_trains_the_paired_row_on_true_pairs(capsys, isolated_rfp_home, tmp_path):
+    from rfp_core.bench.report import DOCS_KEY, publish
+
+    assert main(["bench", "quality", "--quick", "--tasks", "digits_paired", "--rows", "mse,paired"]) == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(out["digits_paired"]) == {"ceilings", "mse", "paired"}
+    runs = isolated_rfp_home / "runs"
+    paired_run, unpaired_run = (
+        runs / "quality-digits_paired-paired-s0-quick",
+        runs / "quality-digits_paired-mse-s0-quick",
+    )
+    ckpt = torch.load(paired_run / "velocity.pt", map_location="cpu", weights_only=True)
+    assert ckpt["paired"]["pairs"] == QT.QUICK.n_train and ckpt["paired"]["loss"] == "mse"
+    assert json.loads((paired_run / "quality.json").read_text())["pairing"] == "filenames"
+    # the unpaired twin trains on the same files without pairs
+    assert "paired" not in torch.load(unpaired_run / "velocity.pt", map_location="cpu", weights_only=True)
+    assert "pairing" not in json.loads((unpaired_run / "quality.json").read_text())
+    work = isolated_rfp_home / "bench" / "quality" / "report"
+    raw = json.loads((work / "digits_paired.json").read_text())
+    for row in ("mse", "paired"):
+        r = raw["rows"][row][0]
+        assert 0 <= r["content_kept"] <= 1 and 0 <= r["transfer_rate"] <= 1 and r["wall_s"] > 0
+        assert r["nfe"] == QC.QUICK_OVERRIDES["velocity"]["num_inference_steps"] and r["straightness"] is not None
+    assert "paired: true pairs (same file name), MSE" in (work / "QUALITY.md").read_text()
+    # what a full run hands to `rfp bench`: the docs files, grids linked from docs/, one BENCHMARKS section
+    docs_dir = tmp_path / "docs"
+    rest = publish({"x": 1, DOCS_KEY: Q.docs_update(work, ["digits_paired"], docs_dir)}, root=docs_dir)
+    assert rest == {"x": 1}
+    published = json.loads((docs_dir / "quality" / "digits_paired.json").read_text())
+    assert published["rows"] == raw["rows"] and published["header"] == raw["header"]
+    assert published["grids"]["paired"] == str(docs_dir / "quality" / "digits_paired_paired.png")
+    assert (docs_dir / "quality" / "digits_paired_paired.png").read_bytes() == (
+        work / "digits_paired_paired.png"
+    ).read_bytes()
+    bench = (docs_dir / "BENCHMARKS.md").read_text()
+    assert bench.count(Q.BEGIN) == 1 and "[paired](quality/digits_paired_paired.png)" in bench

@@ -239,7 +239,12 @@ def test_ablation_table_names_both_rows_and_marks_missing_values():
 
 
 def test_ablation_table_replaces_its_section_of_benchmarks_md_only(tmp_path):
-    from rfp_core.bench.ablation import BEGIN, END, splice_benchmarks
+    from functools import partial
+
+    from rfp_core.bench.ablation import BEGIN, END, TITLE
+    from rfp_core.bench.report import splice_benchmarks
+
+    splice_benchmarks = partial(splice_benchmarks, begin=BEGIN, end=END, title=TITLE)
 
     bench = tmp_path / "BENCHMARKS.md"
     bench.write_text(

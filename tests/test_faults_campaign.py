@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from rfp_core.bench.faults import audit, mismatches
+from rfp_core.bench.faults_check import audit, mismatches
 
 ROOT = Path(__file__).resolve().parents[1]
 

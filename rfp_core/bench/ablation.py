@@ -5,19 +5,16 @@ The rows (`VARIANTS`, in order): "saliency" is the demo config as it is, MSE anc
 `mse_weight` 0, a row only when the demo config's anchor is positive (else it would repeat the
 first); "mse" is plain rectified flow. Same data, seed and budget; rows differ only in
 `velocity.loss` and `velocity.mse_weight`. All runs are graded by one judge (trained once on the
-held-out real frames) and measured by `evaluate_run`; the table goes to docs/ABLATION.md and into
-the ablation section of docs/BENCHMARKS.md (a `--quick` smoke run writes it under $RFP_HOME
-instead, keeping the docs).
+held-out real frames) and measured by `evaluate_run`; a full run hands the table to `rfp bench`
+for docs/ABLATION.md and the ablation section of docs/BENCHMARKS.md (a `--quick` smoke run writes it
+under $RFP_HOME instead, keeping the docs).
 docs/METHOD.md predicts the trade-off: the saliency loss keeps the shapes (high mask IoU) but on its own
 lets the background drift (a colour cast, which the anchor holds); MSE breaks the shapes.
 """
 
 from __future__ import annotations
 
-import json
 import math
-import platform
-import shutil
 import sys
 import time
 from dataclasses import dataclass, field
@@ -26,6 +23,8 @@ from typing import Any
 
 import torch
 
+from rfp_core.bench import report
+from rfp_core.bench.reuse import comparable, train_once
 from rfp_core.config import ConfigError, ModelConfig
 from rfp_core.config_files import config_from_dict, load_config
 from rfp_core.paths import project_root, rfp_home, runs_dir
@@ -144,43 +143,20 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
 
 
 BEGIN, END = "<!-- ablation:begin (written by rfp bench ablation) -->", "<!-- ablation:end -->"
-
-
-def splice_benchmarks(
-    path: Path, table: str, begin: str = BEGIN, end: str = END, title: str = "## Ablation — `rfp bench ablation`"
-) -> None:
-    """Put the table (without its title) between the `begin` / `end` markers of docs/BENCHMARKS.md
-    (the ablation's by default), replacing what was there; a file without the markers gets a
-    section `title` with them appended once."""
-    from rfp_core.atomic import atomic_write_text
-
-    body = table.split("\n", 2)[2].strip() if table.startswith("# ") else table.strip()
-    block = f"{begin}\n{body}\n{end}"
-    text = path.read_text() if path.exists() else "# Benchmarks\n"
-    if begin in text and end in text:
-        head, rest = text.split(begin, 1)
-        text = head + block + rest.split(end, 1)[1]
-    else:
-        text = text.rstrip("\n") + f"\n\n{title}\n\n" + block + "\n"
-    atomic_write_text(path, text)
-
-
-def _comparable(cfg: ModelConfig) -> dict:
-    return cfg.model_dump(mode="json", exclude={"domain0", "domain1"})
-
-
-def _finished(run_dir: Path, cfg: ModelConfig, quick: bool) -> float | None:
-    """The training seconds of a finished ablation run of exactly this config, else None."""
-    try:
-        saved = json.loads((run_dir / "ablation.json").read_text())
-    except (OSError, json.JSONDecodeError):
-        return None
-    same = saved.get("config") == _comparable(cfg) and saved.get("quick") == quick
-    return float(saved["train_seconds"]) if same and (run_dir / "velocity.pt").exists() else None
+TITLE = "## Ablation — `rfp bench ablation`"
+KEEP = [key for key, _, _ in COLUMNS] + [
+    "fid_judge_floor",
+    "kid_judge_floor",
+    "mask_iou_input",
+    "judge_accuracy",
+    "n_eval",
+    "run_dir",
+]
 
 
 def run(quick: bool = False, device: str | None = None, retrain: bool = False) -> dict:
-    """Train (or reuse finished runs of the same config) and evaluate every variant; write the table."""
+    """Train (or reuse finished runs of the same config) and evaluate every variant; the table (a full
+    run: for docs/, under "docs")."""
     from rfp_core.atomic import atomic_write_text
     from rfp_core.device import pick_device
     from rfp_core.media.demo_data import DEFAULT_NUM, make_demo_data
@@ -197,21 +173,39 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     rows_to_run = variants(base)
     trained = {v.label: _train_variant(base, config_name, v, data, quick, dev, retrain) for v in rows_to_run}
     rows, grids, first, judge = _evaluate_rows(rows_to_run, trained, data, quick, dev)
+    header = _header(quick, dev, config_name, base, first.cfg, data, rows[rows_to_run[0].label], judge, grids)
+    table = markdown(rows, header)
+    table_path = (work / "ABLATION.md") if quick else project_root() / "docs" / "ABLATION.md"
+    if quick:
+        atomic_write_text(table_path, table)
+    print(f"ablation table: {table_path}", file=sys.stderr)
+    out: dict[str, Any] = {label: {k: _json_safe(m.get(k)) for k in KEEP} for label, m in rows.items()}
+    out.update(table=str(table_path), config=config_name, quick=quick, device=str(dev))
+    out["seconds"] = time.perf_counter() - start
+    out = report.jsonable(out)
+    if not quick:  # the grids beside the table, so the docs show the pictures as well as the numbers
+        copies = {
+            f"ablation/{v.slug}_translate.png": Path(rows[v.label]["paths"]["grid_translate"]) for v in rows_to_run
+        }
+        out[report.DOCS_KEY] = report.Docs(
+            files={"ABLATION.md": table}, copies=copies, sections=[report.Section(BEGIN, END, TITLE, table)]
+        )
+    return out
 
-    docs = project_root() / "docs"
-    table_path = (work / "ABLATION.md") if quick else docs / "ABLATION.md"
-    some = rows[rows_to_run[0].label]
-    header = {
+
+def _header(quick: bool, dev, config_name: str, base: ModelConfig, cfg: ModelConfig, data, some: dict, judge, grids):
+    """The facts the table's header states: where, what config and budget, the judge and its floor."""
+    return {
         "quick": quick,
-        "date": time.strftime("%Y-%m-%d"),
+        "date": report.today(),
         "device": str(dev),
-        "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "platform": report.platform_line(),
         "config": config_name,
-        "seed": first.cfg.seed,
-        "train_images": first.cfg.velocity.train_images,
-        "steps": first.cfg.velocity.total_steps,
-        "batch": first.cfg.velocity.train_batch_size,
-        "size": first.cfg.max_size,
+        "seed": cfg.seed,
+        "train_images": cfg.velocity.train_images,
+        "steps": cfg.velocity.total_steps,
+        "batch": cfg.velocity.train_batch_size,
+        "size": cfg.max_size,
         "data_num": data.num,
         "n_eval": some["n_eval"],
         "nfe": some["nfe"],
@@ -223,60 +217,32 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
         "grids": grids,
         "mse_weight": base.velocity.mse_weight,
     }
-    table = markdown(rows, header)
-    atomic_write_text(table_path, table)
-    if not quick:
-        splice_benchmarks(docs / "BENCHMARKS.md", table)
-    print(f"ablation table: {table_path}", file=sys.stderr)
-
-    keep = [key for key, _, _ in COLUMNS] + [
-        "fid_judge_floor",
-        "kid_judge_floor",
-        "mask_iou_input",
-        "judge_accuracy",
-        "n_eval",
-        "run_dir",
-    ]
-    out: dict[str, Any] = {label: {k: _json_safe(m.get(k)) for k in keep} for label, m in rows.items()}
-    out.update(
-        {
-            "table": str(table_path),
-            "config": config_name,
-            "quick": quick,
-            "device": str(dev),
-            "seconds": time.perf_counter() - start,
-        }
-    )
-    return json.loads(json.dumps(out, default=str))
 
 
 def _train_variant(base: ModelConfig, config_name: str, v: Variant, data, quick: bool, dev, retrain: bool):
     """(run folder, training seconds) of one row: a finished run of exactly this config is reused."""
-    from rfp_core.atomic import atomic_write_text
     from rfp_core.train.run import train_run
 
     cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides=v.overrides)
     run_id = f"ablation-{v.slug}" + ("-quick" if quick else "")
-    done = _finished(runs_dir() / run_id, cfg, quick)
-    if done is not None and not retrain:
-        print(
-            f"{run_id}: trained with this config already, re-evaluating it (retrain=True trains afresh)",
-            file=sys.stderr,
-        )
-        return runs_dir() / run_id, done
-    shutil.rmtree(runs_dir() / run_id, ignore_errors=True)  # a fresh run, never a resumed one
-    t0 = time.perf_counter()
-    run_dir = train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
-    seconds = time.perf_counter() - t0
-    atomic_write_text(
-        run_dir / "ablation.json", json.dumps({"config": _comparable(cfg), "quick": quick, "train_seconds": seconds})
+
+    def train() -> Path:
+        return train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
+
+    seconds, _ = train_once(
+        runs_dir() / run_id,
+        "ablation.json",
+        {"config": comparable(cfg), "quick": quick},
+        train,
+        note="re-evaluating it (retrain=True trains afresh)",
+        retrain=retrain,
     )
-    return run_dir, seconds
+    return runs_dir() / run_id, seconds
 
 
 def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool, dev):
     """Every row measured by `evaluate_run`, graded by one judge trained once on the held-out real frames
-    evaluate_run uses; the grids copied beside the table (full runs)."""
+    evaluate_run uses; the grids as the table links them (full runs: where `rfp bench` copies them in docs/)."""
     from rfp_core.evaluate import evaluate_run, train_judge
     from rfp_core.inference.translate import Translator
     from rfp_core.media.datasets import FrameDataset
@@ -298,7 +264,6 @@ def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool,
     ]
     judge = train_judge(held[0], held[1], steps=60 if quick else 300, device=dev, seed=cfg.seed)
     encoder = _encoder(cfg, dev)
-    docs = project_root() / "docs"
     rows: dict[str, dict] = {}
     grids: dict[str, str] = {}
     for v in rows_to_run:
@@ -316,15 +281,7 @@ def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool,
         )
         res.update(train_seconds=seconds, run_dir=str(run_dir))
         rows[v.label] = res
-        grid = Path(res["paths"]["grid_translate"])
-        if quick:
-            grids[v.label] = str(grid)
-            continue
-        # the grids beside the table, so the docs show the pictures as well as the numbers
-        target = docs / "ablation" / f"{v.slug}_translate.png"
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copyfile(grid, target)
-        grids[v.label] = f"ablation/{v.slug}_translate.png"
+        grids[v.label] = res["paths"]["grid_translate"] if quick else f"ablation/{v.slug}_translate.png"
     return rows, grids, first, judge
 
 

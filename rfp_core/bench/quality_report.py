@@ -26,11 +26,27 @@ ROW_LABELS = {
     "paper": "paper: saliency loss",
     "anchored": "anchored: saliency + MSE",
     "mse": "mse: plain rectified flow",
+    "paired": "paired: true pairs (same file name), MSE",
 }
 
 
 def _finite(values: list[Any]) -> list[float]:
     return [float(v) for v in values if v is not None and math.isfinite(float(v))]
+
+
+def summarise(values: list[Any]) -> dict[str, float | None]:
+    """mean / std / min / max / n of the finite values (the last-line JSON's per-row figures)."""
+    vals = _finite(values)
+    if not vals:
+        return {"mean": None, "std": None, "min": None, "max": None, "n": 0}
+    a = np.asarray(vals)
+    return {
+        "mean": float(a.mean()),
+        "std": float(a.std(ddof=1)) if len(a) > 1 else 0.0,
+        "min": float(a.min()),
+        "max": float(a.max()),
+        "n": len(a),
+    }
 
 
 def cell(values: list[Any], fmt: str) -> str:
@@ -95,7 +111,8 @@ def markdown(results: dict[str, dict], out_dir: Path, quick: bool) -> str:
         "Real images that ship with scikit-learn (nothing downloaded). Trained rows differ only in "
         "`velocity.loss` / `velocity.mse_weight` (`_ot` rows: `velocity.coupling` minibatch_ot, `_structure` in the "
         "thumbnail encoder's space; `_relative`: `velocity.mse_weight_mode` relative, weight 1.0; `_train_stop`: "
-        "`saliency.stop_on` train_smoothed); configs in `rfp_core/bench/quality.py` (`ROW_CONFIGS`). "
+        '`saliency.stop_on` train_smoothed; `paired`: `"pairing": "filenames"`, trained on the true '
+        "same-name pairs of a paired task, plain MSE); configs in `rfp_core/bench/quality_configs.py` (`ROW_CONFIGS`). "
         "Cells: mean ± std (min–max) over seeds.",
         "",
         "What to read: *content kept* is the content judge's accuracy on the translations against each input's "

@@ -1,4 +1,4 @@
-"""The two tasks of `rfp bench quality`, made from real images that ship inside scikit-learn.
+"""The tasks of `rfp bench quality`, made from real images that ship inside scikit-learn.
 
 Nothing is downloaded: `sklearn.datasets.load_digits` (1,797 labelled 8x8 handwritten digits) and
 `sklearn.datasets.load_sample_images` (two colour photographs, china.jpg and flower.jpg).
@@ -10,9 +10,14 @@ digits  domain 0: the digit, upsampled to 32 px, white ink on black. domain 1: t
 photo   domain 0: plain 32 px photo patches. domain 1: the same kind of patch restyled by a fixed
         "painterly" look (median smoothing, boosted saturation, posterised colours, inked edges).
         Label: which photo and which half (top / bottom) it came from (4 classes).
+digits_paired  the digits task with true pairs for training (issue 11, item 5): each training digit
+        is drawn once (one pose, one pen) and rendered in both domains under the same file name
+        (`train0/domain0/pair_i.png` and `train1/domain1/pair_i.png`), so pairing by file names
+        (`rfp_core.flow.paired`) gives the true pairs. Its judge and eval pools are drawn as in digits.
 
 Every task is split into four disjoint pools of source material (digit samples; photo tiles):
-`train0` and `train1` feed the translator (domain 0 and 1 from different sources: unpaired),
+`train0` and `train1` feed the translator (domain 0 and 1 from different sources: unpaired; in a
+paired task from the same sources, pair by pair),
 `judge` trains the judges (rendered in both domains), `eval` is translated and scored (both
 domains: the domain-0 renders are the inputs, the domain-1 renders the real target images).
 
@@ -58,6 +63,7 @@ class Task:
     n_classes: int
     label_names: tuple[str, ...]
     style: str
+    paired: bool = False  # train0/domain0 and train1/domain1 hold true pairs under the same names
 
     def folder(self, pool: str, domain: int) -> Path:
         return self.root / pool / f"domain{domain}"
@@ -118,7 +124,11 @@ def _texture(photos: list[np.ndarray], rng: np.random.Generator) -> np.ndarray:
 
 
 def render_digit(digit: np.ndarray, domain: int, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
-    ink = _ink(digit, rng)[..., None] * 255.0
+    return _colour(_ink(digit, rng)[..., None] * 255.0, domain, rng, photos)
+
+
+def _colour(ink: np.ndarray, domain: int, rng: np.random.Generator, photos: list[np.ndarray]) -> Image.Image:
+    """A (32, 32, 1) ink mask in [0, 255] as domain 0's white-on-black or domain 1's textured digit."""
     if domain == 0:
         rgb = np.repeat(ink, 3, axis=2)
     else:  # MNIST-M's blend: the texture, inverted where the ink is
@@ -190,13 +200,13 @@ def render_patch(photo: np.ndarray, top: int, left: int, domain: int, rng: np.ra
 # writing
 
 
-def _write_pool(folder: Path, images: list[tuple[Image.Image, int, str]], pool: str) -> None:
-    """PNGs plus labels.json (name -> label) and sources.json (name -> the digit sample or photo
-    tile it was rendered from, so the pools' disjointness can be checked)."""
+def _write_pool(folder: Path, images: list[tuple[Image.Image, int, str]], prefix: str) -> None:
+    """PNGs `<prefix>_<i>.png` plus labels.json (name -> label) and sources.json (name -> the digit
+    sample or photo tile it was rendered from, so the pools' disjointness can be checked)."""
     folder.mkdir(parents=True, exist_ok=True)
     labels, sources = {}, {}
     for i, (img, label, source) in enumerate(images):
-        name = f"{pool}_{i:05d}.png"
+        name = f"{prefix}_{i:05d}.png"
         img.save(folder / name)
         labels[name], sources[name] = int(label), source
     atomic_write_text(folder / "sources.json", json.dumps(sources, sort_keys=True))
@@ -219,45 +229,75 @@ def _marker_ok(root: Path, params: dict) -> bool:
         return False
 
 
+def _write_digits(task: Task, spec: TaskSpec, rng: np.random.Generator, photos: list[np.ndarray]) -> None:
+    digits = _sklearn_datasets().load_digits()
+    pools = _digit_pools(len(digits.target), rng)
+    for pool, count in _counts(spec).items():
+        if task.paired and pool in ("train0", "train1"):
+            if pool == "train0":  # both training pools' digit samples, one pair of renders each
+                _write_digit_pairs(task, digits, np.concatenate([pools["train0"], pools["train1"]]), count, rng, photos)
+            continue
+        for d in _pool_domains(pool):
+            # each image draws its own source sample and pose: few digits, many renders
+            src = rng.choice(pools[pool], size=count, replace=count > len(pools[pool]))
+            _write_pool(
+                task.folder(pool, d),
+                [(render_digit(digits.images[i], d, rng, photos), digits.target[i], f"digit{i}") for i in src],
+                pool,
+            )
+
+
+def _write_digit_pairs(task: Task, digits, source: np.ndarray, count: int, rng, photos: list[np.ndarray]) -> None:
+    """`count` digits drawn once (pose and pen) and rendered in both domains under one file name."""
+    src = rng.choice(source, size=count, replace=count > len(source))
+    inks = [(_ink(digits.images[i], rng)[..., None] * 255.0, i) for i in src]
+    for pool, d in (("train0", 0), ("train1", 1)):
+        images = [(_colour(ink, d, rng, photos), digits.target[i], f"digit{i}") for ink, i in inks]
+        _write_pool(task.folder(pool, d), images, "pair")
+
+
+def _write_photo(task: Task, spec: TaskSpec, rng: np.random.Generator, photos: list[np.ndarray]) -> None:
+    tiles = _photo_tiles(photos, rng)
+    for pool, count in _counts(spec).items():
+        for d in _pool_domains(pool):
+            src = rng.choice(len(tiles[pool]), size=count, replace=count > len(tiles[pool]))
+            chosen = [tiles[pool][i] for i in src]
+            _write_pool(
+                task.folder(pool, d),
+                [
+                    (render_patch(photos[p], top, left, d, rng), label, f"photo{p}:{top}:{left}")
+                    for p, top, left, label in chosen
+                ],
+                pool,
+            )
+
+
 def make_task(name: str, root: Path, spec: TaskSpec, seed: int = 0) -> Task:
     """Write (or reuse, when complete with the same parameters) one task's pools under `root`."""
     if name not in TASKS:
         raise ValueError(f"unknown quality task {name!r}; choose from {', '.join(TASKS)}")
     n_classes, label_names, style = TASKS[name]
-    task = Task(name, Path(root), n_classes, label_names, style)
+    task = Task(name, Path(root), n_classes, label_names, style, paired=is_paired(name))
     params = {"task": name, "version": FORMAT_VERSION, "spec": spec.__dict__, "seed": seed, "size": SIZE}
     if _marker_ok(task.root, params):
         return task
     rng = np.random.default_rng(seed)
     photos = _photos()
-    if name == "digits":
-        digits = _sklearn_datasets().load_digits()
-        pools = _digit_pools(len(digits.target), rng)
-        for pool, count in _counts(spec).items():
-            for d in _pool_domains(pool):
-                # each image draws its own source sample and pose: few digits, many renders
-                src = rng.choice(pools[pool], size=count, replace=count > len(pools[pool]))
-                _write_pool(
-                    task.folder(pool, d),
-                    [(render_digit(digits.images[i], d, rng, photos), digits.target[i], f"digit{i}") for i in src],
-                    pool,
-                )
-    else:
-        tiles = _photo_tiles(photos, rng)
-        for pool, count in _counts(spec).items():
-            for d in _pool_domains(pool):
-                src = rng.choice(len(tiles[pool]), size=count, replace=count > len(tiles[pool]))
-                chosen = [tiles[pool][i] for i in src]
-                _write_pool(
-                    task.folder(pool, d),
-                    [
-                        (render_patch(photos[p], top, left, d, rng), label, f"photo{p}:{top}:{left}")
-                        for p, top, left, label in chosen
-                    ],
-                    pool,
-                )
+    (_write_photo if name == "photo" else _write_digits)(task, spec, rng, photos)
     atomic_write_text(task.root / "task.json", json.dumps(params))
     return task
+
+
+def bench_task(name: str, quick: bool) -> Task:
+    """The task as the benchmarks use it: under `$RFP_HOME/bench/quality/{quick,full}/<name>`."""
+    from rfp_core.paths import rfp_home
+
+    root = rfp_home() / "bench" / "quality" / ("quick" if quick else "full") / name
+    return make_task(name, root, QUICK if quick else FULL)
+
+
+def is_paired(name: str) -> bool:
+    return name in PAIRED_TASKS
 
 
 # name -> (classes, label names, what domain 1 is)
@@ -274,4 +314,11 @@ TASKS: dict[str, tuple[int, tuple[str, ...], str]] = {
         "plain 32 px patches of china.jpg / flower.jpg -> a fixed painterly look (median, saturation, posterise, inked "
         "edges, hatched canvas)",
     ),
+    "digits_paired": (
+        10,
+        tuple(str(i) for i in range(10)),
+        "the digits task with true pairs: every training digit rendered in both domains (one pose, one pen) under "
+        "the same file name; the `paired` row trains on those pairs, the `mse` row on the same files unpaired",
+    ),
 }
+PAIRED_TASKS = ("digits_paired",)

@@ -16,15 +16,18 @@ The acceptance of the "straight and fast" claim, checked on the means over seeds
 from __future__ import annotations
 
 import json
-import platform
 import sys
 import time
 from typing import Any
 
 import torch
 
-from rfp_core.bench import quality as Q
+from rfp_core.bench import quality_judges as QJ
 from rfp_core.bench import quality_tasks as QT
+from rfp_core.bench import report
+from rfp_core.bench.quality_configs import ROW_CONFIGS, row_config, row_pairing
+from rfp_core.bench.quality_report import summarise
+from rfp_core.bench.quality_rows import train_row
 
 STEPS = (1, 2, 12)
 TASK = "digits"
@@ -34,7 +37,7 @@ PAIRS = (256, None)  # couplings per reflow round (full, quick: every training i
 def _score_fn(judges: dict, quick: bool, seed: int, device: torch.device):
     def score(_images_in: torch.Tensor, out: torch.Tensor) -> dict:
         with torch.enable_grad():  # the two-sample test trains a classifier; the steps table runs under no_grad
-            s = Q.score(out.detach(), judges, quick, seed, device)
+            s = QJ.score(out.detach(), judges, quick, seed, device)
         return {k: s[k] for k in ("content_kept", "transfer_rate", "two_sample_acc", "edge_agreement")}
 
     return score
@@ -104,7 +107,7 @@ def summary_rows(per_seed: list[list[dict]]) -> list[dict]:
     for model, steps in keys:
         picked = [_pick(rows, model, steps) for rows in per_seed]
         cols = [k for k, v in picked[0].items() if isinstance(v, (int, float)) and k != "steps"]
-        out.append({"model": model, "steps": steps, **{k: Q.summarise([p.get(k) for p in picked]) for k in cols}})
+        out.append({"model": model, "steps": steps, **{k: summarise([p.get(k) for p in picked]) for k in cols}})
     return out
 
 
@@ -133,6 +136,30 @@ def markdown(summary: list[dict], verdict: dict, header: dict) -> str:
     return "\n".join(lines)
 
 
+def _header(quick: bool, dev, n_seeds: int, row: str, steps: int | None) -> dict:
+    example = row_config(row, 0, quick, steps)
+    return {
+        "command": report.command("reflow_quality", quick, seeds=n_seeds, rows=row, steps=steps or None),
+        "date": report.today(),
+        "seeds": n_seeds,
+        "platform": f"{report.platform_line()}, {dev}",
+        "row": row,
+        "steps": example.velocity.total_steps,
+        "batch": example.velocity.train_batch_size,
+        "size": example.max_size,
+    }
+
+
+def _one_row(rows: str | None) -> str:
+    from rfp_core.config import ConfigError
+
+    row = rows or "mse"
+    unpaired = [r for r in ROW_CONFIGS if row_pairing(r) == "unpaired"]  # the digits task does not pair
+    if row not in unpaired:
+        raise ConfigError(f"--rows {row}: the 1-RF row is one of {', '.join(unpaired)}")
+    return row
+
+
 def run(
     quick: bool = False,
     device: str | None = None,
@@ -140,74 +167,43 @@ def run(
     rows: str | None = None,
     steps: int | None = None,
 ) -> dict:
-    """Every seed: 1-RF, reflow, distil, the scored steps table; the summary table in docs/ (not with --quick)."""
+    """Every seed: 1-RF, reflow, distil, the scored steps table; a full run's summary table for docs/."""
     from rfp_core.atomic import atomic_write_text
-    from rfp_core.bench.ablation import splice_benchmarks
-    from rfp_core.config import ConfigError
     from rfp_core.device import pick_device
-    from rfp_core.paths import project_root, rfp_home
+    from rfp_core.paths import rfp_home
     from rfp_core.train.reflow_run import reflow_run
 
     start = time.perf_counter()
     dev = pick_device(device)
-    row = rows or "mse"
-    if row not in Q.ROW_CONFIGS:
-        raise ConfigError(f"--rows {row}: the 1-RF row is one of {', '.join(Q.ROW_CONFIGS)}")
-    n_seeds = seeds if seeds is not None else (1 if quick else 3)
-    task = QT.make_task(
-        TASK, rfp_home() / "bench" / "quality" / ("quick" if quick else "full") / TASK, QT.QUICK if quick else QT.FULL
-    )
-    judges = Q.train_judges(task, quick, dev)
+    row = _one_row(rows)
+    n_seeds = report.n_seeds(seeds, quick)
+    task = QT.bench_task(TASK, quick)
+    judges = QJ.train_judges(task, quick, dev)
     shared: dict = {}
     per_seed = []
     for seed in range(n_seeds):
-        run_dir, _ = Q.train_row(task, row, seed, quick, dev, steps, shared)
+        run_dir, _ = train_row(task, row, seed, quick, dev, steps, shared)
         reflow_run(run_dir, rounds=1, distill=True, pairs=PAIRS[int(quick)], device=dev, progress=not quick)
         per_seed.append(_steps_rows(run_dir, judges, quick, seed, dev))
         print(f"reflow_quality seed {seed}: " + json.dumps(acceptance(per_seed[-1:])), file=sys.stderr)
-    example = Q.row_config(row, 0, quick, steps)
-    header = {
-        "command": "rfp bench reflow_quality"
-        + (" --quick" if quick else "")
-        + f" --seeds {n_seeds} --rows {row}"
-        + (f" --steps {steps}" if steps else ""),
-        "date": time.strftime("%Y-%m-%d"),
-        "seeds": n_seeds,
-        "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}, {dev}",
-        "row": row,
-        "steps": example.velocity.total_steps,
-        "batch": example.velocity.train_batch_size,
-        "size": example.max_size,
-    }
+    header = _header(quick, dev, n_seeds, row, steps)
     summary, verdict = summary_rows(per_seed), acceptance(per_seed)
     table = markdown(summary, verdict, header)
-    out_dir = rfp_home() / "bench" / "reflow_quality" if quick else project_root() / "docs"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    atomic_write_text(
-        out_dir / "reflow_quality.json",
-        json.dumps({"header": header, "per_seed": per_seed, "summary": summary, "checks": verdict}, indent=1) + "\n",
+    raw = json.dumps({"header": header, "per_seed": per_seed, "summary": summary, "checks": verdict}, indent=1) + "\n"
+    if quick:
+        out_dir = rfp_home() / "bench" / "reflow_quality"
+        out_dir.mkdir(parents=True, exist_ok=True)
+        atomic_write_text(out_dir / "reflow_quality.json", raw)
+    print(table, file=sys.stderr)
+    result = report.jsonable(
+        {"checks": verdict, "summary": summary, "seeds": n_seeds, "row": row, "seconds": time.perf_counter() - start}
     )
     if not quick:
-        splice_benchmarks(
-            project_root() / "docs" / "BENCHMARKS.md",
-            table,
-            begin=BEGIN,
-            end=END,
-            title="## Reflow and one step on the digits task — `rfp bench reflow_quality`",
+        result[report.DOCS_KEY] = report.Docs(
+            files={"reflow_quality.json": raw}, sections=[report.Section(BEGIN, END, TITLE, table)]
         )
-    print(table, file=sys.stderr)
-    return json.loads(
-        json.dumps(
-            {
-                "checks": verdict,
-                "summary": summary,
-                "seeds": n_seeds,
-                "row": row,
-                "seconds": time.perf_counter() - start,
-            },
-            default=str,
-        )
-    )
+    return result
 
 
 BEGIN, END = "<!-- reflow-quality:start -->", "<!-- reflow-quality:end -->"
+TITLE = "## Reflow and one step on the digits task — `rfp bench reflow_quality`"

@@ -11,13 +11,12 @@ first). With `--quick` the config is cut to the `--smoke` budget.
 from __future__ import annotations
 
 import json
-import platform
 import shutil
 import sys
 import time
 from pathlib import Path
 
-import torch
+from rfp_core.bench import report
 
 DATA_NUM = (96, 24)  # images a domain (full, quick)
 
@@ -84,8 +83,8 @@ def run(quick: bool = False, device: str | None = None, config: str | None = Non
         "total_s": total,
         "velocity_steps": cfg.velocity.total_steps,
         "max_size": cfg.max_size,
-        "platform": f"{platform.machine()}, {torch.get_num_threads()} threads, torch {torch.__version__}",
+        "platform": report.platform_line(),
         "run_dir": str(runs_dir() / run_id),
-        "date": time.strftime("%Y-%m-%d"),
+        "date": report.today(),
         "phases": json.loads(json.dumps(phases)),
     }

@@ -18,7 +18,6 @@ ratios without timing noise.
 from __future__ import annotations
 
 import copy
-import platform
 import statistics
 import time
 from typing import Callable
@@ -27,6 +26,7 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
+from rfp_core.bench.report import device_name
 from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig
 from rfp_core.device import pick_device
 from rfp_core.flow import rf
@@ -111,9 +111,7 @@ def run(quick: bool = False, device: str | None = None) -> dict:
             other = measure(spec, dev)
             result["configs"][other["config"]["name"]] = other
     result.update(
-        device=torch.cuda.get_device_name(dev)
-        if dev.type == "cuda"
-        else f"cpu ({platform.processor() or platform.machine()})",
+        device=device_name(dev),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
         bf16_autocast=dev.type == "cuda",
@@ -162,15 +160,7 @@ def measure(spec: dict, dev: torch.device) -> dict:
         v = torch.zeros_like(xt_fixed, requires_grad=True)
         losses[kind](xt_fixed, tgt_fixed, v).backward()
 
-    # FLOPs per image (batch of one), free of timing noise
-    one = xt_fixed[:1]
-    unet_gf = _gflops(lambda: base(one, torch.full((1,), 0.5, device=dev)).sum().backward())
-    base.zero_grad(set_to_none=True)
-    loss_gf = {}
-    for kind in ("fast", "fast_plain", "reference"):
-        v1 = torch.zeros_like(one, requires_grad=True)
-        loss_gf[kind] = _gflops(lambda: losses[kind](one, tgt_fixed[:1], v1).backward())  # noqa: B023
-
+    unet_gf, loss_gf = _flops(base, losses, xt_fixed[:1], tgt_fixed[:1])
     step_ms, step_cpu = _alternate(
         {k: (lambda k=k: train_step(k)) for k in step_kinds}, spec["rounds"], spec["block"], sync, "train steps"
     )
@@ -187,6 +177,18 @@ def measure(spec: dict, dev: torch.device) -> dict:
         "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2),
     }
     return _summary(spec, (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf), params, bf16)
+
+
+def _flops(base, losses: dict, one: torch.Tensor, tgt: torch.Tensor) -> tuple[float, dict]:
+    """GFLOPs per image (batch of one), free of timing noise: the UNet's forward + backward, and each
+    saliency loss formulation's."""
+    unet_gf = _gflops(lambda: base(one, torch.full((1,), 0.5, device=one.device)).sum().backward())
+    base.zero_grad(set_to_none=True)
+    loss_gf = {}
+    for kind in ("fast", "fast_plain", "reference"):
+        v1 = torch.zeros_like(one, requires_grad=True)
+        loss_gf[kind] = _gflops(lambda: losses[kind](one, tgt, v1).backward())  # noqa: B023
+    return unet_gf, loss_gf
 
 
 def _summary(

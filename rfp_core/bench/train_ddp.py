@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import platform
 import statistics
 import subprocess
 import sys
@@ -26,6 +25,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from rfp_core.bench.report import device_name
 from rfp_core.config import ConfigError
 from rfp_core.config_files import config_from_dict, load_config
 
@@ -95,6 +95,25 @@ def _row(job: dict, ranks: int, device: str) -> dict:
     }
 
 
+def _config(steps: int):
+    """configs/tiny.json at the benchmark's size and global batch, `steps` optimizer steps, no samples."""
+    return config_from_dict(
+        load_config(TINY).model_dump(mode="json"),
+        source="bench train_ddp",
+        overrides={
+            "max_size": SIZE,
+            "store_max_side": 64,
+            "velocity": {
+                "train_batch_size": BATCH,
+                "train_minibatch_size": MINIBATCH,
+                "train_images": BATCH * steps,
+                "sample_every_images": 10**9,
+                "warmup_fraction": 0.0,
+            },
+        },
+    )
+
+
 def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
     from rfp_core.device import pick_device
 
@@ -109,21 +128,7 @@ def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
     steps = 8 if quick else 40
     with tempfile.TemporaryDirectory(prefix="rfp-bench-ddp-") as tmp:
         manifest, store, sal = _data(Path(tmp))
-        cfg = config_from_dict(
-            load_config(TINY).model_dump(mode="json"),
-            source="bench train_ddp",
-            overrides={
-                "max_size": SIZE,
-                "store_max_side": 64,
-                "velocity": {
-                    "train_batch_size": BATCH,
-                    "train_minibatch_size": MINIBATCH,
-                    "train_images": BATCH * steps,
-                    "sample_every_images": 10**9,
-                    "warmup_fraction": 0.0,
-                },
-            },
-        )
+        cfg = _config(steps)
         job = {
             "root": tmp,
             "config": cfg.model_dump(mode="json"),
@@ -144,9 +149,7 @@ def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
         "minibatch": MINIBATCH,
         "size": SIZE,
         "steps": steps,
-        "device": torch.cuda.get_device_name(dev)
-        if not on_cpu
-        else f"cpu ({platform.processor() or platform.machine()})",
+        "device": device_name(dev),
         "cpu_cores": os.cpu_count(),
         "torch": torch.__version__,
         "note": (

@@ -14,7 +14,7 @@ def add_parser(sub) -> None:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
-    bench.add_argument("--tasks", default=None, help="quality: comma-separated, from digits,photo (default both)")
+    bench.add_argument("--tasks", default=None, help="quality: from digits,photo,digits_paired (default all)")
     bench.add_argument(
         "--rows",
         default=None,
@@ -38,6 +38,7 @@ def run(args) -> int:
     import importlib
 
     from rfp_core.bench import OPTIONS, emit
+    from rfp_core.bench.report import publish
     from rfp_core.config import ConfigError
 
     module = importlib.import_module(f"rfp_core.bench.{args.which}")
@@ -50,5 +51,5 @@ def run(args) -> int:
     if "nproc_per_node" in extra:  # data-parallel training: 1 rank and N ranks side by side
         module = importlib.import_module("rfp_core.bench.train_ddp")
         extra = {"nproc": extra.pop("nproc_per_node")}
-    emit(module.run(quick=args.quick, device=args.device, **extra))
+    emit(publish(module.run(quick=args.quick, device=args.device, **extra)))  # a full run's docs written here
     return 0

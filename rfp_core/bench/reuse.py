@@ -1,0 +1,58 @@
+"""A benchmark's trained run, reused when a finished run of exactly its config is already there.
+
+A run folder that finished records what it was made from in a marker file (`quality.json`,
+`ablation.json`); a rerun with the same record re-scores that run instead of training again, and
+anything else trains afresh in an emptied folder (never a resumed one: its timing would be wrong).
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import sys
+import time
+from pathlib import Path
+from typing import Any, Callable
+
+
+def comparable(cfg) -> dict:
+    """A config as the marker records it (the data folders differ between machines: left out)."""
+    return cfg.model_dump(mode="json", exclude={"domain0", "domain1"})
+
+
+def finished(run_dir: Path, marker: str, expect: dict[str, Any]) -> float | None:
+    """Training seconds of a finished run whose marker holds every `expect` item, else None."""
+    try:
+        saved = json.loads((run_dir / marker).read_text())
+    except (OSError, json.JSONDecodeError):
+        return None
+    same = all(saved.get(k) == v for k, v in expect.items())
+    return float(saved["train_seconds"]) if same and (run_dir / "velocity.pt").exists() else None
+
+
+def train_once(
+    run_dir: Path,
+    marker: str,
+    expect: dict[str, Any],
+    train: Callable[[], object],
+    note: str,
+    retrain: bool = False,
+    prepare: Callable[[], None] | None = None,
+) -> tuple[float, bool]:
+    """(training seconds, reused): the finished run's, or `train()`'s in an emptied `run_dir`.
+
+    `prepare` runs after the folder is emptied and before the clock starts (shared phase files)."""
+    from rfp_core.atomic import atomic_write_text
+
+    done = finished(run_dir, marker, expect)
+    if done is not None and not retrain:
+        print(f"{run_dir.name}: trained with this config already, {note}", file=sys.stderr)
+        return done, True
+    shutil.rmtree(run_dir, ignore_errors=True)  # a fresh run, never a resumed one
+    if prepare is not None:
+        prepare()
+    t0 = time.perf_counter()
+    train()
+    seconds = time.perf_counter() - t0
+    atomic_write_text(run_dir / marker, json.dumps({**expect, "train_seconds": seconds}))
+    return seconds, False
