@@ -15,6 +15,7 @@ The acceptance of the "straight and fast" claim, checked on the means over seeds
 
 from __future__ import annotations
 
+import hashlib
 import json
 import sys
 import time
@@ -160,18 +161,43 @@ def _one_row(rows: str | None) -> str:
     return row
 
 
+def _seed(task, row: str, seed: int, quick: bool, dev, steps: int | None, shared: dict, judges: dict) -> list[dict]:
+    """One seed's scored steps table: from the cache when this seed's config already finished."""
+    from rfp_core.atomic import atomic_write_text
+    from rfp_core.paths import rfp_home
+    from rfp_core.train.reflow_run import reflow_run
+
+    key = hashlib.sha1(
+        json.dumps([row_config(row, seed, quick, steps).model_dump(mode="json"), PAIRS, STEPS]).encode()
+    ).hexdigest()[:16]
+    cached = rfp_home() / "bench" / "reflow_quality" / ("quick" if quick else "full") / f"seed{seed}-{row}-{key}.json"
+    if cached.is_file():
+        print(f"reflow_quality seed {seed}: scored rows reused from {cached}", file=sys.stderr)
+        return json.loads(cached.read_text())
+    run_dir, _ = train_row(task, row, seed, quick, dev, steps, shared)
+    reflow_run(run_dir, rounds=1, distill=True, pairs=PAIRS[int(quick)], device=dev, progress=not quick)
+    rows = _steps_rows(run_dir, judges, quick, seed, dev)
+    cached.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write_text(cached, json.dumps(rows, default=str))
+    return rows
+
+
 def run(
     quick: bool = False,
     device: str | None = None,
     seeds: int | None = None,
     rows: str | None = None,
     steps: int | None = None,
+    seed: int | None = None,
 ) -> dict:
-    """Every seed: 1-RF, reflow, distil, the scored steps table; a full run's summary table for docs/."""
+    """Every seed: 1-RF, reflow, distil, the scored steps table; a full run's summary table for docs/.
+
+    A seed's scored rows are cached under $RFP_HOME (keyed by its config), so a stopped run goes on
+    where it stopped, and `seed=K` (`--seed K`) runs one seed alone: several processes or machines
+    share one long run, and `--seeds N` then assembles the table from the cache."""
     from rfp_core.atomic import atomic_write_text
     from rfp_core.device import pick_device
     from rfp_core.paths import rfp_home
-    from rfp_core.train.reflow_run import reflow_run
 
     start = time.perf_counter()
     dev = pick_device(device)
@@ -181,11 +207,11 @@ def run(
     judges = QJ.train_judges(task, quick, dev)
     shared: dict = {}
     per_seed = []
-    for seed in range(n_seeds):
-        run_dir, _ = train_row(task, row, seed, quick, dev, steps, shared)
-        reflow_run(run_dir, rounds=1, distill=True, pairs=PAIRS[int(quick)], device=dev, progress=not quick)
-        per_seed.append(_steps_rows(run_dir, judges, quick, seed, dev))
-        print(f"reflow_quality seed {seed}: " + json.dumps(acceptance(per_seed[-1:])), file=sys.stderr)
+    for s in [seed] if seed is not None else range(n_seeds):
+        per_seed.append(_seed(task, row, s, quick, dev, steps, shared, judges))
+        print(f"reflow_quality seed {s}: " + json.dumps(acceptance(per_seed[-1:])), file=sys.stderr)
+    if seed is not None:  # one seed of a split run: cached for the `--seeds N` run that assembles the table
+        return report.jsonable({"seed": seed, "checks": acceptance(per_seed), "seconds": time.perf_counter() - start})
     header = _header(quick, dev, n_seeds, row, steps)
     summary, verdict = summary_rows(per_seed), acceptance(per_seed)
     table = markdown(summary, verdict, header)

@@ -14,6 +14,9 @@ def add_parser(sub) -> None:
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
     bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
+    bench.add_argument(
+        "--seed", type=int, default=None, help="reflow_quality: only this seed, cached for a later --seeds N run"
+    )
     bench.add_argument("--tasks", default=None, help="quality: from digits,photo,digits_paired (default all)")
     bench.add_argument(
         "--rows",
