@@ -98,6 +98,27 @@ def _shown(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
+def _save_product(out: Path, src: dict, result, meta: dict) -> None:
+    """A product in phase 2's checkpoint format. The distilled map was fitted as z0 + v(z0, 0), which
+    is one Euler step: its config says so, so a Translator samples it that way by default (the
+    source's sampler, say Heun, would evaluate v at t = 1 too, where nothing was fitted)."""
+    config = src["config"]
+    if meta["kind"] == "distilled":
+        config = {**config, "velocity": {**config["velocity"], "sampler": "euler", "num_inference_steps": 1}}
+    save_checkpoint(
+        out,
+        {
+            "velocity": result.model.state_dict(),
+            "config": config,
+            "in_channels": src["in_channels"],
+            "step": result.steps,
+            "final_loss": result.final_loss,
+            "codec": src.get("codec") or {},
+            "reflow": meta,
+        },
+    )
+
+
 def train_product(
     paths: RunPaths,
     source_ckpt: Path,
@@ -144,18 +165,7 @@ def train_product(
         progress=progress,
         desc=kind if kind == "distilled" else f"reflow {round_}",
     )
-    save_checkpoint(
-        out,
-        {
-            "velocity": result.model.state_dict(),
-            "config": src["config"],
-            "in_channels": src["in_channels"],
-            "step": result.steps,
-            "final_loss": result.final_loss,
-            "codec": src.get("codec") or {},
-            "reflow": meta,
-        },
-    )
+    _save_product(out, src, result, meta)
     (out.parent / "state.pt").unlink(missing_ok=True)
     print(f"reflow: {kind} {out} ({result.steps} steps, final loss {result.final_loss:.5f})", file=sys.stderr)
     return True
