@@ -119,6 +119,7 @@ def test_the_demo_experiments_reflow_stages_materialise_and_score_one_step(tmp_p
 
     from rfp_core.translate import Translator
     from rfp_pipeline.demo import steps_rows
+    from rfp_pipeline.run_progress import key_figures
 
     demo = json.loads((ROOT / "experiments" / "demo.json").read_text())["reflow"]
     assert demo["rounds"] == 0 and demo["distill"] and demo["evaluate"]
@@ -143,6 +144,8 @@ def test_the_demo_experiments_reflow_stages_materialise_and_score_one_step(tmp_p
     assert one["n_eval"] == flow["n_eval"] and one["judge_accuracy"] == flow["judge_accuracy"]
     assert 0.0 <= one["transfer_rate"] <= 1.0 and 0.0 <= one["mask_iou"] <= 1.0 and one["ms_per_image"] > 0
     assert meta["distilled_checkpoint"]["one_step_transfer_rate"].value == one["transfer_rate"]
+    # the line the demo prints when the stage ends
+    assert key_figures("distilled_checkpoint", meta["distilled_checkpoint"]).startswith("one_step_transfer_rate ")
     rows = steps_rows(flow, one)
     assert len(rows) == 3 and rows[2].split()[:4] == ["distilled", "euler", "x", "1"]
     assert f"{one['mask_iou']:.3f}" in rows[2] and f"{flow['mask_iou']:.3f}" in rows[1]
