@@ -139,6 +139,11 @@ def _resume(state_path: Path | None, fingerprint: dict, model: nn.Module, ema: E
     return int(state["step"])
 
 
+def _save_state(path: Path, net: nn.Module, ema: EMA, opt, step: int, fingerprint: dict) -> None:
+    state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    save_checkpoint(path, {**state, "fingerprint": fingerprint})
+
+
 def fit(
     net: nn.Module,
     batches: BatchFn,
@@ -194,15 +199,6 @@ def fit(
         if step % max(1, settings.steps // 50) == 0:
             bar.set_postfix(loss=f"{total:.4g}")
         if state_path is not None and checkpoint_every and (step % checkpoint_every == 0 or step == settings.steps):
-            save_checkpoint(
-                state_path,
-                {
-                    "model": net.state_dict(),
-                    "ema": ema.state_dict(),
-                    "optimizer": opt.state_dict(),
-                    "step": step,
-                    "fingerprint": fingerprint,
-                },
-            )
+            _save_state(state_path, net, ema, opt, step, fingerprint)
     bar.close()
     return FitResult(ema.model.eval().requires_grad_(False), losses[-1] if losses else float("nan"), step, losses)
