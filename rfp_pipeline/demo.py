@@ -110,8 +110,9 @@ def _summary(result, rfp, resources: dict[str, Any], dagster_home: Path) -> None
     vel = json.loads((out / "velocity" / "result.json").read_text())
     ev = json.loads((out / "evaluation" / "result.json").read_text())
     metrics = json.loads(Path(ev["metrics"]).read_text())
-    distilled = out / "distilled_checkpoint" / "result.json"
-    one_step = json.loads(distilled.read_text()).get("evaluation") if distilled.is_file() else None
+    path = out / "distilled_checkpoint" / "result.json"
+    distilled = json.loads(path.read_text()) if path.is_file() else {}
+    one_step = distilled.get("evaluation")
     tracking = resources["mlflow_tracking"].uri()
     print(f"\nrun {result.run_id} succeeded; outputs under {out}")
     print("grids:")
@@ -132,6 +133,8 @@ def _summary(result, rfp, resources: dict[str, Any], dagster_home: Path) -> None
         f"registered model: models:/{DEMO}/{vel.get('model_version')} (mlflow.pyfunc.load_model; "
         f"{vel.get('model_uri')})"
     )
+    if distilled.get("model_version"):
+        print(f"  with the distilled map for steps 1: models:/{DEMO}/{distilled['model_version']}")
     print("\nopen the UIs (from the project root):")
     print(
         f"  Dagster: DAGSTER_HOME={dagster_home} RFP_HOME={rfp_home()} .venv/bin/dagster dev -w workspace.yaml"
