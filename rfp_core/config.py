@@ -361,6 +361,9 @@ class ExperimentConfig(_Strict):
     reflow: dict[str, Any] | None = None
     # media (files or folders of videos and stills) the evaluated model translates (asset translated_media)
     translate: list[Path] = Field(default_factory=list)
+    # "filenames": a domain-0 and a domain-1 file with the same stem are a true pair (rfp_core/flow/paired.py),
+    # the velocity is fitted on those pairs, its loss defaults to plain MSE and structure pairing is off
+    pairing: Literal["unpaired", "filenames"] = "unpaired"
 
     @field_validator("domain0", mode="before")
     @classmethod
@@ -383,7 +386,20 @@ class ExperimentConfig(_Strict):
     def model_config_resolved(self) -> ModelConfig:
         from rfp_core.config_files import load_config  # reading files needs the classes above
 
-        return load_config(self.config, overrides=self.overrides)
+        cfg = load_config(self.config, overrides=self.overrides)
+        if self.pairing != "filenames":
+            return cfg
+        if self.generative:
+            raise ConfigError(f"experiment {self.name}: 'pairing': 'filenames' needs domain-0 files, not 'random'")
+        velocity = self.overrides.get("velocity", {}) if isinstance(self.overrides.get("velocity"), dict) else {}
+        # the pix2pix setting: the coupling is given, plain MSE fits it; an override may still name a loss
+        named = "loss" in self.overrides or "loss" in velocity
+        return cfg.model_copy(
+            update={
+                "velocity": cfg.velocity if named else cfg.velocity.model_copy(update={"loss": "mse"}),
+                "structure": cfg.structure.model_copy(update={"pairing": False}),
+            }
+        )
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

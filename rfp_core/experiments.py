@@ -71,6 +71,7 @@ def resolved_spec(exp: ExperimentConfig, root: Path) -> dict[str, Any]:
         # only when set, so an experiment without reflow keeps the spec (and the training) it had
         **({"reflow": exp.reflow} if exp.reflow is not None else {}),
         **({"translate": [_portable(p, root) for p in exp.translate]} if exp.translate else {}),
+        **({"pairing": exp.pairing} if exp.pairing != "unpaired" else {}),
     }
 
 

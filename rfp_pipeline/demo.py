@@ -70,21 +70,8 @@ def run_graph(
     return result
 
 
-def main(argv: list[str] | None = None) -> int:
-    from rfp_core.paths import project_root, rfp_home
-
-    root = project_root()
-    dagster_home = _setup_env(root)
-
-    import dagster as dg
-
-    from rfp_core import experiments as exps
-    from rfp_pipeline.definitions import default_resources
-    from rfp_pipeline.partitions import EXPERIMENTS
-
-    resources = default_resources()
-    rfp = resources["rfp"]
-    exp = rfp.load_experiment(DEMO)  # a clear error if experiments/demo.json or its config is missing
+def _demo_data(exp) -> int | None:
+    """Generate the demo data when missing; 2 (the exit status) when it can be neither found nor made."""
     demo_root = Path(exp.domain1[0]).parent
     try:
         from rfp_core.media.demo_data import make_demo_data
@@ -96,37 +83,58 @@ def main(argv: list[str] | None = None) -> int:
     elif not demo_root.exists():
         print(f"error: {demo_root} is missing and rfp_core.media.demo_data is not available", file=sys.stderr)
         return 2
+    return None
 
-    instance = dg.DagsterInstance.get()
-    if not instance.has_dynamic_partition(EXPERIMENTS, DEMO):
-        instance.add_dynamic_partitions(EXPERIMENTS, [DEMO])
-    print(f"materialising the whole graph for '{DEMO}' in the Dagster instance at {dagster_home} ...", file=sys.stderr)
-    cfg = exps.model_config(exps.resolved_spec(exp, rfp.root_path()))
-    result = run_graph(instance, resources, DEMO, cfg=cfg, tags={"rfp/source": "demo"})
-    if not result.success:
-        print("error: the demo run failed; open the run in `dagster dev` for the step logs", file=sys.stderr)
-        return 1
+
+def _fmt(k: str, v: Any) -> str:
+    return f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}"
+
+
+def steps_rows(metrics: dict[str, Any], one_step: dict[str, Any] | None) -> list[str]:
+    """The flow at its configured steps and, when the experiment distilled one, the one-step map,
+    side by side: the same held-out frames and the same judge (rfp_pipeline/assets/reflow.py)."""
+    cols = ("transfer_rate", "mask_iou", "ms_per_image")
+    rows = [("1-RF", metrics), ("distilled", one_step)] if one_step else [("1-RF", metrics)]
+    lines = [f"  {'model':<10} {'sampler':<10} {'N (NFE)':>7}  " + "  ".join(f"{c:>13}" for c in cols)]
+    for label, m in rows:
+        cells = "  ".join(f"{m[c]:>13.3f}" if isinstance(m.get(c), float) else f"{'-':>13}" for c in cols)
+        solve = f"{m.get('sampler')} x {m.get('steps')}"
+        lines.append(f"  {label:<10} {solve:<10} {m.get('nfe', '-'):>7}  {cells}")
+    return lines
+
+
+def _summary(result, rfp, resources: dict[str, Any], dagster_home: Path) -> None:
+    from rfp_core.paths import rfp_home
 
     out = rfp.out_dir(DEMO)
     vel = json.loads((out / "velocity" / "result.json").read_text())
     ev = json.loads((out / "evaluation" / "result.json").read_text())
     metrics = json.loads(Path(ev["metrics"]).read_text())
+    path = out / "distilled_checkpoint" / "result.json"
+    distilled = json.loads(path.read_text()) if path.is_file() else {}
+    one_step = distilled.get("evaluation")
     tracking = resources["mlflow_tracking"].uri()
     print(f"\nrun {result.run_id} succeeded; outputs under {out}")
     print("grids:")
     print(f"  training samples (inputs above, outputs below): {vel.get('sample_grid')}")
     for name, path in ev["grids"].items():
         print(f"  evaluation {name.removeprefix('grid_')}: {path}")
+    if one_step:
+        print(f"  one-step (distilled) translate: {one_step['grid']}")
     shown = {
         k: metrics[k]
         for k in ("transfer_rate", "mask_iou", "cycle_error", "straightness", "ms_per_image")
         if k in metrics
     }
-    print("metrics: " + ", ".join(f"{k} {v:.3f}" if isinstance(v, float) else f"{k} {v}" for k, v in shown.items()))
+    print("metrics: " + ", ".join(_fmt(k, v) for k, v in shown.items()))
+    print("steps (same held-out frames, same judge):")
+    print("\n".join(steps_rows(metrics, one_step)))
     print(
         f"registered model: models:/{DEMO}/{vel.get('model_version')} (mlflow.pyfunc.load_model; "
         f"{vel.get('model_uri')})"
     )
+    if distilled.get("model_version"):
+        print(f"  with the distilled map for steps 1: models:/{DEMO}/{distilled['model_version']}")
     print("\nopen the UIs (from the project root):")
     print(
         f"  Dagster: DAGSTER_HOME={dagster_home} RFP_HOME={rfp_home()} .venv/bin/dagster dev -w workspace.yaml"
@@ -136,6 +144,35 @@ def main(argv: list[str] | None = None) -> int:
     port = urllib.parse.urlsplit(ui).port or 5000
     print(f"  MLflow:  .venv/bin/mlflow ui --backend-store-uri {tracking} --port {port}   -> {ui}")
     print(ev["metrics"])
+
+
+def main(argv: list[str] | None = None) -> int:
+    from rfp_core.paths import project_root
+
+    dagster_home = _setup_env(project_root())
+
+    import dagster as dg
+
+    from rfp_core import experiments as exps
+    from rfp_pipeline.definitions import default_resources
+    from rfp_pipeline.partitions import EXPERIMENTS
+
+    resources = default_resources()
+    rfp = resources["rfp"]
+    exp = rfp.load_experiment(DEMO)  # a clear error if experiments/demo.json or its config is missing
+    status = _demo_data(exp)
+    if status is not None:
+        return status
+    instance = dg.DagsterInstance.get()
+    if not instance.has_dynamic_partition(EXPERIMENTS, DEMO):
+        instance.add_dynamic_partitions(EXPERIMENTS, [DEMO])
+    print(f"materialising the whole graph for '{DEMO}' in the Dagster instance at {dagster_home} ...", file=sys.stderr)
+    cfg = exps.model_config(exps.resolved_spec(exp, rfp.root_path()))
+    result = run_graph(instance, resources, DEMO, cfg=cfg, tags={"rfp/source": "demo"})
+    if not result.success:
+        print("error: the demo run failed; open the run in `dagster dev` for the step logs", file=sys.stderr)
+        return 1
+    _summary(result, rfp, resources, dagster_home)
     return 0
 
 

@@ -146,12 +146,16 @@ class TrainingLauncher(dg.ConfigurableResource):
         log: Callable[[dict, int], None],
         mlflow_uri: str,
         mlflow_run_id: str,
+        paired: bool = False,
     ) -> Launched:
         """Train the velocity net; it resumes from the newest checkpoint of its lineage in `out_dir`
         wherever it runs, so a retry after a killed worker continues. A NaN loss in the worker is
-        raised here as the same NonFiniteLoss an in-process run raises."""
+        raised here as the same NonFiniteLoss an in-process run raises. `paired`: on the experiment's
+        filename pairs (`"pairing": "filenames"`), in this process whatever the mode."""
         from rfp_core.train.velocity import NonFiniteLoss, VelocityResult, train_velocity
 
+        if paired:
+            return train_on_filename_pairs(cfg, manifest, out_dir, device, store, saliency_checkpoint, codec_checkpoint)
         if self.resolved_mode() == "in_process":
             from rfp_core.structure import read_pairs
 
@@ -197,6 +201,41 @@ class TrainingLauncher(dg.ConfigurableResource):
             f"training {extras['phase']} out of process: {' '.join(command)} ({json.dumps(extras['device'])})"
         )
         return client.run(context=context, command=command, extras=extras)
+
+
+def train_on_filename_pairs(
+    cfg, manifest: Path, out_dir: Path, device: str, store, saliency_checkpoint, codec_checkpoint
+) -> Launched:
+    """Paired mode (rfp_core/train/paired.py): the velocity fitted on the same-stem pairs, and the
+    materialisation metadata that says which pairs those were and which files were left out."""
+    from rfp_core.train.paired import fit_paired
+
+    res = fit_paired(
+        cfg,
+        manifest,
+        out_dir,
+        store=store,
+        device=device,
+        loss=cfg.velocity.loss,
+        saliency_checkpoint=saliency_checkpoint,
+        codec_checkpoint=codec_checkpoint,
+        progress=False,
+    )
+    only0, only1 = res.unmatched
+    shown = lambda stems: ", ".join(stems[:20]) + (f" (+{len(stems) - 20})" if len(stems) > 20 else "")  # noqa: E731
+    metadata = {
+        "pairing": "filenames",
+        "pairs": res.pairs.num_rows,
+        "pairs_file": dg.MetadataValue.path(str(Path(out_dir) / "pairs.parquet")),
+        "velocity_loss": cfg.velocity.loss,
+        "unmatched_domain0": len(only0),
+        "unmatched_domain1": len(only1),
+    }
+    if only0 or only1:
+        metadata["left_out"] = dg.MetadataValue.text(
+            f"domain 0: {shown(only0) or '-'}; domain 1: {shown(only1) or '-'}"
+        )
+    return Launched(res, metadata)
 
 
 def _extras(

@@ -11,6 +11,9 @@ Input, in process (`model.predict(x, params=...)`) or as the JSON body of POST /
 - uint8 RGB arrays: `{"inputs": <nested list (N, H, W, 3) or one (H, W, 3) image>}` (in
   process: a numpy array); `{"instances": ...}` and `{"inputs": {"images": ...}}` work too.
 Any H, W: each image is centre-cropped to a square and resized to the model's size S.
+Logged by `distilled_checkpoint` too, with the distilled one-step map as a second artifact: then
+`steps` 1 (forward) samples that map, every other request the velocity, and each request prints
+which model it used on stderr (`model: distilled ...`; `last_model` holds the label).
 Params (`"params": {...}` beside `"inputs"`): `steps` (ODE steps, 0 = the config's),
 `reverse` (domain 1 -> 0), `seed` (a generative model: domain0 = random, ignores the pixels and
 returns one generated image per input, reproducibly by seed).
@@ -27,6 +30,7 @@ from __future__ import annotations
 import base64
 import io
 import os
+import sys
 
 import mlflow
 import numpy as np
@@ -34,6 +38,7 @@ from mlflow.models import ModelSignature
 from mlflow.types.schema import ParamSchema, ParamSpec, Schema, TensorSpec
 
 CHECKPOINT = "checkpoint"
+DISTILLED = "distilled"  # optional artifact: the one-step map `rfp reflow --distill` / distilled_checkpoint made
 SIGNATURE = ModelSignature(
     inputs=None,
     outputs=Schema([TensorSpec(np.dtype(np.uint8), (-1, -1, -1, 3))]),
@@ -107,12 +112,27 @@ def images_from_input(model_input) -> list[np.ndarray]:
 
 
 class TranslatorModel(mlflow.pyfunc.PythonModel):
+    one_step = None  # the distilled Translator, when the model was logged with one
+    last_model = ""
+
     def load_context(self, context) -> None:
         from rfp_core.inference.translate import Translator
 
-        self.translator = Translator.from_run(
-            context.artifacts[CHECKPOINT], device=os.environ.get("RFP_DEVICE") or None
-        )
+        device = os.environ.get("RFP_DEVICE") or None
+        self.translator = Translator.from_run(context.artifacts[CHECKPOINT], device=device)
+        if DISTILLED in context.artifacts:
+            self.one_step = Translator.from_run(context.artifacts[DISTILLED], device=device)
+
+    def _pick(self, steps: int | None, reverse: bool):
+        """The distilled map for one forward step when there is one (it was fitted z0 -> z1 only), else the flow."""
+        if steps == 1 and not reverse and self.one_step is not None:
+            self.last_model = "distilled (one-step map)"
+            tr = self.one_step
+        else:
+            self.last_model = "velocity (1-RF flow)"
+            tr = self.translator
+        print(f"model: {self.last_model}, steps {steps or 'as configured'}", file=sys.stderr)
+        return tr
 
     def predict(self, context, model_input, params: dict | None = None) -> np.ndarray:
         import torch
@@ -125,16 +145,15 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         images = images_from_input(model_input)
         if not images:
             raise ValueError("no images in the input")
-        tr = self.translator
+        reverse = bool(params.get("reverse", False))
+        tr = self._pick(steps, reverse)
         if tr.generative:
             out = tr.generate(len(images), seed=int(params.get("seed") or 0), steps=steps)
         else:
             x = torch.stack(
                 [to_tensor(center_square(Image.fromarray(np.ascontiguousarray(im)), tr.size)) for im in images]
             )
-            out = torch.cat(
-                [tr.translate(b, steps=steps, reverse=bool(params.get("reverse", False))) for b in x.split(32)]
-            )
+            out = torch.cat([tr.translate(b, steps=steps, reverse=reverse) for b in x.split(32)])
         out = ((out.detach().float().cpu().clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8)
         return out.permute(0, 2, 3, 1).numpy()
 

@@ -156,11 +156,16 @@ class MlflowTracking(dg.ConfigurableResource):
             yield run
 
     def log_translator(
-        self, checkpoint: Path, registered_name: str, tags: dict[str, str] | None = None
+        self,
+        checkpoint: Path,
+        registered_name: str,
+        tags: dict[str, str] | None = None,
+        distilled: Path | None = None,
     ) -> tuple[str, str | None]:
         """Log the pyfunc translator (the final checkpoint as its artifact: one MLflow logged model
         per final checkpoint) in the active run and register a version under `registered_name`;
-        `tags` (partition, data versions) go on both the logged model and the version.
+        `tags` (partition, data versions) go on both the logged model and the version. With
+        `distilled`, the one-step map travels as a second artifact and serves `steps` 1.
         Returns (model URI, registered version)."""
         import importlib.metadata as md
 
@@ -177,7 +182,10 @@ class MlflowTracking(dg.ConfigurableResource):
         info = mlflow.pyfunc.log_model(
             name="translator",
             python_model=Path(pyfunc_model.__file__),
-            artifacts={pyfunc_model.CHECKPOINT: str(checkpoint)},
+            artifacts={
+                pyfunc_model.CHECKPOINT: str(checkpoint),
+                **({pyfunc_model.DISTILLED: str(distilled)} if distilled else {}),
+            },
             code_paths=[str(Path(paths.PACKAGE_DIR))],  # rfp_core travels with the model
             signature=pyfunc_model.SIGNATURE,
             # the documented request format, in the UI and serving_input_example.json

@@ -30,6 +30,9 @@ KEY_FIGURES: dict[str, tuple[str, ...]] = {
     "velocity_checkpoint": ("final_loss", "steps", "images_per_s", "registered_model"),
     "evaluation_samples": ("transfer_rate", "mask_iou", "fd", "cycle_error", "champion"),
     "translated_media": ("outputs", "video_frames", "flicker_ratio_mean"),
+    "reflow_couplings": ("pairs", "shards_solved", "solver"),
+    "reflow_checkpoint": ("rounds", "retrained"),
+    "distilled_checkpoint": ("one_step_transfer_rate", "one_step_mask_iou", "one_step_ms_per_image"),
 }
 # training stage -> (MLflow run-name prefix, the metrics the progress bar shows; the first sets its step)
 TRAINING: dict[str, tuple[str, tuple[str, ...]]] = {

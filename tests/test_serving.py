@@ -18,6 +18,7 @@ from types import SimpleNamespace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 
 from rfp_pipeline.pyfunc_model import TranslatorModel, images_from_input
@@ -134,6 +135,56 @@ def test_logged_model_has_example_and_signature_and_champion_alias_follows_check
         )[1]
     promote_champion(tracking, "tiny", v2, bad, log)
     assert v2 != version and str(client.get_model_version_by_alias("tiny", "champion").version) == version
+
+
+def _uint8(y) -> np.ndarray:
+    return ((y.clamp(-1, 1) + 1) * 127.5).round().to(torch.uint8).permute(0, 2, 3, 1).numpy()
+
+
+def test_a_version_logged_with_a_distilled_map_serves_steps_1_with_it_and_says_so(tmp_path, capfd):
+    import mlflow
+    from test_translate import _run
+
+    from rfp_core.checkpoint import load_checkpoint, save_checkpoint
+    from rfp_core.flow.reflow import Solver
+    from rfp_core.inference.translate import Translator
+    from rfp_core.media.frame_store import FrameStore
+    from rfp_core.train.reflow_run import RunPaths, reflow_run
+    from rfp_pipeline.resources import MlflowTracking
+
+    run = _run(tmp_path / "train", generative=False)
+    paths = RunPaths(run / "velocity.pt", tmp_path / "train" / "m.parquet", run, store=FrameStore(max_side=64))
+    res = reflow_run(paths, rounds=0, pairs=4, distill=True, solver=Solver("euler", 2), train_steps=2, progress=False)
+    # two training steps barely move the map: shift its output so which model answered is plain to see
+    ckpt = load_checkpoint(res.distilled)
+    last_bias = [k for k in ckpt["velocity"] if k.endswith("bias")][-1]
+    ckpt["velocity"][last_bias] += 0.5
+    save_checkpoint(res.distilled, ckpt)
+    tracking = MlflowTracking()
+    with tracking.start_run("tiny", "velocity tiny", {}):
+        _, plain = tracking.log_translator(run / "velocity.pt", registered_name="tiny")
+        _, both = tracking.log_translator(run / "velocity.pt", registered_name="tiny", distilled=res.distilled)
+    imgs = _images(2, 32, 32)
+    x = torch.from_numpy(imgs).permute(0, 3, 1, 2).float() / 127.5 - 1
+    flow = Translator.from_run(run, device="cpu")
+    one_step = _uint8(Translator.from_run(res.distilled, device="cpu").translate(x, steps=1))
+    close = lambda a, b: np.abs(a.astype(int) - b.astype(int)).max() <= 1  # noqa: E731 - resampling rounding
+    assert not close(one_step, _uint8(flow.translate(x, steps=1)))
+
+    model = mlflow.pyfunc.load_model(f"models:/tiny/{both}")
+    capfd.readouterr()
+    assert close(model.predict(imgs, params={"steps": 1}), one_step)
+    assert "model: distilled (one-step map), steps 1" in capfd.readouterr().err
+    assert model.unwrap_python_model().last_model.startswith("distilled")
+    # reverse, and more steps: the flow (the map was fitted z0 -> z1 only)
+    assert close(model.predict(imgs, params={"steps": 1, "reverse": True}), _uint8(flow.translate(x, 1, reverse=True)))
+    assert close(model.predict(imgs, params={"steps": 3}), _uint8(flow.translate(x, steps=3)))
+    assert capfd.readouterr().err.count("model: velocity (1-RF flow)") == 2
+    # a version without the distilled artifact answers steps 1 with the flow
+    assert close(
+        mlflow.pyfunc.load_model(f"models:/tiny/{plain}").predict(imgs, params={"steps": 1}),
+        _uint8(flow.translate(x, 1)),
+    )
 
 
 def test_serve_names_a_missing_alias(tmp_path, capsys):

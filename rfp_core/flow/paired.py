@@ -1,8 +1,9 @@
 """Paired mode (the pix2pix setting): domain-0 and domain-1 files with the same stem are true pairs.
 
 Then the coupling is given, not learnt: the velocity is fitted on the straight line between the
-two images of each pair, with plain MSE by default. Turned on by `rfp train --paired` (the
-`"pairing": "filenames"` key is parsed by `pairing_mode`); unpaired training stays the default.
+two images of each pair, with plain MSE by default. Turned on by `rfp train --paired`, or in the
+pipeline by `"pairing": "filenames"` in the experiment file (the `velocity_checkpoint` asset then
+trains here); unpaired training stays the default.
 
 Stems: an image `a/b/horse_01.png` has stem `horse_01`; frame i of a video or member i of a zip
 `x.mp4` has stem `x#i`, so two videos with the same name pair frame by frame.
@@ -72,8 +73,9 @@ def _stems(table: pa.Table, domain: int) -> dict[str, str]:
     return {s: k for s, (k, _) in out.items()}
 
 
-def pairing_from_filenames(manifest: str | os.PathLike | pa.Table) -> pa.Table:
-    """One row per stem present in both domains: (d0_key, d1_key, rank 0, similarity 1, stem)."""
+def filename_match(manifest: str | os.PathLike | pa.Table) -> tuple[pa.Table, list[str], list[str]]:
+    """(pairs, domain-0 stems without a partner, domain-1 stems without one): one pairs row per stem
+    present in both domains, (d0_key, d1_key, rank 0, similarity 1, stem); the rest is left out."""
     table = manifest if isinstance(manifest, pa.Table) else read_manifest(manifest)
     s0, s1 = _stems(table, 0), _stems(table, 1)
     common = sorted(s0.keys() & s1.keys())
@@ -82,15 +84,24 @@ def pairing_from_filenames(manifest: str | os.PathLike | pa.Table) -> pa.Table:
             "paired mode: no file stem is in both domains (e.g. domain0/0001.png and domain1/0001.png); "
             "name each pair's two files alike, or train unpaired"
         )
-    lonely = len(s0) - len(common), len(s1) - len(common)
-    if any(lonely):
-        warnings.warn(
-            f"paired mode: {lonely[0]} domain-0 and {lonely[1]} domain-1 frame(s) have no partner "
-            "of the same name and are left out",
-            stacklevel=2,
-        )
     rows = [{"d0_key": s0[s], "d1_key": s1[s], "rank": 0, "similarity": 1.0, "stem": s} for s in common]
-    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA)
+    return pa.Table.from_pylist(rows, schema=PAIRS_SCHEMA), sorted(s0.keys() - s1.keys()), sorted(s1.keys() - s0.keys())
+
+
+def warn_unmatched(only0: list[str], only1: list[str]) -> None:
+    if only0 or only1:
+        warnings.warn(
+            f"paired mode: {len(only0)} domain-0 and {len(only1)} domain-1 frame(s) have no partner "
+            f"of the same name and are left out (e.g. {', '.join((only0 + only1)[:3])})",
+            stacklevel=3,
+        )
+
+
+def pairing_from_filenames(manifest: str | os.PathLike | pa.Table) -> pa.Table:
+    """The pairs of `filename_match`; the frames left out are counted in a warning."""
+    pairs, only0, only1 = filename_match(manifest)
+    warn_unmatched(only0, only1)
+    return pairs
 
 
 class PairedDataset(Dataset):

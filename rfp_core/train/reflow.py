@@ -24,7 +24,7 @@ from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig
 from rfp_core.flow import rf
 from rfp_core.train.ema import EMA
-from rfp_core.train.schedule import lr_at, set_lr
+from rfp_core.train.schedule import lr_at
 
 Tensor = torch.Tensor
 BatchFn = Callable[[int], tuple[Tensor, Tensor]]  # step -> (z0, z1), a pure function of the step
@@ -139,6 +139,11 @@ def _resume(state_path: Path | None, fingerprint: dict, model: nn.Module, ema: E
     return int(state["step"])
 
 
+def _save_state(path: Path, net: nn.Module, ema: EMA, opt, step: int, fingerprint: dict) -> None:
+    state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict(), "step": step}
+    save_checkpoint(path, {**state, "fingerprint": fingerprint})
+
+
 def fit(
     net: nn.Module,
     batches: BatchFn,
@@ -161,10 +166,32 @@ def fit(
     opt = torch.optim.AdamW(net.parameters(), lr=settings.learning_rate, weight_decay=settings.weight_decay)
     fingerprint = {"settings": settings.as_dict(), **(fingerprint or {})}
     step = _resume(state_path, fingerprint, net, ema, opt)
+    chunks = settings.batch_size // settings.minibatch_size
     losses: list[float] = []
     bar = tqdm(total=settings.steps, initial=step, desc=desc, disable=not progress, dynamic_ncols=True)
     while step < settings.steps:
-        total = _fit_step(net, opt, batches, step, settings, device, h, desc)
+        for group in opt.param_groups:
+            group["lr"] = lr_at(
+                step, settings.steps, settings.learning_rate, settings.lr_schedule, settings.warmup_fraction
+            )
+        z0, z1 = batches(step)
+        g = torch.Generator().manual_seed(int(settings.seed) * 999_983 + step + 1)
+        t = rf.sample_timesteps(len(z0), settings.timestep_sampling, generator=g)
+        opt.zero_grad(set_to_none=True)
+        total = 0.0
+        for part in zip(z0.chunk(chunks), z1.chunk(chunks), t.chunk(chunks)):
+            a, b, tt = (x.to(device) for x in part)
+            loss = pair_loss(net, a, b, tt, settings, h)
+            (loss / chunks).backward()
+            total += float(loss.detach()) / chunks
+        if not math.isfinite(total):
+            raise FloatingPointError(
+                f"{desc}: loss became {total} at step {step + 1}; lower the learning rate "
+                f"({settings.learning_rate}) or set a gradient clip"
+            )
+        if settings.gradient_clip:  # None or 0 = off
+            nn.utils.clip_grad_norm_(net.parameters(), settings.gradient_clip)
+        opt.step()
         ema.update(net)
         step += 1
         losses.append(total)
@@ -172,32 +199,6 @@ def fit(
         if step % max(1, settings.steps // 50) == 0:
             bar.set_postfix(loss=f"{total:.4g}")
         if state_path is not None and checkpoint_every and (step % checkpoint_every == 0 or step == settings.steps):
-            state = {"model": net.state_dict(), "ema": ema.state_dict(), "optimizer": opt.state_dict()}
-            save_checkpoint(state_path, {**state, "step": step, "fingerprint": fingerprint})
+            _save_state(state_path, net, ema, opt, step, fingerprint)
     bar.close()
     return FitResult(ema.model.eval().requires_grad_(False), losses[-1] if losses else float("nan"), step, losses)
-
-
-def _fit_step(net: nn.Module, opt, batches: BatchFn, step: int, settings: FitSettings, device, h, desc: str) -> float:
-    """One optimizer step on the step's batch, accumulated over minibatches; returns its loss."""
-    set_lr(opt, lr_at(step, settings.steps, settings.learning_rate, settings.lr_schedule, settings.warmup_fraction))
-    z0, z1 = batches(step)
-    g = torch.Generator().manual_seed(int(settings.seed) * 999_983 + step + 1)
-    t = rf.sample_timesteps(len(z0), settings.timestep_sampling, generator=g)
-    opt.zero_grad(set_to_none=True)
-    chunks = settings.batch_size // settings.minibatch_size
-    total = 0.0
-    for part in zip(z0.chunk(chunks), z1.chunk(chunks), t.chunk(chunks)):
-        a, b, tt = (x.to(device) for x in part)
-        loss = pair_loss(net, a, b, tt, settings, h)
-        (loss / chunks).backward()
-        total += float(loss.detach()) / chunks
-    if not math.isfinite(total):
-        raise FloatingPointError(
-            f"{desc}: loss became {total} at step {step + 1}; lower the learning rate "
-            f"({settings.learning_rate}) or set a gradient clip"
-        )
-    if settings.gradient_clip:  # None or 0 = off
-        nn.utils.clip_grad_norm_(net.parameters(), settings.gradient_clip)
-    opt.step()
-    return total

@@ -24,8 +24,6 @@ from rfp_core.config import ConfigError
 from rfp_core.config_files import config_from_dict
 from rfp_core.flow.reflow import Couplings, Solver, file_digest, frame_source, generate_couplings, noise_source
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, coupling_batches, fit
-from rfp_core.train.saliency import load_saliency_h
-from rfp_core.train.velocity import velocity_product
 
 DEFAULT_GENERATIVE_PAIRS = 1024
 
@@ -80,9 +78,12 @@ def _source(paths: RunPaths, tr, pairs: int | None):
 def _saliency_h(paths: RunPaths, loss: Loss, device):
     if loss != "saliency":
         return None
+    from rfp_core.train.saliency import load_saliency
+
     if paths.saliency is None or not paths.saliency.is_file():
         raise ConfigError(f"{paths.saliency}: loss 'saliency' needs the run's saliency checkpoint; use --loss mse")
-    return load_saliency_h(paths.saliency, device)
+    net = load_saliency(paths.saliency, device)
+    return net.frozen_h() if hasattr(net, "frozen_h") else net.h
 
 
 def _is_current(path: Path, meta: dict) -> bool:
@@ -94,6 +95,27 @@ def _is_current(path: Path, meta: dict) -> bool:
 
 def _shown(path: Path, root: Path) -> str:
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
+
+
+def _save_product(out: Path, src: dict, result, meta: dict) -> None:
+    """A product in phase 2's checkpoint format. The distilled map was fitted as z0 + v(z0, 0), which
+    is one Euler step: its config says so, so a Translator samples it that way by default (the
+    source's sampler, say Heun, would evaluate v at t = 1 too, where nothing was fitted)."""
+    config = src["config"]
+    if meta["kind"] == "distilled":
+        config = {**config, "velocity": {**config["velocity"], "sampler": "euler", "num_inference_steps": 1}}
+    save_checkpoint(
+        out,
+        {
+            "velocity": result.model.state_dict(),
+            "config": config,
+            "in_channels": src["in_channels"],
+            "step": result.steps,
+            "final_loss": result.final_loss,
+            "codec": src.get("codec") or {},
+            "reflow": meta,
+        },
+    )
 
 
 def train_product(
@@ -142,11 +164,7 @@ def train_product(
         progress=progress,
         desc=kind if kind == "distilled" else f"reflow {round_}",
     )
-    weights, codec = result.model.state_dict(), src.get("codec") or {}
-    product = velocity_product(
-        weights, src["config"], src["in_channels"], codec, result.steps, result.final_loss, reflow=meta
-    )
-    save_checkpoint(out, product)
+    _save_product(out, src, result, meta)
     (out.parent / "state.pt").unlink(missing_ok=True)
     print(f"reflow: {kind} {out} ({result.steps} steps, final loss {result.final_loss:.5f})", file=sys.stderr)
     return True

@@ -5,6 +5,13 @@ file (read from the resolved spec); without it every asset here is *skipped*. Pr
 `$RFP_HOME/pipeline/<exp>/reflow/<key>/` (`reflow_k/velocity.pt`, `distilled/velocity.pt`,
 `reflow_report.md`); the couplings themselves in the content-addressed `$RFP_HOME/reflow/` store,
 so a retry or a second experiment on the same velocity reuses them.
+
+`"rounds": 0` with `"distill": true` distils the 1-RF flow's own couplings (no k-RF). With
+`"evaluate": true` the distilled map is also scored at N = 1 by the evaluation stage's measures and
+judge (same held-out frames, seed and judge steps, so the same judge), in
+`reflow/<key>/distilled_eval/metrics.json`. When the velocity has an MLflow run, the distilled
+stage logs a pyfunc translator carrying both checkpoints into it and registers it as a new
+version of the experiment's model: that version serves `steps` 1 with the distilled map.
 """
 
 from pathlib import Path
@@ -15,9 +22,9 @@ import dagster as dg
 from rfp_core import experiments as exps
 from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
 from rfp_pipeline.automation import on_retrain_cron
-from rfp_pipeline.metadata import skipped, stage_key, write_result
+from rfp_pipeline.metadata import markdown_image, skipped, stage_key, write_result
 from rfp_pipeline.partitions import experiments_partitions
-from rfp_pipeline.resources import RfpHome
+from rfp_pipeline.resources import MlflowTracking, RfpHome
 
 GROUP = "training"
 REFLOW_CODE_VERSION = "1"
@@ -29,7 +36,7 @@ def reflow_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
     raw = spec.get("reflow")
     if not raw:
         return None
-    known = {"rounds", "pairs", "distill", "solver", "steps_solver", "train_steps", "loss"}
+    known = {"rounds", "pairs", "distill", "solver", "steps_solver", "train_steps", "loss", "evaluate"}
     unknown = set(raw) - known
     if unknown:
         raise ValueError(
@@ -43,6 +50,7 @@ def reflow_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
         "steps_solver": 16,
         "train_steps": None,
         "loss": "mse",
+        "evaluate": False,
         **raw,
     }
 
@@ -59,7 +67,9 @@ def _setup(rfp: RfpHome, name: str, vel: dict, sal: dict | None = None):
     if settings is None:
         return None
     cfg = exps.model_config(spec)
-    key = stage_key(velocity=vel.get("key"), reflow=settings, code=REFLOW_CODE_VERSION)
+    # scoring the products changes none of them: `evaluate` stays out of their folder's key
+    products = {k: v for k, v in settings.items() if k != "evaluate"}
+    key = stage_key(velocity=vel.get("key"), reflow=products, code=REFLOW_CODE_VERSION)
     paths = RunPaths(
         base=Path(vel["checkpoint"]),
         manifest=rfp.out_dir(name) / "manifest.parquet",
@@ -171,15 +181,101 @@ def reflow_checkpoint(
     )
 
 
+# what the demo prints of the one-step evaluation (all of it is in metrics.json)
+ONE_STEP_SHOWN = ("transfer_rate", "mask_iou", "ms_per_image", "nfe", "steps", "sampler", "n_eval", "judge_accuracy")
+
+
+def evaluate_one_step(rfp: RfpHome, name: str, checkpoint: Path, out_dir: Path) -> dict[str, Any] | None:
+    """The distilled map at N = 1 (one Euler step) measured as `evaluation_samples` measures the flow:
+    its held-out frames, masks, structure encoder, seed and default judge steps, so the judge it trains
+    is the same one. None in generative mode (there is nothing to translate)."""
+    from rfp_core.evaluate.report import evaluate_run
+    from rfp_core.inference.translate import Translator
+    from rfp_pipeline.assets.evaluation import EvaluationSettings, _structure_encoder
+
+    spec = load_spec(rfp, name)
+    cfg = exps.model_config(spec)
+    if cfg.generative:
+        return None
+    device = rfp.resolve_device()
+    defaults = EvaluationSettings()
+    result = evaluate_run(
+        Translator.from_run(checkpoint, device=device),
+        rfp.out_dir(name) / "manifest.parquet",
+        rfp.frame_store(cfg.store_max_side),
+        out_dir,
+        masks_dir=rfp.root_path() / spec["masks"] if spec.get("masks") else None,
+        steps=1,
+        sampler="euler",
+        structure_encoder=_structure_encoder(cfg, device),
+        device=device,
+        judge_steps=defaults.judge_steps,
+        max_images=defaults.max_images,
+        seed=cfg.seed,
+    )
+    paths = result.pop("paths")
+    shown = {k: result[k] for k in ONE_STEP_SHOWN if k in result}
+    return {"metrics": paths["metrics"], "grid": paths["grid_translate"], **shown}
+
+
+def log_one_step(
+    tracking: MlflowTracking, name: str, vel: dict, distilled: Path, key: str, evaluation: dict | None
+) -> dict[str, Any]:
+    """Into the velocity's MLflow run: the one-step scores and a pyfunc translator with both checkpoints,
+    registered as a new version of the experiment's model. {} when the velocity has no run."""
+    if not vel.get("mlflow_run_id"):
+        return {}
+    import mlflow
+
+    with tracking.resume_run(vel["mlflow_run_id"]) as run:
+        if evaluation is not None:
+            numbers = {k: v for k, v in evaluation.items() if isinstance(v, float)}
+            mlflow.log_metrics({f"eval_1step/{k}": v for k, v in numbers.items()})
+            mlflow.log_artifact(evaluation["metrics"], "evaluation_1step")
+        uri, version = tracking.log_translator(
+            Path(vel["checkpoint"]),
+            registered_name=name,
+            tags={
+                "partition": name,
+                "velocity_key": str(vel.get("key")),
+                "distilled_key": key,
+                "one_step": "distilled",
+            },
+            distilled=distilled,
+        )
+        url = tracking.run_url(run)
+    return {"model_uri": uri, "model_version": version, "mlflow_run_id": vel["mlflow_run_id"], "mlflow_url": url}
+
+
+def _distilled_metadata(rec: dict[str, Any], steps_table: str) -> dict[str, Any]:
+    md: dict[str, Any] = {
+        "checkpoint": dg.MetadataValue.path(rec["checkpoint"]),
+        "steps_table": dg.MetadataValue.md(steps_table),
+    }
+    ev = rec.get("evaluation")
+    if ev:
+        md.update({f"one_step_{k}": ev[k] for k in ("transfer_rate", "mask_iou", "ms_per_image") if k in ev})
+        md["one_step_grid"] = markdown_image(Path(ev["grid"]), "held-out inputs above, one-step translations below")
+    if rec.get("model_version"):
+        md["registered_model"] = f"models:/{rec['name']}/{rec['model_version']} (steps 1: the distilled map)"
+        md["mlflow_run"] = dg.MetadataValue.url(rec["mlflow_url"])
+    return md
+
+
 @dg.asset(
     deps=[reflow_checkpoint],
     **_COMMON,
     pool="gpu",
     description="One-step map z0 -> z1 fitted to the newest flow's couplings, plus the steps table "
-    "(straightness, N = 1, 2, 4, 12) of 1-RF, k-RF and distilled.",
+    "(straightness, N = 1, 2, 4, 12) of 1-RF, k-RF and distilled; with `evaluate`, its N = 1 scores by the "
+    "evaluation's judge; a pyfunc version that serves steps 1 with it.",
 )
 def distilled_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict, saliency_checkpoint: dict
+    context: dg.AssetExecutionContext,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    velocity_checkpoint: dict,
+    saliency_checkpoint: dict,
 ) -> dg.MaterializeResult:
     from rfp_core.flow.reflow import Solver
     from rfp_core.train.reflow_report import write_report
@@ -191,8 +287,14 @@ def distilled_checkpoint(
         return skipped(stage, NOT_ON if setup is None else "reflow.distill is false for this experiment")
     s, paths, key, res = _run(rfp, setup, distill=True)
     md = write_report(paths, device=rfp.resolve_device(), solver=Solver(s["solver"], s["steps_solver"]))
-    write_result(stage, {"checkpoint": str(res.distilled), "key": key, "report": str(paths.out / "reflow_report.md")})
-    return dg.MaterializeResult(
-        data_version=dg.DataVersion(key),
-        metadata={"checkpoint": dg.MetadataValue.path(str(res.distilled)), "steps_table": dg.MetadataValue.md(md)},
-    )
+    evaluation = evaluate_one_step(rfp, name, res.distilled, paths.out / "distilled_eval") if s["evaluate"] else None
+    rec = {
+        "name": name,
+        "checkpoint": str(res.distilled),
+        "key": key,
+        "report": str(paths.out / "reflow_report.md"),
+        "evaluation": evaluation,
+        **log_one_step(mlflow_tracking, name, velocity_checkpoint, res.distilled, key, evaluation),
+    }
+    write_result(stage, rec)
+    return dg.MaterializeResult(data_version=dg.DataVersion(key), metadata=_distilled_metadata(rec, md))

@@ -475,6 +475,7 @@ def velocity_checkpoint(
                 log=_mlflow_logger(mlflow),
                 mlflow_uri=mlflow_tracking.uri(),
                 mlflow_run_id=run.info.run_id,
+                paired=spec.get("pairing") == "filenames",  # true pairs by file name (rfp_core/flow/paired.py)
             )
             res = launched.result
             final = {"velocity/steps": res.steps, "velocity/images_per_s_mean": res.images_per_s}
