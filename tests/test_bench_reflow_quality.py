@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import json
+
 import pytest
 
 from rfp_core.bench.reflow_quality import acceptance, summary_rows
@@ -56,3 +58,23 @@ def test_summary_rows_are_mean_and_spread_over_seeds():
     assert one["content_kept"]["std"] == pytest.approx(0.1414, abs=1e-3)
     dist = next(r for r in rows if r["model"] == "distilled")
     assert dist["straightness"]["n"] == 0  # a one-step map has no path
+
+
+@pytest.mark.slow
+def test_a_seed_run_alone_is_cached_and_the_seeds_run_reuses_it(isolated_rfp_home, capsys):
+    """`--seed 0` scores one seed and caches it; `--seeds 1` then assembles the table from the cache."""
+    from rfp_core.cli import main
+
+    assert main(["bench", "reflow_quality", "--quick", "--seed", "0", "--device", "cpu"]) == 0
+    one = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert one["seed"] == 0 and set(one["checks"]) >= {"passed"}
+    cached = list((isolated_rfp_home / "bench" / "reflow_quality" / "quick").glob("seed0-mse-*.json"))
+    assert len(cached) == 1
+    rows = json.loads(cached[0].read_text())
+    assert {r["model"] for r in rows} >= {"1-RF", "distilled"}
+
+    assert main(["bench", "reflow_quality", "--quick", "--seeds", "1", "--device", "cpu"]) == 0
+    out = capsys.readouterr()
+    assert f"scored rows reused from {cached[0]}" in out.err
+    table = json.loads(out.out.strip().splitlines()[-1])
+    assert table["seeds"] == 1 and table["checks"] == one["checks"]
