@@ -23,12 +23,19 @@ from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS, stage_records
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 # consumer -> the stage records it reads (each one an input, not a dependency plus a file read)
+# (the spec and the frames too: experiment_config's experiment.json, frame_store's record naming the manifest)
+SPEC, FRAMES = {"experiment_config"}, {"experiment_config", "frame_store"}
 READS = {
-    "structure_pairs": {"structure_embeddings"},
-    "saliency_checkpoint": {"codec_checkpoint"},
-    "velocity_checkpoint": {"codec_checkpoint", "saliency_checkpoint", "structure_pairs"},
-    "evaluation_samples": {"velocity_checkpoint"},
-    "translated_media": {"velocity_checkpoint"},
+    "media_manifest": SPEC,
+    "frame_store": SPEC | {"media_manifest"},
+    "structure_embeddings": FRAMES,
+    "structure_pairs": FRAMES | {"structure_embeddings"},
+    "codec_checkpoint": FRAMES,
+    "saliency_checkpoint": FRAMES | {"codec_checkpoint"},
+    "velocity_checkpoint": FRAMES | {"codec_checkpoint", "saliency_checkpoint", "structure_pairs"},
+    "evaluation_samples": FRAMES | {"velocity_checkpoint"},
+    "translated_media": SPEC | {"velocity_checkpoint"},
+    # the reflow stages still read the spec and the manifest themselves (assets/reflow.py, owned elsewhere)
     "reflow_couplings": {"velocity_checkpoint"},
     "reflow_checkpoint": {"velocity_checkpoint", "saliency_checkpoint"},
     "distilled_checkpoint": {"velocity_checkpoint", "saliency_checkpoint"},
@@ -45,6 +52,12 @@ def test_every_stage_record_read_is_a_data_input_of_the_graph():
         spec = next(iter(by_key[upstream].specs))
         assert by_key[upstream].get_io_manager_key_for_asset_key(spec.key) == STAGE_RECORDS, upstream
         assert spec.metadata[STAGE], upstream
+    # nothing read behind a plain dependency: the one left only orders (the translation waits for the evaluation)
+    order_only = {"translated_media": {"evaluation_samples"}}
+    for consumer in set(READS) - {"reflow_couplings", "reflow_checkpoint", "distilled_checkpoint"}:
+        node = by_key[consumer].node_def
+        plain = {i.name for i in node.input_defs if i.dagster_type.is_nothing}
+        assert plain == order_only.get(consumer, set()), consumer
     # the UI's lineage: the record edges are graph edges (and definitions.py resolves them)
     graph = dg.Definitions(assets=assets, resources=default_resources()).resolve_asset_graph()
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("translated_media")).parent_keys}

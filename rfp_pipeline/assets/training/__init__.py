@@ -1,0 +1,18 @@
+"""Stage 2, training: codec (phase 0), saliency classifier (phase 1), velocity flow (phase 2). One MLflow run each.
+
+One module per phase; `stage.py` holds what they share (decorator, set-up, MLflow run).
+"""
+
+from rfp_pipeline.assets.training.codec import codec_checkpoint, current_codec
+from rfp_pipeline.assets.training.saliency import saliency_checkpoint
+from rfp_pipeline.assets.training.stage import GROUP, transient_retry
+from rfp_pipeline.assets.training.velocity import velocity_checkpoint
+
+__all__ = [
+    "GROUP",
+    "codec_checkpoint",
+    "current_codec",
+    "saliency_checkpoint",
+    "transient_retry",
+    "velocity_checkpoint",
+]
