@@ -5,22 +5,28 @@ apply to the record they are handed."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from stages import STAGES
+from test_pipeline import RUN_CONFIG, make_project, register_partitions, resources_for
 from test_pipeline_structure import PAIRED, TINY_VAE
 
 from rfp_core.config import config_from_dict
+from rfp_core.manifest import content_version
 from rfp_pipeline.assets import assets
 from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.assets.training import current_codec
 from rfp_pipeline.definitions import default_resources
-from rfp_pipeline.metadata import write_result
+from rfp_pipeline.metadata import RESULT_FILE, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
 from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS, stage_records
 
+STAGES_AFTER_INGEST = STAGES[STAGES.index("frame_store") :]
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 # consumer -> the stage records it reads (each one an input, not a dependency plus a file read)
 # (the spec and the frames too: experiment_config's experiment.json, frame_store's record naming the manifest)
@@ -164,3 +170,29 @@ def test_pairs_recorded_with_pairing_off_are_refused_when_pairing_is_on():
     rec = {"skipped": False, "pairs": "/p.parquet", "version": "v"}
     assert current_pairs(rec, "x", paired) is rec
     assert current_pairs(rec, "x", _cfg()) is None  # pairing off: the velocity draws partners at random
+
+
+def test_the_stages_use_the_manifest_their_inputs_name_not_the_conventional_path(tmp_path, isolated_rfp_home):
+    """The manifest moved away from pipeline/<exp>/manifest.parquet, media_manifest's record pointing
+    at its new place: every stage after it still runs, on the moved file (a stage that looked for the
+    manifest by convention would fail with FileNotFoundError)."""
+    root = make_project(tmp_path / "project", {"moved": PAIRED}, n=8)
+    resources = resources_for(root, isolated_rfp_home, os.environ["MLFLOW_TRACKING_URI"])
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        register_partitions(instance, resources)
+        kw = dict(instance=instance, resources=resources, partition_key="moved")
+        assert dg.materialize(assets, selection=["experiment_config", "media_manifest"], **kw).success
+        home = resources["rfp"].out_dir("moved")
+        (tmp_path / "elsewhere").mkdir()
+        moved = shutil.move(home / "manifest.parquet", tmp_path / "elsewhere" / "m.parquet")
+        write_result(home, {**json.loads((home / RESULT_FILE).read_text()), "manifest": str(moved)})
+        result = dg.materialize(assets, selection=STAGES_AFTER_INGEST, run_config=RUN_CONFIG, **kw)
+    assert result.success
+    assert not (home / "manifest.parquet").exists()
+    assert json.loads((home / "frame_store" / RESULT_FILE).read_text())["manifest"] == str(moved)
+    md = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert md["structure_pairs"]["frames_domain0"].value == 8  # the pairs read the moved manifest's frames
+    for stage in ("saliency_checkpoint", "velocity_checkpoint"):
+        assert md[stage]["built_from_manifest"].value == content_version(Path(moved)), stage
+    assert md["evaluation_samples"]["n_eval"].value > 0  # held-out frames of the moved manifest
