@@ -24,12 +24,12 @@ UPSTREAM = ["experiment_config", "media_manifest", "frame_store", "codec_checkpo
 @dg.asset(partitions_def=experiments_partitions)
 def saliency_via_launcher(
     context: dg.AssetExecutionContext,
-    rfp: RfpHome,
-    mlflow_tracking: MlflowTracking,
-    training_launcher: TrainingLauncher,
     experiment_config: dict,
     frame_store: dict,
     codec_checkpoint: dict,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
     """The wiring the saliency asset gets: the launcher replaces the train_saliency call inside the MLflow run."""
     name = context.partition_key

@@ -1,6 +1,7 @@
 """Stage 2, training: codec (phase 0), saliency classifier (phase 1), velocity flow (phase 2). One MLflow run each.
 
-One module per phase; `stage.py` holds what they share (decorator, set-up, MLflow run).
+One module per phase; `stage.py` holds what they share (decorator, set-up, MLflow run). Each asset
+takes its upstream records first, then its resources.
 """
 
 from rfp_pipeline.assets.training.codec import codec_checkpoint, current_codec

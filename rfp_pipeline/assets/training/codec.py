@@ -65,11 +65,11 @@ def _codec_metadata(rec: dict) -> dict[str, Any]:
 )
 def codec_checkpoint(
     context: dg.AssetExecutionContext,
+    experiment_config: dict,
+    frame_store: dict,
     rfp: RfpHome,
     mlflow_tracking: MlflowTracking,
     training_launcher: TrainingLauncher,
-    experiment_config: dict,
-    frame_store: dict,
 ) -> dg.MaterializeResult:
     st = TrainingStage(context, rfp, "codec", experiment_config)
     cfg = st.cfg

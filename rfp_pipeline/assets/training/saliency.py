@@ -10,6 +10,7 @@ from rfp_pipeline.assets.training.stage import Manifest, TrainingStage, training
 from rfp_pipeline.checks import SALIENCY_CHECKS, saliency_checks
 from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, stage_key, write_result
 from rfp_pipeline.pipes import TrainingLauncher
+from rfp_pipeline.pipes_worker import saliency_stop_figures
 from rfp_pipeline.resources import CheckThresholds, MlflowTracking, RfpHome
 
 SALIENCY_CODE_VERSION = "2"  # 2: saliency_state.json records its lineage (older folders cannot be resumed)
@@ -35,13 +36,13 @@ def _skip_reason(cfg) -> str | None:
 )
 def saliency_checkpoint(
     context: dg.AssetExecutionContext,
-    rfp: RfpHome,
-    mlflow_tracking: MlflowTracking,
-    thresholds: CheckThresholds,
-    training_launcher: TrainingLauncher,
     experiment_config: dict,
     frame_store: dict,
     codec_checkpoint: dict,
+    thresholds: CheckThresholds,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    training_launcher: TrainingLauncher,
 ) -> dg.MaterializeResult:
     st = TrainingStage(context, rfp, "saliency", experiment_config)
     cfg, name = st.cfg, st.name
@@ -106,14 +107,7 @@ def _metadata(res, cfg, built_from: dict, url: str, grid: Path | None, launched:
         "accuracy_threshold": cfg.saliency.accuracy_threshold,
         "steps": res.steps,
         "backbone_warmed_up": res.warmed_up,
-        # which accuracy met the threshold, the original's smoothed training one, and the held-out
-        # figure measured on frames that did not decide the stop (rfp_core/train/saliency_stop.py)
-        "stopped_by": res.stopped_by or "",
-        **{
-            k: v
-            for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
-            if v is not None
-        },
+        **saliency_stop_figures(res),
         "checkpoint": dg.MetadataValue.path(str(res.checkpoint)),
         "mlflow_run": dg.MetadataValue.url(url),
         "built_from_manifest": built_from["manifest"],

@@ -162,14 +162,14 @@ def _metadata(name: str, up: VelocityInputs, t: Trained) -> dict[str, Any]:
 )
 def velocity_checkpoint(
     context: dg.AssetExecutionContext,
-    rfp: RfpHome,
-    mlflow_tracking: MlflowTracking,
-    training_launcher: TrainingLauncher,
     experiment_config: dict,
     frame_store: dict,
     codec_checkpoint: dict,
     saliency_checkpoint: dict,
     structure_pairs: dict,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
+    training_launcher: TrainingLauncher,
 ) -> Iterator[dg.AssetCheckResult | dg.MaterializeResult]:
     from rfp_core.train.velocity import NonFiniteLoss
 
