@@ -6,14 +6,6 @@ takes its upstream records first, then its resources.
 
 from rfp_pipeline.assets.training.codec import codec_checkpoint, current_codec
 from rfp_pipeline.assets.training.saliency import saliency_checkpoint
-from rfp_pipeline.assets.training.stage import GROUP, transient_retry
 from rfp_pipeline.assets.training.velocity import velocity_checkpoint
 
-__all__ = [
-    "GROUP",
-    "codec_checkpoint",
-    "current_codec",
-    "saliency_checkpoint",
-    "transient_retry",
-    "velocity_checkpoint",
-]
+__all__ = ["codec_checkpoint", "current_codec", "saliency_checkpoint", "velocity_checkpoint"]
