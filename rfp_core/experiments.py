@@ -13,9 +13,10 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rfp_core.config import ExperimentConfig, ModelConfig, config_from_dict, load_experiment
-from rfp_core.hashing import HashCache
-from rfp_core.media import discover
+from rfp_core.config import ExperimentConfig, ModelConfig
+from rfp_core.config_files import config_from_dict, load_experiment
+from rfp_core.media.decode import discover
+from rfp_core.media.hashing import HashCache
 
 NAME_CHARS = set("abcdefghijklmnopqrstuvwxyzABCDEFGHIJKLMNOPQRSTUVWXYZ0123456789_-.")
 

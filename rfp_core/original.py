@@ -18,7 +18,8 @@ import torch
 from torch import nn
 
 from rfp_core.checkpoint import CheckpointError, load_checkpoint
-from rfp_core.config import ConfigError, ModelConfig, load_config
+from rfp_core.config import ConfigError, ModelConfig
+from rfp_core.config_files import load_config
 
 _STEP = re.compile(r"^(?P<part>codec|saliency|velocity)_.+_(?P<step>\d+)\.ckpt$")
 

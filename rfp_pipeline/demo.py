@@ -87,14 +87,14 @@ def main(argv: list[str] | None = None) -> int:
     exp = rfp.load_experiment(DEMO)  # a clear error if experiments/demo.json or its config is missing
     demo_root = Path(exp.domain1[0]).parent
     try:
-        from rfp_core.demo_data import make_demo_data
+        from rfp_core.media.demo_data import make_demo_data
     except ImportError:
         make_demo_data = None
     if make_demo_data is not None:
         data = make_demo_data(demo_root)
         print(f"demo data {'created' if data.created else 'present'}: {demo_root}", file=sys.stderr)
     elif not demo_root.exists():
-        print(f"error: {demo_root} is missing and rfp_core.demo_data is not available", file=sys.stderr)
+        print(f"error: {demo_root} is missing and rfp_core.media.demo_data is not available", file=sys.stderr)
         return 2
 
     instance = dg.DagsterInstance.get()

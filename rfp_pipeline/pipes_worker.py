@@ -48,8 +48,8 @@ def _step_logger(pipes: PipesContext, extras: dict[str, Any]) -> Callable[[dict,
 
 def _config_and_store(extras: dict[str, Any]):
     """The phase's config (a file beside its work) and the shared frame store, from the Pipes extras."""
-    from rfp_core.config import config_from_dict
-    from rfp_core.frame_store import FrameStore
+    from rfp_core.config_files import config_from_dict
+    from rfp_core.media.frame_store import FrameStore
 
     cfg_path = Path(extras["config"])
     cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))

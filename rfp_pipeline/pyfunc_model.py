@@ -54,7 +54,7 @@ def input_example() -> tuple[dict, dict]:
 
 
 def _decode_b64(items) -> list[np.ndarray]:
-    from rfp_core.media import MediaError, decode_image
+    from rfp_core.media.decode import MediaError, decode_image
 
     if isinstance(items, (str, bytes)):
         items = [items]
@@ -108,7 +108,7 @@ def images_from_input(model_input) -> list[np.ndarray]:
 
 class TranslatorModel(mlflow.pyfunc.PythonModel):
     def load_context(self, context) -> None:
-        from rfp_core.translate import Translator
+        from rfp_core.inference.translate import Translator
 
         self.translator = Translator.from_run(
             context.artifacts[CHECKPOINT], device=os.environ.get("RFP_DEVICE") or None
@@ -118,7 +118,7 @@ class TranslatorModel(mlflow.pyfunc.PythonModel):
         import torch
         from PIL import Image
 
-        from rfp_core.images import center_square, to_tensor
+        from rfp_core.media.images import center_square, to_tensor
 
         params = params or {}
         steps = int(params.get("steps") or 0) or None

@@ -19,8 +19,8 @@ from pydantic import Field
 from rfp_core import experiments as exps
 from rfp_core import paths, tracking
 from rfp_core.config import ConfigError, ExperimentConfig
-from rfp_core.frame_store import FrameStore
-from rfp_core.hashing import HashCache
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.hashing import HashCache
 
 DEFAULT_UI_URL = "http://127.0.0.1:5000"  # `mlflow ui`'s own default address
 # MLflow 3.17's UI picks GenAI or model-training pages from this query parameter (else its own

@@ -12,8 +12,8 @@ import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
 
-from rfp_core.config import config_from_dict
-from rfp_core.frame_store import FrameStore
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.frame_store import FrameStore
 from rfp_core.train.saliency import SaliencyThresholdNotReached, train_saliency
 from rfp_core.train.velocity import train_velocity
 

@@ -10,9 +10,9 @@ from media_factory import make_audio_only, make_image, make_video, make_zip
 from PIL import Image
 
 from rfp_core.cli import main
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
-from rfp_core.manifest import read_manifest
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
+from rfp_core.media.manifest import read_manifest
 
 
 def md5(path: Path) -> str:

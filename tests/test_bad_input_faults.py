@@ -22,11 +22,11 @@ import pytest
 from media_factory import decode_video, make_image, make_video, make_video_with_audio
 from PIL import Image
 
-from rfp_core import ingest as ingest_mod
 from rfp_core.cli import main
-from rfp_core.frame_store import FrameStore
-from rfp_core.hashing import HashCache
-from rfp_core.ingest import IngestError, StoreWriteError, ingest
+from rfp_core.media import ingest as ingest_mod
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.hashing import HashCache
+from rfp_core.media.ingest import IngestError, StoreWriteError, ingest
 
 
 def md5(path: Path) -> str:
@@ -98,7 +98,7 @@ def test_rotated_video_is_stored_upright_and_variable_rate_keeps_true_timestamps
 
 
 def test_image_modes_odd_names_zip_bombs_nested_zips_and_links(tmp_path, isolated_rfp_home, monkeypatch):
-    monkeypatch.setattr("rfp_core.media.MAX_ZIP_MEMBER_BYTES", 50_000)
+    monkeypatch.setattr("rfp_core.media.decode.MAX_ZIP_MEMBER_BYTES", 50_000)
     d = tmp_path / "inbox"
     d.mkdir()
     make_image(d / "good.png", 16, (9, 9, 200))

@@ -7,9 +7,10 @@ import torch
 import torch.nn.functional as F
 from disc_data import make_discs
 
-from rfp_core.config import AutoEncoderConfig, ConfigError, IdentityNetConfig, config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config import AutoEncoderConfig, ConfigError, IdentityNetConfig
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.nets.autoencoder import SAE, VAE, Identity, build_codec
 from rfp_core.train.codec import structure_loss, train_codec
 from rfp_core.train.codec_io import load_codec
@@ -162,10 +163,10 @@ def test_vae_codec_run_end_to_end(tmp_path):
     from PIL import Image
 
     from rfp_core.cli import main
-    from rfp_core.config import load_config
+    from rfp_core.config_files import load_config
+    from rfp_core.inference.translate import Translator
     from rfp_core.train.saliency import load_saliency, train_saliency
     from rfp_core.train.velocity import train_velocity
-    from rfp_core.translate import Translator
 
     tiny = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
     cfg = load_config(

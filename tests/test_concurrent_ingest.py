@@ -17,10 +17,11 @@ import numpy as np
 import pytest
 from media_factory import make_image, make_video, make_zip
 
-from rfp_core.frame_store import FrameStore
-from rfp_core.hashing import HashCache
-from rfp_core.ingest import SourceCache, ingest
-from rfp_core.manifest import read_manifest
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.hashing import HashCache
+from rfp_core.media.ingest import ingest
+from rfp_core.media.manifest import read_manifest
+from rfp_core.media.source_cache import SourceCache
 from rfp_core.structure import EmbeddingCache, ThumbnailEncoder
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -29,9 +30,9 @@ ROOT = Path(__file__).resolve().parents[1]
 WORKER = """
 import sys, time
 from pathlib import Path
-import rfp_core.ingest as ingest_mod
+import rfp_core.media.ingest as ingest_mod
 import rfp_core.structure.cache as cache_mod
-from rfp_core.frame_store import FrameStore
+from rfp_core.media.frame_store import FrameStore
 from rfp_core.structure import EmbeddingCache, ThumbnailEncoder
 ingest_mod.PACK_EVERY_S = 0.0
 cache_mod.FLUSH_EVERY = 2

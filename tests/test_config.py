@@ -4,7 +4,8 @@ from pathlib import Path
 import pytest
 
 from rfp_core.cli import main as rfp
-from rfp_core.config import ConfigError, load_config, load_experiment
+from rfp_core.config import ConfigError
+from rfp_core.config_files import load_config, load_experiment
 
 HERE = Path(__file__).parent
 FLAT = HERE / "original_flat_config.json"

@@ -9,9 +9,9 @@ from media_factory import make_image
 from PIL import Image
 from torch.utils.data import DataLoader
 
-from rfp_core.data import FrameDataset, TrainCrop, UnpairedDataset, holdout_split
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.media.datasets import FrameDataset, TrainCrop, UnpairedDataset, holdout_split
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 
 D0_COLORS = [(200, 10 + 30 * i, 20) for i in range(6)]
 D1_COLORS = [(10, 20 + 25 * j, 220) for j in range(8)]

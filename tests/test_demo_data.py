@@ -10,8 +10,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rfp_core.demo_data import BACKGROUND, MARKER, background_tensor_value, load_mask, make_demo_data
 from rfp_core.evaluate.metrics import foreground_mask, mask_ious, stripe_energy
+from rfp_core.media.demo_data import BACKGROUND, MARKER, background_tensor_value, load_mask, make_demo_data
 
 
 def _load(paths):

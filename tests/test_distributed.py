@@ -16,9 +16,10 @@ from disc_data import make_discs
 from dist_worker import spawn, train
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import ConfigError, config_from_dict, load_config
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict, load_config
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train import distributed
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"

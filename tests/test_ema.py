@@ -3,7 +3,7 @@
 import pytest
 from torch import nn
 
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_core.train.ema import EMA, horizon_note, warmup_steps_for
 
 

@@ -1,7 +1,7 @@
 """The judge and `evaluate_run` end to end on the demo data, with known-answer translators.
 
 Two translators whose right answers are known, which is what a test of the measuring needs:
-the real `rfp_core.translate.Translator` over an untrained UNet whose output conv is
+the real `rfp_core.inference.translate.Translator` over an untrained UNet whose output conv is
 zero-initialised (v = 0 exactly: the identity flow), and an oracle that restyles each shape
 perfectly. Trained runs are measured by the (slow) ablation test and by the pipeline's tests.
 """
@@ -12,16 +12,16 @@ import pytest
 import torch
 
 from rfp_core.config import ModelConfig, UNetConfig
-from rfp_core.data import FrameDataset
-from rfp_core.demo_data import background_tensor_value, make_demo_data
 from rfp_core.evaluate import evaluate_run, foreground_mask, train_judge
-from rfp_core.flow import integrate
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.flow.rf import integrate
+from rfp_core.inference.translate import Translator
+from rfp_core.media.datasets import FrameDataset
+from rfp_core.media.demo_data import background_tensor_value, make_demo_data
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.nets.autoencoder import build_codec
 from rfp_core.nets.unet import UNet
 from rfp_core.structure import ThumbnailEncoder
-from rfp_core.translate import Translator
 
 SIZE = 32
 HOLDOUT = 0.3

@@ -10,9 +10,9 @@ import pytest
 import torch
 from disc_data import make_discs
 
-from rfp_core.config import config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 

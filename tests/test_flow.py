@@ -4,8 +4,8 @@ import pytest
 import torch
 from torch import nn
 
-from rfp_core import flow
 from rfp_core.config import SaliencyNetConfig, UNetConfig
+from rfp_core.flow import rf
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.nets.unet import UNet
 
@@ -23,7 +23,7 @@ def _saliency_f64() -> SaliencyNet:
 
 def _grads(loss_fn, h, unet, x0, x1, t):
     unet.zero_grad(set_to_none=True)
-    xt, target = flow.interpolate(x0, x1, t), x1 - x0
+    xt, target = rf.interpolate(x0, x1, t), x1 - x0
     loss = loss_fn(h, xt, target, unet(xt, t))
     loss.backward()
     return loss.detach(), {n: p.grad.clone() for n, p in unet.named_parameters()}
@@ -38,11 +38,11 @@ def test_fast_saliency_loss_matches_the_reference_gradients_float64():
     x1 = torch.rand(2, 3, 32, 32, dtype=torch.float64) * 2 - 1
     t = torch.tensor([0.3, 0.8], dtype=torch.float64)
 
-    ref_loss, ref = _grads(flow.reference_saliency_loss, sal.h, unet, x0, x1, t)
+    ref_loss, ref = _grads(rf.reference_saliency_loss, sal.h, unet, x0, x1, t)
     for name, fn, h in [
-        ("fast", flow.saliency_weighted_loss, sal.h),
-        ("fast+frozen_h", flow.saliency_weighted_loss, sal.frozen_h()),
-        ("func jvp/vjp", flow.saliency_weighted_loss_func, sal.h),
+        ("fast", rf.saliency_weighted_loss, sal.h),
+        ("fast+frozen_h", rf.saliency_weighted_loss, sal.frozen_h()),
+        ("func jvp/vjp", rf.saliency_weighted_loss_func, sal.h),
     ]:
         loss, got = _grads(fn, h, unet, x0, x1, t)
         torch.testing.assert_close(loss, ref_loss, rtol=1e-10, atol=0, msg=name)
@@ -75,14 +75,14 @@ def _anchor_case(seed: int, times: list[float]):
 def test_anchored_loss_is_the_saliency_loss_plus_weighted_mse_in_value_and_gradient():
     h, unet, x0, x1, t = _anchor_case(2, [0.2, 0.6])
     weight = 7.0
-    s_loss, s_grad = _grads(flow.saliency_weighted_loss, h, unet, x0, x1, t)
-    m_loss, m_grad = _grads(lambda _h, _x, target, v: flow.velocity_mse_loss(v, target), h, unet, x0, x1, t)
-    a_loss, a_grad = _grads(lambda *a: flow.anchored_saliency_loss(*a, mse_weight=weight), h, unet, x0, x1, t)
+    s_loss, s_grad = _grads(rf.saliency_weighted_loss, h, unet, x0, x1, t)
+    m_loss, m_grad = _grads(lambda _h, _x, target, v: rf.velocity_mse_loss(v, target), h, unet, x0, x1, t)
+    a_loss, a_grad = _grads(lambda *a: rf.anchored_saliency_loss(*a, mse_weight=weight), h, unet, x0, x1, t)
     torch.testing.assert_close(a_loss, s_loss + weight * m_loss)
     for k in a_grad:
         torch.testing.assert_close(a_grad[k], s_grad[k] + weight * m_grad[k])
     assert float(m_loss) > 0 and any(float(g.abs().max()) > 0 for g in m_grad.values())
-    zero_loss, _ = _grads(lambda *a: flow.anchored_saliency_loss(*a, mse_weight=0.0), h, unet, x0, x1, t)
+    zero_loss, _ = _grads(lambda *a: rf.anchored_saliency_loss(*a, mse_weight=0.0), h, unet, x0, x1, t)
     torch.testing.assert_close(zero_loss, s_loss)
 
 
@@ -91,10 +91,10 @@ def test_saliency_params_get_no_grad_even_if_trainable_and_accumulation_adds_up(
     sal = SaliencyNet(SaliencyNetConfig(backbone="resnet18", pretrained=False, latent_channels=16)).eval()
     x_t, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     v = torch.randn(2, 3, 16, 16, requires_grad=True)
-    loss = flow.saliency_weighted_loss(sal.h, x_t, target, v)
+    loss = rf.saliency_weighted_loss(sal.h, x_t, target, v)
     loss.backward()
     first = v.grad.clone()
-    flow.saliency_weighted_loss(sal.h, x_t, target, v).backward()  # gradient accumulation
+    rf.saliency_weighted_loss(sal.h, x_t, target, v).backward()  # gradient accumulation
     torch.testing.assert_close(v.grad, 2 * first)
     assert all(p.grad is None for p in sal.parameters())
     # the value is the mean square of J e, and the gradient is -(2/N) J^T J e
@@ -112,19 +112,19 @@ def test_fast_loss_under_bf16_autocast_runs_the_saliency_in_float32():
     x_t, target = torch.randn(2, 3, 16, 16), torch.randn(2, 3, 16, 16)
     v = torch.randn(2, 3, 16, 16).bfloat16().requires_grad_()
     with torch.autocast("cpu", dtype=torch.bfloat16):
-        loss = flow.saliency_weighted_loss(sal.h, x_t, target, v)
+        loss = rf.saliency_weighted_loss(sal.h, x_t, target, v)
     loss.backward()
     assert loss.dtype == torch.float32 and v.grad.dtype == torch.bfloat16
     v32 = v.detach().float().requires_grad_()
-    flow.saliency_weighted_loss(sal.h, x_t, target, v32).backward()
+    rf.saliency_weighted_loss(sal.h, x_t, target, v32).backward()
     torch.testing.assert_close(v.grad.float(), v32.grad, rtol=1e-2, atol=1e-2 * float(v32.grad.abs().max()))
 
 
 def test_mse_and_interpolate():
     x0, x1 = torch.zeros(2, 3, 4, 4), torch.ones(2, 3, 4, 4)
-    xt = flow.interpolate(x0, x1, torch.tensor([0.0, 0.25]))
+    xt = rf.interpolate(x0, x1, torch.tensor([0.0, 0.25]))
     assert torch.all(xt[0] == 0) and torch.all(xt[1] == 0.25)
-    assert float(flow.velocity_mse_loss(torch.zeros(4), torch.full((4,), 2.0))) == 4.0
+    assert float(rf.velocity_mse_loss(torch.zeros(4), torch.full((4,), 2.0))) == 4.0
 
 
 # ---------------------------------------------------------------------------- timesteps
@@ -132,17 +132,17 @@ def test_mse_and_interpolate():
 
 def test_timestep_sampling():
     gen = torch.Generator().manual_seed(0)
-    t = flow.sample_timesteps(20_000, "logit-normal", "cpu", generator=gen)
+    t = rf.sample_timesteps(20_000, "logit-normal", "cpu", generator=gen)
     assert t.shape == (20_000,) and float(t.min()) > 0 and float(t.max()) < 1
     assert abs(float(t.median()) - 0.5) < 0.02
     # denser in the middle than uniform: a quarter-width band around 0.5 holds well over 25%
     assert float(((t > 0.375) & (t < 0.625)).float().mean()) > 0.35
-    u = flow.sample_timesteps(20_000, "uniform", "cpu", generator=torch.Generator().manual_seed(0))
+    u = rf.sample_timesteps(20_000, "uniform", "cpu", generator=torch.Generator().manual_seed(0))
     assert float(u.min()) >= 0 and float(u.max()) < 1 and abs(float(u.mean()) - 0.5) < 0.01
-    again = flow.sample_timesteps(20_000, "logit-normal", "cpu", generator=torch.Generator().manual_seed(0))
+    again = rf.sample_timesteps(20_000, "logit-normal", "cpu", generator=torch.Generator().manual_seed(0))
     assert torch.equal(t, again)
     with pytest.raises(ValueError, match="logit-normal"):
-        flow.sample_timesteps(3, "beta", "cpu")
+        rf.sample_timesteps(3, "beta", "cpu")
 
 
 # ---------------------------------------------------------------------------- samplers
@@ -155,9 +155,9 @@ def test_constant_field_is_exact_and_reverse_undoes_forward(sampler):
     x = torch.randn(3, 2, 4, 4, dtype=torch.float64)
     c = torch.randn(1, 2, 4, 4, dtype=torch.float64)
     v = lambda z, t: c.expand_as(z)  # noqa: E731
-    out = flow.integrate(v, x, steps=5, sampler=sampler)
+    out = rf.integrate(v, x, steps=5, sampler=sampler)
     torch.testing.assert_close(out, x + c, rtol=0, atol=1e-12)
-    torch.testing.assert_close(flow.integrate(v, out, steps=3, sampler=sampler, reverse=True), x, rtol=0, atol=1e-12)
+    torch.testing.assert_close(rf.integrate(v, out, steps=3, sampler=sampler, reverse=True), x, rtol=0, atol=1e-12)
 
 
 def test_linear_field_higher_order_is_more_accurate():
@@ -165,11 +165,11 @@ def test_linear_field_higher_order_is_more_accurate():
     x = torch.randn(4, 3, dtype=torch.float64)
     v = lambda z, t: a * z  # noqa: E731
     exact = x * math.exp(a)
-    err = {s: float((flow.integrate(v, x, steps=8, sampler=s) - exact).abs().max()) for s in SAMPLERS}
+    err = {s: float((rf.integrate(v, x, steps=8, sampler=s) - exact).abs().max()) for s in SAMPLERS}
     assert err["rk4"] < 1e-5 < err["heun"] < err["euler"]
     assert err["heun"] < err["euler"] / 10
     # backwards in time: from x*e^a at t=1 to x at t=0
-    back = flow.integrate(v, exact, steps=8, sampler="rk4", reverse=True)
+    back = rf.integrate(v, exact, steps=8, sampler="rk4", reverse=True)
     torch.testing.assert_close(back, x, rtol=0, atol=1e-4)
 
 
@@ -182,38 +182,38 @@ def test_time_is_passed_per_sample_on_the_grid():
         return t.view(-1, 1).expand_as(z)  # dx/dt = t -> x(1) = x(0) + 1/2
 
     x = torch.zeros(2, 1, dtype=torch.float64)
-    euler = flow.integrate(v, x, steps=4, sampler="euler")
+    euler = rf.integrate(v, x, steps=4, sampler="euler")
     assert seen == [0.0, 0.25, 0.5, 0.75]
     torch.testing.assert_close(euler, x + 3 / 8)  # left Riemann sum of t over 4 steps
-    torch.testing.assert_close(flow.integrate(v, x, steps=4, sampler="heun"), x + 0.5)
+    torch.testing.assert_close(rf.integrate(v, x, steps=4, sampler="heun"), x + 0.5)
     seen.clear()
-    flow.integrate(v, x + 0.5, steps=2, sampler="euler", reverse=True)
+    rf.integrate(v, x + 0.5, steps=2, sampler="euler", reverse=True)
     assert seen == [1.0, 0.5]
 
 
 @pytest.mark.parametrize("sampler,steps,expected", [("euler", 12, 12), ("heun", 12, 24), ("rk4", 3, 12)])
 def test_nfe_counts_velocity_calls(sampler, steps, expected):
     calls = []
-    flow.integrate(lambda z, t: calls.append(1) or z * 0, torch.zeros(1, 2), steps=steps, sampler=sampler)
-    assert flow.nfe(sampler, steps) == expected == len(calls)
+    rf.integrate(lambda z, t: calls.append(1) or z * 0, torch.zeros(1, 2), steps=steps, sampler=sampler)
+    assert rf.nfe(sampler, steps) == expected == len(calls)
 
 
 def test_samplers_do_not_build_graphs():
     w = torch.ones(1, requires_grad=True)
-    out = flow.integrate(lambda z, t: w * z, torch.ones(2, 1), steps=2)
+    out = rf.integrate(lambda z, t: w * z, torch.ones(2, 1), steps=2)
     assert not out.requires_grad
 
 
 def test_straightness():
     z0 = torch.randn(8, 3, dtype=torch.float64)
     c = torch.randn(1, 3, dtype=torch.float64)
-    assert flow.straightness(lambda z, t: c.expand_as(z), z0, steps=6) == pytest.approx(0.0, abs=1e-20)
+    assert rf.straightness(lambda z, t: c.expand_as(z), z0, steps=6) == pytest.approx(0.0, abs=1e-20)
     # a rotation field bends every path
     rot = torch.tensor([[0.0, -1.0], [1.0, 0.0]], dtype=torch.float64)
-    curved = flow.straightness(lambda z, t: z @ rot.T, torch.randn(64, 2, dtype=torch.float64), steps=20, sampler="rk4")
+    curved = rf.straightness(lambda z, t: z @ rot.T, torch.randn(64, 2, dtype=torch.float64), steps=20, sampler="rk4")
     assert curved > 0.01
     # velocity depending on t alone: v = t, Z1 - Z0 = 1/2 -> S = mean over grid of (1/2 - t_i)^2
-    s = flow.straightness(
+    s = rf.straightness(
         lambda z, t: t.view(-1, 1).expand_as(z), torch.zeros(2, 1, dtype=torch.float64), steps=4, sampler="heun"
     )
     assert s == pytest.approx(sum((0.5 - i / 4) ** 2 for i in range(4)) / 4)
@@ -221,13 +221,13 @@ def test_straightness():
 
 def test_anchored_loss_terms_add_up_and_leave_the_gradient_as_it_was():
     h, unet, x0, x1, t = _anchor_case(3, [0.3, 0.7])
-    s_loss, s_grad = _grads(flow.saliency_weighted_loss, h, unet, x0, x1, t)
-    m_loss, m_grad = _grads(lambda _h, _x, target, v: flow.velocity_mse_loss(v, target), h, unet, x0, x1, t)
+    s_loss, s_grad = _grads(rf.saliency_weighted_loss, h, unet, x0, x1, t)
+    m_loss, m_grad = _grads(lambda _h, _x, target, v: rf.velocity_mse_loss(v, target), h, unet, x0, x1, t)
     for weight in (0.0, 5.0):
         terms = {}
 
         def total(*a, w=weight, terms=terms):
-            out = flow.anchored_saliency_loss_terms(*a, mse_weight=w)
+            out = rf.anchored_saliency_loss_terms(*a, mse_weight=w)
             terms.update(sal=out.saliency, mse=out.mse)
             return out.total
 

@@ -2,7 +2,7 @@
 
 import numpy as np
 
-from rfp_core.data import MIN_SOURCES_TO_HALVE, VIDEO_RUNS, holdout_parts, holdout_split, source_groups
+from rfp_core.media.datasets import MIN_SOURCES_TO_HALVE, VIDEO_RUNS, holdout_parts, holdout_split, source_groups
 
 
 def _video(md5: str, n: int) -> list[str]:

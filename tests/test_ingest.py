@@ -10,9 +10,9 @@ import pytest
 from media_factory import decode_video, frame_array, make_image, make_video, make_zip
 
 from rfp_core.cli import main
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import IngestError, ingest
-from rfp_core.manifest import MANIFEST_SCHEMA, content_version, ok_frames, read_manifest, summarize
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import IngestError, ingest
+from rfp_core.media.manifest import MANIFEST_SCHEMA, content_version, ok_frames, read_manifest, summarize
 
 N_FRAMES, FPS, VSIZE = 26, 12, (48, 32)
 

@@ -12,9 +12,9 @@ import torch
 from disc_data import make_discs
 
 from rfp_core.checkpoint import list_checkpoints, prune_checkpoints, save_checkpoint
-from rfp_core.config import config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train.schedule import lr_at
 from rfp_core.train.velocity import train_velocity
 
@@ -202,7 +202,7 @@ def test_a_finished_saliency_phase_on_other_frames_is_not_reused(tmp_path, data)
 
 def test_rfp_train_on_new_data_is_refused_and_restart_retrains_every_phase_built_from_it(tmp_path, capsys):
     from rfp_core.cli import main
-    from rfp_core.config import load_config
+    from rfp_core.config_files import load_config
     from rfp_core.paths import runs_dir
 
     raw = load_config(TINY).model_dump(mode="json")

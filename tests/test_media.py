@@ -9,9 +9,9 @@ from media_factory import frame_array, make_image, make_video, make_zip
 from PIL import Image
 
 from rfp_core import paths
-from rfp_core.frame_store import FrameStore, cap_short_side
-from rfp_core.hashing import HashCache, md5_file
-from rfp_core.media import MediaError, MediaFile, discover, iter_frames
+from rfp_core.media.decode import MediaError, MediaFile, discover, iter_frames
+from rfp_core.media.frame_store import FrameStore, cap_short_side
+from rfp_core.media.hashing import HashCache, md5_file
 
 
 def test_discover_recursive_case_insensitive_sorted_hidden_skipped(tmp_path):

@@ -141,7 +141,7 @@ def test_cycle_error_and_cosine():
 
 
 def test_straightness_is_zero_for_a_constant_velocity_field():
-    flow = pytest.importorskip("rfp_core.flow")
+    flow = pytest.importorskip("rfp_core.flow.rf")
     c = torch.randn(1, 3, 8, 8)
     z0 = torch.randn(4, 3, 8, 8)
     v = lambda x, t: c.expand_as(x)  # noqa: E731 - every path is the straight line z0 + t c

@@ -5,7 +5,8 @@ import torch
 import torchvision
 from torch import nn
 
-from rfp_core.config import ConfigError, SaliencyNetConfig, UNetConfig, config_from_dict
+from rfp_core.config import ConfigError, SaliencyNetConfig, UNetConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.nets.dit import DiT
 from rfp_core.nets.layers import ResBlock, SelfAttention, auto_groups, normalization
 from rfp_core.nets.saliency import PretrainedWeightsMissing, SaliencyNet, pretrained_weights_file

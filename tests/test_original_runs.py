@@ -11,7 +11,7 @@ from disc_data import make_discs
 
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import build_parser
-from rfp_core.config import config_from_dict
+from rfp_core.config_files import config_from_dict
 from rfp_core.original import checkpoint_step, find_original_run, load_state
 from rfp_core.train.run import Imports, default_run_id, train_run
 
@@ -113,7 +113,7 @@ def test_the_original_command_line_parses():
 
 
 def test_split_with_an_original_run_folder(tmp_path):
-    from rfp_core.split import split_folder
+    from rfp_core.inference.split import split_folder
 
     d0, d1 = make_discs(tmp_path / "data", n=3, size=32)
     report = split_folder(RUN, [d0, d1], tmp_path / "sorted", threshold=0.6, device="cpu", progress=False)
@@ -123,7 +123,7 @@ def test_split_with_an_original_run_folder(tmp_path):
 
 @pytest.mark.parametrize("name", ["dit_identity", "sae_dit"])
 def test_generate_from_an_original_run_folder(name, tmp_path):
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     tr = Translator.from_run(RUN.parent / name, device="cpu")
     assert tr.cfg.velocity.num_inference_steps == 6 and tr.cfg.velocity.sampler == "euler"
@@ -180,8 +180,8 @@ def test_rfp_train_trains_an_sae_and_a_dit_and_tracks_them_in_mlflow(tmp_path):
     path = tmp_path / "dit.json"
     path.write_text(json.dumps(cfg))
     assert main(["train", "-c", str(path), "-d0", str(d0), "-d1", str(d1), "--run-id", "dit", "--device", "cpu"]) == 0
+    from rfp_core.inference.translate import Translator
     from rfp_core.paths import runs_dir
-    from rfp_core.translate import Translator
 
     tr = Translator.from_run(runs_dir() / "dit", device="cpu")
     assert type(tr.net).__name__ == "DiT" and tr.translate(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
@@ -199,7 +199,7 @@ def test_the_mlflow_pyfunc_serves_an_original_run_folder(tmp_path):
     from PIL import Image
 
     from rfp_core import paths
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
     from rfp_pipeline import pyfunc_model
 
     target = tmp_path / "model"

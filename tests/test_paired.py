@@ -12,12 +12,13 @@ import torch
 from PIL import Image
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import ConfigError, config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
-from rfp_core.paired import PairedDataset, paired_batches, pairing_from_filenames, pairing_mode
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
+from rfp_core.flow.paired import PairedDataset, paired_batches, pairing_from_filenames, pairing_mode
+from rfp_core.inference.translate import Translator
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train.paired import train_paired
-from rfp_core.translate import Translator
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 

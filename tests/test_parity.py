@@ -15,8 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from rfp_core import flow
-from rfp_core.config import load_config
+from rfp_core.config_files import load_config
+from rfp_core.flow import rf
 from rfp_core.original import find_original_run, load_original_nets, load_original_saliency
 
 FIXTURES = Path(__file__).parent / "fixtures" / "original"
@@ -78,7 +78,7 @@ def test_original_run_matches_io(run_dir):
         torch.testing.assert_close(velocity(io["codec_z"], io["t"]), io["velocity"], atol=ATOL, rtol=0)
         steps = int(io["num_inference_steps"])
         assert steps == run.cfg.velocity.num_inference_steps == 6
-        out = codec.decode(flow.integrate(velocity, io["codec_z"], steps, "euler"))
+        out = codec.decode(rf.integrate(velocity, io["codec_z"], steps, "euler"))
         torch.testing.assert_close(out, io["translated"], atol=ATOL, rtol=0)
     if "saliency_latent" in io:
         saliency = load_original_saliency(run)

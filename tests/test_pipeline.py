@@ -202,7 +202,7 @@ def test_whole_graph_materialises_with_metadata_and_checks(built):
         out = built["home"] / "pipeline" / name
         assert (out / "manifest.parquet").exists() and (out / "evaluation" / "metrics.json").exists()
         # media_manifest's data version is the manifest's content version
-        from rfp_core.manifest import content_version
+        from rfp_core.media.manifest import content_version
 
         assert data_version(built["instance"], "media_manifest", name) == content_version(out / "manifest.parquet")
 
@@ -236,7 +236,7 @@ def test_mlflow_holds_one_run_per_training_asset_with_params_metrics_artifacts(b
 def test_registered_pyfunc_translates_like_the_checkpoint(built):
     import torch
 
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     mlflow.set_tracking_uri(built["uri"])
     client = mlflow.MlflowClient(built["uri"])

@@ -11,8 +11,8 @@ import pytest
 from disc_data import make_discs
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import config_from_dict
-from rfp_core.ingest import ingest
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.ingest import ingest
 from rfp_core.train.velocity import train_velocity
 from rfp_pipeline.assets import assets
 from rfp_pipeline.assets.reflow import distilled_checkpoint, reflow_checkpoint, reflow_couplings, reflow_spec

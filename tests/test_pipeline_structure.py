@@ -205,7 +205,7 @@ def test_pairs_feed_the_velocity_and_re_pairing_makes_it_stale(project):
 def test_sae_codec_and_dit_velocity_through_the_graph(project):
     import torch
 
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     root, resources, instance = project({"vae": SAE_DIT})
     result = materialize(instance, resources, "vae", EMBED + ["structure_pairs"] + TRAIN + ["evaluation_samples"])

@@ -19,8 +19,8 @@ from test_pipeline import TINY_OVERRIDES, make_project, materialize_all, registe
 
 from rfp_core import tracking
 from rfp_core.evaluate import explain
-from rfp_core.images import paired_rows
-from rfp_core.manifest import content_version
+from rfp_core.media.images import paired_rows
+from rfp_core.media.manifest import content_version
 from rfp_core.structure.proof import spread
 from rfp_pipeline.metadata import READABLE_WIDTH
 from rfp_pipeline.resources import MlflowTracking

@@ -11,21 +11,21 @@ import torch
 from disc_data import make_discs
 from torch import nn
 
-from rfp_core import flow
 from rfp_core.bench.reflow import ToyVelocity, run_toy
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import main
-from rfp_core.config import config_from_dict
-from rfp_core.data import FrameDataset
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
-from rfp_core.reflow import Solver, generate_couplings, noise_source, open_couplings, tensor_source
-from rfp_core.reflow_metrics import FlowModel, markdown_table, order_flip_fraction, steps_table
+from rfp_core.config_files import config_from_dict
+from rfp_core.flow import rf
+from rfp_core.flow.reflow import Solver, generate_couplings, noise_source, open_couplings, tensor_source
+from rfp_core.flow.reflow_metrics import FlowModel, markdown_table, order_flip_fraction, steps_table
+from rfp_core.inference.translate import Translator
+from rfp_core.media.datasets import FrameDataset
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train.reflow import FitSettings, coupling_batches, fit
 from rfp_core.train.reflow_run import pick_model, reflow_run, translator_for_steps
 from rfp_core.train.run import train_run
 from rfp_core.train.velocity import train_velocity
-from rfp_core.translate import Translator
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
@@ -66,7 +66,7 @@ def test_couplings_deterministic_and_resumable_after_a_kill(tmp_path):
     assert index[4] == {"index": 4, "source_key": "noise:3:4", "shard": "shard_00001.pt", "offset": 1}
     shard = load_checkpoint(part / "shard_00001.pt")  # weights_only load
     assert torch.equal(shard["z1"][1], z1[4])
-    assert torch.allclose(shard["z1"], flow.integrate(_swirl, shard["z0"], 8, "rk4"))
+    assert torch.allclose(shard["z1"], rf.integrate(_swirl, shard["z0"], 8, "rk4"))
 
     # the address changes with the velocity, the solver and the inputs
     other = {
@@ -94,7 +94,7 @@ def test_constant_velocity_is_straight_and_reflow_leaves_it_unchanged(tmp_path):
     c = torch.tensor([1.5, -0.5])
     v = Constant(c)
     z0 = torch.randn(64, 2, generator=torch.Generator().manual_seed(0))
-    assert flow.straightness(v, z0, 8, sampler="rk4") < 1e-12
+    assert rf.straightness(v, z0, 8, sampler="rk4") < 1e-12
     couplings = generate_couplings(
         v, tensor_source(z0), "const", Solver("rk4", 4), shard_size=32, root=tmp_path, progress=False
     )
@@ -108,7 +108,7 @@ def test_constant_velocity_is_straight_and_reflow_leaves_it_unchanged(tmp_path):
     probe = a[:32]
     for t in (0.0, 0.5, 1.0):
         assert (fresh(probe, torch.full((32,), t)) - c).abs().max() < 0.1
-    assert flow.straightness(fresh, probe, 8, sampler="rk4") < 1e-3
+    assert rf.straightness(fresh, probe, 8, sampler="rk4") < 1e-3
 
 
 @pytest.fixture(scope="module")
@@ -130,7 +130,7 @@ def test_toy_reflow_straightens_and_uncrosses(toy):
 
 def test_toy_distilled_one_step_beats_1rf_euler_one_step(toy):
     test, ref = toy["test"], toy["reference"]
-    one_step = lambda m: flow.integrate(m, test, 1, "euler")  # noqa: E731
+    one_step = lambda m: rf.integrate(m, test, 1, "euler")  # noqa: E731
     err_dist = (one_step(toy["models"]["distilled"]) - ref).pow(2).mean()
     err_1rf = (one_step(toy["models"]["1rf"]) - ref).pow(2).mean()
     assert err_dist < 0.1 * err_1rf
@@ -224,7 +224,7 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
     assert c1.index.column("source_key").to_pylist() == train_keys[:5]
     z0, z1 = c1.load()
     base = Translator.from_run(run)
-    assert torch.allclose(z1, flow.integrate(base.velocity, z0, 3, "rk4"), atol=1e-5)
+    assert torch.allclose(z1, rf.integrate(base.velocity, z0, 3, "rk4"), atol=1e-5)
     assert pick_model(run, 1) == (run / "distilled" / "velocity.pt", "distilled")
     assert pick_model(run, 2) == (run / "reflow_2" / "velocity.pt", "3-RF")
     assert pick_model(run, 12) == (run / "velocity.pt", "1-RF")

@@ -18,9 +18,9 @@ import torch
 from disc_data import make_discs
 
 from rfp_core.checkpoint import load_latest
-from rfp_core.config import config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.paths import runs_dir
 from rfp_core.train.velocity import NonFiniteLoss, train_velocity
 

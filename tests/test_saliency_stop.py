@@ -11,11 +11,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from rfp_core.config import config_from_dict
-from rfp_core.data import FrameDataset, holdout_split
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
-from rfp_core.manifest import ok_frames, read_manifest
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.datasets import FrameDataset, holdout_split
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
+from rfp_core.media.manifest import ok_frames, read_manifest
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.saliency import (
     SaliencyThresholdNotReached,

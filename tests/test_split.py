@@ -11,10 +11,11 @@ import pytest
 from disc_data import disc_image, make_discs
 
 from rfp_core.cli import main
-from rfp_core.config import ConfigError, config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
-from rfp_core.split import split_folder
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
+from rfp_core.inference.split import split_folder
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 
 SIZE = 16
 

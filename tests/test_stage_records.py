@@ -15,8 +15,8 @@ from stages import STAGES
 from test_pipeline import RUN_CONFIG, make_project, register_partitions, resources_for
 from test_pipeline_structure import PAIRED, TINY_VAE
 
-from rfp_core.config import config_from_dict
-from rfp_core.manifest import content_version
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.manifest import content_version
 from rfp_pipeline.assets import assets
 from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.assets.training import current_codec

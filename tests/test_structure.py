@@ -11,10 +11,11 @@ import timm
 import torch
 from PIL import Image, ImageDraw
 
-from rfp_core.config import ConfigError, StructureConfig, config_from_dict
-from rfp_core.data import UnpairedDataset
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config import ConfigError, StructureConfig
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.datasets import UnpairedDataset
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.structure import (
     EmbeddingCache,
     WeightsMissingError,

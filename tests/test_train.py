@@ -13,10 +13,10 @@ from disc_data import make_discs
 from PIL import Image
 
 from rfp_core.cli import main
-from rfp_core.config import config_from_dict, load_config
-from rfp_core.data import FrameDataset
-from rfp_core.frame_store import FrameStore
-from rfp_core.ingest import ingest
+from rfp_core.config_files import config_from_dict, load_config
+from rfp_core.media.datasets import FrameDataset
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.ingest import ingest
 from rfp_core.train.run import smoke_config, train_run
 from rfp_core.train.saliency import SaliencyThresholdNotReached, load_saliency, train_saliency
 

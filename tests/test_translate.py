@@ -12,13 +12,13 @@ from disc_data import make_discs
 from PIL import Image
 
 from rfp_core.cli import main
-from rfp_core.config import config_from_dict
-from rfp_core.frame_store import FrameStore
-from rfp_core.images import load_image, save_grid
-from rfp_core.ingest import ingest
+from rfp_core.config_files import config_from_dict
+from rfp_core.inference.translate import Translator
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.images import load_image, save_grid
+from rfp_core.media.ingest import ingest
 from rfp_core.train.run import train_run
 from rfp_core.train.velocity import train_velocity
-from rfp_core.translate import Translator
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 

@@ -8,12 +8,12 @@ import pytest
 import torch
 from disc_data import make_discs
 
-from rfp_core import flow
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import load_config
+from rfp_core.config_files import load_config
+from rfp_core.flow import rf
+from rfp_core.flow.coupling import Coupler, embedding_cost, ot_permutation, pixel_cost
 from rfp_core.structure.encoders import ThumbnailEncoder
 from rfp_core.train.anchor import RelativeAnchor
-from rfp_core.train.coupling import Coupler, embedding_cost, ot_permutation, pixel_cost
 from rfp_core.train.run import train_run
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
@@ -84,11 +84,11 @@ def test_relative_anchor_means_the_same_share_at_any_scale():
     x_t, target = torch.randn(4, 3, 8, 8), torch.randn(4, 3, 8, 8)
     v = torch.randn(4, 3, 8, 8, requires_grad=True)
     anchor = RelativeAnchor(2.0)
-    total, sal, mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, anchor)
+    total, sal, mse = rf.anchored_saliency_loss_terms(h, x_t, target, v, anchor)
     assert anchor.effective == pytest.approx(2.0 * float(sal) / float(mse), rel=1e-5)
     (grad,) = torch.autograd.grad(total, v)
     vs = v.detach().requires_grad_(True)
-    (g_sal,) = torch.autograd.grad(flow.reference_saliency_loss(h, x_t, target, vs), vs)
+    (g_sal,) = torch.autograd.grad(rf.reference_saliency_loss(h, x_t, target, vs), vs)
     g_mse = 2 * (vs.detach() - target) / v.numel()
     torch.testing.assert_close(grad, g_sal + anchor.effective * g_mse, rtol=1e-4, atol=1e-7)
     restored = RelativeAnchor(2.0)
@@ -137,8 +137,8 @@ def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkey
     # resuming at step 3 continues the anchor's scales: the same final weights, bit for bit
     import shutil
 
-    from rfp_core.config import config_from_dict
-    from rfp_core.frame_store import FrameStore
+    from rfp_core.config_files import config_from_dict
+    from rfp_core.media.frame_store import FrameStore
     from rfp_core.train.velocity import train_velocity
 
     resumed_dir = tmp_path / "resumed"

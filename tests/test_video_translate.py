@@ -13,8 +13,8 @@ from media_factory import make_video, make_video_with_audio
 from PIL import Image
 
 from rfp_core.cli import main
-from rfp_core.images import center_square, load_image, to_tensor
-from rfp_core.video_translate import VideoTranslateError, split_video_inputs, translate_video
+from rfp_core.inference.video import VideoTranslateError, split_video_inputs, translate_video
+from rfp_core.media.images import center_square, load_image, to_tensor
 
 
 def _frames(path: Path) -> list[av.VideoFrame]:
@@ -91,7 +91,7 @@ def test_variable_frame_rate_and_pcm_audio_in_mkv(tmp_path):
 
 
 def test_webm_becomes_mkv_with_its_opus_audio_copied(tmp_path):
-    from rfp_core.video_translate import video_outputs
+    from rfp_core.inference.video import video_outputs
 
     src = make_video_with_audio(
         tmp_path / "in" / "clip.webm",
@@ -155,7 +155,7 @@ def test_split_video_inputs(tmp_path):
 def test_cli_translates_videos_and_stills_with_a_trained_run(tmp_path, monkeypatch):
     from test_translate import _run
 
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     run = _run(tmp_path / "train", generative=False)
     tr = Translator.from_run(run, device="cpu")

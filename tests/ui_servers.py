@@ -56,7 +56,7 @@ def build_state(base: Path, env: dict[str, str]):
     import dagster as dg
     from test_pipeline import RUN_CONFIG, TINY, TINY_OVERRIDES
 
-    from rfp_core.demo_data import make_demo_data
+    from rfp_core.media.demo_data import make_demo_data
     from rfp_pipeline.assets import assets
     from rfp_pipeline.definitions import default_resources
     from rfp_pipeline.partitions import EXPERIMENTS

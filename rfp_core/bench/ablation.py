@@ -26,7 +26,8 @@ from typing import Any
 
 import torch
 
-from rfp_core.config import ConfigError, ModelConfig, config_from_dict, load_config
+from rfp_core.config import ConfigError, ModelConfig
+from rfp_core.config_files import config_from_dict, load_config
 from rfp_core.paths import project_root, rfp_home, runs_dir
 
 
@@ -181,8 +182,8 @@ def _finished(run_dir: Path, cfg: ModelConfig, quick: bool) -> float | None:
 def run(quick: bool = False, device: str | None = None, retrain: bool = False) -> dict:
     """Train (or reuse finished runs of the same config) and evaluate every variant; write the table."""
     from rfp_core.atomic import atomic_write_text
-    from rfp_core.demo_data import DEFAULT_NUM, make_demo_data
     from rfp_core.device import pick_device
+    from rfp_core.media.demo_data import DEFAULT_NUM, make_demo_data
 
     start = time.perf_counter()
     dev = pick_device(device)
@@ -276,10 +277,10 @@ def _train_variant(base: ModelConfig, config_name: str, v: Variant, data, quick:
 def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool, dev):
     """Every row measured by `evaluate_run`, graded by one judge trained once on the held-out real frames
     evaluate_run uses; the grids copied beside the table (full runs)."""
-    from rfp_core.data import FrameDataset
     from rfp_core.evaluate import evaluate_run, train_judge
-    from rfp_core.frame_store import FrameStore
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
+    from rfp_core.media.datasets import FrameDataset
+    from rfp_core.media.frame_store import FrameStore
 
     lead = rows_to_run[0].label
     first = Translator.from_run(trained[lead][0], dev)

@@ -370,7 +370,7 @@ def run(
     dagster_targets: list[str] | None = None,
 ) -> dict:
     """The campaign; `quick`: one kill per phase through `rfp train` and one through Dagster."""
-    from rfp_core.demo_data import make_demo_data
+    from rfp_core.media.demo_data import make_demo_data
 
     if device not in (None, "cpu"):
         raise ValueError(

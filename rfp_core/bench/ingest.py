@@ -23,11 +23,11 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rfp_core.data import FrameDataset, TrainCrop
-from rfp_core.frame_store import FrameStore
-from rfp_core.hashing import HashCache
-from rfp_core.ingest import ingest
-from rfp_core.media import discover
+from rfp_core.media.datasets import FrameDataset, TrainCrop
+from rfp_core.media.decode import discover
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.hashing import HashCache
+from rfp_core.media.ingest import ingest
 
 
 def log(msg: str) -> None:

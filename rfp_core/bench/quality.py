@@ -193,7 +193,7 @@ METRICS = (
 
 
 def row_config(row: str, seed: int, quick: bool, steps: int | None = None):
-    from rfp_core.config import config_from_dict
+    from rfp_core.config_files import config_from_dict
 
     raw = _merge(ROW_CONFIGS[row], QUICK_OVERRIDES) if quick else ROW_CONFIGS[row]
     over: dict[str, Any] = {"seed": seed}
@@ -334,14 +334,14 @@ def train_row(
 
 @torch.no_grad()
 def translate_all(run_dir: Path, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[torch.Tensor, dict]:
-    from rfp_core import flow
-    from rfp_core.translate import Translator
+    from rfp_core.flow import rf
+    from rfp_core.inference.translate import Translator
 
     tr = Translator.from_run(run_dir, device)
     steps, sampler = tr.cfg.velocity.num_inference_steps, tr.cfg.velocity.sampler
     out = torch.cat([tr.translate(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
     z0 = tr.encode(x[:batch].to(device))
-    return out, {"straightness": flow.straightness(tr.velocity, z0, steps, sampler), "nfe": flow.nfe(sampler, steps)}
+    return out, {"straightness": rf.straightness(tr.velocity, z0, steps, sampler), "nfe": rf.nfe(sampler, steps)}
 
 
 # ----------------------------------------------------------------------------------------
@@ -372,7 +372,7 @@ def run_task(
 ) -> dict[str, Any]:
     """Judges once, then every row x seed: train (trained rows), translate, score. Per-seed results;
     `save` gets the results so far after every row and seed (a run stopped early keeps them)."""
-    from rfp_core.images import save_grid
+    from rfp_core.media.images import save_grid
     from rfp_core.paths import rfp_home
 
     task = QT.make_task(

@@ -31,7 +31,7 @@ import torch
 from PIL import Image, ImageEnhance, ImageFilter, ImageOps
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.images import load_image
+from rfp_core.media.images import load_image
 
 SIZE = 32
 POOLS = ("train0", "train1", "judge", "eval")

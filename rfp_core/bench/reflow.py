@@ -15,9 +15,9 @@ import time
 import torch
 from torch import nn
 
-from rfp_core import flow
-from rfp_core.reflow import Solver, generate_couplings, tensor_source
-from rfp_core.reflow_metrics import FlowModel, markdown_table, order_flip_fraction, steps_table
+from rfp_core.flow import rf
+from rfp_core.flow.reflow import Solver, generate_couplings, tensor_source
+from rfp_core.flow.reflow_metrics import FlowModel, markdown_table, order_flip_fraction, steps_table
 from rfp_core.train.reflow import FitSettings, coupling_batches, fit
 
 Tensor = torch.Tensor
@@ -104,8 +104,8 @@ def run_toy(
     ).model
 
     test = two_gaussians(512, -3.0, seed + 20_000)
-    ref = flow.integrate(one, test, 64, sampler="rk4")
-    z1_two = flow.integrate(two, test, 64, sampler="rk4")
+    ref = rf.integrate(one, test, 64, sampler="rk4")
+    z1_two = rf.integrate(two, test, 64, sampler="rk4")
     rows = steps_table(
         [FlowModel("1-RF", one), FlowModel("2-RF", two), FlowModel("1-RF+distill", dist, one_step_only=True)],
         test,
@@ -113,8 +113,8 @@ def run_toy(
     )
     indep = two_gaussians(512, 3.0, seed + 30_000)
     return {
-        "straightness_1rf": flow.straightness(one, test, 32, sampler="rk4"),
-        "straightness_2rf": flow.straightness(two, test, 32, sampler="rk4"),
+        "straightness_1rf": rf.straightness(one, test, 32, sampler="rk4"),
+        "straightness_2rf": rf.straightness(two, test, 32, sampler="rk4"),
         "order_flips_independent": order_flip_fraction(test, indep, axis=1),
         "order_flips_1rf_coupling": order_flip_fraction(test, ref, axis=1),
         "order_flips_2rf_coupling": order_flip_fraction(test, z1_two, axis=1),

@@ -43,9 +43,9 @@ def _score_fn(judges: dict, quick: bool, seed: int, device: torch.device):
 @torch.no_grad()
 def _steps_rows(run_dir, judges: dict, quick: bool, seed: int, device: torch.device) -> list[dict]:
     """The steps table of 1-RF, 2-RF and distilled on the task's eval inputs, each row scored."""
-    from rfp_core import flow
-    from rfp_core.reflow import Solver
-    from rfp_core.reflow_metrics import steps_table
+    from rfp_core.flow import rf
+    from rfp_core.flow.reflow import Solver
+    from rfp_core.flow.reflow_metrics import steps_table
     from rfp_core.train.reflow_report import _models
     from rfp_core.train.reflow_run import RunPaths
 
@@ -54,7 +54,7 @@ def _steps_rows(run_dir, judges: dict, quick: bool, seed: int, device: torch.dev
     x = judges["inputs"].to(device)
     z0 = base.encode(x)
     solver = Solver()
-    reference = flow.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
+    reference = rf.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     return steps_table(
         [m for m, _ in models],
         z0,

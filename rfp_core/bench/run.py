@@ -29,11 +29,12 @@ def _timed(fn) -> float:
 
 
 def run(quick: bool = False, device: str | None = None, config: str | None = None) -> dict:
-    from rfp_core.config import ConfigError, load_config
-    from rfp_core.demo_data import make_demo_data
+    from rfp_core.config import ConfigError
+    from rfp_core.config_files import load_config
     from rfp_core.device import pick_device
-    from rfp_core.frame_store import FrameStore
-    from rfp_core.ingest import ingest
+    from rfp_core.media.demo_data import make_demo_data
+    from rfp_core.media.frame_store import FrameStore
+    from rfp_core.media.ingest import ingest
     from rfp_core.paths import rfp_home, runs_dir
     from rfp_core.train.run import smoke_config, train_run
 

@@ -27,9 +27,9 @@ import torch
 from torch.utils.flop_counter import FlopCounterMode
 from tqdm import tqdm
 
-from rfp_core import flow
 from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig
 from rfp_core.device import pick_device
+from rfp_core.flow import rf
 from rfp_core.nets import build_velocity_net
 from rfp_core.nets.saliency import SaliencyNet
 
@@ -137,18 +137,18 @@ def measure(spec: dict, dev: torch.device) -> dict:
     gen = torch.Generator().manual_seed(0)
 
     losses = {
-        "fast": lambda xt, tgt, v: flow.saliency_weighted_loss(frozen_h, xt, tgt, v),
-        "fast_plain": lambda xt, tgt, v: flow.saliency_weighted_loss(sal.h, xt, tgt, v),
-        "reference": lambda xt, tgt, v: flow.reference_saliency_loss(sal.h, xt, tgt, v),
-        "generative": lambda xt, tgt, v: flow.velocity_mse_loss(v, tgt),
+        "fast": lambda xt, tgt, v: rf.saliency_weighted_loss(frozen_h, xt, tgt, v),
+        "fast_plain": lambda xt, tgt, v: rf.saliency_weighted_loss(sal.h, xt, tgt, v),
+        "reference": lambda xt, tgt, v: rf.reference_saliency_loss(sal.h, xt, tgt, v),
+        "generative": lambda xt, tgt, v: rf.velocity_mse_loss(v, tgt),
     }
     step_kinds = ("fast", "reference", "generative")
     nets = {k: copy.deepcopy(base) for k in step_kinds}
     opts = {k: torch.optim.AdamW(nets[k].parameters(), lr=2e-4, weight_decay=1e-4) for k in step_kinds}
 
     def train_step(kind: str) -> None:
-        t = flow.sample_timesteps(b, "logit-normal", dev, generator=gen)
-        xt, tgt = flow.interpolate(x0, x1, t), x1 - x0
+        t = rf.sample_timesteps(b, "logit-normal", dev, generator=gen)
+        xt, tgt = rf.interpolate(x0, x1, t), x1 - x0
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
             v = nets[kind](xt, t)
             loss = losses[kind](xt, tgt, v)
@@ -156,7 +156,7 @@ def measure(spec: dict, dev: torch.device) -> dict:
         loss.backward()
         opts[kind].step()
 
-    xt_fixed, tgt_fixed = flow.interpolate(x0, x1, torch.full((b,), 0.5, device=dev)), x1 - x0
+    xt_fixed, tgt_fixed = rf.interpolate(x0, x1, torch.full((b,), 0.5, device=dev)), x1 - x0
 
     def loss_step(kind: str) -> None:
         v = torch.zeros_like(xt_fixed, requires_grad=True)

@@ -26,7 +26,8 @@ import numpy as np
 import torch
 from PIL import Image
 
-from rfp_core.config import ConfigError, config_from_dict, load_config
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict, load_config
 
 TINY = Path(__file__).resolve().parents[2] / "configs" / "tiny.json"
 SIZE, BATCH, MINIBATCH, FRAMES = 32, 8, 4, 24
@@ -35,9 +36,9 @@ SIZE, BATCH, MINIBATCH, FRAMES = 32, 8, 4, 24
 def _data(root: Path):
     """Demo shapes (flat warm vs striped cool), ingested; an untrained saliency net as h."""
     from rfp_core.checkpoint import save_checkpoint
-    from rfp_core.demo_data import draw_sample
-    from rfp_core.frame_store import FrameStore
-    from rfp_core.ingest import ingest
+    from rfp_core.media.demo_data import draw_sample
+    from rfp_core.media.frame_store import FrameStore
+    from rfp_core.media.ingest import ingest
     from rfp_core.nets.saliency import SaliencyNet
 
     dirs = []
@@ -159,7 +160,7 @@ def run(quick: bool = False, device: str | None = None, nproc: int = 2) -> dict:
 
 def worker(job_path: str) -> None:
     """A rank under torchrun: train the job's velocity phase (rank 0 writes metrics.jsonl)."""
-    from rfp_core.frame_store import FrameStore
+    from rfp_core.media.frame_store import FrameStore
     from rfp_core.train.velocity import train_velocity
 
     job = json.loads(Path(job_path).read_text())

@@ -1,7 +1,7 @@
 """Evaluation metrics as pure functions: realism (FD, KID), content (mask IoU, cosine), cycle.
 
 Features are (N, D) arrays; images are (N, 3, H, W) tensors in [-1, 1]; masks are bool (N, H, W).
-Straightness lives with the samplers, in `rfp_core.flow.straightness`.
+Straightness lives with the samplers, in `rfp_core.flow.rf.straightness`.
 """
 
 from __future__ import annotations

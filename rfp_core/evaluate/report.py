@@ -21,14 +21,14 @@ import torch
 from PIL import Image
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.data import FrameDataset, TrainCrop
 from rfp_core.evaluate import metrics as M
 from rfp_core.evaluate.judge import Judge, train_judge
-from rfp_core.flow import nfe as flow_nfe
-from rfp_core.flow import straightness as flow_straightness
-from rfp_core.frame_store import FrameStore
-from rfp_core.images import paired_rows, save_grid, to_pil
-from rfp_core.manifest import read_manifest
+from rfp_core.flow.rf import nfe as flow_nfe
+from rfp_core.flow.rf import straightness as flow_straightness
+from rfp_core.media.datasets import FrameDataset, TrainCrop
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.images import paired_rows, save_grid, to_pil
+from rfp_core.media.manifest import read_manifest
 
 # every evaluated image is in the grids, GRID_COLUMNS to a row pair (input row above its output row)
 GRID_COLUMNS = 10
@@ -157,20 +157,14 @@ def evaluate_run(
             f"masks_dir {masks_dir} is not a folder; pass the folder of true masks "
             "(<stem>.png per domain-0 image, as `rfp demo-data` writes) or no masks_dir"
         )
-    cfg = _model_config(translator)
-    if holdout_fraction is None:
-        # the trainer's split: these frames were never trained on
-        holdout_fraction = cfg.saliency.holdout_fraction if cfg is not None else 0.1
-    steps = steps or (cfg.velocity.num_inference_steps if cfg is not None else 12)
-    sampler = sampler or (cfg.velocity.sampler if cfg is not None else "euler")
+    holdout_fraction, steps, sampler = _settings(translator, holdout_fraction, steps, sampler)
     size = int(translator.size)
     table = read_manifest(manifest)
     torch.manual_seed(seed)
     x0, x1, keys0 = _held_out(table, store, size, holdout_fraction, max_images, manifest)
     out, back, seconds = _translate_both(translator, x0, steps, sampler, batch_size, device)
 
-    # -- style: an independent judge, trained now on real held-out frames of both domains
-    if judge is None:
+    if judge is None:  # an independent judge, trained now on real held-out frames of both domains
         judge = train_judge(x0, x1, steps=judge_steps, device=device, seed=seed)
     result: dict[str, Any] = {
         "transfer_rate": float((judge.predict_proba(out) >= 0.5).float().mean()),
@@ -181,14 +175,13 @@ def evaluate_run(
     result.update(_realism_all(judge, structure_encoder, out, x1, floor))
     result.update(_content(structure_encoder, x0, out, masks_dir, table, keys0, size, background, mask_threshold))
 
-    # -- flow
     z0 = _in_chunks(translator.encode, x0[:batch_size], batch_size, device)
-    result["straightness"] = flow_straightness(translator.velocity, z0.to(device), steps, sampler)
-    result["nfe"] = flow_nfe(sampler, steps)
-    result["ms_per_image"] = 1000.0 * seconds / len(x0)
-    result["cycle_error"] = M.cycle_error(x0, back)
     result.update(
         {
+            "straightness": flow_straightness(translator.velocity, z0.to(device), steps, sampler),
+            "nfe": flow_nfe(sampler, steps),
+            "ms_per_image": 1000.0 * seconds / len(x0),
+            "cycle_error": M.cycle_error(x0, back),
             "steps": steps,
             "sampler": sampler,
             "n_eval": len(x0),
@@ -198,6 +191,17 @@ def evaluate_run(
         }
     )
     return {**result, "paths": _write(out_dir, result, x0, out, back, keys0)}
+
+
+def _settings(translator, holdout_fraction: float | None, steps: int | None, sampler: str | None):
+    """What was not given comes from the run's config: its held-out split (frames never trained on),
+    its inference steps and sampler."""
+    cfg = _model_config(translator)
+    if holdout_fraction is None:
+        holdout_fraction = cfg.saliency.holdout_fraction if cfg is not None else 0.1
+    steps = steps or (cfg.velocity.num_inference_steps if cfg is not None else 12)
+    sampler = sampler or (cfg.velocity.sampler if cfg is not None else "euler")
+    return holdout_fraction, steps, sampler
 
 
 def _held_out(
@@ -299,6 +303,6 @@ def _write(
 
 
 def _demo_background() -> tuple[float, float, float]:
-    from rfp_core.demo_data import background_tensor_value
+    from rfp_core.media.demo_data import background_tensor_value
 
     return background_tensor_value()

@@ -17,7 +17,7 @@ import torchvision
 from torch import nn
 
 from rfp_core.config import ConfigError, SaliencyNetConfig
-from rfp_core.images import IMAGENET_MEAN, IMAGENET_STD
+from rfp_core.media.images import IMAGENET_MEAN, IMAGENET_STD
 from rfp_core.nets.frozen import FrozenSaliency
 
 _WEIGHTS = {

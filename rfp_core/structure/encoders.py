@@ -26,7 +26,7 @@ from PIL import Image
 from torchvision.transforms import v2
 
 from rfp_core.config import ConfigError, StructureConfig
-from rfp_core.images import IMAGENET_MEAN, IMAGENET_STD
+from rfp_core.media.images import IMAGENET_MEAN, IMAGENET_STD
 
 # 16 x 14-pixel patches: DINOv2's pretraining crop; the 518 px position table is resampled.
 DINO_INPUT = 224

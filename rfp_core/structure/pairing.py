@@ -129,7 +129,7 @@ def pair_manifest(
     manifest, store, cfg: StructureConfig, device: str | torch.device = "cpu", encoder=None, progress: bool = True
 ) -> pa.Table:
     """`pair_frames` over the ok frames of a manifest (path or table); what training consumes."""
-    from rfp_core.manifest import ok_frames, read_manifest
+    from rfp_core.media.manifest import ok_frames, read_manifest
 
     table = manifest if isinstance(manifest, pa.Table) else read_manifest(manifest)
     return pair_frames(ok_frames(table, 0), ok_frames(table, 1), store, cfg, device, encoder, progress)

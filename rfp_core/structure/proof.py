@@ -5,7 +5,7 @@ from __future__ import annotations
 import pyarrow as pa
 from PIL import Image, ImageDraw
 
-from rfp_core.images import center_square
+from rfp_core.media.images import center_square
 
 GAP = 6
 PAD = 2

@@ -23,8 +23,8 @@ from tqdm.auto import tqdm
 
 from rfp_core.atomic import sweep_temps
 from rfp_core.config import ConfigError, ModelConfig
-from rfp_core.data import FrameDataset
-from rfp_core.frame_store import FrameStore
+from rfp_core.media.datasets import FrameDataset
+from rfp_core.media.frame_store import FrameStore
 from rfp_core.nets.autoencoder import build_codec
 from rfp_core.tracking import LogFn
 from rfp_core.train.codec_losses import check_losses, codec_losses, structure_loss  # noqa: F401 (re-export)

@@ -8,7 +8,8 @@ import torch
 from torch import nn
 
 from rfp_core.checkpoint import load_checkpoint
-from rfp_core.config import ModelConfig, config_from_dict
+from rfp_core.config import ModelConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.nets.autoencoder import build_codec
 
 

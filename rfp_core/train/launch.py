@@ -13,9 +13,18 @@ import subprocess
 import sys
 from typing import Sequence
 
-from rfp_core.cli import TORCHRUN_FLAGS
 from rfp_core.config import ConfigError
 
+# torchrun's multi-node flags: passed on as given
+TORCHRUN_FLAGS = (
+    "--nnodes",
+    "--node-rank",
+    "--master-addr",
+    "--master-port",
+    "--rdzv-backend",
+    "--rdzv-endpoint",
+    "--rdzv-id",
+)
 OWN_FLAGS = ("--nproc-per-node", *TORCHRUN_FLAGS)
 
 

@@ -18,7 +18,7 @@ import torch
 from rfp_core.atomic import atomic_path
 from rfp_core.checkpoint import save_checkpoint
 from rfp_core.config import ModelConfig
-from rfp_core.paired import PAIRED_DEFAULT_LOSS, PairedDataset, paired_batches, pairing_from_filenames
+from rfp_core.flow.paired import PAIRED_DEFAULT_LOSS, PairedDataset, paired_batches, pairing_from_filenames
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, fit
 
@@ -36,7 +36,7 @@ def train_paired(
     progress: bool = True,
 ) -> Path:
     """Train on the filename pairs of `manifest`; returns the velocity.pt path."""
-    from rfp_core.frame_store import FrameStore
+    from rfp_core.media.frame_store import FrameStore
 
     out_dir, device = Path(out_dir), torch.device(device)
     out_dir.mkdir(parents=True, exist_ok=True)

@@ -20,9 +20,9 @@ import torch
 from torch import nn
 from tqdm.auto import tqdm
 
-from rfp_core import flow
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig
+from rfp_core.flow import rf
 from rfp_core.train.ema import EMA
 from rfp_core.train.schedule import lr_at
 
@@ -116,15 +116,15 @@ def pair_loss(net: nn.Module, z0: Tensor, z1: Tensor, t: Tensor, settings: FitSe
     """The loss of one minibatch of coupled pairs."""
     if settings.distill:
         v = net(z0, torch.zeros_like(t)).float()
-        return flow.velocity_mse_loss(z0.float() + v, z1)  # the one-step map z0 + v(z0, 0) vs z1
-    x_t = flow.interpolate(z0, z1, t)
+        return rf.velocity_mse_loss(z0.float() + v, z1)  # the one-step map z0 + v(z0, 0) vs z1
+    x_t = rf.interpolate(z0, z1, t)
     target = z1 - z0
     v = net(x_t, t).float()
     if settings.loss == "saliency":
         if h is None:
             raise ValueError("loss 'saliency' needs the run's saliency net (h); pass it, or use loss 'mse'")
-        return flow.anchored_saliency_loss(h, x_t, target, v, settings.mse_weight)
-    return flow.velocity_mse_loss(v, target)
+        return rf.anchored_saliency_loss(h, x_t, target, v, settings.mse_weight)
+    return rf.velocity_mse_loss(v, target)
 
 
 def _resume(state_path: Path | None, fingerprint: dict, model: nn.Module, ema: EMA, opt) -> int:
@@ -171,7 +171,7 @@ def fit(
             )
         z0, z1 = batches(step)
         g = torch.Generator().manual_seed(int(settings.seed) * 999_983 + step + 1)
-        t = flow.sample_timesteps(len(z0), settings.timestep_sampling, generator=g)
+        t = rf.sample_timesteps(len(z0), settings.timestep_sampling, generator=g)
         opt.zero_grad(set_to_none=True)
         total = 0.0
         for part in zip(z0.chunk(chunks), z1.chunk(chunks), t.chunk(chunks)):

@@ -10,14 +10,14 @@ import json
 
 import torch
 
-from rfp_core import flow
 from rfp_core.atomic import atomic_write_text
-from rfp_core.reflow import Solver
-from rfp_core.reflow_metrics import FlowModel, ScoreFn, markdown_table, steps_table
+from rfp_core.flow import rf
+from rfp_core.flow.reflow import Solver
+from rfp_core.flow.reflow_metrics import FlowModel, ScoreFn, markdown_table, steps_table
 
 
 def _models(paths, device) -> list[tuple[FlowModel, object]]:
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     run = paths.out
     found = [(paths.base, "1-RF", False)]
@@ -42,8 +42,8 @@ def _inputs(paths, tr, n: int) -> torch.Tensor:
         side = cfg.max_size // tr.codec.downsample
         g = torch.Generator().manual_seed(cfg.seed + 1_000_003)
         return torch.randn(n, tr.codec.latent_channels, side, side, generator=g)
-    from rfp_core.data import FrameDataset
-    from rfp_core.frame_store import FrameStore
+    from rfp_core.media.datasets import FrameDataset
+    from rfp_core.media.frame_store import FrameStore
 
     store = paths.store if paths.store is not None else FrameStore(max_side=cfg.store_max_side)
     for split in ("holdout", "all"):
@@ -78,7 +78,7 @@ def reflow_rows(
     base = models[0][1]
     x = _inputs(paths, base, n).to(device)
     z0 = x if base.cfg.generative else base.encode(x)
-    reference = flow.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
+    reference = rf.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     images_in = None if base.cfg.generative else x
     return steps_table(
         [m for m, _ in models],

@@ -13,8 +13,6 @@ whose checkpoint was made from the same couplings and settings is kept, not retr
 
 from __future__ import annotations
 
-import argparse
-import json
 import sys
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -22,8 +20,9 @@ from pathlib import Path
 import torch
 
 from rfp_core.checkpoint import CheckpointError, load_checkpoint, save_checkpoint
-from rfp_core.config import ConfigError, config_from_dict
-from rfp_core.reflow import Couplings, Solver, file_digest, frame_source, generate_couplings, noise_source
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
+from rfp_core.flow.reflow import Couplings, Solver, file_digest, frame_source, generate_couplings, noise_source
 from rfp_core.train.reflow import FitSettings, Loss, build_velocity_net, coupling_batches, fit
 
 DEFAULT_GENERATIVE_PAIRS = 1024
@@ -54,7 +53,7 @@ class RunPaths:
 
 
 def _translator(path: Path, device):
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     return Translator.from_run(path, device=device)
 
@@ -64,7 +63,7 @@ def _source(paths: RunPaths, tr, pairs: int | None):
     if cfg.generative:
         side = cfg.max_size // tr.codec.downsample
         return noise_source(pairs or DEFAULT_GENERATIVE_PAIRS, (tr.codec.latent_channels, side, side), cfg.seed)
-    from rfp_core.frame_store import FrameStore
+    from rfp_core.media.frame_store import FrameStore
 
     if not paths.manifest.is_file():
         raise ConfigError(
@@ -271,40 +270,3 @@ def translator_for_steps(run: str | Path, steps: int, device=None):
     path, label = pick_model(run, steps)
     print(f"model: {label} ({path})", file=sys.stderr)
     return _translator(path, device), label, path
-
-
-def cli_reflow(args: argparse.Namespace) -> int:
-    from rfp_core.train.reflow_report import write_report
-
-    run = Path(args.run)
-    if not run.is_dir():
-        raise ConfigError(f"--run {run}: not a run folder (expected $RFP_HOME/runs/<run_id>/ with velocity.pt)")
-    try:
-        res = reflow_run(
-            run,
-            rounds=args.rounds,
-            pairs=args.pairs,
-            distill=args.distill,
-            solver=Solver(args.solver, args.steps_solver),
-            train_steps=args.train_steps,
-            loss=args.loss,
-            from_scratch=args.from_scratch,
-            shard_size=args.shard_size,
-            device=args.device,
-        )
-    except (FloatingPointError, CheckpointError, FileNotFoundError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if not args.no_report:
-        md = write_report(run, device=args.device, n=args.report_inputs, solver=Solver(args.solver, args.steps_solver))
-        print(md)
-    print(
-        json.dumps(
-            {
-                "flows": [str(p) for p in res.flows],
-                "distilled": str(res.distilled) if res.distilled else None,
-                "couplings": [str(c.root) for c in res.couplings],
-            }
-        )
-    )
-    return 0

@@ -105,7 +105,7 @@ def pairs_digest(table) -> str | None:
 
 
 def _manifest_version(manifest: str | os.PathLike) -> str:
-    from rfp_core.manifest import content_version
+    from rfp_core.media.manifest import content_version
 
     return content_version(manifest)
 

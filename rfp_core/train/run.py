@@ -11,10 +11,8 @@ asks to train those phases afresh in the folder (their old files move to `supers
 
 from __future__ import annotations
 
-import argparse
 import contextlib
 import json
-import os
 import sys
 import time
 from dataclasses import dataclass
@@ -23,7 +21,8 @@ from pathlib import Path
 import torch
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.config import ConfigError, ModelConfig, config_from_dict, load_config
+from rfp_core.config import ConfigError, ModelConfig
+from rfp_core.config_files import config_from_dict
 from rfp_core.device import pick_device
 from rfp_core.paths import resolve_against_root, runs_dir
 
@@ -50,7 +49,7 @@ def default_run_id(dev: bool) -> str:
     return time.strftime("run_%Y%m%d%H%M") + ("_dev" if dev else "")
 
 
-def _folders(value: list[str] | str | None, flag: str) -> list[Path] | str:
+def folders(value: list[str] | str | None, flag: str) -> list[Path] | str:
     if value is None or value == []:
         raise ConfigError(f'no {flag}: pass --{flag} DIR... on the command line or set "{flag}" in the config')
     if value == "random" or value == ["random"]:
@@ -99,10 +98,10 @@ def train_run(
     `force`: a phase whose saved work is built from other inputs trains afresh (instead of a
     ResumeRefused); phases built from the same inputs still continue.
     `paired`: domain-0 and domain-1 files with the same stem are true pairs (pix2pix); the velocity
-    is fitted on them with plain MSE and no saliency phase (rfp_core/paired.py).
+    is fitted on them with plain MSE and no saliency phase (rfp_core/flow/paired.py).
     """
-    from rfp_core.frame_store import FrameStore
-    from rfp_core.ingest import ingest
+    from rfp_core.media.frame_store import FrameStore
+    from rfp_core.media.ingest import ingest
     from rfp_core.train import distributed
 
     # under torchrun: this rank's device; rank 0 ingests, writes the config and tracks (the others wait)
@@ -323,69 +322,3 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
         file=sys.stderr,
     )
     return pairs
-
-
-def cli_train(args: argparse.Namespace) -> int:
-    from rfp_core.checkpoint import CheckpointError
-    from rfp_core.ingest import IngestError, StoreWriteError
-    from rfp_core.train.resume import ResumeRefused
-    from rfp_core.train.saliency import SaliencyThresholdNotReached
-    from rfp_core.train.velocity import NonFiniteLoss
-
-    cfg = load_config(args.config)
-    domain0 = _folders(args.domain0 if args.domain0 else cfg.domain0, "domain0")
-    domain1 = _folders(args.domain1 if args.domain1 else cfg.domain1, "domain1")
-    files = {
-        name: _existing_file(getattr(args, attr), flag)
-        for name, attr, flag in (
-            ("checkpoint", "checkpoint", "--checkpoint"),
-            ("codec", "codec_ckpt", "--codec-ckpt"),
-            ("saliency", "saliency_ckpt", "--saliency-ckpt"),
-            ("velocity", "velocity_ckpt", "--velocity-ckpt"),
-        )
-    }
-    only = "codec" if args.codec_only else "saliency" if args.saliency_only else None
-    if args.nproc_per_node is not None and args.paired:
-        raise ConfigError("--paired trains in one process (paired mode is not data-parallel): drop --nproc-per-node")
-    if args.nproc_per_node is not None and "LOCAL_RANK" not in os.environ:  # not yet under torchrun: start it
-        from rfp_core.train.launch import torchrun
-
-        return torchrun(args)
-    try:
-        run_dir = train_run(
-            cfg,
-            domain0,
-            domain1,
-            run_id=args.run_id,
-            checkpoint=files["checkpoint"],
-            dev=args.dev,
-            device=args.device,
-            imports=Imports(files["codec"], files["saliency"], files["velocity"]),
-            only=only,
-            smoke=args.smoke,
-            track=not args.dev,
-            force=args.restart,
-            paired=args.paired,
-        )
-    except (
-        SaliencyThresholdNotReached,
-        NonFiniteLoss,
-        CheckpointError,
-        ResumeRefused,
-        IngestError,
-        StoreWriteError,
-    ) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    if "RANK" not in os.environ or os.environ["RANK"] == "0":
-        print(run_dir)
-    return 0
-
-
-def _existing_file(value: str | None, flag: str) -> Path | None:
-    if value is None:
-        return None
-    path = Path(value)
-    if not path.is_file():
-        raise ConfigError(f"{flag} {path}: no such file")
-    return path

@@ -36,13 +36,13 @@ from tqdm.auto import tqdm
 from rfp_core.atomic import atomic_write_text, sweep_temps
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.config import ModelConfig, SaliencyNetConfig
-from rfp_core.data import (
+from rfp_core.media.datasets import (
     MIN_SOURCES_TO_HALVE,
     FrameDataset,
     UnpairedDataset,
     holdout_parts,
 )
-from rfp_core.frame_store import FrameStore
+from rfp_core.media.frame_store import FrameStore
 from rfp_core.nets.saliency import SaliencyNet
 from rfp_core.tracking import LogFn
 from rfp_core.train import distributed
@@ -457,7 +457,7 @@ def _train_step(
 
 def _report_separate(manifest: Path, sc) -> bool:
     """Whether every domain has >= 2 held-out sources, so stop and report frames differ."""
-    from rfp_core.manifest import ok_frames, read_manifest
+    from rfp_core.media.manifest import ok_frames, read_manifest
 
     table = read_manifest(manifest)
     for domain in (0, 1):

@@ -22,7 +22,6 @@ from torch import nn
 from torch.utils.data import DataLoader
 from tqdm.auto import tqdm
 
-from rfp_core import flow
 from rfp_core.atomic import sweep_temps
 from rfp_core.checkpoint import (
     CheckpointError,
@@ -31,16 +30,18 @@ from rfp_core.checkpoint import (
     prune_checkpoints,
     save_checkpoint,
 )
-from rfp_core.config import ModelConfig, config_from_dict
-from rfp_core.data import FrameDataset, UnpairedDataset
-from rfp_core.frame_store import FrameStore
-from rfp_core.images import save_grid
+from rfp_core.config import ModelConfig
+from rfp_core.config_files import config_from_dict
+from rfp_core.flow import rf
+from rfp_core.flow.coupling import Coupler
+from rfp_core.media.datasets import FrameDataset, UnpairedDataset
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.images import save_grid
 from rfp_core.nets import build_velocity_net
 from rfp_core.tracking import LogFn
 from rfp_core.train import distributed
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.codec_io import load_codec
-from rfp_core.train.coupling import Coupler
 from rfp_core.train.ema import EMA, horizon_note
 from rfp_core.train.resume import (
     budget_note,
@@ -265,10 +266,10 @@ def train_velocity(
                     sample_noise = codec.sample_random_latent(
                         (vc.sample_batch_size, codec.latent_channels, side, side), generator=g
                     )
-                z = flow.integrate(net, sample_noise.to(device), vc.num_inference_steps, sampler=vc.sampler)
+                z = rf.integrate(net, sample_noise.to(device), vc.num_inference_steps, sampler=vc.sampler)
                 rows = [codec.decode(z)]
             else:
-                z = flow.integrate(net, codec.encode(sample_x.to(device)), vc.num_inference_steps, sampler=vc.sampler)
+                z = rf.integrate(net, codec.encode(sample_x.to(device)), vc.num_inference_steps, sampler=vc.sampler)
                 rows = [sample_x, codec.decode(z)]
         return save_grid(rows, samples_dir / f"step_{at:08d}.png")
 
@@ -308,9 +309,9 @@ def train_velocity(
                 if couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
                     x1 = couple(batch, x0, x1)
             t = distributed.per_sample(
-                lambda g: flow.sample_timesteps(1, vc.timestep_sampling, generator=g), cfg.seed, pos, SALT_T
+                lambda g: rf.sample_timesteps(1, vc.timestep_sampling, generator=g), cfg.seed, pos, SALT_T
             ).to(device)
-            x_t = flow.interpolate(x0, x1, t)
+            x_t = rf.interpolate(x0, x1, t)
             target = x1 - x0
             share = n / vc.train_batch_size  # of the global batch: DDP's mean over ranks is the batch mean
             with distributed.no_sync(ddp, last=i == len(micro_sizes) - 1):  # the saliency jvp stays per rank
@@ -318,10 +319,10 @@ def train_velocity(
                     v = ddp(x_t, t)
                 v = v.float()
                 if use_saliency:
-                    loss, term_sal, term_mse = flow.anchored_saliency_loss_terms(h, x_t, target, v, mse_weight)
+                    loss, term_sal, term_mse = rf.anchored_saliency_loss_terms(h, x_t, target, v, mse_weight)
                     step_terms += torch.stack([term_sal, term_mse]) * share
                 else:
-                    loss = flow.velocity_mse_loss(v, target)
+                    loss = rf.velocity_mse_loss(v, target)
                 (loss * share * world.size).backward()
             step_loss += loss.detach() * share
         summed = world.sum_(torch.cat([step_loss.view(1), step_terms]))  # the global batch's loss, on every rank

@@ -48,7 +48,7 @@ def _measure(
 ):
     """Translate and measure: (metrics, metrics.json, the grids by name, the main grid)."""
     from rfp_core.atomic import atomic_write_text
-    from rfp_core.images import save_grid
+    from rfp_core.media.images import save_grid
 
     cfg = exps.model_config(spec)
     steps = config.steps or None
@@ -117,7 +117,7 @@ def evaluation_samples(
     frame_store: dict,
     velocity_checkpoint: dict,
 ) -> dg.MaterializeResult:
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
 
     name = context.partition_key
     vel = velocity_checkpoint

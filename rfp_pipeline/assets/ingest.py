@@ -8,9 +8,9 @@ from dagster_duckdb import DuckDBResource
 
 from rfp_core import experiments as exps
 from rfp_core.atomic import atomic_write_text
-from rfp_core.images import grid_png_bytes
-from rfp_core.ingest import ingest
-from rfp_core.manifest import content_version, ok_frames, read_manifest
+from rfp_core.media.images import grid_png_bytes
+from rfp_core.media.ingest import ingest
+from rfp_core.media.manifest import content_version, ok_frames, read_manifest
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.checks import MANIFEST_CHECKS, manifest_checks
 from rfp_pipeline.metadata import markdown_image, write_result
@@ -202,7 +202,7 @@ def frame_store(
 def _preview(store, keys: dict[int, list[str]], size: int, n: int = 8) -> bytes | None:
     import torch
 
-    from rfp_core.images import center_square, to_tensor
+    from rfp_core.media.images import center_square, to_tensor
 
     rows = []
     for d in (0, 1):

@@ -88,7 +88,7 @@ _COMMON = dict(
 def reflow_couplings(
     context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict
 ) -> dg.MaterializeResult:
-    from rfp_core.reflow import Solver
+    from rfp_core.flow.reflow import Solver
     from rfp_core.train.reflow_run import couplings_of
 
     name = context.partition_key
@@ -119,7 +119,7 @@ def reflow_couplings(
 
 
 def _run(rfp: RfpHome, setup, distill: bool):
-    from rfp_core.reflow import Solver
+    from rfp_core.flow.reflow import Solver
     from rfp_core.train.reflow_run import reflow_run
 
     s, paths, key = setup
@@ -181,7 +181,7 @@ def reflow_checkpoint(
 def distilled_checkpoint(
     context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict, saliency_checkpoint: dict
 ) -> dg.MaterializeResult:
-    from rfp_core.reflow import Solver
+    from rfp_core.flow.reflow import Solver
     from rfp_core.train.reflow_report import write_report
 
     name = context.partition_key

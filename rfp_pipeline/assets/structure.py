@@ -13,7 +13,7 @@ import pyarrow as pa
 
 from rfp_core import experiments as exps
 from rfp_core.atomic import atomic_write_with
-from rfp_core.manifest import ok_frames, read_manifest
+from rfp_core.media.manifest import ok_frames, read_manifest
 from rfp_pipeline.assets.ingest import manifest_path
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, stage_key, write_result

@@ -1,6 +1,6 @@
 """Stage 4, use: the evaluated model translates the media the experiment lists (`"translate": ["clips/"]`).
 
-Videos come out as videos (rfp_core.video_translate: same frames, timing, audio), stills as
+Videos come out as videos (rfp_core.inference.video: same frames, timing, audio), stills as
 PNGs, under `$RFP_HOME/pipeline/<exp>/translated/<velocity key>/<n>-<listed name>/`; a new model
 writes a new folder (the last two are kept). The metadata shows the first frame of every output
 under its input's.
@@ -25,8 +25,8 @@ PREVIEW_COLUMNS = 8
 
 def _first_frame(path: Path, size: int) -> torch.Tensor:
     """The first frame of a video or a still, cropped and sized as the translation sees it."""
-    from rfp_core.images import center_square, load_image, to_tensor
-    from rfp_core.video_translate import is_video
+    from rfp_core.inference.video import is_video
+    from rfp_core.media.images import center_square, load_image, to_tensor
 
     if not is_video(path):
         return load_image(path, size)
@@ -39,8 +39,8 @@ def _first_frame(path: Path, size: int) -> torch.Tensor:
 
 def _media(entry: Path) -> tuple[list[Path], list[Path]]:
     """(videos, stills) of a listed file or folder; a missing entry fails with its name."""
-    from rfp_core.images import IMAGE_SUFFIXES
-    from rfp_core.video_translate import is_video
+    from rfp_core.inference.video import is_video
+    from rfp_core.media.images import IMAGE_SUFFIXES
 
     if not entry.exists():
         raise FileNotFoundError(
@@ -56,9 +56,9 @@ def _media(entry: Path) -> tuple[list[Path], list[Path]]:
 
 def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, Path]], list[dict], list[str]]:
     """Translate one listed entry into `out`: ((input, output) pairs, video reports, skip reasons)."""
-    from rfp_core.images import ImageLoadError, load_image, save_png
-    from rfp_core.translate import _out_names
-    from rfp_core.video_translate import VideoTranslateError, translate_video, video_outputs
+    from rfp_core.inference.translate import output_names
+    from rfp_core.inference.video import VideoTranslateError, translate_video, video_outputs
+    from rfp_core.media.images import ImageLoadError, load_image, save_png
 
     videos, stills = _media(entry)
     done, reports, skips = [], [], []
@@ -74,7 +74,7 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
         except VideoTranslateError as exc:
             skips.append(str(exc))
     batch = tr.cfg.velocity.sample_batch_size
-    named = list(zip(stills, _out_names(stills)))
+    named = list(zip(stills, output_names(stills)))
     for i in range(0, len(named), batch):
         chunk = []
         for src, name in named[i : i + batch]:
@@ -104,8 +104,8 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
 def translated_media(
     context: dg.AssetExecutionContext, rfp: RfpHome, experiment_config: dict, velocity_checkpoint: dict
 ) -> dg.MaterializeResult:
-    from rfp_core.images import paired_rows, save_grid
-    from rfp_core.translate import Translator
+    from rfp_core.inference.translate import Translator
+    from rfp_core.media.images import paired_rows, save_grid
 
     name = context.partition_key
     spec = experiment_config

@@ -123,8 +123,8 @@ def _recon_grid(st: TrainingStage, manifest: Manifest, checkpoint: Path, path: P
     """Held-out frames above their reconstructions: what the latent space keeps."""
     import torch
 
-    from rfp_core.data import FrameDataset
-    from rfp_core.images import save_grid
+    from rfp_core.media.datasets import FrameDataset
+    from rfp_core.media.images import save_grid
     from rfp_core.train.codec_io import load_codec
 
     cfg = st.cfg

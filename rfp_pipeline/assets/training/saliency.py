@@ -124,8 +124,8 @@ def _frames_grid(st: TrainingStage, manifest: Manifest, path: Path) -> Path | No
     """What the classifier tells apart: a row of domain-0 frames above a row of domain-1 frames."""
     import torch
 
-    from rfp_core.data import FrameDataset
-    from rfp_core.images import save_grid
+    from rfp_core.media.datasets import FrameDataset
+    from rfp_core.media.images import save_grid
 
     store = st.rfp.frame_store(st.cfg.store_max_side)
     try:

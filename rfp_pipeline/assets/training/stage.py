@@ -19,7 +19,7 @@ import dagster as dg
 
 from rfp_core import experiments as exps
 from rfp_core.config import ModelConfig
-from rfp_core.manifest import content_version
+from rfp_core.media.manifest import content_version
 from rfp_pipeline.assets.ingest import manifest_path
 from rfp_pipeline.automation import on_retrain_cron
 from rfp_pipeline.metadata import run_tags

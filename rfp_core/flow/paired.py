@@ -22,8 +22,8 @@ from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
 from rfp_core.config import ConfigError
-from rfp_core.data import TrainCrop, holdout_split, to_tensor
-from rfp_core.manifest import read_manifest
+from rfp_core.media.datasets import TrainCrop, holdout_split, to_tensor
+from rfp_core.media.manifest import read_manifest
 
 PAIRING_KEY = "pairing"
 PAIRING_MODES = ("unpaired", "filenames")

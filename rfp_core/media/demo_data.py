@@ -277,16 +277,3 @@ def make_demo_data(
     atomic_write_text(data.root / MARKER, json.dumps(_params(num, size, seed, video_frames), indent=2))
     data.created = True
     return data
-
-
-def cli_demo_data(args) -> int:
-    num = args.num if args.num is not None else DEFAULT_NUM
-    size = args.size if args.size is not None else DEFAULT_SIZE
-    data = make_demo_data(args.out, num=num, size=size, seed=args.seed)
-    what = "created" if data.created else "already complete, kept"
-    print(f"demo data {what}: {num} images + 1 video per domain, {size} px, seed {args.seed}")
-    print(f"  domain 0 (flat warm shapes):     {data.domain0}")
-    print(f"  domain 1 (striped cool shapes):  {data.domain1}")
-    print(f"  true shape masks:                {data.root / 'masks'}")
-    print(data.root.resolve())
-    return 0

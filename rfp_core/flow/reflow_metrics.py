@@ -15,7 +15,7 @@ from typing import Callable, Sequence
 
 import torch
 
-from rfp_core import flow
+from rfp_core.flow import rf
 
 Tensor = torch.Tensor
 ScoreFn = Callable[[Tensor, Tensor], dict]
@@ -25,7 +25,7 @@ DEFAULT_STEPS = (1, 2, 4, 12)
 @dataclass
 class FlowModel:
     name: str
-    velocity: flow.VelocityFn
+    velocity: rf.VelocityFn
     one_step_only: bool = False  # a distilled map: only N = 1 is meaningful
 
 
@@ -65,8 +65,8 @@ def steps_table(
     images_in: Tensor | None = None,
     decode: Callable[[Tensor], Tensor] | None = None,
     straightness_steps: int = 16,
-    sampler: flow.Sampler = "euler",
-    straightness_sampler: flow.Sampler = "rk4",
+    sampler: rf.Sampler = "euler",
+    straightness_sampler: rf.Sampler = "rk4",
 ) -> list[dict]:
     """One row per (model, N): straightness S of the model, seconds per input, MSE to `reference`,
     plus `score(images_in, decode(z_N))`'s keys. `decode` maps model space to images (identity
@@ -78,16 +78,16 @@ def steps_table(
         s = (
             float("nan")
             if m.one_step_only
-            else flow.straightness(m.velocity, z0, straightness_steps, sampler=straightness_sampler)
+            else rf.straightness(m.velocity, z0, straightness_steps, sampler=straightness_sampler)
         )
         for n in steps:
             if m.one_step_only and n != 1:
                 continue
-            out, per = _timed(lambda m=m, n=n: flow.integrate(m.velocity, z0, n, sampler=sampler), len(z0))
+            out, per = _timed(lambda m=m, n=n: rf.integrate(m.velocity, z0, n, sampler=sampler), len(z0))
             row = {
                 "model": m.name,
                 "steps": int(n),
-                "nfe": flow.nfe(sampler, n),
+                "nfe": rf.nfe(sampler, n),
                 "straightness": s,
                 "seconds_per_input": per,
             }

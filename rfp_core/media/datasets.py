@@ -19,9 +19,9 @@ from torch.utils.data import Dataset
 from torchvision.transforms import InterpolationMode
 from torchvision.transforms.v2 import functional as TF
 
-from rfp_core.frame_store import FrameStore
-from rfp_core.images import to_tensor
-from rfp_core.manifest import ok_frames, read_manifest
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.images import to_tensor
+from rfp_core.media.manifest import ok_frames, read_manifest
 
 # "stop" / "report": the two halves of "holdout" (`holdout_parts`)
 Split = Literal["train", "holdout", "stop", "report", "all"]

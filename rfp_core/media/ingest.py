@@ -25,7 +25,6 @@ from __future__ import annotations
 
 import contextlib
 import os
-import sys
 import time
 from collections import deque
 from concurrent.futures import Future, ThreadPoolExecutor
@@ -34,22 +33,18 @@ from pathlib import Path
 from typing import Any, Literal
 
 import pyarrow as pa
-import pyarrow.parquet as pq
 from PIL import Image
 from tqdm.auto import tqdm
 
 from rfp_core import paths
-from rfp_core.atomic import atomic_path, file_lock, sweep_temps
-from rfp_core.frame_store import FrameStore
-from rfp_core.hashing import HashCache
-from rfp_core.manifest import MANIFEST_SCHEMA, content_version, write_manifest
-from rfp_core.media import FolderError, MediaError, MediaFile, discover, iter_frames
+from rfp_core.atomic import sweep_temps
+from rfp_core.media.decode import FolderError, MediaError, MediaFile, discover, iter_frames
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.media.hashing import HashCache
+from rfp_core.media.manifest import MANIFEST_SCHEMA, content_version, write_manifest
+from rfp_core.media.source_cache import SourceCache
 
-# the columns of a source's rows that depend only on its bytes (domain and path are per use)
-SOURCE_COLUMNS = ["frame_key", "media_type", "frame_index", "timestamp", "width", "height", "status", "error"]
-SOURCE_SCHEMA = pa.schema([MANIFEST_SCHEMA.field(n) for n in SOURCE_COLUMNS])
-PACK_SCHEMA = pa.schema([pa.field("source_md5", pa.string()), *SOURCE_SCHEMA])
-PACK_EVERY_S = 60.0
+PACK_EVERY_S = 60.0  # a crash loses at most this much decoding work
 
 
 class IngestError(ValueError):
@@ -68,60 +63,6 @@ class IngestReport:
     per_domain: dict[int, dict[str, int]] = field(default_factory=dict)  # {domain: {"ok": n, "skipped": m}}
     content_version: str = ""
     seconds: float = 0.0
-
-
-class SourceCache:
-    """md5 -> the source's content rows, persisted per source and as one packed parquet file."""
-
-    def __init__(self, root: Path):
-        self.dir = root / "sources"
-        self.pack_path = self.dir / "_pack.parquet"
-        self._new: set[str] = set()
-        self._rows = self._read_pack()
-
-    def get(self, md5: str) -> list[dict[str, Any]] | None:
-        rows = self._rows.get(md5)
-        if rows is None:
-            path = self.dir / f"{md5}.parquet"
-            if not path.exists():
-                return None
-            try:
-                rows = pq.read_table(path).select(SOURCE_COLUMNS).to_pylist()
-            except (OSError, pa.ArrowException, KeyError):
-                return None
-            self._rows[md5] = rows
-            self._new.add(md5)  # not in the pack yet
-        return rows
-
-    def put(self, md5: str, rows: list[dict[str, Any]], own_file: bool = True) -> None:
-        """`own_file=False` (single images) keeps the rows for the pack only: a parquet file per
-        image costs more than decoding it again (~20 ms vs a few ms, measured)."""
-        if own_file:
-            with atomic_path(self.dir / f"{md5}.parquet") as tmp:
-                pq.write_table(pa.Table.from_pylist(rows, schema=SOURCE_SCHEMA), tmp)
-        self._rows[md5] = rows
-        self._new.add(md5)
-
-    def _read_pack(self) -> dict[str, list[dict[str, Any]]]:
-        rows: dict[str, list[dict[str, Any]]] = {}
-        if self.pack_path.exists():
-            try:
-                for row in pq.read_table(self.pack_path).to_pylist():
-                    rows.setdefault(row.pop("source_md5"), []).append(row)
-            except (OSError, pa.ArrowException, KeyError):
-                return {}
-        return rows
-
-    def save_pack(self) -> None:
-        """Write the pack, merged with what another ingest packed meanwhile (under a lock)."""
-        if not self._new:
-            return
-        with file_lock(self.pack_path):
-            self._rows = {**self._read_pack(), **self._rows}
-            packed = [{"source_md5": md5, **row} for md5, rows in sorted(self._rows.items()) for row in rows]
-            with atomic_path(self.pack_path) as tmp:
-                pq.write_table(pa.Table.from_pylist(packed, schema=PACK_SCHEMA), tmp)
-        self._new.clear()
 
 
 class StoreWriteError(RuntimeError):
@@ -298,6 +239,39 @@ def ingest(
     """
     start = time.perf_counter()
     store = store or FrameStore()
+    domains = _check_domains(domain0, domain1)
+    for folder in (store.root, paths.cache_dir()):  # temp files of ingests killed mid-write
+        sweep_temps(folder)
+    hashes = HashCache()
+    rows, counts = _scan(domains, store, hashes, progress)
+    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
+    version = content_version(table)
+    out = Path(out) if out is not None else paths.rfp_home() / "manifests" / f"{version[:16]}.parquet"
+    try:
+        write_manifest(table, out)
+    except OSError as exc:
+        raise StoreWriteError(
+            f"cannot write the manifest {out}: {exc}. {FULL_DISK_HINT.replace(', no manifest was written', '')}"
+        ) from exc
+    statuses = table.column("status").to_pylist()
+    per_domain = {d: {"ok": 0, "skipped": 0} for d in (0, 1)}
+    for d, s in zip(table.column("domain").to_pylist(), statuses):
+        per_domain[d][s] += 1
+    return IngestReport(
+        manifest_path=out,
+        table=table,
+        n_ok=statuses.count("ok"),
+        n_skipped=statuses.count("skipped"),
+        frames_decoded=counts["decoded"],
+        frames_reused=counts["reused"],
+        files_hashed=hashes.hashed,
+        per_domain=per_domain,
+        content_version=version,
+        seconds=time.perf_counter() - start,
+    )
+
+
+def _check_domains(domain0, domain1) -> dict[int, list[Path]]:
     domains = {0: _domain_list(domain0), 1: _domain_list(domain1)}
     missing = [str(p) for dirs in domains.values() for p in dirs if not p.exists()]
     if missing:
@@ -306,10 +280,13 @@ def ingest(
         )
     if not domains[1]:
         raise IngestError("domain1 needs at least one folder")
+    return domains
 
-    for folder in (store.root, paths.cache_dir()):  # temp files of ingests killed mid-write
-        sweep_temps(folder)
-    hashes = HashCache()
+
+def _scan(
+    domains: dict[int, list[Path]], store: FrameStore, hashes: HashCache, progress: bool
+) -> tuple[list[dict[str, Any]], dict[str, int]]:
+    """Every domain's rows, frames decoded into the store; the caches saved even when it fails."""
     sources = SourceCache(store.root)
     writer = FrameWriter(store)
     rows: list[dict[str, Any]] = []
@@ -329,34 +306,7 @@ def ingest(
             _save_caches(hashes, sources)
         raise
     _save_caches(hashes, sources)
-
-    table = pa.Table.from_pylist(rows, schema=MANIFEST_SCHEMA)
-    version = content_version(table)
-    out = Path(out) if out is not None else paths.rfp_home() / "manifests" / f"{version[:16]}.parquet"
-    try:
-        write_manifest(table, out)
-    except OSError as exc:
-        raise StoreWriteError(
-            f"cannot write the manifest {out}: {exc}. {FULL_DISK_HINT.replace(', no manifest was written', '')}"
-        ) from exc
-    decoded, reused = counts["decoded"], counts["reused"]
-
-    statuses = table.column("status").to_pylist()
-    per_domain = {d: {"ok": 0, "skipped": 0} for d in (0, 1)}
-    for d, s in zip(table.column("domain").to_pylist(), statuses):
-        per_domain[d][s] += 1
-    return IngestReport(
-        manifest_path=out,
-        table=table,
-        n_ok=statuses.count("ok"),
-        n_skipped=statuses.count("skipped"),
-        frames_decoded=decoded,
-        frames_reused=reused,
-        files_hashed=hashes.hashed,
-        per_domain=per_domain,
-        content_version=version,
-        seconds=time.perf_counter() - start,
-    )
+    return rows, counts
 
 
 def _save_caches(hashes: HashCache, sources: SourceCache) -> None:
@@ -401,42 +351,10 @@ def _ingest_domain(
             counts["decoded"] += n
             if all(r["status"] == "ok" for r in source_rows):
                 sources.put(md5, source_rows, own_file=media.kind != "image")
-        if time.perf_counter() - last_pack > PACK_EVERY_S:  # a crash loses at most this much
+        if time.perf_counter() - last_pack > PACK_EVERY_S:
             writer.drain()
             sources.save_pack()
             last_pack = time.perf_counter()
         rows.extend({**base, "source_md5": md5, **r} for r in source_rows)
         if progress:
             bar.set_postfix(frames=counts["decoded"] + counts["reused"], refresh=False)
-
-
-def cli_ingest(args) -> int:
-    """`rfp ingest --domain0 DIR... --domain1 DIR... --out MANIFEST.parquet`."""
-    domain0 = "random" if args.domain0 == ["random"] else [Path(p) for p in args.domain0]
-    try:
-        report = ingest(
-            domain0, [Path(p) for p in args.domain1], Path(args.out), FrameStore(max_side=args.store_max_side)
-        )
-    except IngestError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    except StoreWriteError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 1
-    for d, counts in report.per_domain.items():
-        label = (
-            "random (generative: no rows)"
-            if d == 0 and domain0 == "random"
-            else f"{counts['ok']} ok, {counts['skipped']} skipped"
-        )
-        print(f"domain{d}: {label}")
-    print(
-        f"frames decoded {report.frames_decoded}, reused from the store {report.frames_reused}, "
-        f"files hashed {report.files_hashed}, {report.seconds:.1f} s"
-    )
-    print(f"manifest: {report.manifest_path} (content version {report.content_version[:16]})")
-    if report.n_skipped:
-        print(f"skipped {report.n_skipped} row(s); reasons: rfp manifest summary {report.manifest_path}")
-    else:
-        print("skipped 0")
-    return 0

@@ -27,9 +27,9 @@ import pyarrow.parquet as pq
 import torch
 from tqdm.auto import tqdm
 
-from rfp_core import flow
 from rfp_core.atomic import atomic_path, atomic_write_text, atomic_write_with
 from rfp_core.checkpoint import CheckpointError, load_checkpoint
+from rfp_core.flow import rf
 from rfp_core.paths import rfp_home
 
 Tensor = torch.Tensor
@@ -94,7 +94,7 @@ def frame_source(
     limit: int | None = None,
 ) -> CouplingSource:
     """Translation mode: the run's domain-0 frames, centred crop (no jitter), encoded by the codec."""
-    from rfp_core.data import FrameDataset
+    from rfp_core.media.datasets import FrameDataset
 
     ds = FrameDataset(manifest, store, 0, size, split=split, holdout_fraction=holdout_fraction, train_crop=False)
     keys = ds.frame_keys if limit is None else ds.frame_keys[: int(limit)]
@@ -108,7 +108,7 @@ def frame_source(
 
 @dataclass
 class Solver:
-    sampler: flow.Sampler = "rk4"
+    sampler: rf.Sampler = "rk4"
     steps: int = 16
 
     def as_dict(self) -> dict:
@@ -161,7 +161,7 @@ def _valid_shard(path: Path, n: int) -> bool:
 
 
 def generate_couplings(
-    v_fn: flow.VelocityFn,
+    v_fn: rf.VelocityFn,
     source: CouplingSource,
     velocity_digest: str,
     solver: Solver | None = None,
@@ -203,7 +203,7 @@ def generate_couplings(
             bar.close()
             return None
         z0 = source.load(idx, k).to(device)
-        z1 = flow.integrate(v_fn, z0, solver.steps, sampler=solver.sampler)
+        z1 = rf.integrate(v_fn, z0, solver.steps, sampler=solver.sampler)
         shard = {"index": torch.tensor(idx, dtype=torch.int64), "z0": z0.cpu(), "z1": z1.cpu()}
         atomic_write_with(out / f"shard_{k:05d}.pt", lambda tmp, s=shard: torch.save(s, tmp))
         computed += 1

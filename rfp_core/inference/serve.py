@@ -10,7 +10,6 @@ Request format: see rfp_pipeline/pyfunc_model.py (POST /invocations, GET /ping).
 
 from __future__ import annotations
 
-import argparse
 import os
 import sys
 from pathlib import Path
@@ -81,16 +80,3 @@ def check_model_uri(model: str, tracking_uri: str) -> None:
         raise ConfigError(
             f"{model} does not resolve in the tracking store {tracking_uri}: {exc.message.splitlines()[0]}.{hint}"
         ) from None
-
-
-def cli_serve(args: argparse.Namespace) -> int:
-    env = server_env()
-    check_model_uri(args.model, env["MLFLOW_TRACKING_URI"])
-    cmd = server_command(args.model, args.port, args.host, args.workers)
-    print(
-        f"serving {args.model} at http://{args.host}:{args.port}/invocations (tracking {env['MLFLOW_TRACKING_URI']})",
-        file=sys.stderr,
-        flush=True,
-    )
-    os.execvpe(cmd[0], cmd, env)
-    return 0  # not reached

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import hashlib
 import os
-import sys
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -136,24 +135,3 @@ def format_summary(rows: list[dict[str, Any]]) -> str:
         return "  ".join(c.rjust(w) if i in (0, 3) else c.ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))
 
     return "\n".join([line(header), line(tuple("-" * w for w in widths)), *(line(b) for b in body)])
-
-
-def cli_summary(args) -> int:
-    """`rfp manifest summary FILE`."""
-    try:
-        rows = summarize(args.file)
-    except (FileNotFoundError, ValueError) as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(format_summary(rows))
-    total = sum(r["count"] for r in rows)
-    skipped = sum(r["count"] for r in rows if r["status"] == "skipped")
-    print(f"\n{total} rows, {skipped} skipped; content version {content_version(args.file)[:16]}")
-    reasons = skip_reasons(args.file)
-    if reasons:
-        print("\nskipped:")
-        for r in reasons:
-            print(f"  d{r['domain']} {r['source_path']} [frame {r['frame_index']}]: {r['error']}")
-        if skipped > len(reasons):
-            print(f"  ... and {skipped - len(reasons)} more (query the parquet file with DuckDB)")
-    return 0

@@ -20,7 +20,6 @@ What the output is:
 
 from __future__ import annotations
 
-import argparse
 import sys
 import time
 from fractions import Fraction
@@ -34,8 +33,8 @@ from av.sidedata.sidedata import Type as SideDataType
 from PIL import Image
 
 from rfp_core.atomic import atomic_path
-from rfp_core.images import center_square, to_tensor
-from rfp_core.media import VIDEO_EXTS, upright
+from rfp_core.media.decode import VIDEO_EXTS, upright
+from rfp_core.media.images import center_square, to_tensor
 
 TranslateBatch = Callable[[torch.Tensor], torch.Tensor]
 # muxer per output suffix: the temp file's name (".tmp") cannot tell PyAV which one to use
@@ -186,6 +185,40 @@ def _check_output(out_path: Path, codec: str, size: int, pix_fmt: str) -> str:
     return muxer
 
 
+def _open_input(in_path: Path):
+    try:
+        matrix, rotation = _container_info(in_path)
+        return matrix, rotation, av.open(str(in_path))
+    except av.FFmpegError as exc:
+        raise VideoTranslateError(
+            f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4"
+        ) from None
+
+
+def _transcode(ic, oc, in_v, in_audio, out_audio: dict, writer: _FrameWriter, in_path: Path) -> int:
+    """Video frames through the translator, audio packets copied as they are; returns the audio packet count."""
+    audio_packets = 0
+    try:
+        for packet in ic.demux(in_v, *in_audio):
+            if packet.stream.type != "audio":
+                for f in packet.decode():
+                    writer.add(f)
+            elif packet.dts is not None:  # None: the demuxer's end-of-stream marker, not data
+                packet.stream = out_audio[packet.stream.index]
+                oc.mux(packet)
+                audio_packets += 1
+        writer.close()
+    except av.FFmpegError as exc:
+        raise VideoTranslateError(
+            f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})"
+        ) from None
+    if in_v.frames and writer.frames < in_v.frames:  # a truncated file can also end quietly
+        raise VideoTranslateError(
+            f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames (truncated?); nothing written"
+        )
+    return audio_packets
+
+
 def translate_video(
     in_path: str | Path,
     out_path: str | Path,
@@ -205,15 +238,8 @@ def translate_video(
 
     in_path, out_path = Path(in_path), Path(out_path)
     muxer = _check_output(out_path, codec, size, pix_fmt)
-    try:
-        matrix, rotation = _container_info(in_path)
-        ic = av.open(str(in_path))
-    except av.FFmpegError as exc:
-        raise VideoTranslateError(
-            f"{in_path}: not a readable video ({exc}); re-encode it, e.g. with ffmpeg -i IN OUT.mp4"
-        ) from None
+    matrix, rotation, ic = _open_input(in_path)
     start = time.perf_counter()
-    audio_packets = 0
     with ic, atomic_path(out_path) as tmp:
         in_v = ic.streams.video[0]
         in_v.thread_type = "AUTO"
@@ -227,25 +253,7 @@ def translate_video(
             out_v = _open_video_out(oc, in_v, size, codec, crf, preset, pix_fmt, matrix)
             out_audio = {a.index: oc.add_stream_from_template(a) for a in in_audio}
             writer = _FrameWriter(oc, out_v, in_v, translate_batch, size, batch_size, bar, rotation)
-            try:
-                for packet in ic.demux(in_v, *in_audio):
-                    if packet.stream.type != "audio":
-                        for f in packet.decode():
-                            writer.add(f)
-                    elif packet.dts is not None:  # None: the demuxer's end-of-stream marker, not data
-                        packet.stream = out_audio[packet.stream.index]
-                        oc.mux(packet)
-                        audio_packets += 1
-                writer.close()
-            except av.FFmpegError as exc:
-                raise VideoTranslateError(
-                    f"{in_path}: decoding or writing failed after {writer.frames} frames ({exc})"
-                ) from None
-            if in_v.frames and writer.frames < in_v.frames:  # a truncated file can also end quietly
-                raise VideoTranslateError(
-                    f"{in_path}: ended after {writer.frames} of {in_v.frames} declared frames "
-                    "(truncated?); nothing written"
-                )
+            audio_packets = _transcode(ic, oc, in_v, in_audio, out_audio, writer, in_path)
         duration = float(in_v.duration * in_v.time_base) if in_v.duration else None
         fps = float(in_v.average_rate) if in_v.average_rate else None
     seconds = time.perf_counter() - start
@@ -293,7 +301,7 @@ def split_video_inputs(inputs: Iterable[str | Path]) -> tuple[list[Path], list[s
     """(video files, the inputs left for the still-image path). Folders are searched
     recursively for videos; a folder stays in the second list when it holds images too. With
     no video found the inputs come back unchanged (so a wrong path still fails as before)."""
-    from rfp_core.images import IMAGE_SUFFIXES
+    from rfp_core.media.images import IMAGE_SUFFIXES
 
     videos: list[Path] = []
     rest: list[str] = []
@@ -333,30 +341,3 @@ def video_outputs(videos: Sequence[Path], out: Path, other_inputs: bool) -> list
         stem = v.stem if seen[v.stem] == 1 else f"{v.stem}-{seen[v.stem]}"
         names.append(out / f"{stem}{_out_suffix(v)}")
     return names
-
-
-def cli_translate_videos(tr, videos: Sequence[Path], args: argparse.Namespace, other_inputs: bool) -> int:
-    """The video half of `rfp translate`: 0 when every video was written, 1 when one failed."""
-    from rfp_core.config import ConfigError
-
-    try:
-        outs = video_outputs(videos, Path(args.out), other_inputs)
-    except VideoTranslateError as exc:
-        raise ConfigError(str(exc)) from None
-    steps, sampler, reverse = args.steps, args.sampler, args.reverse
-    failed = 0
-    for src, dst in zip(videos, outs):
-        try:
-            translate_video(
-                src,
-                dst,
-                lambda x: tr.translate(x, steps, sampler, reverse),
-                tr.size,
-                batch_size=tr.cfg.velocity.sample_batch_size,
-                codec=getattr(args, "video_codec", "libx264"),
-                crf=getattr(args, "crf", 18),
-            )
-        except VideoTranslateError as exc:
-            print(f"skipped: {exc}", file=sys.stderr)
-            failed += 1
-    return 1 if failed else 0

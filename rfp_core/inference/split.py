@@ -14,7 +14,6 @@ import csv
 import io
 import re
 import shutil
-import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -22,9 +21,10 @@ import torch
 from tqdm.auto import tqdm
 
 from rfp_core.atomic import atomic_path, atomic_write_text
-from rfp_core.config import ConfigError, config_from_dict
-from rfp_core.hashing import md5_file
-from rfp_core.images import ImageLoadError, find_images, load_image
+from rfp_core.config import ConfigError
+from rfp_core.config_files import config_from_dict
+from rfp_core.media.hashing import md5_file
+from rfp_core.media.images import ImageLoadError, find_images, load_image
 
 LABELS = ("domain0", "domain1", "uncertain")
 _MD5 = re.compile(r"^[0-9a-fA-F]{32}$")
@@ -210,28 +210,3 @@ def _write_report(report: SplitReport) -> None:
     writer.writerow(["source", "md5", "label", "p_domain1", "dest"])
     writer.writerows([str(i.source), i.md5, i.label, f"{i.p_domain1:.4f}", str(i.dest)] for i in report.items)
     atomic_write_text(report.report_path, buf.getvalue())
-
-
-def cli_split(args) -> int:
-    """`rfp split --run DIR --input DIR... --output DIR [--threshold 0.7] [--ignore FILE]`."""
-    try:
-        report = split_folder(
-            Path(args.run),
-            [Path(p) for p in args.input],
-            Path(args.output),
-            threshold=args.threshold,
-            ignore=Path(args.ignore) if args.ignore else None,
-            device=args.device,
-        )
-    except FileNotFoundError as exc:
-        print(f"error: {exc}", file=sys.stderr)
-        return 2
-    print(", ".join(f"{label}: {report.counts[label]}" for label in LABELS))
-    print(
-        f"duplicates skipped {report.duplicates}, already in the output {report.already_sorted}, ignored "
-        f"{report.ignored}"
-    )
-    for problem in report.unreadable:
-        print(f"unreadable: {problem}", file=sys.stderr)
-    print(f"report: {report.report_path}")
-    return 0

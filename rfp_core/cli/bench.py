@@ -1,0 +1,54 @@
+"""`rfp bench`."""
+
+from __future__ import annotations
+
+from rfp_core.cli import args as common
+
+
+def add_parser(sub) -> None:
+    bench = sub.add_parser("bench", help="benchmarks; the last output line is one JSON object")
+    bench.add_argument(
+        "which",
+        choices=["ingest", "train", "pairing", "ablation", "reflow", "reflow_quality", "quality", "run", "faults"],
+    )
+    bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
+    # `quality` and `reflow_quality` only
+    bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
+    bench.add_argument("--tasks", default=None, help="quality: comma-separated, from digits,photo (default both)")
+    bench.add_argument(
+        "--rows",
+        default=None,
+        help="quality: comma-separated, from identity,tint,paper,anchored,mse,anchored_relative,paper_ot,"
+        "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
+        "reflow_quality: the 1-RF row (default mse)",
+    )
+    bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
+    bench.add_argument(
+        "--nproc-per-node",
+        type=int,
+        default=None,
+        help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)",
+    )
+    bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
+    common.device(bench)
+    bench.set_defaults(handler=run)
+
+
+def run(args) -> int:
+    import importlib
+
+    from rfp_core.bench import OPTIONS, emit
+    from rfp_core.config import ConfigError
+
+    module = importlib.import_module(f"rfp_core.bench.{args.which}")
+    every = {k for ks in OPTIONS.values() for k in ks}
+    extra = {k: getattr(args, k) for k in sorted(every) if getattr(args, k, None) is not None}
+    wrong = sorted(set(extra) - set(OPTIONS.get(args.which, ())))
+    if wrong:
+        takers = "; ".join(f"{b}: --{' --'.join(ks)}" for b, ks in OPTIONS.items())
+        raise ConfigError(f"--{' --'.join(wrong)}: `rfp bench {args.which}` does not take these ({takers})")
+    if "nproc_per_node" in extra:  # data-parallel training: 1 rank and N ranks side by side
+        module = importlib.import_module("rfp_core.bench.train_ddp")
+        extra = {"nproc": extra.pop("nproc_per_node")}
+    emit(module.run(quick=args.quick, device=args.device, **extra))
+    return 0
