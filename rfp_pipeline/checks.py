@@ -106,8 +106,9 @@ def manifest_checks(
     counts: dict[tuple[int, str], int], generative: bool, t: CheckThresholds, manifest: str
 ) -> list[dg.AssetCheckResult]:
     """`counts`: distinct frames by (domain, status)."""
+    min_frames, max_rate = t.value("min_frames_per_domain"), t.value("max_skip_rate")
     ok = {d: counts.get((d, "ok"), 0) for d in (0, 1)}
-    failing = [d for d in ((1,) if generative else (0, 1)) if ok[d] < t.min_frames_per_domain]
+    failing = [d for d in ((1,) if generative else (0, 1)) if ok[d] < min_frames]
     total = sum(counts.values())
     skipped = sum(n for (_, s), n in counts.items() if s == "skipped")
     rate = skipped / total if total else 0.0
@@ -115,18 +116,18 @@ def manifest_checks(
         dg.AssetCheckResult(
             check_name="usable_frames",
             passed=not failing,
-            metadata={"domain0_ok": ok[0], "domain1_ok": ok[1], "min_frames_per_domain": t.min_frames_per_domain},
+            metadata={"domain0_ok": ok[0], "domain1_ok": ok[1], "min_frames_per_domain": min_frames},
             description=None
             if not failing
-            else f"domain(s) {failing} have fewer than {t.min_frames_per_domain} usable frames: add images, or see the "
+            else f"domain(s) {failing} have fewer than {min_frames} usable frames: add images, or see the "
             f"skipped rows with `rfp manifest summary {manifest}`",
         ),
         dg.AssetCheckResult(
             check_name="skip_rate",
-            passed=rate <= t.max_skip_rate,
-            metadata={"skip_rate": rate, "skipped": skipped, "rows": total, "max_skip_rate": t.max_skip_rate},
+            passed=rate <= max_rate,
+            metadata={"skip_rate": rate, "skipped": skipped, "rows": total, "max_skip_rate": max_rate},
             description=None
-            if rate <= t.max_skip_rate
+            if rate <= max_rate
             else f"{skipped} of {total} rows could not be read; see `rfp manifest summary {manifest}`",
         ),
     ]
@@ -142,7 +143,8 @@ def saliency_checks(
                 check_name="accuracy", passed=True, metadata={"skipped": True}, description=skipped_reason
             )
         ]
-    limit = t.min_saliency_accuracy if t.min_saliency_accuracy >= 0 else config_threshold
+    limit = t.value("min_saliency_accuracy")
+    limit = limit if limit >= 0 else config_threshold
     return [
         dg.AssetCheckResult(
             check_name="accuracy",
@@ -181,8 +183,8 @@ def non_finite_loss_check(message: str, step: int | None, last_checkpoint, parti
 def evaluation_checks(metrics: dict[str, Any], t: CheckThresholds) -> list[dg.AssetCheckResult]:
     out = []
     for name, limit, absent in (
-        ("transfer_rate", t.min_transfer_rate, "no transfer rate (generative mode)"),
-        ("mask_iou", t.min_mask_iou, "no true masks for this experiment (set 'masks' in its file)"),
+        ("transfer_rate", t.value("min_transfer_rate"), "no transfer rate (generative mode)"),
+        ("mask_iou", t.value("min_mask_iou"), "no true masks for this experiment (set 'masks' in its file)"),
     ):
         value = metrics.get(name)
         if value is None:

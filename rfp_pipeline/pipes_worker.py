@@ -18,6 +18,17 @@ from typing import Any, Callable
 from dagster_pipes import PipesContext, open_dagster_pipes
 
 
+def saliency_stop_figures(res) -> dict[str, Any]:
+    """Which accuracy met the threshold, the original's smoothed training one, and the held-out figure
+    measured on frames that did not decide the stop (rfp_core/train/saliency_stop.py); the asset
+    reports the same when it trains in process."""
+    figures: dict[str, Any] = {"stopped_by": res.stopped_by or ""}
+    for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy)):
+        if v is not None:
+            figures[k] = v
+    return figures
+
+
 def _step_logger(pipes: PipesContext, extras: dict[str, Any]) -> Callable[[dict, int], None]:
     from mlflow import MlflowClient
     from mlflow.entities import Metric
@@ -89,12 +100,7 @@ def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
             "accuracy": res.accuracy,
             "steps": res.steps,
             "warmed_up": res.warmed_up,
-            "stopped_by": res.stopped_by or "",
-            **{
-                k: v
-                for k, v in (("train_accuracy", res.train_accuracy), ("report_accuracy", res.report_accuracy))
-                if v is not None
-            },
+            **saliency_stop_figures(res),
             "worker_pid": os.getpid(),
             "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
             "state": {"raw_value": str(res.state_path), "type": "path"},

@@ -1,8 +1,8 @@
-"""Resources: where state lives (RfpHome), MLflow tracking, check thresholds.
+"""Resources: where state lives (RfpHome), MLflow tracking, check thresholds, manifest queries.
 
-Empty fields fall back to environment variables read at run time (so `RFP_HOME`,
-`RFP_EXPERIMENTS_DIR`, `MLFLOW_TRACKING_URI` set in a shell or a test apply without
-reloading the code location), then to the project's defaults.
+Empty (or unset) fields fall back to environment variables read at run time (so `RFP_HOME`,
+`RFP_EXPERIMENTS_DIR`, `MLFLOW_TRACKING_URI`, `RFP_MIN_MASK_IOU`, ... set in a shell or a test
+apply without reloading the code location), then to the project's defaults.
 """
 
 from __future__ import annotations
@@ -13,6 +13,7 @@ from pathlib import Path
 from typing import Any, Iterator
 
 import dagster as dg
+from dagster_duckdb import DuckDBResource
 from pydantic import Field
 
 from rfp_core import experiments as exps
@@ -218,18 +219,64 @@ class MlflowTracking(dg.ConfigurableResource):
         return f"{self.ui_base()}/#/experiments/{experiment_id}?{ML_WORKFLOW}"
 
 
-class CheckThresholds(dg.ConfigurableResource):
-    """Limits the asset checks apply (set in the launchpad or via env vars in definitions.py)."""
+# check limit -> (the environment variable an unset field falls back to, the default)
+THRESHOLD_ENV = {
+    "max_skip_rate": ("RFP_MAX_SKIP_RATE", 0.2),
+    "min_frames_per_domain": ("RFP_MIN_FRAMES_PER_DOMAIN", 2),
+    "min_saliency_accuracy": ("RFP_MIN_SALIENCY_ACCURACY", -1.0),
+    "min_transfer_rate": ("RFP_MIN_TRANSFER_RATE", 0.9),
+    "min_mask_iou": ("RFP_MIN_MASK_IOU", 0.8),
+}
 
-    max_skip_rate: float = Field(default=0.2, description="largest allowed fraction of skipped manifest rows")
-    min_frames_per_domain: int = Field(default=2, description="fewest usable frames each domain must have")
-    min_saliency_accuracy: float = Field(
-        default=-1.0,
-        description="held-out accuracy the saliency classifier must reach; < 0 = the config's accuracy_threshold",
+
+def _unset(name: str) -> str:
+    var, default = THRESHOLD_ENV[name]
+    return f"; unset = ${var} or {default}"
+
+
+class CheckThresholds(dg.ConfigurableResource):
+    """Limits the asset checks apply (set in the launchpad; unset ones read their environment
+    variable when a check runs). Read them with `value(name)`."""
+
+    max_skip_rate: float | None = Field(
+        default=None, description="largest allowed fraction of skipped manifest rows" + _unset("max_skip_rate")
     )
-    min_transfer_rate: float = Field(
-        default=0.9, description="evaluation: fraction of outputs the judge assigns to domain 1"
+    min_frames_per_domain: int | None = Field(
+        default=None, description="fewest usable frames each domain must have" + _unset("min_frames_per_domain")
     )
-    min_mask_iou: float = Field(
-        default=0.8, description="evaluation: IoU of input and output shape masks (content kept)"
+    min_saliency_accuracy: float | None = Field(
+        default=None,
+        description="held-out accuracy the saliency classifier must reach; < 0 = the config's accuracy_threshold"
+        + _unset("min_saliency_accuracy"),
     )
+    min_transfer_rate: float | None = Field(
+        default=None,
+        description="evaluation: fraction of outputs the judge assigns to domain 1" + _unset("min_transfer_rate"),
+    )
+    min_mask_iou: float | None = Field(
+        default=None,
+        description="evaluation: IoU of input and output shape masks (content kept)" + _unset("min_mask_iou"),
+    )
+
+    def value(self, name: str) -> float:
+        """The limit `name`: the field when set, else its environment variable, else the default."""
+        set_value = getattr(self, name)
+        if set_value is not None:
+            return set_value
+        var, default = THRESHOLD_ENV[name]
+        raw = os.environ.get(var, "").strip()
+        value = float(raw) if raw else default
+        return int(value) if isinstance(default, int) else value
+
+
+class ManifestDuckDB(DuckDBResource):
+    """DuckDB for the manifest queries; an empty `database` is $RFP_DUCKDB (a file keeps views
+    between queries), read when a query runs, else an in-memory database."""
+
+    database: str = Field(default="", description="DuckDB database file; empty = $RFP_DUCKDB or ':memory:'")
+
+    @contextlib.contextmanager
+    def get_connection(self):
+        database = _env(self.database, "RFP_DUCKDB") or ":memory:"
+        with DuckDBResource(database=database, connection_config=self.connection_config).get_connection() as con:
+            yield con

@@ -1,7 +1,8 @@
 """The stage-record IO manager: an asset receives the records of the stages it reads as its inputs.
 
 Every stage asset writes `$RFP_HOME/pipeline/<experiment>/<stage>/result.json` (what it produced,
-from what: metadata.write_result) and returns a MaterializeResult. An upstream asset names its
+from what: metadata.write_result; `experiment_config` writes the resolved spec, `experiment.json`)
+and returns a MaterializeResult. An upstream asset names its
 stage folder in its definition metadata (`STAGE`) and this IO manager (`io_manager_key=STAGE_RECORDS`);
 a downstream asset then takes the record as a parameter (`codec_checkpoint: dict`), so the data it
 uses is an edge of the asset graph and the UI's lineage, not a file re-read by convention.
@@ -19,7 +20,8 @@ import dagster as dg
 from rfp_pipeline.metadata import RESULT_FILE
 
 STAGE_RECORDS = "stage_records"  # the resource key
-STAGE = "rfp/stage"  # definition metadata of an upstream asset: its folder under pipeline/<experiment>/
+STAGE = "rfp/stage"  # definition metadata of an upstream asset: its folder under pipeline/<experiment>/ ("." itself)
+RECORD = "rfp/record"  # optional definition metadata: the record's file name in that folder (default result.json)
 
 
 class MissingRecord(dict):
@@ -50,14 +52,15 @@ class StageRecords(dg.IOManager):
 
     def load_input(self, context: dg.InputContext) -> dict[str, Any]:
         asset = context.asset_key.to_user_string()
-        stage = (context.upstream_output.definition_metadata or {}).get(STAGE) if context.upstream_output else None
+        meta = (context.upstream_output.definition_metadata or {}) if context.upstream_output else {}
+        stage = meta.get(STAGE)
         if not stage:
             raise dg.DagsterInvariantViolationError(
                 f"'{asset}' uses the '{STAGE_RECORDS}' IO manager but names no stage folder: "
                 f"add metadata={{'{STAGE}': '<folder>'}} to its @asset"
             )
         partition = context.asset_partition_key
-        path = self.rfp.out_dir(partition, stage) / RESULT_FILE
+        path = self.rfp.out_dir(partition, stage) / meta.get(RECORD, RESULT_FILE)
         if not path.exists():
             return MissingRecord(f"{path} is missing: materialise '{asset}' for partition '{partition}' first")
         return json.loads(path.read_text())

@@ -12,7 +12,7 @@ from test_pipeline import TINY_OVERRIDES, make_project, register_partitions, res
 from rfp_core import experiments as exps
 from rfp_core.checkpoint import load_checkpoint
 from rfp_pipeline.assets import assets
-from rfp_pipeline.assets.ingest import load_spec
+from rfp_pipeline.assets.ingest import manifest_path
 from rfp_pipeline.assets.training import current_codec
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.pipes import TrainingLauncher
@@ -21,24 +21,26 @@ from rfp_pipeline.resources import MlflowTracking, RfpHome
 UPSTREAM = ["experiment_config", "media_manifest", "frame_store", "codec_checkpoint"]
 
 
-@dg.asset(partitions_def=experiments_partitions, deps=["frame_store", "experiment_config"])
+@dg.asset(partitions_def=experiments_partitions)
 def saliency_via_launcher(
     context: dg.AssetExecutionContext,
+    experiment_config: dict,
+    frame_store: dict,
+    codec_checkpoint: dict,
     rfp: RfpHome,
     mlflow_tracking: MlflowTracking,
     training_launcher: TrainingLauncher,
-    codec_checkpoint: dict,
 ) -> dg.MaterializeResult:
     """The wiring the saliency asset gets: the launcher replaces the train_saliency call inside the MLflow run."""
     name = context.partition_key
-    cfg = exps.model_config(load_spec(rfp, name))
+    cfg = exps.model_config(experiment_config)
     codec = current_codec(codec_checkpoint, name, cfg)
     tags = {"stage": "saliency", "dagster_run_id": context.run.run_id}
     with mlflow_tracking.start_run(name, f"saliency {name}", tags) as run:
         launched = training_launcher.train_saliency(
             context,
             cfg,
-            rfp.out_dir(name) / "manifest.parquet",
+            manifest_path(frame_store),
             rfp.out_dir(name, "saliency_launcher"),
             device=rfp.resolve_device(),
             store=rfp.frame_store(cfg.store_max_side),

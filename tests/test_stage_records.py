@@ -5,30 +5,43 @@ apply to the record they are handed."""
 from __future__ import annotations
 
 import json
+import os
+import shutil
 from pathlib import Path
 
 import dagster as dg
 import pytest
+from stages import STAGES
+from test_pipeline import RUN_CONFIG, make_project, register_partitions, resources_for
 from test_pipeline_structure import PAIRED, TINY_VAE
 
 from rfp_core.config_files import config_from_dict
+from rfp_core.media.manifest import content_version
 from rfp_pipeline.assets import assets
 from rfp_pipeline.assets.structure import current_pairs
 from rfp_pipeline.assets.training import current_codec
 from rfp_pipeline.definitions import default_resources
-from rfp_pipeline.metadata import write_result
+from rfp_pipeline.metadata import RESULT_FILE, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import RfpHome
 from rfp_pipeline.stage_records import STAGE, STAGE_RECORDS, stage_records
 
+STAGES_AFTER_INGEST = STAGES[STAGES.index("frame_store") :]
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 # consumer -> the stage records it reads (each one an input, not a dependency plus a file read)
+# (the spec and the frames too: experiment_config's experiment.json, frame_store's record naming the manifest)
+SPEC, FRAMES = {"experiment_config"}, {"experiment_config", "frame_store"}
 READS = {
-    "structure_pairs": {"structure_embeddings"},
-    "saliency_checkpoint": {"codec_checkpoint"},
-    "velocity_checkpoint": {"codec_checkpoint", "saliency_checkpoint", "structure_pairs"},
-    "evaluation_samples": {"velocity_checkpoint"},
-    "translated_media": {"velocity_checkpoint"},
+    "media_manifest": SPEC,
+    "frame_store": SPEC | {"media_manifest"},
+    "structure_embeddings": FRAMES,
+    "structure_pairs": FRAMES | {"structure_embeddings"},
+    "codec_checkpoint": FRAMES,
+    "saliency_checkpoint": FRAMES | {"codec_checkpoint"},
+    "velocity_checkpoint": FRAMES | {"codec_checkpoint", "saliency_checkpoint", "structure_pairs"},
+    "evaluation_samples": FRAMES | {"velocity_checkpoint"},
+    "translated_media": SPEC | {"velocity_checkpoint"},
+    # the reflow stages still read the spec and the manifest themselves (assets/reflow.py, owned elsewhere)
     "reflow_couplings": {"velocity_checkpoint"},
     "reflow_checkpoint": {"velocity_checkpoint", "saliency_checkpoint"},
     "distilled_checkpoint": {"velocity_checkpoint", "saliency_checkpoint"},
@@ -45,6 +58,12 @@ def test_every_stage_record_read_is_a_data_input_of_the_graph():
         spec = next(iter(by_key[upstream].specs))
         assert by_key[upstream].get_io_manager_key_for_asset_key(spec.key) == STAGE_RECORDS, upstream
         assert spec.metadata[STAGE], upstream
+    # nothing read behind a plain dependency: the one left only orders (the translation waits for the evaluation)
+    order_only = {"translated_media": {"evaluation_samples"}}
+    for consumer in set(READS) - {"reflow_couplings", "reflow_checkpoint", "distilled_checkpoint"}:
+        node = by_key[consumer].node_def
+        plain = {i.name for i in node.input_defs if i.dagster_type.is_nothing}
+        assert plain == order_only.get(consumer, set()), consumer
     # the UI's lineage: the record edges are graph edges (and definitions.py resolves them)
     graph = dg.Definitions(assets=assets, resources=default_resources()).resolve_asset_graph()
     parents = {k.to_user_string() for k in graph.get(dg.AssetKey("translated_media")).parent_keys}
@@ -151,3 +170,29 @@ def test_pairs_recorded_with_pairing_off_are_refused_when_pairing_is_on():
     rec = {"skipped": False, "pairs": "/p.parquet", "version": "v"}
     assert current_pairs(rec, "x", paired) is rec
     assert current_pairs(rec, "x", _cfg()) is None  # pairing off: the velocity draws partners at random
+
+
+def test_the_stages_use_the_manifest_their_inputs_name_not_the_conventional_path(tmp_path, isolated_rfp_home):
+    """The manifest moved away from pipeline/<exp>/manifest.parquet, media_manifest's record pointing
+    at its new place: every stage after it still runs, on the moved file (a stage that looked for the
+    manifest by convention would fail with FileNotFoundError)."""
+    root = make_project(tmp_path / "project", {"moved": PAIRED}, n=8)
+    resources = resources_for(root, isolated_rfp_home, os.environ["MLFLOW_TRACKING_URI"])
+    (tmp_path / "dagster_home").mkdir()
+    with dg.instance_for_test(temp_dir=str(tmp_path / "dagster_home")) as instance:
+        register_partitions(instance, resources)
+        kw = dict(instance=instance, resources=resources, partition_key="moved")
+        assert dg.materialize(assets, selection=["experiment_config", "media_manifest"], **kw).success
+        home = resources["rfp"].out_dir("moved")
+        (tmp_path / "elsewhere").mkdir()
+        moved = shutil.move(home / "manifest.parquet", tmp_path / "elsewhere" / "m.parquet")
+        write_result(home, {**json.loads((home / RESULT_FILE).read_text()), "manifest": str(moved)})
+        result = dg.materialize(assets, selection=STAGES_AFTER_INGEST, run_config=RUN_CONFIG, **kw)
+    assert result.success
+    assert not (home / "manifest.parquet").exists()
+    assert json.loads((home / "frame_store" / RESULT_FILE).read_text())["manifest"] == str(moved)
+    md = {e.asset_key.to_user_string(): e.materialization.metadata for e in result.get_asset_materialization_events()}
+    assert md["structure_pairs"]["frames_domain0"].value == 8  # the pairs read the moved manifest's frames
+    for stage in ("saliency_checkpoint", "velocity_checkpoint"):
+        assert md[stage]["built_from_manifest"].value == content_version(Path(moved)), stage
+    assert md["evaluation_samples"]["n_eval"].value > 0  # held-out frames of the moved manifest

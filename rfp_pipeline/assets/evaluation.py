@@ -10,7 +10,7 @@ from pydantic import Field
 
 from rfp_core import experiments as exps
 from rfp_core.evaluate import explain
-from rfp_pipeline.assets.ingest import frame_store, load_spec
+from rfp_pipeline.assets.ingest import manifest_path
 from rfp_pipeline.automation import follows
 from rfp_pipeline.checks import EVALUATION_CHECKS, evaluation_checks
 from rfp_pipeline.metadata import markdown_image, write_result
@@ -43,13 +43,66 @@ def _structure_encoder(cfg, device: str):
     return build_encoder(StructureConfig(encoder="thumbnail"), device)
 
 
+def _measure(
+    config: EvaluationSettings, rfp: RfpHome, spec: dict, frame_store: dict, translator, device: str, out_dir: Path
+):
+    """Translate and measure: (metrics, metrics.json, the grids by name, the main grid)."""
+    from rfp_core.atomic import atomic_write_text
+    from rfp_core.media.images import save_grid
+
+    cfg = exps.model_config(spec)
+    steps = config.steps or None
+    if translator.generative:
+        grid = save_grid([translator.generate(8, seed=cfg.seed, steps=steps)], out_dir / "grid_generate.png")
+        metrics: dict[str, Any] = {"steps": steps or cfg.velocity.num_inference_steps, "generated": 8}
+        metrics_path = atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
+        return metrics, metrics_path, {"grid_generate": str(grid)}, grid
+
+    from rfp_core.evaluate.report import evaluate_run
+
+    masks = rfp.root_path() / spec["masks"] if spec.get("masks") else None
+    result = evaluate_run(
+        translator,
+        manifest_path(frame_store),
+        rfp.frame_store(cfg.store_max_side),
+        out_dir,
+        masks_dir=masks,
+        steps=steps,
+        structure_encoder=_structure_encoder(cfg, device),
+        device=device,
+        judge_steps=config.judge_steps,
+        max_images=config.max_images,
+        seed=cfg.seed,
+    )
+    paths = result.pop("paths")
+    grids = {k: v for k, v in paths.items() if k.startswith("grid_")}
+    return result, Path(paths["metrics"]), grids, Path(grids["grid_translate"])
+
+
+def _log_into_velocity_run(tracking: MlflowTracking, vel: dict, numbers: dict, metrics_path: Path, grids: dict):
+    """The evaluation belongs to the velocity's run: runs compare side by side with their scores;
+    the logged model (models:/m-<id>) carries them too, so its page shows how it scored.
+    Returns the run (None when the velocity has no MLflow run)."""
+    if not vel.get("mlflow_run_id"):
+        return None
+    import mlflow
+
+    model_id = str(vel.get("model_uri") or "").removeprefix("models:/") or None
+    with tracking.resume_run(vel["mlflow_run_id"]) as run:
+        mlflow.log_metrics({f"eval/{k}": v for k, v in numbers.items()}, model_id=model_id)
+        mlflow.log_artifact(str(metrics_path), "evaluation")
+        for g in grids.values():
+            mlflow.log_artifact(g, "evaluation")
+    return run
+
+
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[frame_store],
     group_name=GROUP,
     code_version="1",
     kinds={"png", "mlflow"},
-    automation_condition=follows("frame_store"),
+    # the frames and the spec are read, not followed: a new velocity is what starts an evaluation
+    automation_condition=follows("frame_store", "experiment_config"),
     check_specs=EVALUATION_CHECKS,
     description="Held-out domain-0 frames translated by the trained flow (input row above output row), "
     "with transfer rate, realism, content and flow metrics in metrics.json.",
@@ -60,66 +113,25 @@ def evaluation_samples(
     rfp: RfpHome,
     mlflow_tracking: MlflowTracking,
     thresholds: CheckThresholds,
+    experiment_config: dict,
+    frame_store: dict,
     velocity_checkpoint: dict,
 ) -> dg.MaterializeResult:
-    import mlflow
-
-    from rfp_core.atomic import atomic_write_text
     from rfp_core.inference.translate import Translator
-    from rfp_core.media.images import save_grid
 
     name = context.partition_key
-    spec = load_spec(rfp, name)
-    cfg = exps.model_config(spec)
     vel = velocity_checkpoint
     device = rfp.resolve_device()
     translator = Translator.from_run(vel["checkpoint"], device=device)
     out_dir = rfp.out_dir(name, "evaluation")
-    steps = config.steps or None
-
-    if translator.generative:
-        grid = save_grid([translator.generate(8, seed=cfg.seed, steps=steps)], out_dir / "grid_generate.png")
-        metrics: dict[str, Any] = {"steps": steps or cfg.velocity.num_inference_steps, "generated": 8}
-        metrics_path = atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
-        grids = {"grid_generate": str(grid)}
-    else:
-        from rfp_core.evaluate.report import evaluate_run
-
-        masks = rfp.root_path() / spec["masks"] if spec.get("masks") else None
-        result = evaluate_run(
-            translator,
-            rfp.out_dir(name) / "manifest.parquet",
-            rfp.frame_store(cfg.store_max_side),
-            out_dir,
-            masks_dir=masks,
-            steps=steps,
-            structure_encoder=_structure_encoder(cfg, device),
-            device=device,
-            judge_steps=config.judge_steps,
-            max_images=config.max_images,
-            seed=cfg.seed,
-        )
-        paths = result.pop("paths")
-        metrics, metrics_path = result, Path(paths["metrics"])
-        grids = {k: v for k, v in paths.items() if k.startswith("grid_")}
-        grid = Path(grids["grid_translate"])
-
+    measured = _measure(config, rfp, experiment_config, frame_store, translator, device, out_dir)
+    metrics, metrics_path, grids, grid = measured
     numbers = {
         k: float(v)
         for k, v in metrics.items()
         if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v)
     }
-    url = None
-    if vel.get("mlflow_run_id"):
-        # the evaluation belongs to the velocity's run: runs compare side by side with their scores;
-        # the logged model (models:/m-<id>) carries them too, so its page shows how it scored
-        model_id = str(vel.get("model_uri") or "").removeprefix("models:/") or None
-        with mlflow_tracking.resume_run(vel["mlflow_run_id"]) as run:
-            mlflow.log_metrics({f"eval/{k}": v for k, v in numbers.items()}, model_id=model_id)
-            mlflow.log_artifact(str(metrics_path), "evaluation")
-            for g in grids.values():
-                mlflow.log_artifact(g, "evaluation")
-            url = mlflow_tracking.run_url(run)
+    run = _log_into_velocity_run(mlflow_tracking, vel, numbers, metrics_path, grids)
     write_result(out_dir, {"metrics": str(metrics_path), "grids": grids, "built_from_velocity": vel.get("key")})
     metadata = _grid_metadata(grids, translator.generative, numbers)
     metadata.update(
@@ -132,8 +144,8 @@ def evaluation_samples(
             **{k: explain.rounded(v) for k, v in numbers.items()},
         }
     )
-    if url:
-        metadata["mlflow_run"] = dg.MetadataValue.url(url)
+    if run is not None:
+        metadata["mlflow_run"] = dg.MetadataValue.url(mlflow_tracking.run_url(run))
         metadata["mlflow_runs"] = dg.MetadataValue.url(mlflow_tracking.experiment_url(run.info.experiment_id))
     checks = evaluation_checks(metrics, thresholds, partition=name)
     metadata.update(promote_champion(mlflow_tracking, name, vel.get("model_version"), checks, context.log))

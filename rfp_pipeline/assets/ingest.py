@@ -1,6 +1,7 @@
 """Stage 1, ingest: the experiment's resolved spec, its media manifest and its frames in the store."""
 
 import json
+from pathlib import Path
 
 import dagster as dg
 from dagster_duckdb import DuckDBResource
@@ -15,6 +16,7 @@ from rfp_pipeline.checks import MANIFEST_CHECKS, manifest_checks
 from rfp_pipeline.metadata import markdown_image, write_result
 from rfp_pipeline.partitions import experiments_partitions
 from rfp_pipeline.resources import CheckThresholds, RfpHome
+from rfp_pipeline.stage_records import RECORD, STAGE, STAGE_RECORDS
 
 GROUP = "ingest"
 # a folder being copied into while it is scanned, a network share hiccup: worth another try
@@ -22,11 +24,22 @@ FS_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL
 
 
 def load_spec(rfp: RfpHome, partition: str) -> dict:
-    """The spec `experiment_config` wrote for this partition."""
+    """The spec `experiment_config` wrote for this partition, for code outside the asset graph
+    (an asset takes it as its `experiment_config` input)."""
     path = rfp.out_dir(partition) / "experiment.json"
     if not path.exists():
         raise FileNotFoundError(f"{path} is missing: materialise 'experiment_config' for partition '{partition}' first")
     return json.loads(path.read_text())
+
+
+def manifest_path(frames: dict) -> Path:
+    """The manifest whose frames the `frame_store` input holds (its record names it)."""
+    path = frames.get("manifest")  # a MissingRecord raises here: materialise frame_store first
+    if path is None:
+        raise FileNotFoundError(
+            "the frame_store record names no manifest (written by older code): materialise it again"
+        )
+    return Path(path)
 
 
 @dg.asset(
@@ -34,6 +47,8 @@ def load_spec(rfp: RfpHome, partition: str) -> dict:
     group_name=GROUP,
     code_version="1",
     kinds={"json"},
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: ".", RECORD: "experiment.json"},
     description="experiments/<name>.json resolved: folders, and the model config with overrides merged. "
     "Requested by the experiments sensor when the file (or its config file) changes.",
 )
@@ -59,21 +74,26 @@ def experiment_config(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Mat
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[experiment_config],
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "duckdb"},
     automation_condition=cheap(),
     retry_policy=FS_RETRY,
     check_specs=MANIFEST_CHECKS,
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "."},
     description="One parquet row per frame of every image, video and zip in the domain folders. "
     "Its data version is the manifest's content version: touching a file keeps it, adding one changes it.",
 )
 def media_manifest(
-    context: dg.AssetExecutionContext, rfp: RfpHome, duckdb: DuckDBResource, thresholds: CheckThresholds
+    context: dg.AssetExecutionContext,
+    rfp: RfpHome,
+    duckdb: DuckDBResource,
+    thresholds: CheckThresholds,
+    experiment_config: dict,
 ) -> dg.MaterializeResult:
     name = context.partition_key
-    spec = load_spec(rfp, name)
+    spec = experiment_config
     domain0, domain1 = exps.spec_domains(spec, rfp.root_path())
     cfg = exps.model_config(spec)
     out = rfp.out_dir(name) / "manifest.parquet"
@@ -122,21 +142,24 @@ def media_manifest(
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[media_manifest],
     group_name=GROUP,
     code_version="1",
     kinds={"png"},
     automation_condition=cheap(),
     retry_policy=FS_RETRY,
+    io_manager_key=STAGE_RECORDS,
+    metadata={STAGE: "frame_store"},
     description="Every usable frame of the manifest, decoded once into the content-addressed store "
     "($RFP_HOME/store, shared by all experiments). Re-decodes only frames missing from the store.",
 )
-def frame_store(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def frame_store(
+    context: dg.AssetExecutionContext, rfp: RfpHome, experiment_config: dict, media_manifest: dict
+) -> dg.MaterializeResult:
     name = context.partition_key
-    spec = load_spec(rfp, name)
+    spec = experiment_config
     cfg = exps.model_config(spec)
     store = rfp.frame_store(cfg.store_max_side)
-    manifest = rfp.out_dir(name) / "manifest.parquet"
+    manifest = Path(media_manifest["manifest"])
     table = read_manifest(manifest)
     keys = {d: ok_frames(table, d) for d in (0, 1)}
     missing = [k for d in (0, 1) for k in keys[d] if not store.has(k)]
@@ -159,7 +182,8 @@ def frame_store(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.Materiali
     preview = _preview(store, keys, cfg.max_size)
     write_result(
         rfp.out_dir(name, "frame_store"),
-        {"manifest_version": content_version(table), "frames": sum(map(len, keys.values()))},
+        # the manifest travels on with its frames: the stages after this one take it from this record
+        {"manifest": str(manifest), "manifest_version": content_version(table), "frames": sum(map(len, keys.values()))},
     )
     metadata = {
         "frames_domain0": len(keys[0]),

@@ -14,7 +14,7 @@ import pyarrow as pa
 from rfp_core import experiments as exps
 from rfp_core.atomic import atomic_write_with
 from rfp_core.media.manifest import ok_frames, read_manifest
-from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
+from rfp_pipeline.assets.ingest import manifest_path
 from rfp_pipeline.automation import cheap
 from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, stage_key, write_result
 from rfp_pipeline.partitions import experiments_partitions
@@ -34,14 +34,15 @@ def skip_reason(cfg) -> str | None:
     return None
 
 
-def _frames(rfp: RfpHome, name: str) -> dict[int, list[str]]:
-    table = read_manifest(rfp.out_dir(name) / "manifest.parquet")
+def _frames(frame_store: dict) -> dict[int, list[str]]:
+    """The usable frames of each domain, from the manifest the `frame_store` input names."""
+    table = read_manifest(manifest_path(frame_store))
     return {d: ok_frames(table, d) for d in (0, 1)}
 
 
-def _sources(rfp: RfpHome, name: str) -> dict[str, str]:
+def _sources(frame_store: dict) -> dict[str, str]:
     """frame key -> the file it came from (its md5), for a proof sheet drawn from many files."""
-    table = read_manifest(rfp.out_dir(name) / "manifest.parquet")
+    table = read_manifest(manifest_path(frame_store))
     return {
         k: s or p
         for k, s, p in zip(
@@ -73,10 +74,10 @@ def current_pairs(rec: dict, name: str, cfg) -> dict | None:
     return rec
 
 
-def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str):
+def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str, spec: dict):
     """(experiment name, its model config, this stage's folder, the skipped result or None)."""
     name = context.partition_key
-    cfg = exps.model_config(load_spec(rfp, name))
+    cfg = exps.model_config(spec)
     stage_dir = rfp.out_dir(name, stage)
     reason = skip_reason(cfg)
     if reason is None:
@@ -87,7 +88,6 @@ def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str):
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[frame_store, experiment_config],
     group_name=GROUP,
     code_version="1",
     kinds={"parquet"},
@@ -98,16 +98,18 @@ def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str):
     "experiments ($RFP_HOME/cache/embeddings/<encoder>.parquet); only frames not cached yet are computed. "
     "Skipped when structure pairing is off.",
 )
-def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.MaterializeResult:
+def structure_embeddings(
+    context: dg.AssetExecutionContext, rfp: RfpHome, experiment_config: dict, frame_store: dict
+) -> dg.MaterializeResult:
     from rfp_core.structure.encoders import build_encoder
 
-    name, cfg, stage_dir, skip = _stage(context, rfp, "embeddings")
+    name, cfg, stage_dir, skip = _stage(context, rfp, "embeddings", experiment_config)
     if skip is not None:
         return skip
 
     encoder = build_encoder(cfg.structure, rfp.resolve_device())  # no weights: the error says what to put where
     cache = rfp.embedding_cache(encoder.encoder_id)
-    frames = _frames(rfp, name)
+    frames = _frames(frame_store)
     keys = list(dict.fromkeys(frames[0] + frames[1]))
     computed = cache.compute_missing(keys, rfp.frame_store(cfg.store_max_side), encoder, progress=False)
     # keys are content hashes: (encoder, keys) fixes every vector, so it is the content version
@@ -139,9 +141,43 @@ def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.
     )
 
 
+def _pairs_from_cache(rfp: RfpHome, name: str, cfg, frames: dict[int, list[str]], emb: dict) -> pa.Table:
+    """Top-k pairs from the embeddings the `structure_embeddings` input cached for these frames."""
+    from rfp_core.structure import topk_pairs
+
+    if emb.get("skipped"):
+        raise FileNotFoundError(
+            f"structure_embeddings last ran with pairing off: materialise it for partition '{name}' first"
+        )
+    cache = rfp.embedding_cache(emb["encoder_id"])
+    (e0, missing0), (e1, missing1) = cache.get(frames[0]), cache.get(frames[1])
+    if missing0 or missing1:
+        raise FileNotFoundError(
+            f"{len(missing0) + len(missing1)} frames of the manifest have no '{emb['encoder_id']}' embedding in "
+            f"{cache.path}: materialise 'structure_embeddings' for partition '{name}' first"
+        )
+    return topk_pairs(frames[0], e0, frames[1], e1, cfg.structure.candidates, device=rfp.resolve_device())
+
+
+def _pairs_metadata(table: pa.Table, png, path, cfg, frames: dict[int, list[str]], emb: dict) -> dict:
+    import pyarrow.compute as pc
+
+    top1 = table.filter(pc.equal(table["rank"], 0))["similarity"]
+    return {
+        "proof_sheet": markdown_image(png, "each row: a domain-0 frame, then its domain-1 matches, best first"),
+        "dagster/row_count": table.num_rows,
+        "dagster/uri": dg.MetadataValue.path(str(path)),
+        "candidates": cfg.structure.candidates,
+        "frames_domain0": len(frames[0]),
+        "frames_domain1": len(frames[1]),
+        "top1_similarity_mean": float(pc.mean(top1).as_py()) if len(top1) else float("nan"),
+        "encoder_id": emb["encoder_id"],
+        "built_from_embeddings": emb["version"],
+    }
+
+
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[experiment_config],
     group_name=GROUP,
     code_version="1",
     kinds={"parquet", "png"},
@@ -153,40 +189,29 @@ def structure_embeddings(context: dg.AssetExecutionContext, rfp: RfpHome) -> dg.
     "matches best first). Its data version is the pairs' content: re-pairing makes the velocity stale.",
 )
 def structure_pairs(
-    context: dg.AssetExecutionContext, rfp: RfpHome, structure_embeddings: dict
+    context: dg.AssetExecutionContext,
+    rfp: RfpHome,
+    experiment_config: dict,
+    frame_store: dict,
+    structure_embeddings: dict,
 ) -> dg.MaterializeResult:
-    import pyarrow.compute as pc
+    from rfp_core.structure import proof_sheet, write_pairs
 
-    from rfp_core.structure import proof_sheet, topk_pairs, write_pairs
-
-    name, cfg, stage_dir, skip = _stage(context, rfp, "pairs")
+    name, cfg, stage_dir, skip = _stage(context, rfp, "pairs", experiment_config)
     if skip is not None:
         return skip
 
     emb = structure_embeddings
-    if emb.get("skipped"):
-        raise FileNotFoundError(
-            f"structure_embeddings last ran with pairing off: materialise it for partition '{name}' first"
-        )
-    cache = rfp.embedding_cache(emb["encoder_id"])
-    frames = _frames(rfp, name)
-    (e0, missing0), (e1, missing1) = cache.get(frames[0]), cache.get(frames[1])
-    if missing0 or missing1:
-        raise FileNotFoundError(
-            f"{len(missing0) + len(missing1)} frames of the manifest have no '{emb['encoder_id']}' embedding in "
-            f"{cache.path}: materialise 'structure_embeddings' for partition '{name}' first"
-        )
-    table = topk_pairs(frames[0], e0, frames[1], e1, cfg.structure.candidates, device=rfp.resolve_device())
+    frames = _frames(frame_store)
+    table = _pairs_from_cache(rfp, name, cfg, frames, emb)
     version = pairs_digest(table)
     out_dir = rfp.out_dir(name, "pairs", version[:16])
     path = write_pairs(table, out_dir / "pairs.parquet")
     sheet = proof_sheet(
-        table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE, sources=_sources(rfp, name)
+        table, rfp.frame_store(cfg.store_max_side), rows=PROOF_ROWS, size=PROOF_TILE, sources=_sources(frame_store)
     )
     png = atomic_write_with(out_dir / "proof_sheet.png", lambda p: sheet.save(p, format="PNG"))
     context.log.info(f"{table.num_rows} pairs -> {path}; proof sheet {png}")
-    top1 = table.filter(pc.equal(table["rank"], 0))["similarity"]
-    top1_mean = float(pc.mean(top1).as_py()) if len(top1) else float("nan")
     write_result(
         stage_dir,
         {
@@ -202,16 +227,5 @@ def structure_pairs(
     )
     prune_stage_dirs(stage_dir, out_dir)
     return dg.MaterializeResult(
-        data_version=dg.DataVersion(version),
-        metadata={
-            "proof_sheet": markdown_image(png, "each row: a domain-0 frame, then its domain-1 matches, best first"),
-            "dagster/row_count": table.num_rows,
-            "dagster/uri": dg.MetadataValue.path(str(path)),
-            "candidates": cfg.structure.candidates,
-            "frames_domain0": len(frames[0]),
-            "frames_domain1": len(frames[1]),
-            "top1_similarity_mean": top1_mean,
-            "encoder_id": emb["encoder_id"],
-            "built_from_embeddings": emb["version"],
-        },
+        data_version=dg.DataVersion(version), metadata=_pairs_metadata(table, png, path, cfg, frames, emb)
     )

@@ -13,7 +13,6 @@ import dagster as dg
 import torch
 
 from rfp_pipeline.assets.evaluation import evaluation_samples
-from rfp_pipeline.assets.ingest import experiment_config, load_spec
 from rfp_pipeline.automation import follows
 from rfp_pipeline.metadata import markdown_image, prune_stage_dirs, skipped, write_result
 from rfp_pipeline.partitions import experiments_partitions
@@ -92,7 +91,7 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
 
 @dg.asset(
     partitions_def=experiments_partitions,
-    deps=[evaluation_samples, experiment_config],
+    deps=[evaluation_samples],
     group_name=GROUP,
     code_version="1",
     kinds={"pytorch", "video"},
@@ -103,13 +102,13 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
     "metadata shows each output's first frame under its input's. Materialises at once when nothing is listed.",
 )
 def translated_media(
-    context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict
+    context: dg.AssetExecutionContext, rfp: RfpHome, experiment_config: dict, velocity_checkpoint: dict
 ) -> dg.MaterializeResult:
     from rfp_core.inference.translate import Translator
     from rfp_core.media.images import paired_rows, save_grid
 
     name = context.partition_key
-    spec = load_spec(rfp, name)
+    spec = experiment_config
     stage_dir = rfp.out_dir(name, "translated")
     if not spec.get("translate"):
         return skipped(stage_dir, NOTHING)
