@@ -63,6 +63,7 @@ def _partition(tmp_path: Path, reflow: dict | None, demo: bool = False) -> RfpHo
         record.update(mlflow_run_id=run.info.run_id, model_uri=uri, model_version=version)
     write_result(rfp.out_dir("x", "velocity"), record)
     write_result(rfp.out_dir("x", "saliency"), {"skipped": True, "checkpoint": None, "key": None})
+    write_result(rfp.out_dir("x", "frame_store"), {"manifest": str(manifest)})  # the manifest the frames are of
     spec = {"name": "x", "domain0": [str(d0)], "domain1": [str(d1)], "model_config": json.loads(cfg.to_json())}
     if demo:
         spec["masks"] = str(data.masks_dir(0))

@@ -41,10 +41,9 @@ READS = {
     "velocity_checkpoint": FRAMES | {"codec_checkpoint", "saliency_checkpoint", "structure_pairs"},
     "evaluation_samples": FRAMES | {"velocity_checkpoint"},
     "translated_media": SPEC | {"velocity_checkpoint"},
-    # the reflow stages still read the spec and the manifest themselves (assets/reflow.py, owned elsewhere)
-    "reflow_couplings": {"velocity_checkpoint"},
-    "reflow_checkpoint": {"velocity_checkpoint", "saliency_checkpoint"},
-    "distilled_checkpoint": {"velocity_checkpoint", "saliency_checkpoint"},
+    "reflow_couplings": FRAMES | {"velocity_checkpoint"},
+    "reflow_checkpoint": FRAMES | {"velocity_checkpoint", "saliency_checkpoint"},
+    "distilled_checkpoint": FRAMES | {"velocity_checkpoint", "saliency_checkpoint"},
 }
 
 
@@ -58,9 +57,14 @@ def test_every_stage_record_read_is_a_data_input_of_the_graph():
         spec = next(iter(by_key[upstream].specs))
         assert by_key[upstream].get_io_manager_key_for_asset_key(spec.key) == STAGE_RECORDS, upstream
         assert spec.metadata[STAGE], upstream
-    # nothing read behind a plain dependency: the one left only orders (the translation waits for the evaluation)
-    order_only = {"translated_media": {"evaluation_samples"}}
-    for consumer in set(READS) - {"reflow_couplings", "reflow_checkpoint", "distilled_checkpoint"}:
+    # nothing read behind a plain dependency: those left only order (the translation waits for the
+    # evaluation; k-RF finds the couplings by their content address, the distillation the k-RF flows)
+    order_only = {
+        "translated_media": {"evaluation_samples"},
+        "reflow_checkpoint": {"reflow_couplings"},
+        "distilled_checkpoint": {"reflow_checkpoint"},
+    }
+    for consumer in READS:
         node = by_key[consumer].node_def
         plain = {i.name for i in node.input_defs if i.dagster_type.is_nothing}
         assert plain == order_only.get(consumer, set()), consumer

@@ -23,15 +23,6 @@ GROUP = "ingest"
 FS_RETRY = dg.RetryPolicy(max_retries=2, delay=5, backoff=dg.Backoff.EXPONENTIAL)
 
 
-def load_spec(rfp: RfpHome, partition: str) -> dict:
-    """The spec `experiment_config` wrote for this partition, for code outside the asset graph
-    (an asset takes it as its `experiment_config` input)."""
-    path = rfp.out_dir(partition) / "experiment.json"
-    if not path.exists():
-        raise FileNotFoundError(f"{path} is missing: materialise 'experiment_config' for partition '{partition}' first")
-    return json.loads(path.read_text())
-
-
 def manifest_path(frames: dict) -> Path:
     """The manifest whose frames the `frame_store` input holds (its record names it)."""
     path = frames.get("manifest")  # a MissingRecord raises here: materialise frame_store first

@@ -20,7 +20,7 @@ from typing import Any
 import dagster as dg
 
 from rfp_core import experiments as exps
-from rfp_pipeline.assets.ingest import experiment_config, frame_store, load_spec
+from rfp_pipeline.assets.ingest import manifest_path
 from rfp_pipeline.automation import on_retrain_cron
 from rfp_pipeline.metadata import markdown_image, skipped, stage_key, write_result
 from rfp_pipeline.partitions import experiments_partitions
@@ -55,14 +55,14 @@ def reflow_spec(spec: dict[str, Any]) -> dict[str, Any] | None:
     }
 
 
-def _setup(rfp: RfpHome, name: str, vel: dict, sal: dict | None = None):
-    """(reflow settings, run paths, stage key) from the velocity and saliency records, or None when off.
+def _setup(rfp: RfpHome, name: str, spec: dict, frames: dict, vel: dict, sal: dict | None = None):
+    """(reflow settings, run paths, stage key) from the spec and the frame-store, velocity and saliency
+    records (all inputs of the asset), or None when off.
 
     The couplings need no saliency (`sal` None): only a k-RF trained with the saliency loss reads it.
     """
     from rfp_core.train.reflow_run import RunPaths
 
-    spec = load_spec(rfp, name)
     settings = reflow_spec(spec)
     if settings is None:
         return None
@@ -72,7 +72,7 @@ def _setup(rfp: RfpHome, name: str, vel: dict, sal: dict | None = None):
     key = stage_key(velocity=vel.get("key"), reflow=products, code=REFLOW_CODE_VERSION)
     paths = RunPaths(
         base=Path(vel["checkpoint"]),
-        manifest=rfp.out_dir(name) / "manifest.parquet",
+        manifest=manifest_path(frames),
         out=rfp.out_dir(name, "reflow", key),
         store=rfp.frame_store(cfg.store_max_side),
         saliency=None if sal is None or sal.get("skipped") else Path(sal["checkpoint"]),
@@ -90,19 +90,22 @@ _COMMON = dict(
 
 
 @dg.asset(
-    deps=[frame_store, experiment_config],
     **_COMMON,
     description="(z0, ODE_1RF(z0)) for the training inputs, solved accurately, stored content-addressed "
     "(parquet index + tensor shards; a retry solves only missing shards).",
 )
 def reflow_couplings(
-    context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict
+    context: dg.AssetExecutionContext,
+    experiment_config: dict,
+    frame_store: dict,
+    velocity_checkpoint: dict,
+    rfp: RfpHome,
 ) -> dg.MaterializeResult:
     from rfp_core.flow.reflow import Solver
     from rfp_core.train.reflow_run import couplings_of
 
     name = context.partition_key
-    setup = _setup(rfp, name, velocity_checkpoint)
+    setup = _setup(rfp, name, experiment_config, frame_store, velocity_checkpoint)
     stage = rfp.out_dir(name, "reflow_couplings")
     if setup is None:
         return skipped(stage, NOT_ON)
@@ -154,11 +157,16 @@ def _run(rfp: RfpHome, setup, distill: bool):
     description="k-RF: a velocity trained on the couplings of the previous flow, `rounds` times.",
 )
 def reflow_checkpoint(
-    context: dg.AssetExecutionContext, rfp: RfpHome, velocity_checkpoint: dict, saliency_checkpoint: dict
+    context: dg.AssetExecutionContext,
+    experiment_config: dict,
+    frame_store: dict,
+    velocity_checkpoint: dict,
+    saliency_checkpoint: dict,
+    rfp: RfpHome,
 ) -> dg.MaterializeResult:
     name = context.partition_key
     stage = rfp.out_dir(name, "reflow_checkpoint")
-    setup = _setup(rfp, name, velocity_checkpoint, saliency_checkpoint)
+    setup = _setup(rfp, name, experiment_config, frame_store, velocity_checkpoint, saliency_checkpoint)
     if setup is None:
         return skipped(stage, NOT_ON)
     _, paths, key, res = _run(rfp, setup, distill=False)
@@ -185,7 +193,7 @@ def reflow_checkpoint(
 ONE_STEP_SHOWN = ("transfer_rate", "mask_iou", "ms_per_image", "nfe", "steps", "sampler", "n_eval", "judge_accuracy")
 
 
-def evaluate_one_step(rfp: RfpHome, name: str, checkpoint: Path, out_dir: Path) -> dict[str, Any] | None:
+def evaluate_one_step(rfp: RfpHome, spec: dict, frames: dict, checkpoint: Path, out_dir: Path) -> dict[str, Any] | None:
     """The distilled map at N = 1 (one Euler step) measured as `evaluation_samples` measures the flow:
     its held-out frames, masks, structure encoder, seed and default judge steps, so the judge it trains
     is the same one. None in generative mode (there is nothing to translate)."""
@@ -193,7 +201,6 @@ def evaluate_one_step(rfp: RfpHome, name: str, checkpoint: Path, out_dir: Path) 
     from rfp_core.inference.translate import Translator
     from rfp_pipeline.assets.evaluation import EvaluationSettings, _structure_encoder
 
-    spec = load_spec(rfp, name)
     cfg = exps.model_config(spec)
     if cfg.generative:
         return None
@@ -201,7 +208,7 @@ def evaluate_one_step(rfp: RfpHome, name: str, checkpoint: Path, out_dir: Path) 
     defaults = EvaluationSettings()
     result = evaluate_run(
         Translator.from_run(checkpoint, device=device),
-        rfp.out_dir(name) / "manifest.parquet",
+        manifest_path(frames),
         rfp.frame_store(cfg.store_max_side),
         out_dir,
         masks_dir=rfp.root_path() / spec["masks"] if spec.get("masks") else None,
@@ -272,22 +279,28 @@ def _distilled_metadata(rec: dict[str, Any], steps_table: str) -> dict[str, Any]
 )
 def distilled_checkpoint(
     context: dg.AssetExecutionContext,
-    rfp: RfpHome,
-    mlflow_tracking: MlflowTracking,
+    experiment_config: dict,
+    frame_store: dict,
     velocity_checkpoint: dict,
     saliency_checkpoint: dict,
+    rfp: RfpHome,
+    mlflow_tracking: MlflowTracking,
 ) -> dg.MaterializeResult:
     from rfp_core.flow.reflow import Solver
     from rfp_core.train.reflow_report import write_report
 
     name = context.partition_key
     stage = rfp.out_dir(name, "distilled_checkpoint")
-    setup = _setup(rfp, name, velocity_checkpoint, saliency_checkpoint)
+    setup = _setup(rfp, name, experiment_config, frame_store, velocity_checkpoint, saliency_checkpoint)
     if setup is None or not setup[0]["distill"]:
         return skipped(stage, NOT_ON if setup is None else "reflow.distill is false for this experiment")
     s, paths, key, res = _run(rfp, setup, distill=True)
     md = write_report(paths, device=rfp.resolve_device(), solver=Solver(s["solver"], s["steps_solver"]))
-    evaluation = evaluate_one_step(rfp, name, res.distilled, paths.out / "distilled_eval") if s["evaluate"] else None
+    evaluation = (
+        evaluate_one_step(rfp, experiment_config, frame_store, res.distilled, paths.out / "distilled_eval")
+        if s["evaluate"]
+        else None
+    )
     rec = {
         "name": name,
         "checkpoint": str(res.distilled),
