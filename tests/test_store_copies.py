@@ -82,6 +82,4 @@ def test_copy_pixels_are_exact_and_damage_is_reported(tmp_path):
     # remove takes every copy, in either format
     Image.new("RGB", (40, 32)).save(store.path_for("k", 32, ".png"))
     store.remove("k")
-    assert not store.has("k") and not list((tmp_path / "store").rglob("*.p*m")) and not list(
-        (tmp_path / "store").rglob("*.png")
-    )
+    assert not store.has("k") and not [p for p in (tmp_path / "store").rglob("*") if p.is_file()]
