@@ -245,6 +245,12 @@ def _add_bench(sub) -> None:
         default=None,
         help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)",
     )
+    bench.add_argument(
+        "--switches",
+        action="store_true",
+        default=None,
+        help="train: each speed switch of the velocity step off and on (table also written to docs/BENCHMARKS.md)",
+    )
     bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
     _device(bench)
     bench.set_defaults(handler="rfp_core.bench:cli_bench")

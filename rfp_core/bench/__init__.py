@@ -14,7 +14,12 @@ def emit(result: dict) -> None:
 
 QUALITY_ONLY = ("seeds", "tasks", "rows", "steps")
 REFLOW_QUALITY = ("seeds", "rows", "steps")
-OPTIONS = {"quality": QUALITY_ONLY, "reflow_quality": REFLOW_QUALITY, "run": ("config",), "train": ("nproc_per_node",)}
+OPTIONS = {
+    "quality": QUALITY_ONLY,
+    "reflow_quality": REFLOW_QUALITY,
+    "run": ("config",),
+    "train": ("nproc_per_node", "switches"),
+}
 
 
 def cli_bench(args) -> int:
@@ -27,6 +32,8 @@ def cli_bench(args) -> int:
     if wrong:
         takers = "; ".join(f"{b}: --{' --'.join(ks)}" for b, ks in OPTIONS.items())
         raise ConfigError(f"--{' --'.join(wrong)}: `rfp bench {args.which}` does not take these ({takers})")
+    if extra.pop("switches", None):  # every speed switch of the velocity step, off and on
+        module = importlib.import_module("rfp_core.bench.train_switches")
     if "nproc_per_node" in extra:  # data-parallel training: 1 rank and N ranks side by side
         module = importlib.import_module("rfp_core.bench.train_ddp")
         extra = {"nproc": extra.pop("nproc_per_node")}

@@ -37,7 +37,7 @@ from rfp_core.frame_store import FrameStore
 from rfp_core.images import save_grid
 from rfp_core.nets import build_velocity_net
 from rfp_core.tracking import LogFn
-from rfp_core.train import distributed
+from rfp_core.train import distributed, speed
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.coupling import Coupler
@@ -134,9 +134,10 @@ def train_velocity(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
-    model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
+    speed.set_threads(vc, device)
+    model = speed.prepare_net(build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device), vc)
     ema = EMA(model, vc.ema, vc.ema_warmup_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
+    opt = speed.make_optimizer(model, vc)
     if (note := horizon_note(vc.ema, total)) is not None:
         print(note, file=sys.stderr)
     h = None
@@ -197,7 +198,7 @@ def train_velocity(
                 "resume with the config it was trained with, or start without --checkpoint"
             ) from None
 
-    ddp = world.wrap(model, device)  # forward and backward through this; `model` holds the weights
+    ddp = speed.compiled(world.wrap(model, device), vc)  # forward and backward through this; `model` holds the weights
     metrics_path = out_dir / "metrics.jsonl"
     if world.main:
         trim_metrics(metrics_path, step)
