@@ -125,14 +125,17 @@ def run(quick: bool = False, device: str | None = None, docs: Path | None = None
     dev = pick_device(device)
     load_before = os.getloadavg()
     result: dict = {"configs": {}}
-    for spec in (QUICK,) if quick else (TINY, ORIGINAL_SMALL):
+    for spec in (QUICK,) if quick else (dict(TINY, rounds=8, block=1), ORIGINAL_SMALL):
         ctx = _setup(spec, dev)
         rows = {}
         for name, (off, on) in SWITCHES.items():
             if quick and name in QUICK_SKIP:
                 continue
             print(f"[bench train --switches] {spec['name']}: {name}", flush=True)
-            rows[name] = measure_switch(ctx, spec, off, on, steps=2 if quick else NUMERIC_STEPS)
+            try:
+                rows[name] = measure_switch(ctx, spec, off, on, steps=2 if quick else NUMERIC_STEPS)
+            except Exception as exc:  # noqa: BLE001 - e.g. torch.compile without a working compiler: say so, go on
+                rows[name] = {"error": f"{type(exc).__name__}: {str(exc)[:200]}"}
         result["configs"][spec["name"]] = {"sizes": spec["sizes"], "batch": spec["batch"], "switches": rows}
     result.update(
         device=str(dev) if dev.type != "cuda" else torch.cuda.get_device_name(dev),
@@ -164,6 +167,9 @@ def markdown(result: dict) -> str:
     ]
     for name, cfg in result["configs"].items():
         for switch, r in cfg["switches"].items():
+            if "error" in r:
+                lines.append(f"| {name} (batch {cfg['batch']}) | `{switch}` | failed: {r['error']} | | | | |")
+                continue
             ms, cpu, first = r["ms_per_step"], r["cpu_ms_per_step"], r["first_step_s"]
             lines.append(
                 f"| {name} (batch {cfg['batch']}) | `{switch}` | {ms['off']} / {ms['on']} | {cpu['off']} / {cpu['on']} "
