@@ -115,7 +115,7 @@ class FrameStore:
 
     def verify(self, frame_key: str) -> str | None:
         """Why the stored frame (and its smaller copies) cannot be read back in full, or None when
-        every file decodes completely. A torn PNG fails here (its CRCs and end chunk)."""
+        every file decodes completely. A torn PNG (its CRCs, end chunk) or PPM (short data) fails here."""
         for i, path in enumerate(self._copies(frame_key)):
             if i > 0 and not path.exists():
                 continue  # no copy at this level (the frame is smaller than it) or not in this format
