@@ -17,6 +17,7 @@ benchmark's 1080p frames). Stores written before hold PNG copies (`@256.png`); t
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import tempfile
 from pathlib import Path
@@ -51,7 +52,11 @@ def _save(image: Image.Image, final: Path) -> None:
     try:
         with os.fdopen(fd, "wb") as fh:  # a real file: Pillow encodes with the GIL released
             if final.suffix == ".ppm":
-                image.save(fh, format="PPM")
+                # through Python's write, which raises on a short write: Pillow's raw encoder writes to
+                # the file descriptor itself and took a short write on a full disk as done (a torn copy)
+                buffer = io.BytesIO()
+                image.save(buffer, format="PPM")
+                fh.write(buffer.getbuffer())
             else:
                 image.save(fh, format="PNG", compress_level=PNG_COMPRESS_LEVEL)
         os.replace(tmp, final)
