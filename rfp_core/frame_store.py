@@ -9,7 +9,7 @@ Beside each frame, smaller copies (`<sha1>@256.ppm`, `@128`, `@64` for a 512 cap
 halved while >= 64, only where the frame is larger) let a loader that trains at 128 px read a
 256 px frame instead of a 512 px one. The copies are uncompressed (binary PPM, the same pixels):
 the loader reads one for every sample, and inflating a PNG copy was most of its time (with PNG
-copies the loader beat per-sample seeking 28x, with PPM copies 66-82x: docs/BENCHMARKS.md,
+copies the loader beat per-sample seeking 28x, with PPM copies 66-94x: docs/BENCHMARKS.md,
 `rfp bench ingest`). They cost a third of the frame's pixels at 3 bytes each (+47% on the
 benchmark's 1080p frames). Stores written before hold PNG copies (`@256.png`); those are read too.
 """
