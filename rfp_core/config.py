@@ -280,6 +280,16 @@ class VelocityConfig(_Strict):
     checkpoint_every_minutes: float = Field(10.0, gt=0)
     # also checkpoint every N optimizer steps (None = by time only); tests and short runs use it
     checkpoint_every_steps: int | None = Field(None, ge=1)
+    # speed switches (train/speed.py), each measured on/off by `rfp bench train --switches`
+    # (docs/BENCHMARKS.md). Defaults keep the numbers of a run unchanged.
+    # the velocity net's weights (hence its activations) in channels-last memory layout
+    channels_last: bool = False
+    # AdamW's implementation: "default" is torch's choice (a per-parameter loop on CPU, foreach on CUDA)
+    adamw: Literal["default", "foreach", "fused"] = "default"
+    # torch.compile the velocity net (compiles at the first step; different rounding)
+    compile: bool = False
+    # intra-op threads for training on CPU (None = torch's default, one per core)
+    cpu_threads: int | None = Field(None, ge=1)
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> "VelocityConfig":

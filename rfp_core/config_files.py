@@ -50,6 +50,10 @@ _FLAT_VELOCITY = {
     "mse_weight_mode",
     "coupling",
     "coupling_space",
+    "channels_last",
+    "adamw",
+    "compile",
+    "cpu_threads",
 }
 _FLAT_RENAMES = {
     "velocity_net": ("velocity", "net"),

@@ -301,10 +301,10 @@ def _mount_tmpfs(where: Path, size: str) -> bool:
 
 
 def _assert_store_complete(home: Path) -> None:
-    """No temp file left, and every PNG in the store decodes in full."""
+    """No temp file left, and every PNG (and smaller PPM copy) in the store decodes in full."""
     leftovers = [p for p in home.rglob("*.tmp")]
     assert not leftovers, leftovers
-    pngs = list((home / "store").rglob("*.png"))
+    pngs = [p for p in (home / "store").rglob("*") if p.suffix in (".png", ".ppm")]
     for p in pngs:
         with Image.open(p) as img:
             img.load()

@@ -13,4 +13,9 @@ def emit(result: dict) -> None:
 
 QUALITY_ONLY = ("seeds", "tasks", "rows", "steps")
 REFLOW_QUALITY = ("seeds", "rows", "steps", "seed")
-OPTIONS = {"quality": QUALITY_ONLY, "reflow_quality": REFLOW_QUALITY, "run": ("config",), "train": ("nproc_per_node",)}
+OPTIONS = {
+    "quality": QUALITY_ONLY,
+    "reflow_quality": REFLOW_QUALITY,
+    "run": ("config",),
+    "train": ("nproc_per_node", "switches"),
+}

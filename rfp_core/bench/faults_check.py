@@ -64,7 +64,7 @@ def audit(home: Path) -> tuple[list[str], list[str]]:
                     json.loads(path.read_text())
                 elif path.suffix == ".jsonl":
                     [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-                elif path.suffix == ".png":
+                elif path.suffix in (".png", ".ppm"):  # frames and the store's smaller copies
                     with Image.open(path) as img:
                         img.load()
             except Exception as exc:  # anything that does not read back is what this audit is for

@@ -181,38 +181,51 @@ def _loader_vs_seek(
     n_seek = max(10, n_samples // 5)  # it is slow; fewer samples give the same rate
     per_seek = n_samples // n_seek
     kept, reopened = SeekDecoder(paths), SeekDecoder(paths, reopen=True)
-    # interleaved, so a shared machine's load changes hit all three alike
-    spent = {"store": 0.0, "seek": 0.0, "reopen": 0.0}
+    # interleaved, so a shared machine's load changes hit all three alike; wall and process CPU time
+    variants = {
+        "seek": lambda i: crop(kept.frame(*targets[i])),
+        "reopen": lambda i: crop(reopened.frame(*targets[i])),
+        "store": lambda i: [ds[picks[i * per_seek + j]] for j in range(per_seek)],
+    }
+    spent = {k: [0.0, 0.0] for k in variants}
     for i in range(n_seek):
-        t0 = time.perf_counter()
-        crop(kept.frame(*targets[i]))
-        t1 = time.perf_counter()
-        crop(reopened.frame(*targets[i]))
-        t2 = time.perf_counter()
-        for j in range(per_seek):
-            ds[picks[i * per_seek + j]]
-        t3 = time.perf_counter()
-        spent["seek"] += t1 - t0
-        spent["reopen"] += t2 - t1
-        spent["store"] += t3 - t2
+        for name, fn in variants.items():
+            w0, c0 = time.perf_counter(), time.process_time()
+            fn(i)
+            spent[name][0] += time.perf_counter() - w0
+            spent[name][1] += time.process_time() - c0
     kept.close()
     reopened.close()
-    store_rate = n_seek * per_seek / spent["store"]
-    seek_rate, reopen_rate = n_seek / spent["seek"], n_seek / spent["reopen"]
+    store_rate, cpu_rate = n_seek * per_seek / spent["store"][0], n_seek * per_seek / spent["store"][1]
+    seek_rate, reopen_rate = n_seek / spent["seek"][0], n_seek / spent["reopen"][0]
     result.update(
         store_samples_per_s=round(store_rate, 2),
         seek_samples_per_s=round(seek_rate, 2),
         seek_reopen_samples_per_s=round(reopen_rate, 2),
         loader_speedup_vs_seek=round(store_rate / seek_rate, 2),
         loader_speedup_vs_seek_reopen=round(store_rate / reopen_rate, 2),
+        loader_speedup_vs_seek_cpu=round(cpu_rate / (n_seek / spent["seek"][1]), 2),
+        store_cpu_ms_per_sample=round(1e3 / cpu_rate, 2),
+        seek_cpu_ms_per_sample=round(1e3 * spent["seek"][1] / n_seek, 1),
         crop_size=crop_size,
         store_min_side=ds.min_side,
+        **_store_disk(store),
     )
     log(
         f"(b) store {store_rate:.1f} samples/s, seek-decode {seek_rate:.1f} samples/s (containers kept open): "
         f"x{store_rate / seek_rate:.1f}; opening the file per sample {reopen_rate:.1f}/s: "
         f"x{store_rate / reopen_rate:.1f}"
     )
+
+
+def _store_disk(store: FrameStore) -> dict:
+    """Bytes of the stored frames and of their smaller copies (uncompressed: frame_store.py)."""
+    sizes = {True: 0, False: 0}  # is a smaller copy -> bytes
+    for path in store.frames_dir.rglob("*"):
+        if path.is_file():
+            sizes["@" in path.name] += path.stat().st_size
+    full, copies = sizes[False], sizes[True]
+    return {"store_frames_mb": round(full / 1e6, 1), "store_copies_mb": round(copies / 1e6, 1)}
 
 
 def _rescan(root: Path, store: FrameStore, empty: Path, n_small: int, result: dict) -> None:
@@ -226,7 +239,9 @@ def _rescan(root: Path, store: FrameStore, empty: Path, n_small: int, result: di
         Image.new("RGB", (8, 8), (i % 256, (i // 256) % 256, 7)).save(sub / f"{i:05d}.png", compress_level=1)
     first = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
     log(f"first ingest of {n_small} files: {first.seconds:.2f} s")
+    cpu0 = time.process_time()
     again = ingest([small], [empty], out=root / "small.parquet", store=store, progress=False)
+    again_cpu = time.process_time() - cpu0  # on a loaded machine, the part of the wall time that was this work
     if again.files_hashed != 0 or again.frames_decoded != 0:
         raise RuntimeError("an unchanged folder was hashed or decoded again on re-scan")
     start = time.perf_counter()
@@ -239,6 +254,7 @@ def _rescan(root: Path, store: FrameStore, empty: Path, n_small: int, result: di
         rescan_files=n_small,
         rescan_s=round(again.seconds, 3),
         rescan_10k_s=round(again.seconds * scale, 3),
+        rescan_10k_cpu_s=round(again_cpu * scale, 3),
         rescan_discover_hash_10k_s=round(hash_only * scale, 3),
         first_ingest_small_s=round(first.seconds, 3),
         rescan_files_hashed=again.files_hashed,

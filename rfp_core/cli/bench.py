@@ -33,6 +33,12 @@ def add_parser(sub) -> None:
         help="train: velocity images/s at 1 and N ranks side by side (torchrun; on CPU for correctness only)",
     )
     bench.add_argument("--config", "-c", default=None, help="run: the config to time phase by phase")
+    bench.add_argument(
+        "--switches",
+        action="store_true",
+        default=None,
+        help="train: each speed switch of the velocity step off and on (table also written to docs/BENCHMARKS.md)",
+    )
     common.device(bench)
     bench.set_defaults(handler=run)
 
@@ -51,6 +57,8 @@ def run(args) -> int:
     if wrong:
         takers = "; ".join(f"{b}: --{' --'.join(ks)}" for b, ks in OPTIONS.items())
         raise ConfigError(f"--{' --'.join(wrong)}: `rfp bench {args.which}` does not take these ({takers})")
+    if extra.pop("switches", None):  # every speed switch of the velocity step, off and on
+        module = importlib.import_module("rfp_core.bench.train_switches")
     if "nproc_per_node" in extra:  # data-parallel training: 1 rank and N ranks side by side
         module = importlib.import_module("rfp_core.bench.train_ddp")
         extra = {"nproc": extra.pop("nproc_per_node")}

@@ -50,6 +50,9 @@ VELOCITY_WATCH_KEYS = {
     "sampler",
 }
 VELOCITY_BUDGET_KEYS = {"train_images"}
+# how fast, not what is trained (train/speed.py): a run continues across them, and the lineage of
+# runs made before these keys existed stays the same
+VELOCITY_SPEED_KEYS = {"channels_last", "adamw", "compile", "cpu_threads"}
 RESTART_HINT = "start a new run (`rfp train --run-id NEW`), or add `--restart` (force=True) to train it afresh here"
 
 
@@ -160,7 +163,9 @@ def velocity_inputs(
     pairs=None,
 ) -> dict:
     velocity = {
-        k: v for k, v in (cfg.get("velocity") or {}).items() if k not in VELOCITY_WATCH_KEYS | VELOCITY_BUDGET_KEYS
+        k: v
+        for k, v in (cfg.get("velocity") or {}).items()
+        if k not in VELOCITY_WATCH_KEYS | VELOCITY_BUDGET_KEYS | VELOCITY_SPEED_KEYS
     }
     return {
         "config": {**_common(cfg), "seed": cfg.get("seed"), "type": cfg.get("type"), "velocity": velocity},

@@ -31,7 +31,7 @@ from rfp_core.media.datasets import UnpairedDataset
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.nets import build_velocity_net
 from rfp_core.tracking import LogFn
-from rfp_core.train import distributed
+from rfp_core.train import distributed, speed
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.codec_io import load_codec
 from rfp_core.train.ema import EMA, horizon_note
@@ -97,7 +97,9 @@ def train_velocity(
     inputs = velocity_inputs(json.loads(cfg.to_json()), manifest, sal_ckpt, codec_checkpoint, pairs)
     run.lineage = lineage_record(inputs)
     _resume(run, inputs, resume_from, force)
-    run.ddp = run.world.wrap(run.model, run.device)  # forward and backward through this
+    run.ddp = speed.compiled(
+        run.world.wrap(run.model, run.device), run.cfg.velocity
+    )  # forward and backward through this
     metrics_path = out_dir / "metrics.jsonl"
     if run.world.main:
         trim_metrics(metrics_path, run.step)
@@ -169,9 +171,10 @@ def _set_up(
     torch.manual_seed(cfg.seed)
     random.seed(cfg.seed)
     codec = load_codec(cfg, codec_checkpoint, device)
-    model = build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device)
+    speed.set_threads(vc, device)
+    model = speed.prepare_net(build_velocity_net(vc.net, in_channels=codec.latent_channels).to(device), vc)
     ema = EMA(model, vc.ema, vc.ema_warmup_steps)
-    opt = torch.optim.AdamW(model.parameters(), lr=vc.learning_rate, weight_decay=vc.weight_decay)
+    opt = speed.make_optimizer(model, vc)
     if (note := horizon_note(vc.ema, vc.total_steps)) is not None:
         print(note, file=sys.stderr)
     h = load_saliency_h(saliency_checkpoint, device) if use_saliency else None

@@ -1,0 +1,117 @@
+"""The velocity phase's speed switches (train/speed.py) and `rfp bench train --switches`."""
+
+import json
+import shutil
+
+import pyarrow as pa
+import pytest
+import torch
+from test_velocity_options import TINY, _short
+
+from rfp_core.bench import train_switches
+from rfp_core.checkpoint import load_checkpoint
+from rfp_core.cli import main
+from rfp_core.config import ConfigError, VelocityConfig
+from rfp_core.config_files import config_from_dict, load_config
+from rfp_core.media.frame_store import FrameStore
+from rfp_core.train import speed
+from rfp_core.train.resume import velocity_inputs
+from rfp_core.train.run import train_run
+from rfp_core.train.velocity import train_velocity
+
+MICRO = dict(
+    name="micro",
+    size=16,
+    batch=2,
+    unet=dict(model_channels=8, ch_mult=[1, 2], num_res_blocks=1, normalization="GroupNormAuto"),
+    backbone="resnet18",
+    rounds=1,
+    block=1,
+    sizes="a UNet of 8 channels at 16 px",
+)
+
+
+def test_switch_defaults_keep_the_plain_path_and_misspelt_keys_are_named():
+    vc = load_config(TINY).velocity
+    assert (vc.channels_last, vc.adamw, vc.compile, vc.cpu_threads) == (False, "default", False, None)
+    net = torch.nn.Conv2d(3, 4, 3)
+    assert speed.prepare_net(net, vc) is net and speed.compiled(net, vc) is net
+    opt = speed.make_optimizer(net, vc).defaults
+    assert opt["foreach"] is None and not opt["fused"] and opt["lr"] == vc.learning_rate
+    on = VelocityConfig(channels_last=True, adamw="fused")
+    assert speed.prepare_net(net, on).weight.is_contiguous(memory_format=torch.channels_last)
+    assert speed.make_optimizer(net, on).defaults["fused"] is True
+    assert speed.make_optimizer(net, VelocityConfig(adamw="foreach")).defaults["foreach"] is True
+    old = torch.get_num_threads()
+    try:
+        speed.set_threads(VelocityConfig(cpu_threads=old + 1), torch.device("cpu"))
+        assert torch.get_num_threads() == old + 1
+        speed.set_threads(VelocityConfig(cpu_threads=old + 2), torch.device("cuda"))  # CPU runs only
+        assert torch.get_num_threads() == old + 1
+    finally:
+        torch.set_num_threads(old)
+    with pytest.raises(ConfigError, match="channels_last"):
+        load_config(TINY, overrides={"velocity": {"chanels_last": True}})
+    with pytest.raises(ConfigError, match="adamw"):
+        load_config(TINY, overrides={"velocity": {"adamw": "fast"}})
+    # a switch does not change what a run is: the lineage a resume checks stays the same
+    fast = load_config(TINY, overrides={"velocity": {"adamw": "foreach", "cpu_threads": 1, "channels_last": True}})
+    table = pa.table({"frame_key": ["k"], "domain": [1], "status": ["ok"]})
+    plain = velocity_inputs(json.loads(load_config(TINY).to_json()), table, None, None)
+    assert velocity_inputs(json.loads(fast.to_json()), table, None, None) == plain
+
+
+def test_foreach_adamw_trains_the_same_weights_and_channels_last_nearly(tmp_path, monkeypatch):
+    monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
+    cfg, d0, d1 = _short(tmp_path)
+    run = train_run(cfg, [d0], [d1], run_id="plain", device="cpu", progress=False)
+    plain = load_checkpoint(run / "velocity.pt")["velocity"]
+    base = json.loads((run / "config.json").read_text())
+    for switches, exact in (({"adamw": "foreach", "cpu_threads": 1}, True), ({"channels_last": True}, False)):
+        base["velocity"].update(switches)
+        out = tmp_path / f"v_{'_'.join(switches)}"
+        shutil.rmtree(out, ignore_errors=True)
+        cfg_on = config_from_dict(base)
+        result = train_velocity(
+            cfg_on,
+            run / "manifest.parquet",
+            out,
+            saliency_checkpoint=run / "saliency.pt",
+            store=FrameStore(max_side=cfg_on.store_max_side),
+            progress=False,
+        )
+        got = load_checkpoint(result.checkpoint)["velocity"]
+        diff = max((plain[k].float() - got[k].float()).abs().max().item() for k in plain)
+        assert diff == 0 if exact else 0 < diff < 1e-3, (switches, diff)
+        for k in switches:
+            base["velocity"].pop(k)
+
+
+def test_switch_bench_measures_numbers_and_rewrites_its_docs_block(tmp_path):
+    ctx = train_switches._setup(MICRO, torch.device("cpu"))
+    same = train_switches.measure_switch(ctx, MICRO, {}, {"adamw": "foreach"}, steps=2)
+    assert same["max_weight_diff"] == 0 and same["ms_per_step"]["on"] > 0 and same["cpu_ms_per_step"]["off"] > 0
+    moved = train_switches.measure_switch(ctx, MICRO, {}, {"adamw": "fused"}, steps=2)
+    assert moved["max_weight_diff"] > 0  # fused AdamW rounds differently
+    result = {
+        "configs": {"micro": {"sizes": MICRO["sizes"], "batch": 2, "switches": {"adamw_foreach": same}}},
+        "device": "cpu",
+        "machine": "test",
+        "torch": torch.__version__,
+        "load_average": {"before": [1.0], "after": [2.0]},
+        "date": "today",
+    }
+    table = train_switches.markdown(result)
+    assert "| micro (batch 2) | `adamw_foreach` |" in table and train_switches.COMMAND in table
+    docs = tmp_path / "BENCHMARKS.md"
+    docs.write_text("# Benchmarks\n\nkept\n")
+    train_switches.write_docs(table, docs)
+    train_switches.write_docs(table.replace("today", "tomorrow"), docs)
+    text = docs.read_text()
+    assert text.startswith("# Benchmarks\n\nkept\n") and text.count(train_switches.BEGIN) == 1
+    assert "tomorrow" in text and "today" not in text
+
+
+def test_switches_is_an_option_of_bench_train_only(capsys):
+    assert main(["bench", "ingest", "--switches"]) == 2
+    assert "`rfp bench ingest` does not take these" in capsys.readouterr().err
