@@ -393,24 +393,6 @@ class ExperimentConfig(_Strict):
     def generative(self) -> bool:
         return self.domain0 == "random"
 
-    def model_config_resolved(self) -> ModelConfig:
-        from rfp_core.config_files import load_config  # reading files needs the classes above
-
-        cfg = load_config(self.config, overrides=self.overrides)
-        if self.pairing != "filenames":
-            return cfg
-        if self.generative:
-            raise ConfigError(f"experiment {self.name}: 'pairing': 'filenames' needs domain-0 files, not 'random'")
-        velocity = self.overrides.get("velocity", {}) if isinstance(self.overrides.get("velocity"), dict) else {}
-        # the pix2pix setting: the coupling is given, plain MSE fits it; an override may still name a loss
-        named = "loss" in self.overrides or "loss" in velocity
-        return cfg.model_copy(
-            update={
-                "velocity": cfg.velocity if named else cfg.velocity.model_copy(update={"loss": "mse"}),
-                "structure": cfg.structure.model_copy(update={"pairing": False}),
-            }
-        )
-
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     """Nested dict -> {"a.b.c": value}."""

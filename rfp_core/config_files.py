@@ -233,3 +233,21 @@ def load_experiment(path: str | os.PathLike, root: Path | None = None) -> Experi
     if not exp.config.exists():
         raise ConfigError(f"{path}: 'config' names {exp.config}, which does not exist")
     return exp
+
+
+def experiment_model_config(exp: ExperimentConfig) -> ModelConfig:
+    """The experiment's model config: its config file with its overrides; paired experiments fit plain MSE."""
+    cfg = load_config(exp.config, overrides=exp.overrides)
+    if exp.pairing != "filenames":
+        return cfg
+    if exp.generative:
+        raise ConfigError(f"experiment {exp.name}: 'pairing': 'filenames' needs domain-0 files, not 'random'")
+    velocity = exp.overrides.get("velocity", {}) if isinstance(exp.overrides.get("velocity"), dict) else {}
+    # the pix2pix setting: the coupling is given, plain MSE fits it; an override may still name a loss
+    named = "loss" in exp.overrides or "loss" in velocity
+    return cfg.model_copy(
+        update={
+            "velocity": cfg.velocity if named else cfg.velocity.model_copy(update={"loss": "mse"}),
+            "structure": cfg.structure.model_copy(update={"pairing": False}),
+        }
+    )

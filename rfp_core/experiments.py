@@ -14,7 +14,7 @@ from pathlib import Path
 from typing import Any
 
 from rfp_core.config import ExperimentConfig, ModelConfig
-from rfp_core.config_files import config_from_dict, load_experiment
+from rfp_core.config_files import config_from_dict, experiment_model_config, load_experiment
 from rfp_core.media.decode import discover
 from rfp_core.media.hashing import HashCache
 
@@ -59,7 +59,7 @@ def resolved_spec(exp: ExperimentConfig, root: Path) -> dict[str, Any]:
     """
     domain0 = "random" if exp.generative else [_portable(p, root) for p in exp.domain0]
     domain1 = [_portable(p, root) for p in exp.domain1]
-    cfg = exp.model_config_resolved().model_copy(update={"domain0": domain0, "domain1": domain1})
+    cfg = experiment_model_config(exp).model_copy(update={"domain0": domain0, "domain1": domain1})
     return {
         "name": exp.name,
         "domain0": domain0,

@@ -27,8 +27,27 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def run(quick: bool = False, device: str | None = None, config: str | None = None) -> dict:
+def _config_path(config: str | None) -> Path:
     from rfp_core.config import ConfigError
+
+    if not config:
+        raise ConfigError("rfp bench run needs --config CONFIG (a config file, e.g. configs/demo.json)")
+    path = Path(config)
+    if not path.is_file():
+        raise ConfigError(f"--config {path}: no such file")
+    return path
+
+
+def _phases(cfg) -> list[str]:
+    """The phases `rfp train` runs for this config, in order."""
+    return (
+        (["codec"] if cfg.codec.net.type != "Identity" else [])
+        + (["saliency"] if not cfg.generative and cfg.velocity.loss == "saliency" else [])
+        + ["velocity"]
+    )
+
+
+def run(quick: bool = False, device: str | None = None, config: str | None = None) -> dict:
     from rfp_core.config_files import load_config
     from rfp_core.device import pick_device
     from rfp_core.media.demo_data import make_demo_data
@@ -37,13 +56,8 @@ def run(quick: bool = False, device: str | None = None, config: str | None = Non
     from rfp_core.paths import rfp_home, runs_dir
     from rfp_core.train.run import smoke_config, train_run
 
-    if not config:
-        raise ConfigError("rfp bench run needs --config CONFIG (a config file, e.g. configs/demo.json)")
-    path = Path(config)
-    if not path.is_file():
-        raise ConfigError(f"--config {path}: no such file")
-    cfg = load_config(path)
-    cfg = smoke_config(cfg) if quick else cfg
+    path = _config_path(config)
+    cfg = smoke_config(load_config(path)) if quick else load_config(path)
     dev = pick_device(device)
     work = rfp_home() / "bench" / "run"
     data = make_demo_data(work / "data", num=DATA_NUM[int(quick)], size=max(cfg.max_size, 32))
@@ -56,12 +70,7 @@ def run(quick: bool = False, device: str | None = None, config: str | None = Non
             lambda: ingest(d0, [data.domain1], out=work / "manifest.parquet", store=store, progress=False)
         )
     }
-    phases = []
-    if cfg.codec.net.type != "Identity":
-        phases.append("codec")
-    if not cfg.generative and cfg.velocity.loss == "saliency":
-        phases.append("saliency")
-    phases.append("velocity")
+    phases = _phases(cfg)
     for phase in phases:
         only = None if phase == "velocity" else phase
         timings[f"{phase}_s"] = _timed(

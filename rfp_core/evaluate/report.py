@@ -142,14 +142,10 @@ def evaluate_run(
     seed: int = 0,
     batch_size: int = 64,
 ) -> dict[str, Any]:
-    """Translate the held-out domain-0 frames, measure, write metrics.json and the grids.
-
-    Returns the metrics (numbers, plus the names of the feature spaces, steps and sampler) and
-    `paths` {"metrics", "grid_translate", "grid_cycle"}. `background` is the known background
-    colour the shape masks are found against (default: the demo's grey). `judge`: one already
-    trained on these held-out frames, to grade several runs by the same judge (the ablation);
-    by default a fresh one is trained here.
-    """
+    """Translate the held-out domain-0 frames, measure, write metrics.json and the grids; returns the
+    metrics and `paths` {"metrics", "grid_translate", "grid_cycle"}. `background`: the colour the shape
+    masks are found against (default: the demo's grey); `judge`: one already trained on these frames, to
+    grade several runs alike (the ablation), else a fresh one is trained here."""
     device = torch.device(device)
     out_dir = Path(out_dir)
     if masks_dir is not None and not Path(masks_dir).is_dir():
