@@ -5,7 +5,7 @@ import pytest
 
 from rfp_core.cli import main as rfp
 from rfp_core.config import ConfigError
-from rfp_core.config_files import load_config, load_experiment
+from rfp_core.config_files import experiment_model_config, load_config, load_experiment
 
 HERE = Path(__file__).parent
 FLAT = HERE / "original_flat_config.json"
@@ -132,7 +132,7 @@ def test_experiment_resolves_relative_paths(tmp_path):
     exp = load_experiment(exp_path, root=tmp_path)
     assert exp.name == "horses" and exp.generative
     assert exp.domain1 == [tmp_path / "data" / "zebras"]
-    assert exp.model_config_resolved().max_size == 64
+    assert experiment_model_config(exp).max_size == 64
 
 
 def test_experiment_with_missing_config_names_it(tmp_path):

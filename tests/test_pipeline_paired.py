@@ -15,7 +15,7 @@ from test_pipeline import TINY, TINY_OVERRIDES, materialize_all, resources_for
 
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config import ConfigError
-from rfp_core.config_files import load_experiment
+from rfp_core.config_files import experiment_model_config, load_experiment
 from rfp_core.media.manifest import read_manifest
 
 UP_TO_VELOCITY = [
@@ -41,21 +41,21 @@ def _experiment(root: Path, overrides: dict, **extra) -> Path:
 def test_pairing_filenames_defaults_the_loss_to_mse_and_turns_structure_pairing_off(tmp_path):
     structure = {"structure": {"pairing": True, "encoder": "thumbnail"}}
     exp = load_experiment(_experiment(tmp_path, structure, pairing="filenames"), root=tmp_path)
-    cfg = exp.model_config_resolved()
+    cfg = experiment_model_config(exp)
     assert cfg.velocity.loss == "mse" and not cfg.structure.pairing
     named = {"velocity": {"loss": "saliency"}}
     assert (
-        load_experiment(_experiment(tmp_path, named, pairing="filenames"), root=tmp_path)
-        .model_config_resolved()
-        .velocity.loss
+        experiment_model_config(
+            load_experiment(_experiment(tmp_path, named, pairing="filenames"), root=tmp_path)
+        ).velocity.loss
         == "saliency"
     )
-    unpaired = load_experiment(_experiment(tmp_path, structure), root=tmp_path).model_config_resolved()
+    unpaired = experiment_model_config(load_experiment(_experiment(tmp_path, structure), root=tmp_path))
     assert unpaired.velocity.loss == "saliency" and unpaired.structure.pairing  # nothing changes without the key
     with pytest.raises(ConfigError, match="needs domain-0 files"):
         path = _experiment(tmp_path, {}, pairing="filenames")
         path.write_text(json.dumps({**json.loads(path.read_text()), "domain0": "random"}))
-        load_experiment(path, root=tmp_path).model_config_resolved()
+        experiment_model_config(load_experiment(path, root=tmp_path))
     with pytest.raises(ConfigError, match="pairing"):
         load_experiment(_experiment(tmp_path, {}, pairing="stems"), root=tmp_path)
 
