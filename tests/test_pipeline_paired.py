@@ -10,6 +10,7 @@ from pathlib import Path
 import dagster as dg
 import pyarrow.parquet as pq
 import pytest
+from stages import STAGES
 from test_paired import _data
 from test_pipeline import TINY, TINY_OVERRIDES, materialize_all, resources_for
 
@@ -18,16 +19,7 @@ from rfp_core.config import ConfigError
 from rfp_core.config_files import experiment_model_config, load_experiment
 from rfp_core.media.manifest import read_manifest
 
-UP_TO_VELOCITY = [
-    "experiment_config",
-    "media_manifest",
-    "frame_store",
-    "structure_embeddings",
-    "structure_pairs",
-    "codec_checkpoint",
-    "saliency_checkpoint",
-    "velocity_checkpoint",
-]
+UP_TO_VELOCITY = STAGES[: STAGES.index("velocity_checkpoint") + 1]
 
 
 def _experiment(root: Path, overrides: dict, **extra) -> Path:

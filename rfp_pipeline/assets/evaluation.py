@@ -43,6 +43,38 @@ def _structure_encoder(cfg, device: str):
     return build_encoder(StructureConfig(encoder="thumbnail"), device)
 
 
+def evaluate_translation(
+    config: EvaluationSettings,
+    rfp: RfpHome,
+    spec: dict,
+    frame_store: dict,
+    translator,
+    device,
+    out_dir: Path,
+    steps,
+    sampler: str | None = None,
+) -> dict[str, Any]:
+    """`evaluate_run` on the experiment's held-out frames, masks, structure encoder and seed: every
+    model of one experiment (the flow, its one-step map) is graded by the same judge."""
+    from rfp_core.evaluate.report import evaluate_run
+
+    cfg = exps.model_config(spec)
+    return evaluate_run(
+        translator,
+        manifest_path(frame_store),
+        rfp.frame_store(cfg.store_max_side),
+        out_dir,
+        masks_dir=rfp.root_path() / spec["masks"] if spec.get("masks") else None,
+        steps=steps,
+        sampler=sampler,
+        structure_encoder=_structure_encoder(cfg, device),
+        device=device,
+        judge_steps=config.judge_steps,
+        max_images=config.max_images,
+        seed=cfg.seed,
+    )
+
+
 def _measure(
     config: EvaluationSettings, rfp: RfpHome, spec: dict, frame_store: dict, translator, device: str, out_dir: Path
 ):
@@ -58,22 +90,7 @@ def _measure(
         metrics_path = atomic_write_text(out_dir / "metrics.json", json.dumps(metrics, indent=2) + "\n")
         return metrics, metrics_path, {"grid_generate": str(grid)}, grid
 
-    from rfp_core.evaluate.report import evaluate_run
-
-    masks = rfp.root_path() / spec["masks"] if spec.get("masks") else None
-    result = evaluate_run(
-        translator,
-        manifest_path(frame_store),
-        rfp.frame_store(cfg.store_max_side),
-        out_dir,
-        masks_dir=masks,
-        steps=steps,
-        structure_encoder=_structure_encoder(cfg, device),
-        device=device,
-        judge_steps=config.judge_steps,
-        max_images=config.max_images,
-        seed=cfg.seed,
-    )
+    result = evaluate_translation(config, rfp, spec, frame_store, translator, device, out_dir, steps)
     paths = result.pop("paths")
     grids = {k: v for k, v in paths.items() if k.startswith("grid_")}
     return result, Path(paths["metrics"]), grids, Path(grids["grid_translate"])

@@ -197,29 +197,14 @@ def evaluate_one_step(rfp: RfpHome, spec: dict, frames: dict, checkpoint: Path, 
     """The distilled map at N = 1 (one Euler step) measured as `evaluation_samples` measures the flow:
     its held-out frames, masks, structure encoder, seed and default judge steps, so the judge it trains
     is the same one. None in generative mode (there is nothing to translate)."""
-    from rfp_core.evaluate.report import evaluate_run
     from rfp_core.inference.translate import Translator
-    from rfp_pipeline.assets.evaluation import EvaluationSettings, _structure_encoder
+    from rfp_pipeline.assets.evaluation import EvaluationSettings, evaluate_translation
 
-    cfg = exps.model_config(spec)
-    if cfg.generative:
+    if exps.model_config(spec).generative:
         return None
     device = rfp.resolve_device()
-    defaults = EvaluationSettings()
-    result = evaluate_run(
-        Translator.from_run(checkpoint, device=device),
-        manifest_path(frames),
-        rfp.frame_store(cfg.store_max_side),
-        out_dir,
-        masks_dir=rfp.root_path() / spec["masks"] if spec.get("masks") else None,
-        steps=1,
-        sampler="euler",
-        structure_encoder=_structure_encoder(cfg, device),
-        device=device,
-        judge_steps=defaults.judge_steps,
-        max_images=defaults.max_images,
-        seed=cfg.seed,
-    )
+    translator = Translator.from_run(checkpoint, device=device)
+    result = evaluate_translation(EvaluationSettings(), rfp, spec, frames, translator, device, out_dir, 1, "euler")
     paths = result.pop("paths")
     shown = {k: result[k] for k in ONE_STEP_SHOWN if k in result}
     return {"metrics": paths["metrics"], "grid": paths["grid_translate"], **shown}
