@@ -46,65 +46,54 @@ def _step_logger(pipes: PipesContext, extras: dict[str, Any]) -> Callable[[dict,
     return log
 
 
-def _config_and_store(extras: dict[str, Any]):
-    """The phase's config (a file beside its work) and the shared frame store, from the Pipes extras."""
+def _phase_args(pipes: PipesContext, extras: dict[str, Any]) -> tuple[Any, tuple[Path, Path], dict[str, Any]]:
+    """The phase's config (a file beside its work), its (manifest, out_dir) and the keywords every
+    `train_*` takes here: device, the shared frame store, the step logger, no progress bar."""
     from rfp_core.config_files import config_from_dict
     from rfp_core.media.frame_store import FrameStore
 
     cfg_path = Path(extras["config"])
     cfg = config_from_dict(json.loads(cfg_path.read_text()), source=str(cfg_path))
-    return cfg, FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    store = FrameStore(root=Path(extras["store_root"]), max_side=int(extras["store_max_side"]))
+    keywords = {"device": extras["device"], "store": store, "log": _step_logger(pipes, extras), "progress": False}
+    return cfg, (Path(extras["manifest"]), Path(extras["out_dir"])), keywords
+
+
+def _path(value: Any) -> dict[str, str]:
+    return {"raw_value": str(value), "type": "path"}
+
+
+def _optional_path(value: str | None) -> Path | None:
+    return Path(value) if value else None
+
+
+def _report(pipes: PipesContext, **metadata: Any) -> None:
+    pipes.report_asset_materialization(metadata={**metadata, "worker_pid": os.getpid()})
 
 
 def codec(pipes: PipesContext, extras: dict[str, Any]) -> None:
     from rfp_core.train.codec import train_codec
 
-    cfg, store = _config_and_store(extras)
-    res = train_codec(
-        cfg,
-        Path(extras["manifest"]),
-        Path(extras["out_dir"]),
-        device=extras["device"],
-        store=store,
-        log=_step_logger(pipes, extras),
-        progress=False,
-    )
-    pipes.report_asset_materialization(
-        metadata={
-            "recon_l1": res.recon_l1,
-            "recon_l1_init": res.recon_l1_init,
-            "steps": res.steps,
-            "worker_pid": os.getpid(),
-            "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
-        }
+    cfg, where, keywords = _phase_args(pipes, extras)
+    res = train_codec(cfg, *where, **keywords)
+    _report(
+        pipes, recon_l1=res.recon_l1, recon_l1_init=res.recon_l1_init, steps=res.steps, checkpoint=_path(res.checkpoint)
     )
 
 
 def saliency(pipes: PipesContext, extras: dict[str, Any]) -> None:
     from rfp_core.train.saliency import train_saliency
 
-    cfg, store = _config_and_store(extras)
-    codec = extras.get("codec_checkpoint")
-    res = train_saliency(
-        cfg,
-        Path(extras["manifest"]),
-        Path(extras["out_dir"]),
-        device=extras["device"],
-        store=store,
-        log=_step_logger(pipes, extras),
-        codec_checkpoint=Path(codec) if codec else None,
-        progress=False,
-    )
-    pipes.report_asset_materialization(
-        metadata={
-            "accuracy": res.accuracy,
-            "steps": res.steps,
-            "warmed_up": res.warmed_up,
-            **saliency_stop_figures(res),
-            "worker_pid": os.getpid(),
-            "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
-            "state": {"raw_value": str(res.state_path), "type": "path"},
-        }
+    cfg, where, keywords = _phase_args(pipes, extras)
+    res = train_saliency(cfg, *where, codec_checkpoint=_optional_path(extras.get("codec_checkpoint")), **keywords)
+    _report(
+        pipes,
+        accuracy=res.accuracy,
+        steps=res.steps,
+        warmed_up=res.warmed_up,
+        **saliency_stop_figures(res),
+        checkpoint=_path(res.checkpoint),
+        state=_path(res.state_path),
     )
 
 
@@ -112,41 +101,29 @@ def velocity(pipes: PipesContext, extras: dict[str, Any]) -> None:
     from rfp_core.structure import read_pairs
     from rfp_core.train.velocity import NonFiniteLoss, train_velocity
 
-    cfg, store = _config_and_store(extras)
-    codec, sal, pairs = extras.get("codec_checkpoint"), extras.get("saliency_checkpoint"), extras.get("pairs")
+    cfg, where, keywords = _phase_args(pipes, extras)
+    pairs = extras.get("pairs")
     try:
         res = train_velocity(
             cfg,
-            Path(extras["manifest"]),
-            Path(extras["out_dir"]),
-            device=extras["device"],
-            store=store,
-            log=_step_logger(pipes, extras),
-            saliency_checkpoint=Path(sal) if sal else None,
-            codec_checkpoint=Path(codec) if codec else None,
+            *where,
+            saliency_checkpoint=_optional_path(extras.get("saliency_checkpoint")),
+            codec_checkpoint=_optional_path(extras.get("codec_checkpoint")),
             pairs=read_pairs(pairs) if pairs else None,
-            progress=False,
+            **keywords,
         )
     except NonFiniteLoss as exc:  # the asset fails it as it would in process: its check, its metadata
-        pipes.report_asset_materialization(
-            metadata={
-                "non_finite_loss": str(exc),
-                "step": exc.step if exc.step is not None else -1,
-                "last_checkpoint": str(exc.last_checkpoint) if exc.last_checkpoint else "",
-                "worker_pid": os.getpid(),
-            }
-        )
+        last = str(exc.last_checkpoint) if exc.last_checkpoint else ""
+        _report(pipes, non_finite_loss=str(exc), step=exc.step if exc.step is not None else -1, last_checkpoint=last)
         return
-    pipes.report_asset_materialization(
-        metadata={
-            "final_loss": res.final_loss,
-            "steps": res.steps,
-            "images_per_s": res.images_per_s,
-            "worker_pid": os.getpid(),
-            "checkpoint": {"raw_value": str(res.checkpoint), "type": "path"},
-            "sample_grid": str(res.sample_grid) if res.sample_grid else "",
-            "metrics": {"raw_value": str(res.metrics_path), "type": "path"},
-        }
+    _report(
+        pipes,
+        final_loss=res.final_loss,
+        steps=res.steps,
+        images_per_s=res.images_per_s,
+        checkpoint=_path(res.checkpoint),
+        sample_grid=str(res.sample_grid) if res.sample_grid else "",
+        metrics=_path(res.metrics_path),
     )
 
 
