@@ -19,7 +19,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """`rfp ingest --domain0 DIR... --domain1 DIR... --out MANIFEST.parquet`."""
-
     from rfp_core.media.frame_store import FrameStore
     from rfp_core.media.ingest import IngestError, StoreWriteError, ingest
 

@@ -28,7 +28,6 @@ def add_parser(sub) -> None:
 
 def run(args) -> int:
     """`rfp split --run DIR --input DIR... --output DIR [--threshold 0.7] [--ignore FILE]`."""
-
     from rfp_core.inference.split import LABELS, split_folder
 
     try:

@@ -124,7 +124,6 @@ def run_generate(args: argparse.Namespace) -> int:
 
 def _translate_videos(tr, videos: Sequence[Path], args: argparse.Namespace, other_inputs: bool) -> int:
     """The video half of `rfp translate`: 0 when every video was written, 1 when one failed."""
-
     from rfp_core.config import ConfigError
     from rfp_core.inference.video import VideoTranslateError, translate_video, video_outputs
 
