@@ -43,6 +43,7 @@ setup: $(STAMP)
 
 lint: $(STAMP)
 	$(BIN)/ruff check rfp_core rfp_pipeline tests
+	$(BIN)/ruff format --check rfp_core rfp_pipeline tests
 
 test: $(STAMP)
 	$(BIN)/pytest -q

@@ -192,17 +192,8 @@ def tiny_run(tmp_path_factory):
 def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatch):
     run = tiny_run
     monkeypatch.setenv("RFP_HOME", str(run.parents[1]))  # the run's frame store
-    res = reflow_run(
-        run,
-        rounds=2,
-        pairs=5,
-        distill=True,
-        solver=Solver("rk4", 3),
-        train_steps=2,
-        shard_size=2,
-        device="cpu",
-        progress=False,
-    )
+    settings = dict(rounds=2, pairs=5, distill=True, solver=Solver("rk4", 3), train_steps=2, shard_size=2)
+    res = reflow_run(run, **settings, device="cpu", progress=False)
     assert res.flows == [run / "reflow_1" / "velocity.pt", run / "reflow_2" / "velocity.pt"]
     assert res.distilled == run / "distilled" / "velocity.pt" and len(res.trained) == 3
     metas = [load_checkpoint(p)["reflow"] for p in [*res.flows, res.distilled]]
@@ -233,17 +224,7 @@ def test_reflow_run_rounds_distill_and_model_choice(tiny_run, capsys, monkeypatc
     one = tr.translate(torch.zeros(1, 3, 32, 32), steps=1)
     assert one.shape == (1, 3, 32, 32)
 
-    again = reflow_run(
-        run,
-        rounds=2,
-        pairs=5,
-        distill=True,
-        solver=Solver("rk4", 3),
-        train_steps=2,
-        shard_size=2,
-        device="cpu",
-        progress=False,
-    )
+    again = reflow_run(run, **settings, device="cpu", progress=False)
     assert again.trained == [] and all(c.computed == 0 for c in again.couplings)
 
 
