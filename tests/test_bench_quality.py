@@ -162,6 +162,7 @@ def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
     rows = QC.ROW_CONFIGS
     assert diff(rows["anchored_relative"], rows["anchored"]) == {"velocity.mse_weight", "velocity.mse_weight_mode"}
     assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
+    assert diff(rows["paper_bf16"], rows["paper"]) == {"velocity.bf16"}
     assert diff(rows["anchored_ot"], rows["anchored"]) == {"velocity.coupling"}
     assert diff(rows["mse_ot"], rows["mse"]) == {"velocity.coupling"}
     assert diff(rows["anchored_ot_structure"], rows["anchored"]) == {"velocity.coupling", "velocity.coupling_space"}

@@ -109,6 +109,8 @@ def _merge(base: dict, over: dict) -> dict:
 ROW_CONFIGS: dict[str, dict[str, Any]] = {
     # the paper's loss alone: saliency-weighted, no anchor
     "paper": _merge(_BASE, {"velocity": {"loss": "saliency", "mse_weight": 0.0}}),
+    # issue 16: the same, its velocity net under bf16 autocast (the saliency jvp stays float32)
+    "paper_bf16": _merge(_BASE, {"velocity": {"loss": "saliency", "mse_weight": 0.0, "bf16": True}}),
     # the saliency loss plus the demo's MSE anchor (configs/demo.json: 500)
     "anchored": _merge(_BASE, {"velocity": {"loss": "saliency", "mse_weight": 500.0}}),
     # plain rectified flow

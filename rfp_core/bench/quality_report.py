@@ -24,6 +24,7 @@ ROW_LABELS = {
     "identity": "identity (inputs untranslated)",
     "tint": "tint baseline (colour wash)",
     "paper": "paper: saliency loss",
+    "paper_bf16": "paper, velocity net in bf16 autocast",
     "anchored": "anchored: saliency + MSE",
     "mse": "mse: plain rectified flow",
     "paired": "paired: true pairs (same file name), MSE",

@@ -8,8 +8,12 @@ formulation is a few percent of the step. Data are random tensors: this measures
 
 Full training steps (UNet forward, loss, backward, AdamW step):
   fast       - `saliency_weighted_loss` with `SaliencyNet.frozen_h()` (what training uses)
-  reference  - `reference_saliency_loss` on `net.h` (the original trainer's double-backward jvp)
+  reference  - `reference_saliency_loss` on `net.h` (the original trainer's double-backward jvp),
+               with the original loop's per-step `gc.collect()`
   generative - plain velocity MSE (no saliency)
+Where the device has bf16 kernels (`speed.native_bf16`), each again as `<kind>_bf16` under bf16
+autocast (`velocity.bf16`): the original autocasts its whole loss, this project's loss keeps its jvp
+in float32; `jvp_precision` measures what each does to the gradient.
 The loss step alone (saliency loss + backward to v, no UNet): fast, fast_plain (the fast loss on
 the unmodified `net.h`) and reference. FLOPs per image (torch's FlopCounterMode) give the same
 ratios without timing noise.
@@ -18,6 +22,7 @@ ratios without timing noise.
 from __future__ import annotations
 
 import copy
+import gc
 import statistics
 import time
 from typing import Callable
@@ -32,6 +37,7 @@ from rfp_core.device import pick_device
 from rfp_core.flow import rf
 from rfp_core.nets import build_velocity_net
 from rfp_core.nets.saliency import SaliencyNet
+from rfp_core.train.speed import native_bf16
 
 # Headline: the nets this project trains on CPU (configs/tiny.json: UNet 16 ch [1,2] x1 res block,
 # ResNet-18, 32 px, minibatch 8). Beside it, the original trainer's smallest real config ("small":
@@ -100,7 +106,7 @@ def _alternate(variants: dict[str, Callable[[], None]], rounds: int, block: int,
 
 
 def run(quick: bool = False, device: str | None = None) -> dict:
-    """Headline figures on the project's CPU config; full mode adds the original 'small' config."""
+    """Headline figures on the project's CPU config; full mode adds the original 'small' configs."""
     dev = pick_device(device)
     head = measure(QUICK if quick else TINY, dev)
     result = {k: head.pop(k) for k in ("speedup_vs_reference", "translation_over_generative", "images_per_s")}
@@ -114,13 +120,18 @@ def run(quick: bool = False, device: str | None = None) -> dict:
         device=device_name(dev),
         threads=torch.get_num_threads(),
         torch=torch.__version__,
-        bf16_autocast=dev.type == "cuda",
+        native_bf16=native_bf16(dev),
     )
     return result
 
 
+def _step_variants(dev: torch.device) -> tuple[str, ...]:
+    """Every step variant in float32; in bf16 autocast too where the device has bf16 kernels."""
+    kinds = ("fast", "reference", "generative")
+    return kinds + (tuple(f"{k}_bf16" for k in kinds) if native_bf16(dev) else ())
+
+
 def measure(spec: dict, dev: torch.device) -> dict:
-    bf16 = dev.type == "cuda"
     sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
     torch.manual_seed(0)
     sal = (
@@ -140,19 +151,23 @@ def measure(spec: dict, dev: torch.device) -> dict:
         "reference": lambda xt, tgt, v: rf.reference_saliency_loss(sal.h, xt, tgt, v),
         "generative": lambda xt, tgt, v: rf.velocity_mse_loss(v, tgt),
     }
-    step_kinds = ("fast", "reference", "generative")
-    nets = {k: copy.deepcopy(base) for k in step_kinds}
-    opts = {k: torch.optim.AdamW(nets[k].parameters(), lr=2e-4, weight_decay=1e-4) for k in step_kinds}
+    variants = _step_variants(dev)
+    nets = {k: copy.deepcopy(base) for k in variants}
+    opts = {k: torch.optim.AdamW(nets[k].parameters(), lr=2e-4, weight_decay=1e-4) for k in variants}
 
-    def train_step(kind: str) -> None:
+    def train_step(variant: str) -> None:
+        kind, bf16 = variant.removesuffix("_bf16"), variant.endswith("_bf16")
         t = rf.sample_timesteps(b, "logit-normal", dev, generator=gen)
         xt, tgt = rf.interpolate(x0, x1, t), x1 - x0
+        # the original autocasts its whole loss, jvp included; the fast loss runs its own in float32
         with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=bf16):
-            v = nets[kind](xt, t)
+            v = nets[variant](xt, t)
             loss = losses[kind](xt, tgt, v)
-        opts[kind].zero_grad(set_to_none=True)
+        opts[variant].zero_grad(set_to_none=True)
         loss.backward()
-        opts[kind].step()
+        opts[variant].step()
+        if kind == "reference":
+            gc.collect()  # the original trainer's loop collects garbage after every step
 
     xt_fixed, tgt_fixed = rf.interpolate(x0, x1, torch.full((b,), 0.5, device=dev)), x1 - x0
 
@@ -162,7 +177,7 @@ def measure(spec: dict, dev: torch.device) -> dict:
 
     unet_gf, loss_gf = _flops(base, losses, xt_fixed[:1], tgt_fixed[:1])
     step_ms, step_cpu = _alternate(
-        {k: (lambda k=k: train_step(k)) for k in step_kinds}, spec["rounds"], spec["block"], sync, "train steps"
+        {k: (lambda k=k: train_step(k)) for k in variants}, spec["rounds"], spec["block"], sync, "train steps"
     )
     loss_ms, loss_cpu = _alternate(
         {k: (lambda k=k: loss_step(k)) for k in ("fast", "fast_plain", "reference")},
@@ -176,7 +191,47 @@ def measure(spec: dict, dev: torch.device) -> dict:
         "unet_params_m": round(sum(p.numel() for p in base.parameters()) / 1e6, 2),
         "saliency_params_m": round(sum(p.numel() for p in sal.parameters()) / 1e6, 2),
     }
-    return _summary(spec, (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf), params, bf16)
+    summary = _summary(spec, (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf), params)
+    if "fast_bf16" in step_ms:
+        summary["bf16"] = _bf16_ratios(step_ms, step_cpu, b)
+        summary["bf16"]["loss_gradient_rel_error"] = jvp_precision(frozen_h, sal.h, xt_fixed, tgt_fixed)
+    return summary
+
+
+def _bf16_ratios(step_ms: dict, step_cpu: dict, batch: int) -> dict:
+    """The bf16 variants against each other and against the original's float32 step."""
+    out = {}
+    for name, d in (("wall", step_ms), ("cpu", step_cpu)):
+        out[name] = {
+            "fast_bf16_vs_reference_fp32": round(d["reference"] / d["fast_bf16"], 3),
+            "fast_bf16_vs_reference_bf16": round(d["reference_bf16"] / d["fast_bf16"], 3),
+            "fast_bf16_vs_fast_fp32": round(d["fast"] / d["fast_bf16"], 3),
+            "translation_over_generative_bf16": round(d["fast_bf16"] / d["generative_bf16"], 3),
+        }
+    out["images_per_s"] = round(batch / (step_ms["fast_bf16"] / 1e3), 3)
+    return out
+
+
+def jvp_precision(frozen_h, h, x_t: torch.Tensor, target: torch.Tensor) -> dict:
+    """Relative error (max |g - g32| / max |g32|) of the saliency loss's gradient w.r.t. the velocity,
+    against float32: the fast loss under bf16 autocast (it keeps its jvp in float32) and the original's
+    double-backward jvp under bf16 autocast, as its trainer runs it with `bf16` set."""
+    v0 = torch.randn(x_t.shape, generator=torch.Generator().manual_seed(1)).to(x_t.device) * 0.1
+
+    def grad(loss_fn, bf16: bool) -> torch.Tensor:
+        v = v0.clone().requires_grad_(True)
+        with torch.autocast(x_t.device.type, dtype=torch.bfloat16, enabled=bf16):
+            loss = loss_fn(frozen_h if loss_fn is rf.saliency_weighted_loss else h, x_t, target, v)
+        (g,) = torch.autograd.grad(loss, v)
+        return g.float()
+
+    rel = lambda a, b: round(float((a - b).abs().max() / b.abs().max()), 6)  # noqa: E731
+    fast32 = grad(rf.saliency_weighted_loss, False)
+    ref32 = grad(rf.reference_saliency_loss, False)
+    return {
+        "fast_under_bf16_autocast": rel(grad(rf.saliency_weighted_loss, True), fast32),
+        "reference_under_bf16_autocast": rel(grad(rf.reference_saliency_loss, True), ref32),
+    }
 
 
 def _flops(base, losses: dict, one: torch.Tensor, tgt: torch.Tensor) -> tuple[float, dict]:
@@ -197,7 +252,6 @@ def _summary(
     loss_steps: tuple[dict, dict],
     gflops: tuple[float, dict],
     params: dict,
-    bf16: bool,
 ) -> dict:
     """The measured times and FLOPs as the benchmark's ratios and the config they were made with."""
     (step_ms, step_cpu), (loss_ms, loss_cpu), (unet_gf, loss_gf) = steps, loss_steps, gflops
@@ -240,6 +294,6 @@ def _summary(
             "rounds": spec["rounds"],
             "steps_per_block": spec["block"],
             "loss_rounds": spec["loss_rounds"],
-            "bf16_autocast": bf16,
+            "headline_precision": "float32",
         },
     }

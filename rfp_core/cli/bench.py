@@ -21,7 +21,7 @@ def add_parser(sub) -> None:
     bench.add_argument(
         "--rows",
         default=None,
-        help="quality: comma-separated, from identity,tint,paper,anchored,mse,anchored_relative,paper_ot,"
+        help="quality: comma-separated, from identity,tint,paper,paper_bf16,anchored,mse,anchored_relative,paper_ot,"
         "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
         "reflow_quality: the 1-RF row (default mse)",
     )

@@ -1,4 +1,4 @@
-"""The velocity phase's speed switches (`velocity.channels_last`, `.adamw`, `.compile`, `.cpu_threads`).
+"""The velocity phase's speed switches (`velocity.bf16`, `.channels_last`, `.adamw`, `.compile`, `.cpu_threads`).
 
 Each is measured on/off, with its effect on the numbers, by `rfp bench train --switches`
 (docs/BENCHMARKS.md). The defaults are the plain path: a switch stays off by default unless it
@@ -7,6 +7,9 @@ matmuls and convolutions only (measured: no effect on CPU steps).
 """
 
 from __future__ import annotations
+
+import contextlib
+import sys
 
 import torch
 from torch import nn
@@ -35,3 +38,36 @@ def set_threads(vc: VelocityConfig, device: torch.device) -> None:
     """Intra-op threads for a CPU run, when the config names a count."""
     if vc.cpu_threads is not None and device.type == "cpu":
         torch.set_num_threads(vc.cpu_threads)
+
+
+def native_bf16(device: torch.device) -> bool:
+    """Whether `device` computes bf16 convolutions and matmuls in hardware: a CUDA GPU that supports
+    bf16, or a CPU whose oneDNN has bf16 kernels (AVX512-BF16 or AMX); elsewhere bf16 is emulated
+    and slower than float32."""
+    if device.type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    if device.type == "cpu":
+        try:
+            return bool(torch.backends.mkldnn.is_available() and torch.ops.mkldnn._is_mkldnn_bf16_supported())
+        except (AttributeError, RuntimeError):
+            return False
+    return False
+
+
+def velocity_autocast(vc: VelocityConfig, device: torch.device):
+    """The context the velocity net's forward runs in: bf16 autocast when `velocity.bf16` is set (on
+    CUDA and CPU, as the original trainer), a null context otherwise. The saliency loss turns autocast
+    off inside itself, so its Jacobian-vector product stays in float32 (docs/BENCHMARKS.md: the bf16
+    one moves the gradient by far more than 1e-3)."""
+    if not vc.bf16:
+        return contextlib.nullcontext()
+    if device.type not in ("cuda", "cpu"):
+        print(f"velocity.bf16: no bf16 autocast on {device.type}; training in float32", file=sys.stderr)
+        return contextlib.nullcontext()
+    if not native_bf16(device):
+        print(
+            f"velocity.bf16: this {device.type} has no native bf16 kernels, so bf16 autocast will be slower "
+            "than float32; set velocity.bf16 false",
+            file=sys.stderr,
+        )
+    return torch.autocast(device.type, dtype=torch.bfloat16)

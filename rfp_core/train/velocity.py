@@ -253,8 +253,7 @@ def _data(run: VelocityRun, manifest: Path, store, pairs) -> None:
         persistent_workers=workers > 0,
     )
     run.batches = iter(loader)
-    if vc.bf16 and device.type == "cuda":
-        run.autocast = torch.autocast("cuda", dtype=torch.bfloat16)
+    run.autocast = speed.velocity_autocast(vc, device)
 
 
 def _log(run: VelocityRun, metrics: dict, metrics_path: Path, bar, log: LogFn | None) -> None:
