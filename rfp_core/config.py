@@ -254,7 +254,10 @@ class VelocityConfig(_Strict):
     gradient_clip: float = Field(0.0, ge=0)
     # 0 = off (the raw weights are sampled and saved), as in the original
     ema: float = Field(0.0, ge=0, lt=1)
-    bf16: bool = False
+    # bf16 autocast of the velocity net (train/speed.py): true / false as in the original, which
+    # autocasts on any device; None (left out) = on where the device has native bf16 kernels (a bf16
+    # GPU, a CPU with AVX512-BF16 or AMX), off elsewhere. The saliency loss's jvp stays float32.
+    bf16: bool | None = None
     # this project's: steps over which the EMA's horizon 1/(1-d) ramps from 1 to 1/(1-ema); None =
     # ema/(1-ema), the running mean until then (train/ema.py); 0 = the original's constant decay
     ema_warmup_steps: int | None = Field(None, ge=0)

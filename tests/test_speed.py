@@ -61,13 +61,15 @@ def test_switch_defaults_keep_the_plain_path_and_misspelt_keys_are_named():
     assert velocity_inputs(json.loads(fast.to_json()), table, None, None) == plain
 
 
-def test_foreach_adamw_trains_the_same_weights_and_channels_last_nearly(tmp_path, monkeypatch):
+def test_foreach_adamw_trains_the_same_weights_channels_last_and_bf16_nearly(tmp_path, monkeypatch):
     monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
     cfg, d0, d1 = _short(tmp_path)
     run = train_run(cfg, [d0], [d1], run_id="plain", device="cpu", progress=False)
     plain = load_checkpoint(run / "velocity.pt")["velocity"]
     base = json.loads((run / "config.json").read_text())
-    for switches, exact in (({"adamw": "foreach", "cpu_threads": 1}, True), ({"channels_last": True}, False)):
+    # bf16 autocast rounds the velocity net's activations to 8 bits of mantissa: near, not equal
+    tolerance = {"adamw": 0, "channels_last": 1e-3, "bf16": 2e-2}
+    for switches in ({"adamw": "foreach", "cpu_threads": 1}, {"channels_last": True}, {"bf16": True}):
         base["velocity"].update(switches)
         out = tmp_path / f"v_{'_'.join(switches)}"
         shutil.rmtree(out, ignore_errors=True)
@@ -80,11 +82,27 @@ def test_foreach_adamw_trains_the_same_weights_and_channels_last_nearly(tmp_path
             store=FrameStore(max_side=cfg_on.store_max_side),
             progress=False,
         )
-        got = load_checkpoint(result.checkpoint)["velocity"]
+        product = load_checkpoint(result.checkpoint)
+        assert product["precision"] == ("bf16" if switches.get("bf16") else "float32")
+        got = product["velocity"]
         diff = max((plain[k].float() - got[k].float()).abs().max().item() for k in plain)
-        assert diff == 0 if exact else 0 < diff < 1e-3, (switches, diff)
+        bound = tolerance[next(iter(switches))]
+        assert diff == 0 if bound == 0 else 0 < diff < bound, (switches, diff)
         for k in switches:
             base["velocity"].pop(k)
+
+
+def test_bf16_left_out_means_where_the_device_has_bf16_kernels():
+    cpu = torch.device("cpu")
+    assert VelocityConfig().bf16 is None and load_config(TINY).velocity.bf16 is False  # tiny.json pins float32
+    assert speed.uses_bf16(VelocityConfig(), cpu) == speed.native_bf16(cpu)
+    assert speed.uses_bf16(VelocityConfig(bf16=True), cpu) and not speed.uses_bf16(VelocityConfig(bf16=False), cpu)
+    assert not speed.uses_bf16(VelocityConfig(bf16=True), torch.device("mps"))  # no bf16 autocast there
+    assert isinstance(speed.velocity_autocast(VelocityConfig(bf16=True), cpu), torch.autocast)
+    # the original's key, in its flat files: set = as written, left out = None
+    flat = {"type": "RFPix2pixModel", "max_size": 32}
+    assert config_from_dict({**flat, "bf16": True}).velocity.bf16 is True
+    assert config_from_dict(flat).velocity.bf16 is None
 
 
 def test_switch_bench_measures_numbers_and_rewrites_its_docs_block(tmp_path):

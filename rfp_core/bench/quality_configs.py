@@ -10,6 +10,8 @@ Budget (full run): 200 optimizer steps of 16 at 32 px (2 shared CPU cores).
 from __future__ import annotations
 
 import copy
+import json
+from pathlib import Path
 from typing import Any
 
 _BASE: dict[str, Any] = {
@@ -129,6 +131,8 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
     "anchored_train_stop": _merge(
         _BASE, {"saliency": {"stop_on": "train_smoothed"}, "velocity": {"mse_weight": 500.0}}
     ),
+    # the recommended recipe for new users, read from configs/translate.json itself (the README's)
+    "recipe": json.loads((Path(__file__).resolve().parents[2] / "configs" / "translate.json").read_text()),
     # issue 11, item 5: the pix2pix setting on a paired task: the coupling is the true (same file
     # name) pairs and the loss plain MSE; the "mse" row on the same task is its unpaired twin
     "paired": {**_merge(_BASE, {"velocity": {"loss": "mse", "mse_weight": 0.0}}), "pairing": "filenames"},

@@ -25,6 +25,7 @@ ROW_LABELS = {
     "tint": "tint baseline (colour wash)",
     "paper": "paper: saliency loss",
     "paper_bf16": "paper, velocity net in bf16 autocast",
+    "recipe": "recipe: configs/translate.json",
     "anchored": "anchored: saliency + MSE",
     "mse": "mse: plain rectified flow",
     "paired": "paired: true pairs (same file name), MSE",

@@ -37,6 +37,7 @@ SWITCHES: dict[str, tuple[dict, dict]] = {
     "compile": ({}, {"compile": True}),
     "threads_1_vs_2": ({"cpu_threads": 1}, {"cpu_threads": 2}),
     "tf32": ({}, {"tf32": True}),
+    "bf16": ({}, {"bf16": True}),
 }
 QUICK_SKIP = ("compile",)  # minutes of compiling on a small machine: full mode only
 NUMERIC_STEPS = 3
@@ -77,10 +78,12 @@ def _stepper(ctx: dict, variant: dict) -> tuple[Callable[[], None], torch.nn.Mod
     """One training step of a fresh copy of the net with `variant`'s switches, and that copy."""
     variant = dict(variant)
     tf32 = variant.pop("tf32", False)
-    vc = VelocityConfig(learning_rate=2e-4, weight_decay=1e-4, **variant)
+    # every switch against the plain float32 path (bf16's default, None, means "where native")
+    vc = VelocityConfig(learning_rate=2e-4, weight_decay=1e-4, **{"bf16": False, **variant})
     net = speed.prepare_net(copy.deepcopy(ctx["base"]), vc)
     opt = speed.make_optimizer(net, vc)
     forward = speed.compiled(net, vc)
+    autocast = speed.velocity_autocast(vc, ctx["dev"])
     gen = torch.Generator().manual_seed(0)
     x0, x1 = ctx["x0"], ctx["x1"]
 
@@ -88,7 +91,9 @@ def _stepper(ctx: dict, variant: dict) -> tuple[Callable[[], None], torch.nn.Mod
         with _settings(vc.cpu_threads, tf32):
             t = rf.sample_timesteps(x0.shape[0], "logit-normal", ctx["dev"], generator=gen)
             xt, target = rf.interpolate(x0, x1, t), x1 - x0
-            loss = rf.saliency_weighted_loss(ctx["h"], xt, target, forward(xt, t))
+            with autocast:
+                v = forward(xt, t)
+            loss = rf.saliency_weighted_loss(ctx["h"], xt, target, v.float())
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()

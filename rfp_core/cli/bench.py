@@ -22,7 +22,7 @@ def add_parser(sub) -> None:
         "--rows",
         default=None,
         help="quality: comma-separated, from identity,tint,paper,paper_bf16,anchored,mse,anchored_relative,paper_ot,"
-        "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop (default all); "
+        "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop,recipe (default all); "
         "reflow_quality: the 1-RF row (default mse)",
     )
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")

@@ -54,17 +54,22 @@ def native_bf16(device: torch.device) -> bool:
     return False
 
 
+def uses_bf16(vc: VelocityConfig, device: torch.device) -> bool:
+    """Whether the velocity net trains under bf16 autocast: `velocity.bf16` if set, else (None) where
+    `device` has native bf16 kernels. Only CUDA and CPU have bf16 autocast here."""
+    wanted = native_bf16(device) if vc.bf16 is None else vc.bf16
+    return wanted and device.type in ("cuda", "cpu")
+
+
 def velocity_autocast(vc: VelocityConfig, device: torch.device):
-    """The context the velocity net's forward runs in: bf16 autocast when `velocity.bf16` is set (on
-    CUDA and CPU, as the original trainer), a null context otherwise. The saliency loss turns autocast
-    off inside itself, so its Jacobian-vector product stays in float32 (docs/BENCHMARKS.md: the bf16
-    one moves the gradient by far more than 1e-3)."""
-    if not vc.bf16:
-        return contextlib.nullcontext()
-    if device.type not in ("cuda", "cpu"):
+    """The context the velocity net's forward runs in: bf16 autocast (`uses_bf16`), or a null context.
+    The saliency loss turns autocast off inside itself, so its Jacobian-vector product stays in
+    float32 (docs/BENCHMARKS.md: the original's bf16 jvp moves the gradient by about 20%)."""
+    if vc.bf16 and device.type not in ("cuda", "cpu"):
         print(f"velocity.bf16: no bf16 autocast on {device.type}; training in float32", file=sys.stderr)
+    if not uses_bf16(vc, device):
         return contextlib.nullcontext()
-    if not native_bf16(device):
+    if vc.bf16 and not native_bf16(device):
         print(
             f"velocity.bf16: this {device.type} has no native bf16 kernels, so bf16 autocast will be slower "
             "than float32; set velocity.bf16 false",

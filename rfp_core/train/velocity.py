@@ -254,6 +254,8 @@ def _data(run: VelocityRun, manifest: Path, store, pairs) -> None:
     )
     run.batches = iter(loader)
     run.autocast = speed.velocity_autocast(vc, device)
+    if vc.bf16 is None and speed.uses_bf16(vc, device) and run.world.main:
+        print(f"velocity: bf16 autocast ({device.type} has bf16 kernels; velocity.bf16 false trains in float32)")
 
 
 def _log(run: VelocityRun, metrics: dict, metrics_path: Path, bar, log: LogFn | None) -> None:
@@ -305,7 +307,11 @@ def _finish(
         _save_state(run)
         sample_grid = samples.write(run.ema.model, run.step)
         make_room(final, run.lineage["lineage"])
-        extra = {"saliency_checkpoint": str(saliency_ckpt) if run.use_saliency else None, **run.lineage}
+        extra = {
+            "saliency_checkpoint": str(saliency_ckpt) if run.use_saliency else None,
+            "precision": "bf16" if speed.uses_bf16(run.cfg.velocity, run.device) else "float32",
+            **run.lineage,
+        }
         weights, config = run.ema.model.state_dict(), json.loads(run.cfg.to_json())
         product = velocity_product(
             weights, config, run.codec.latent_channels, run.codec.state_dict(), run.step, final_loss, **extra
