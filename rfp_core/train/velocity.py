@@ -229,10 +229,22 @@ def _restore(run: VelocityRun, source: Path, state: dict) -> None:
 
 
 def _data(run: VelocityRun, manifest: Path, store, pairs) -> None:
-    """The step-indexed data order from `run.step`, this rank's shard of each step's batch in
-    micro-batches; each sample's crop is seeded by its position, so resume is exact in loader
-    workers too."""
-    cfg, vc, device = run.cfg, run.cfg.velocity, run.device
+    """The batches from `run.step` (see `velocity_loader`) and the step's autocast."""
+    vc, device = run.cfg.velocity, run.device
+    loader, run.micro_sizes = velocity_loader(run.cfg, manifest, store, run.world, device, run.step, pairs)
+    run.batches = iter(loader)
+    run.autocast = speed.velocity_autocast(vc, device)
+    if vc.bf16 is None and speed.uses_bf16(vc, device) and run.world.main:
+        print(f"velocity: bf16 autocast ({device.type} has bf16 kernels; velocity.bf16 false trains in float32)")
+
+
+def velocity_loader(
+    cfg: ModelConfig, manifest: Path, store, world, device: torch.device, start_step: int = 0, pairs=None
+) -> tuple[DataLoader, list[int]]:
+    """The phase's DataLoader and the step's micro-batch sizes: the step-indexed data order from
+    `start_step`, this rank's shard of each step's batch in micro-batches; each sample's crop is
+    seeded by its position, so resume is exact in loader workers too. (`rfp bench run` times it alone.)"""
+    vc = cfg.velocity
     dataset = UnpairedDataset(
         manifest,
         store,
@@ -243,8 +255,7 @@ def _data(run: VelocityRun, manifest: Path, store, pairs) -> None:
         pairs=pairs,
     )
     workers = min(4, (os.cpu_count() or 1) // 2) if device.type == "cuda" else 0
-    shards = distributed.ShardBatches(vc.train_batch_size, vc.train_minibatch_size, run.world, start_step=run.step)
-    run.micro_sizes = shards.micro_sizes()
+    shards = distributed.ShardBatches(vc.train_batch_size, vc.train_minibatch_size, world, start_step=start_step)
     loader = DataLoader(
         distributed.Positions(dataset, cfg.seed),
         batch_sampler=shards,
@@ -252,10 +263,7 @@ def _data(run: VelocityRun, manifest: Path, store, pairs) -> None:
         pin_memory=device.type == "cuda",
         persistent_workers=workers > 0,
     )
-    run.batches = iter(loader)
-    run.autocast = speed.velocity_autocast(vc, device)
-    if vc.bf16 is None and speed.uses_bf16(vc, device) and run.world.main:
-        print(f"velocity: bf16 autocast ({device.type} has bf16 kernels; velocity.bf16 false trains in float32)")
+    return loader, shards.micro_sizes()
 
 
 def _log(run: VelocityRun, metrics: dict, metrics_path: Path, bar, log: LogFn | None) -> None:
