@@ -7,11 +7,9 @@ finished earlier phases are reused by the next call (the resume rules see the sa
 what a later call adds is that phase alone plus a re-scan of the data (`ingest_s`, timed on its own
 first). With `--quick` the config is cut to the `--smoke` budget.
 
-Beside the phase times, from the finished run (`_speeds`): the velocity phase's training images/s
-(its metrics.jsonl windows) against its DataLoader iterated alone (samples/s: one sample is one
-training image), the saliency phase's steps and the cost of one held-out evaluation (the phase
-does not time its evaluations, so one is timed here with its own function and the share of the
-phase they took is estimated from their count), and translation images/s at 1 and 12 Euler steps.
+Beside them, from the finished run (`_speeds`): velocity training images/s against its DataLoader
+alone (samples/s; a sample is one training image), the saliency steps and one held-out evaluation
+timed (the phase does not time them; their share is estimated), translation images/s at 1 and 12 steps.
 """
 
 from __future__ import annotations
@@ -37,12 +35,20 @@ def _timed(fn) -> float:
     return time.perf_counter() - t0
 
 
-def _rate(fn, n: int) -> float:
-    """n / seconds of one fn() call, after one warm-up call (mean over calls for MIN_TIMED_S)."""
-    fn()
+def _rate(fn, n: int, device) -> float:
+    """n / seconds of one fn() call, after one warm-up call (mean over calls for MIN_TIMED_S);
+    CUDA is synchronised after each call, so a call's queued kernels count in its time."""
+    import torch
+
+    def call() -> None:
+        fn()
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+
+    call()
     calls, t0 = 0, time.perf_counter()
     while (elapsed := time.perf_counter() - t0) < MIN_TIMED_S or not calls:
-        fn()
+        call()
         calls += 1
     return calls * n / elapsed
 
@@ -180,7 +186,7 @@ def _saliency(cfg, run_dir: Path, store, translator, seconds: float) -> dict:
     steps = int(json.loads((run_dir / "saliency_state.json").read_text())["steps"])
     net = load_saliency(run_dir / "saliency.pt", dev)
     held_out = holdout_batches(run_dir / "manifest.parquet", store, cfg, StopRule(sc).eval_split)
-    eval_s = 1 / _rate(lambda: evaluate_accuracy(net, codec, held_out, dev), 1)
+    eval_s = 1 / _rate(lambda: evaluate_accuracy(net, codec, held_out, dev), 1, dev)
     evals = steps // sc.eval_every + int(steps >= sc.max_steps and steps % sc.eval_every != 0)  # as the loop
     return {
         "saliency_steps": steps,
@@ -202,8 +208,5 @@ def _translate_rates(cfg, run_dir: Path, store, translator) -> dict:
         frames = holdout_batches(run_dir / "manifest.parquet", store, cfg)[0][0]
         x = frames.repeat(-(-n // len(frames)), 1, 1, 1)[:n]
         fns = {s: lambda s=s: translator.translate(x, steps=s, sampler="euler") for s in TRANSLATE_STEPS}
-    return {
-        "translate_batch": n,
-        "translate_sampler": "euler",
-        "translate_images_per_s": {str(s): _rate(fn, n) for s, fn in fns.items()},
-    }
+    rates = {str(s): _rate(fn, n, translator.device) for s, fn in fns.items()}
+    return {"translate_batch": n, "translate_sampler": "euler", "translate_images_per_s": rates}
