@@ -98,8 +98,11 @@ class SaliencyConfig(_Strict):
     augmentations: list[Augmentation] = Field(default_factory=list)
     # this project's additions (the original has no such keys)
     batch_size: int = Field(32, ge=2)
-    # an unreachable threshold ends with a clear error after this many steps, never runs forever
-    max_steps: int = Field(20_000, ge=1)
+    # the step limit. None = the original's: its saliency loop runs velocity.train_images //
+    # velocity.train_batch_size steps at most and then goes on to the velocity phase whatever the
+    # accuracy (with a warning here). A number: an unreachable threshold ends with a clear error
+    # after that many steps (unless the other accuracy met it: train/saliency_stop.py).
+    max_steps: int | None = Field(None, ge=1)
     eval_every: int = Field(50, ge=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
     # also checkpoint every N steps (None = every 5 minutes and at the 1a -> 1b switch only)
@@ -345,6 +348,11 @@ class ModelConfig(_Strict):
         return value
 
     @property
+    def saliency_step_limit(self) -> int:
+        """saliency.max_steps, or the original's limit when it is None: the velocity budget's steps."""
+        return self.saliency.max_steps if self.saliency.max_steps is not None else max(1, self.velocity.total_steps)
+
+    @property
     def generative(self) -> bool:
         return self.domain0 == "random"
 
@@ -391,6 +399,11 @@ class ExperimentConfig(_Strict):
     @classmethod
     def _domain1_list(cls, value: Any) -> Any:
         return [value] if isinstance(value, str) else value
+
+    @property
+    def saliency_step_limit(self) -> int:
+        """saliency.max_steps, or the original's limit when it is None: the velocity budget's steps."""
+        return self.saliency.max_steps if self.saliency.max_steps is not None else max(1, self.velocity.total_steps)
 
     @property
     def generative(self) -> bool:

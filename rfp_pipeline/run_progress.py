@@ -286,7 +286,7 @@ def training_totals(cfg) -> dict[str, int | None]:
     get: Callable[[str, str], int | None] = lambda sec, key: getattr(getattr(cfg, sec, None), key, None)  # noqa: E731
     return {
         "velocity_checkpoint": get("velocity", "total_steps"),
-        "saliency_checkpoint": get("saliency", "max_steps"),
+        "saliency_checkpoint": getattr(cfg, "saliency_step_limit", None),
         "codec_checkpoint": None,
     }
 

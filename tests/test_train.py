@@ -190,6 +190,27 @@ def test_unreachable_threshold_stops_with_a_clear_error(tmp_path):
     assert state["steps"] == 2 and state["backbone_warmed_up"] is False
 
 
+def test_without_max_steps_the_saliency_phase_ends_at_the_originals_limit_and_goes_on(tmp_path, capsys):
+    # the original's loop: at most velocity.train_images // velocity.train_batch_size steps, then on
+    d0, _ = make_discs(tmp_path / "a", n=12, size=32, seed=0)
+    d1, _ = make_discs(tmp_path / "b", n=12, size=32, seed=1)
+    store = FrameStore(max_side=64)
+    report = ingest([d0], [d1], out=tmp_path / "m.parquet", store=store, progress=False)
+    raw = {k: v for k, v in json.loads(TINY.read_text()).items() if k != "saliency_max_steps"}
+    cfg = config_from_dict(
+        raw,
+        overrides={
+            "velocity": {"train_images": 3 * 8, "train_batch_size": 8},
+            "saliency": {"eval_every": 1, "warmup_threshold": 1.0, "accuracy_threshold": 1.0},
+        },
+    )
+    assert cfg.saliency.max_steps is None and cfg.saliency_step_limit == 3
+    result = train_saliency(cfg, report.manifest_path, tmp_path / "run", store=store, progress=False)
+    state = json.loads((tmp_path / "run" / "saliency_state.json").read_text())
+    assert state["steps"] == 3 and state["stopped_by"] == "step_limit" and result.checkpoint.exists()
+    assert "the original trainer's limit" in capsys.readouterr().err
+
+
 def test_dev_flag_shrinks_the_budget_and_a_missing_device_is_refused(tmp_path, capsys):
     cfg = smoke_config(load_config(TINY))
     assert cfg.velocity.total_steps == 20 and cfg.saliency.max_steps <= 500

@@ -39,7 +39,7 @@ def smoke_config(cfg: ModelConfig) -> ModelConfig:
                 "sample_every_images": 5 * v.train_batch_size,
                 "checkpoint_every_minutes": 1.0,
             },
-            "saliency": {"max_steps": min(s.max_steps, 500), "eval_every": min(s.eval_every, 25)},
+            "saliency": {"max_steps": min(cfg.saliency_step_limit, 500), "eval_every": min(s.eval_every, 25)},
         },
     )
 

@@ -56,10 +56,10 @@ class SaliencyThresholdNotReached(RuntimeError):
 class SaliencyResult:
     checkpoint: Path
     state_path: Path
-    accuracy: float  # the accuracy that met accuracy_threshold (of the criterion `stopped_by` names)
+    accuracy: float  # the accuracy that met accuracy_threshold (of the criterion `stopped_by` names), or the last
     steps: int
     warmed_up: bool
-    stopped_by: str | None = None  # "train_smoothed" | "holdout"
+    stopped_by: str | None = None  # "train_smoothed" | "holdout" | "step_limit" (the original's limit)
     train_accuracy: float | None = None  # the original's smoothed training accuracy (None: window not full)
     report_accuracy: float | None = None  # on held-out frames that did not decide the stop
     report_separate: bool = True  # False: too few held-out sources to keep stop and report apart
@@ -217,17 +217,17 @@ def _start(p: SaliencyRun, previous: dict) -> None:
 
 def _train(p: SaliencyRun, batches, share: float, holdout, log: LogFn | None, progress: bool) -> None:
     """Steps until the accuracy meets the threshold (or the step limit: fall back, or raise)."""
-    sc = p.cfg.saliency
+    sc, limit = p.cfg.saliency, p.cfg.saliency_step_limit
     bar = tqdm(
-        total=sc.max_steps,
-        initial=min(p.steps, sc.max_steps),
+        total=limit,
+        initial=min(p.steps, limit),
         desc="saliency",
         disable=not progress or not p.world.main,
         dynamic_ncols=True,
     )
     clock, window = CheckpointClock(sc.checkpoint_every_steps, SAVE_EVERY_S), []
     while p.report["stopped_by"] is None:
-        if p.steps >= sc.max_steps:
+        if p.steps >= limit:
             bar.close()
             _at_step_limit(p)
             break
@@ -236,7 +236,7 @@ def _train(p: SaliencyRun, batches, share: float, holdout, log: LogFn | None, pr
         p.steps += 1
         window.append(loss)
         bar.update(1)
-        evaluated = p.steps % sc.eval_every == 0 or p.steps >= sc.max_steps
+        evaluated = p.steps % sc.eval_every == 0 or p.steps >= limit
         if evaluated:  # one verdict for all ranks
             p.report["holdout_accuracy"] = p.world.from_main(
                 lambda: evaluate_accuracy(p.net, p.codec, holdout, p.device)
@@ -291,6 +291,16 @@ def _at_step_limit(p: SaliencyRun) -> None:
     """At saliency.max_steps: the phase ends on the other criterion if it met the threshold, else raises."""
     sc = p.cfg.saliency
     fallback = p.rule.fallback(p.report["holdout_accuracy"])
+    if fallback is None and sc.max_steps is None:  # the original's limit: it goes on, so does this
+        print(
+            f"saliency: accuracy {p.accuracy:.4f} has not reached {'accuracy' if p.warmed_up else 'warmup'}"
+            f"_threshold after {p.steps} steps, the original trainer's limit (velocity.train_images // "
+            "velocity.train_batch_size); as there, training goes on to the velocity phase. Set "
+            "saliency.max_steps to train the saliency net until it reaches the threshold.",
+            file=sys.stderr,
+        )
+        p.report["stopped_by"] = "step_limit"
+        return
     if fallback is None:
         _save(p)
         _not_reached(sc, p.warmed_up, p.accuracy, p.ckpt_path)
