@@ -111,6 +111,12 @@ def test_switch_bench_measures_numbers_and_rewrites_its_docs_block(tmp_path):
     assert same["max_weight_diff"] == 0 and same["ms_per_step"]["on"] > 0 and same["cpu_ms_per_step"]["off"] > 0
     moved = train_switches.measure_switch(ctx, MICRO, {}, {"adamw": "fused"}, steps=2)
     assert moved["max_weight_diff"] > 0  # fused AdamW rounds differently
+    # the attention kernel: the math path against flash, on a DiT (the same sums, another order)
+    dit = dict(MICRO, unet=dict(type="DiT", patch_size=2, hidden_size=32, depth=1, num_heads=2))
+    kernels = train_switches.measure_switch(
+        train_switches._setup(dit, torch.device("cpu")), dit, *train_switches.SWITCHES["sdpa_flash"], steps=2
+    )
+    assert 0 <= kernels["max_weight_diff"] < 1e-5 and kernels["ms_per_step"]["on"] > 0
     result = {
         "configs": {"micro": {"sizes": MICRO["sizes"], "batch": 2, "switches": {"adamw_foreach": same}}},
         "device": "cpu",

@@ -1,6 +1,7 @@
 """`rfp bench train --switches`: every speed switch of the velocity phase (train/speed.py) off and on.
 
-Per net config (configs/tiny.json's nets; the original trainer's `small`), the velocity training
+Per net config (configs/tiny.json's nets; the original trainer's `small`; its `small_dit` for the
+attention kernel and bf16), the velocity training
 step `rfp bench train` times (UNet forward, the fast saliency loss, backward, AdamW step) runs in two
 copies from the same weights: the switch off and on, in alternating blocks in one process, wall and
 process CPU time, medians. The same copies first run a few steps on the same draws, and the largest
@@ -19,9 +20,10 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 import torch
+from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.bench.train import ORIGINAL_SMALL, QUICK, TINY, _alternate
+from rfp_core.bench.train import ORIGINAL_SMALL, ORIGINAL_SMALL_DIT, QUICK, TINY, _alternate
 from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig, VelocityConfig
 from rfp_core.device import pick_device
 from rfp_core.flow import rf
@@ -38,17 +40,28 @@ SWITCHES: dict[str, tuple[dict, dict]] = {
     "threads_1_vs_2": ({"cpu_threads": 1}, {"cpu_threads": 2}),
     "tf32": ({}, {"tf32": True}),
     "bf16": ({}, {"bf16": True}),
+    # the attention kernel torch's SDPA dispatches to: the plain math path against the flash kernel
+    "sdpa_flash": ({"sdpa": "math"}, {"sdpa": "flash"}),
 }
 QUICK_SKIP = ("compile",)  # minutes of compiling on a small machine: full mode only
+ATTENTION_SWITCHES = ("sdpa_flash",)  # only nets with attention (the DiT) have something to switch
 NUMERIC_STEPS = 3
 DOCS = Path(__file__).resolve().parents[2] / "docs" / "BENCHMARKS.md"
 BEGIN, END = "<!-- bench train --switches: begin -->", "<!-- bench train --switches: end -->"
 COMMAND = "OMP_NUM_THREADS=1 nice -n 10 rfp bench train --switches --device cpu"
 
 
+_SDPA = {
+    "math": [SDPBackend.MATH],
+    "flash": [SDPBackend.FLASH_ATTENTION],
+    # torch's own choice among all of them
+    None: [SDPBackend.FLASH_ATTENTION, SDPBackend.EFFICIENT_ATTENTION, SDPBackend.CUDNN_ATTENTION, SDPBackend.MATH],
+}
+
+
 @contextlib.contextmanager
-def _settings(threads: int | None, tf32: bool) -> Iterator[None]:
-    """Intra-op threads and the TF32 flags for one step, restored after it."""
+def _settings(threads: int | None, tf32: bool, sdpa: str | None = None) -> Iterator[None]:
+    """Intra-op threads, the TF32 flags and the SDPA kernels for one step, restored after it."""
     old = (torch.get_num_threads(), torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32)
     old_precision = torch.get_float32_matmul_precision()
     if threads is not None:
@@ -56,7 +69,8 @@ def _settings(threads: int | None, tf32: bool) -> Iterator[None]:
     torch.backends.cuda.matmul.allow_tf32 = torch.backends.cudnn.allow_tf32 = tf32
     torch.set_float32_matmul_precision("high" if tf32 else old_precision)
     try:
-        yield
+        with sdpa_kernel(_SDPA[sdpa]):
+            yield
     finally:
         torch.set_num_threads(old[0])
         torch.backends.cuda.matmul.allow_tf32, torch.backends.cudnn.allow_tf32 = old[1], old[2]
@@ -77,7 +91,7 @@ def _setup(spec: dict, dev: torch.device) -> dict:
 def _stepper(ctx: dict, variant: dict) -> tuple[Callable[[], None], torch.nn.Module]:
     """One training step of a fresh copy of the net with `variant`'s switches, and that copy."""
     variant = dict(variant)
-    tf32 = variant.pop("tf32", False)
+    tf32, sdpa = variant.pop("tf32", False), variant.pop("sdpa", None)
     # every switch against the plain float32 path (bf16's default, None, means "where native")
     vc = VelocityConfig(learning_rate=2e-4, weight_decay=1e-4, **{"bf16": False, **variant})
     net = speed.prepare_net(copy.deepcopy(ctx["base"]), vc)
@@ -88,7 +102,7 @@ def _stepper(ctx: dict, variant: dict) -> tuple[Callable[[], None], torch.nn.Mod
     x0, x1 = ctx["x0"], ctx["x1"]
 
     def step() -> None:
-        with _settings(vc.cpu_threads, tf32):
+        with _settings(vc.cpu_threads, tf32, sdpa):
             t = rf.sample_timesteps(x0.shape[0], "logit-normal", ctx["dev"], generator=gen)
             xt, target = rf.interpolate(x0, x1, t), x1 - x0
             with autocast:
@@ -130,10 +144,14 @@ def run(quick: bool = False, device: str | None = None, docs: Path | None = None
     dev = pick_device(device)
     load_before = os.getloadavg()
     result: dict = {"configs": {}}
-    for spec in (QUICK,) if quick else (dict(TINY, rounds=8, block=1), ORIGINAL_SMALL):
+    plain = [n for n in SWITCHES if n not in ATTENTION_SWITCHES]
+    plan = [(QUICK, plain)] if quick else [(dict(TINY, rounds=8, block=1), plain), (ORIGINAL_SMALL, plain)]
+    plan += [] if quick else [(ORIGINAL_SMALL_DIT, [*ATTENTION_SWITCHES, "bf16"])]
+    for spec, names in plan:
         ctx = _setup(spec, dev)
         rows = {}
-        for name, (off, on) in SWITCHES.items():
+        for name in names:
+            off, on = SWITCHES[name]
             if quick and name in QUICK_SKIP:
                 continue
             print(f"[bench train --switches] {spec['name']}: {name}", flush=True)
