@@ -8,6 +8,7 @@ import pytest
 import torch
 from test_velocity_options import TINY, _short
 
+from rfp_core.bench import train as bench_train
 from rfp_core.bench import train_switches
 from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import main
@@ -134,6 +135,17 @@ def test_switch_bench_measures_numbers_and_rewrites_its_docs_block(tmp_path):
     text = docs.read_text()
     assert text.startswith("# Benchmarks\n\nkept\n") and text.count(train_switches.BEGIN) == 1
     assert "tomorrow" in text and "today" not in text
+
+
+def test_bench_train_keeps_the_jvp_in_float32_under_bf16_and_counts_the_originals_extra_flops():
+    out = bench_train.measure(dict(MICRO, loss_rounds=1), torch.device("cpu"))
+    assert out["flop_ratios"]["speedup_vs_reference"] > 1 and out["gflops_per_image"]["loss_reference"] > 0
+    assert set(out["step_fractions"]) == {"velocity_net", "loss", "optimizer"} and out["loss_step_ms"]["optimizer"] > 0
+    assert ("bf16" in out) == speed.native_bf16(torch.device("cpu"))
+    if "bf16" in out:  # this project's loss under autocast is float32's; the original's bf16 jvp is not
+        err = out["bf16"]["loss_gradient_rel_error"]
+        assert err["fast_under_bf16_autocast"] < 1e-6 < 1e-3 < err["reference_under_bf16_autocast"]
+        assert {"fast_bf16", "reference_bf16", "generative_bf16"} <= set(out["ms_per_step"])
 
 
 def test_switches_is_an_option_of_bench_train_only(capsys):

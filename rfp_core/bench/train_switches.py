@@ -23,7 +23,7 @@ import torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from rfp_core.atomic import atomic_write_text
-from rfp_core.bench.train import ORIGINAL_SMALL, ORIGINAL_SMALL_DIT, QUICK, TINY, _alternate
+from rfp_core.bench.train import ORIGINAL_SMALL_64, ORIGINAL_SMALL_DIT_64, QUICK, TINY, _alternate
 from rfp_core.config import DiTConfig, SaliencyNetConfig, UNetConfig, VelocityConfig
 from rfp_core.device import pick_device
 from rfp_core.flow import rf
@@ -145,8 +145,8 @@ def run(quick: bool = False, device: str | None = None, docs: Path | None = None
     load_before = os.getloadavg()
     result: dict = {"configs": {}}
     plain = [n for n in SWITCHES if n not in ATTENTION_SWITCHES]
-    plan = [(QUICK, plain)] if quick else [(dict(TINY, rounds=8, block=1), plain), (ORIGINAL_SMALL, plain)]
-    plan += [] if quick else [(ORIGINAL_SMALL_DIT, [*ATTENTION_SWITCHES, "bf16"])]
+    plan = [(QUICK, plain)] if quick else [(dict(TINY, rounds=8, block=1), plain), (ORIGINAL_SMALL_64, plain)]
+    plan += [] if quick else [(ORIGINAL_SMALL_DIT_64, [*ATTENTION_SWITCHES, "bf16"])]
     for spec, names in plan:
         ctx = _setup(spec, dev)
         rows = {}
