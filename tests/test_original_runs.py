@@ -176,7 +176,7 @@ def test_rfp_train_trains_an_sae_and_a_dit_and_tracks_them_in_mlflow(tmp_path):
             "holdout_fraction": 0.35,
             "smoothing_window": 10,
         },
-    }  # stops on the original's criterion, soon
+    }  # no max_steps: the saliency phase stops at the original's limit, the velocity budget's 3 steps
     path = tmp_path / "dit.json"
     path.write_text(json.dumps(cfg))
     assert main(["train", "-c", str(path), "-d0", str(d0), "-d1", str(d1), "--run-id", "dit", "--device", "cpu"]) == 0

@@ -125,6 +125,7 @@ def train_saliency(
     if log and world.main:
         log(
             {
+                "saliency/accuracy": p.accuracy,
                 "saliency/report_accuracy": p.report["report_accuracy"],
                 **({"saliency/train_accuracy": p.rule.smoothed} if p.rule.smoothed is not None else {}),
             },
@@ -299,6 +300,9 @@ def _at_step_limit(p: SaliencyRun) -> None:
             "saliency.max_steps to train the saliency net until it reaches the threshold.",
             file=sys.stderr,
         )
+        # what the original returns there: the smoothed accuracy once its window is full, else the last batch's
+        last = p.rule.value(p.report["holdout_accuracy"])
+        p.accuracy = last if last is not None else (p.rule.window[-1] if p.rule.window else 0.0)
         p.report["stopped_by"] = "step_limit"
         return
     if fallback is None:
