@@ -163,6 +163,8 @@ def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
     assert diff(rows["anchored_relative"], rows["anchored"]) == {"velocity.mse_weight", "velocity.mse_weight_mode"}
     assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
     assert diff(rows["paper_bf16"], rows["paper"]) == {"velocity.bf16"}
+    # configs/translate.json is the measured paper_bf16 row, its precision left to the machine
+    assert diff(rows["recipe"], rows["paper_bf16"]) == {"velocity.bf16"} and rows["recipe"]["velocity"]["bf16"] is None
     assert diff(rows["anchored_ot"], rows["anchored"]) == {"velocity.coupling"}
     assert diff(rows["mse_ot"], rows["mse"]) == {"velocity.coupling"}
     assert diff(rows["anchored_ot_structure"], rows["anchored"]) == {"velocity.coupling", "velocity.coupling_space"}
