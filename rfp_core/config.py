@@ -98,10 +98,8 @@ class SaliencyConfig(_Strict):
     augmentations: list[Augmentation] = Field(default_factory=list)
     # this project's additions (the original has no such keys)
     batch_size: int = Field(32, ge=2)
-    # the step limit. None = the original's: its saliency loop runs velocity.train_images //
-    # velocity.train_batch_size steps at most and then goes on to the velocity phase whatever the
-    # accuracy (with a warning here). A number: an unreachable threshold ends with a clear error
-    # after that many steps (unless the other accuracy met it: train/saliency_stop.py).
+    # None = the original's limit (the velocity budget's steps, then on whatever the accuracy); a
+    # number: an unreachable threshold then fails the phase (train/saliency_stop.py), never runs forever
     max_steps: int | None = Field(None, ge=1)
     eval_every: int = Field(50, ge=1)
     holdout_fraction: float = Field(0.1, gt=0, lt=1)
@@ -257,9 +255,8 @@ class VelocityConfig(_Strict):
     gradient_clip: float = Field(0.0, ge=0)
     # 0 = off (the raw weights are sampled and saved), as in the original
     ema: float = Field(0.0, ge=0, lt=1)
-    # bf16 autocast of the velocity net (train/speed.py): true / false as in the original, which
-    # autocasts on any device; None (left out) = on where the device has native bf16 kernels (a bf16
-    # GPU, a CPU with AVX512-BF16 or AMX), off elsewhere. The saliency loss's jvp stays float32.
+    # bf16 autocast of the velocity net (train/speed.py), as in the original; None = where the device
+    # has bf16 kernels. The saliency loss's jvp stays float32.
     bf16: bool | None = None
     # this project's: steps over which the EMA's horizon 1/(1-d) ramps from 1 to 1/(1-ema); None =
     # ema/(1-ema), the running mean until then (train/ema.py); 0 = the original's constant decay
@@ -348,8 +345,7 @@ class ModelConfig(_Strict):
         return value
 
     @property
-    def saliency_step_limit(self) -> int:
-        """saliency.max_steps, or the original's limit when it is None: the velocity budget's steps."""
+    def saliency_step_limit(self) -> int:  # saliency.max_steps, or the original's: the velocity budget's steps
         return self.saliency.max_steps if self.saliency.max_steps is not None else max(1, self.velocity.total_steps)
 
     @property
@@ -401,8 +397,7 @@ class ExperimentConfig(_Strict):
         return [value] if isinstance(value, str) else value
 
     @property
-    def saliency_step_limit(self) -> int:
-        """saliency.max_steps, or the original's limit when it is None: the velocity budget's steps."""
+    def saliency_step_limit(self) -> int:  # saliency.max_steps, or the original's: the velocity budget's steps
         return self.saliency.max_steps if self.saliency.max_steps is not None else max(1, self.velocity.total_steps)
 
     @property

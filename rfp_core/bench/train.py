@@ -138,26 +138,33 @@ def _step_variants(dev: torch.device) -> tuple[str, ...]:
     return kinds + (tuple(f"{k}_bf16" for k in kinds) if native_bf16(dev) else ())
 
 
-def measure(spec: dict, dev: torch.device) -> dict:
-    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+def _nets_and_data(spec: dict, dev: torch.device) -> tuple[SaliencyNet, torch.nn.Module, torch.Tensor, torch.Tensor]:
+    """The frozen saliency net, the velocity net and two random domain batches, from seed 0."""
     torch.manual_seed(0)
     sal = (
         SaliencyNet(SaliencyNetConfig(backbone=spec["backbone"], pretrained=False)).to(dev).eval().requires_grad_(False)
     )
-    frozen_h = sal.frozen_h()
     net_cfg = spec["unet"]
     base = build_velocity_net((DiTConfig if net_cfg.get("type") == "DiT" else UNetConfig)(**net_cfg)).to(dev)
     b, s = spec["batch"], spec["size"]
-    x0 = torch.rand(b, 3, s, s, device=dev) * 2 - 1
-    x1 = torch.rand(b, 3, s, s, device=dev) * 2 - 1
-    gen = torch.Generator().manual_seed(0)
+    return sal, base, torch.rand(b, 3, s, s, device=dev) * 2 - 1, torch.rand(b, 3, s, s, device=dev) * 2 - 1
 
-    losses = {
+
+def _losses(sal: SaliencyNet, frozen_h) -> dict[str, Callable]:
+    return {
         "fast": lambda xt, tgt, v: rf.saliency_weighted_loss(frozen_h, xt, tgt, v),
         "fast_plain": lambda xt, tgt, v: rf.saliency_weighted_loss(sal.h, xt, tgt, v),
         "reference": lambda xt, tgt, v: rf.reference_saliency_loss(sal.h, xt, tgt, v),
         "generative": lambda xt, tgt, v: rf.velocity_mse_loss(v, tgt),
     }
+
+
+def measure(spec: dict, dev: torch.device) -> dict:
+    sync = torch.cuda.synchronize if dev.type == "cuda" else (lambda: None)
+    sal, base, x0, x1 = _nets_and_data(spec, dev)
+    frozen_h, b = sal.frozen_h(), spec["batch"]
+    gen = torch.Generator().manual_seed(0)
+    losses = _losses(sal, frozen_h)
     variants = _step_variants(dev)
     nets = {k: copy.deepcopy(base) for k in variants}
     opts = {k: torch.optim.AdamW(nets[k].parameters(), lr=2e-4, weight_decay=1e-4) for k in variants}
