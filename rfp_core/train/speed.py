@@ -64,7 +64,7 @@ def uses_bf16(vc: VelocityConfig, device: torch.device) -> bool:
 def velocity_autocast(vc: VelocityConfig, device: torch.device):
     """The context the velocity net's forward runs in: bf16 autocast (`uses_bf16`), or a null context.
     The saliency loss turns autocast off inside itself, so its Jacobian-vector product stays in
-    float32 (docs/BENCHMARKS.md: the original's bf16 jvp moves the gradient by about 20%)."""
+    float32 (docs/BENCHMARKS.md: the original's bf16 jvp moves the gradient by 20-35%)."""
     if vc.bf16 and device.type not in ("cuda", "cpu"):
         print(f"velocity.bf16: no bf16 autocast on {device.type}; training in float32", file=sys.stderr)
     if not uses_bf16(vc, device):
