@@ -6,7 +6,7 @@ import shutil
 import pyarrow as pa
 import pytest
 import torch
-from test_velocity_options import TINY, _short
+from test_velocity_options import TINY, _short, velocity_again
 
 from rfp_core.bench import train as bench_train
 from rfp_core.bench import train_switches
@@ -14,11 +14,9 @@ from rfp_core.checkpoint import load_checkpoint
 from rfp_core.cli import main
 from rfp_core.config import ConfigError, VelocityConfig
 from rfp_core.config_files import config_from_dict, load_config
-from rfp_core.media.frame_store import FrameStore
 from rfp_core.train import speed
 from rfp_core.train.resume import velocity_inputs
 from rfp_core.train.run import train_run
-from rfp_core.train.velocity import train_velocity
 
 MICRO = dict(
     name="micro",
@@ -74,15 +72,7 @@ def test_foreach_adamw_trains_the_same_weights_channels_last_and_bf16_nearly(tmp
         base["velocity"].update(switches)
         out = tmp_path / f"v_{'_'.join(switches)}"
         shutil.rmtree(out, ignore_errors=True)
-        cfg_on = config_from_dict(base)
-        result = train_velocity(
-            cfg_on,
-            run / "manifest.parquet",
-            out,
-            saliency_checkpoint=run / "saliency.pt",
-            store=FrameStore(max_side=cfg_on.store_max_side),
-            progress=False,
-        )
+        result = velocity_again(run, out, config_from_dict(base))
         product = load_checkpoint(result.checkpoint)
         assert product["precision"] == ("bf16" if switches.get("bf16") else "float32")
         got = product["velocity"]

@@ -12,9 +12,11 @@ from rfp_core.checkpoint import load_checkpoint
 from rfp_core.config_files import load_config
 from rfp_core.flow import rf
 from rfp_core.flow.coupling import Coupler, embedding_cost, ot_permutation, pixel_cost
+from rfp_core.media.frame_store import FrameStore
 from rfp_core.structure.encoders import ThumbnailEncoder
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.run import train_run
+from rfp_core.train.velocity import train_velocity
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 
@@ -122,6 +124,19 @@ def _short(tmp_path, **velocity):
     return load_config(TINY, overrides=over), d0, d1
 
 
+def velocity_again(run, out, cfg, **keywords):
+    """The velocity phase of `cfg` again, on the manifest and saliency net of `run`, into `out`."""
+    return train_velocity(
+        cfg,
+        run / "manifest.parquet",
+        out,
+        saliency_checkpoint=run / "saliency.pt",
+        store=FrameStore(max_side=cfg.store_max_side),
+        progress=False,
+        **keywords,
+    )
+
+
 def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkeypatch):
     monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
     cfg, d0, d1 = _short(tmp_path, coupling="minibatch_ot", mse_weight_mode="relative", mse_weight=0.5)
@@ -138,22 +153,12 @@ def test_training_runs_with_ot_coupling_and_the_relative_anchor(tmp_path, monkey
     import shutil
 
     from rfp_core.config_files import config_from_dict
-    from rfp_core.media.frame_store import FrameStore
-    from rfp_core.train.velocity import train_velocity
 
     resumed_dir = tmp_path / "resumed"
     resumed_dir.mkdir()
     shutil.copy(run / "velocity_00000003.pt", resumed_dir / "from3.pt")
     cfg_run = config_from_dict(json.loads((run / "config.json").read_text()))
-    resumed = train_velocity(
-        cfg_run,
-        run / "manifest.parquet",
-        resumed_dir,
-        saliency_checkpoint=run / "saliency.pt",
-        store=FrameStore(max_side=cfg_run.store_max_side),
-        progress=False,
-        resume_from=resumed_dir / "from3.pt",
-    )
+    resumed = velocity_again(run, resumed_dir, cfg_run, resume_from=resumed_dir / "from3.pt")
     a, b = load_checkpoint(run / "velocity.pt")["velocity"], load_checkpoint(resumed.checkpoint)["velocity"]
     assert all(torch.equal(a[k], b[k]) for k in a)
 

@@ -289,10 +289,15 @@ def _advance(p: SaliencyRun, value: float | None, evaluated: bool, clock: Checkp
 
 
 def _at_step_limit(p: SaliencyRun) -> None:
-    """At saliency.max_steps: the phase ends on the other criterion if it met the threshold, else raises."""
+    """At the step limit: the phase ends on the other criterion if it met the threshold; at the original's
+    limit (max_steps left out) it ends as there, whatever the accuracy; else it raises."""
     sc = p.cfg.saliency
     fallback = p.rule.fallback(p.report["holdout_accuracy"])
     if fallback is None and sc.max_steps is None:  # the original's limit: it goes on, so does this
+        # what the original returns there: the smoothed accuracy once its window is full, else the last batch's
+        last = p.rule.value(p.report["holdout_accuracy"])
+        p.accuracy = last if last is not None else (p.rule.window[-1] if p.rule.window else 0.0)
+        p.report["stopped_by"] = "step_limit"
         print(
             f"saliency: accuracy {p.accuracy:.4f} has not reached {'accuracy' if p.warmed_up else 'warmup'}"
             f"_threshold after {p.steps} steps, the original trainer's limit (velocity.train_images // "
@@ -300,10 +305,6 @@ def _at_step_limit(p: SaliencyRun) -> None:
             "saliency.max_steps to train the saliency net until it reaches the threshold.",
             file=sys.stderr,
         )
-        # what the original returns there: the smoothed accuracy once its window is full, else the last batch's
-        last = p.rule.value(p.report["holdout_accuracy"])
-        p.accuracy = last if last is not None else (p.rule.window[-1] if p.rule.window else 0.0)
-        p.report["stopped_by"] = "step_limit"
         return
     if fallback is None:
         _save(p)
