@@ -278,6 +278,9 @@ class VelocityConfig(_Strict):
     # ("pixel") or the structure encoder's embeddings ("structure"); train/coupling.py)
     coupling: Literal["independent", "minibatch_ot"] = "independent"
     coupling_space: Literal["pixel", "structure"] = "pixel"
+    # this project's: std of Gaussian noise on the source X0 in training and translation, the randomness
+    # a flow from a plain domain needs to draw the target's texture (docs/METHOD.md); 0 = off, the original
+    source_noise: float = Field(0.0, ge=0)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)

@@ -21,7 +21,7 @@ from rfp_core.evaluate.judges import train_content_judge, two_sample_accuracy
 from rfp_core.evaluate.metrics import edge_agreements
 
 
-@pytest.mark.parametrize("name", ["digits", "photo"])
+@pytest.mark.parametrize("name", ["digits", "photo", "digits_heldout"])
 def test_task_pools_are_disjoint_labelled_and_unpaired(tmp_path, name):
     task = QT.make_task(name, tmp_path / name, QT.QUICK, seed=1)
     sources = {}
@@ -41,6 +41,10 @@ def test_task_pools_are_disjoint_labelled_and_unpaired(tmp_path, name):
     m0, _ = QJ.channel_stats(task.load("train0", 0)[0])
     m1, _ = QJ.channel_stats(task.load("train1", 1)[0])
     assert float((m0 - m1).abs().max()) > 0.05
+    if name == "digits_heldout":  # the held-out textures are not the digits task's photographs
+        digits = QT.make_task("digits", tmp_path / "digits", QT.QUICK, seed=1)
+        m1_digits, _ = QJ.channel_stats(digits.load("train1", 1)[0])
+        assert float((m1 - m1_digits).abs().max()) > 0.02
     # a complete set is reused, not rewritten
     stamp = (task.root / "task.json").stat().st_mtime_ns
     QT.make_task(name, tmp_path / name, QT.QUICK, seed=1)
@@ -163,8 +167,18 @@ def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
     assert diff(rows["anchored_relative"], rows["anchored"]) == {"velocity.mse_weight", "velocity.mse_weight_mode"}
     assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
     assert diff(rows["paper_bf16"], rows["paper"]) == {"velocity.bf16"}
-    # configs/translate.json is the measured paper_bf16 row, its precision left to the machine
-    assert diff(rows["recipe"], rows["paper_bf16"]) == {"velocity.bf16"} and rows["recipe"]["velocity"]["bf16"] is None
+    # configs/translate.json is the measured mse_noise05_pairs1 row at --steps 2000, its precision left
+    # to the machine
+    assert diff(rows["recipe"], rows["mse_noise05_pairs1"]) == {"velocity.bf16", "velocity.train_images"}
+    assert rows["recipe"]["velocity"]["bf16"] is None
+    assert QC.row_config("recipe", 0, False).velocity.total_steps == 2000
+    assert QC.row_config("recipe", 0, False, steps=2000) == QC.row_config("recipe", 0, False)
+    assert diff(rows["mse_noise05_pairs1"], rows["mse"]) == {
+        "velocity.source_noise",
+        "velocity.bf16",
+        "structure.pairing",  # with the base's one candidate: each input's most similar target
+    }
+    assert diff(rows["mse_noise05_pairs4"], rows["mse_noise05_pairs1"]) == {"structure.candidates"}
     assert diff(rows["anchored_ot"], rows["anchored"]) == {"velocity.coupling"}
     assert diff(rows["mse_ot"], rows["mse"]) == {"velocity.coupling"}
     assert diff(rows["anchored_ot_structure"], rows["anchored"]) == {"velocity.coupling", "velocity.coupling_space"}
@@ -249,3 +263,17 @@ def test_quick_paired_task_trains_the_paired_row_on_true_pairs(capsys, isolated_
     ).read_bytes()
     bench = (docs_dir / "BENCHMARKS.md").read_text()
     assert bench.count(Q.BEGIN) == 1 and "[paired](quality/digits_paired_paired.png)" in bench
+
+
+def test_a_run_recorded_before_a_config_key_existed_is_reused_and_a_changed_one_is_not(tmp_path):
+    from rfp_core.bench.reuse import comparable, finished
+
+    cfg = QC.row_config("paper", 0, quick=True)
+    old = comparable(cfg)
+    del old["velocity"]["source_noise"]  # the marker of a run made before the key existed
+    (tmp_path / "velocity.pt").write_bytes(b"")
+    (tmp_path / "quality.json").write_text(json.dumps({"config": old, "train_seconds": 12.5}))
+    assert finished(tmp_path, "quality.json", {"config": comparable(cfg)}) == 12.5
+    noisy = QC.row_config("paper", 0, quick=True).model_copy(deep=True)
+    noisy.velocity.source_noise = 0.5
+    assert finished(tmp_path, "quality.json", {"config": comparable(noisy)}) is None

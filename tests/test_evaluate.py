@@ -50,6 +50,9 @@ class UNetTranslator:
     def encode(self, x):
         return x
 
+    def start(self, x):
+        return x
+
     def decode(self, z):
         return z
 
@@ -205,9 +208,12 @@ def test_bad_inputs_are_clear_errors(demo, judge, tmp_path):
 def test_ablation_table_names_both_rows_and_marks_missing_values():
     from rfp_core.bench.ablation import COLUMNS, markdown
 
-    rows = {
-        "saliency": {"transfer_rate": 0.95, "mask_iou": 0.9, "nfe": 12, "fid_judge": float("nan")},
-        "mse": {"transfer_rate": 0.9, "mask_iou": 0.3, "nfe": 12},
+    rows = {  # label -> per-seed results
+        "saliency": [
+            {"transfer_rate": 0.95, "mask_iou": 0.9, "nfe": 12, "fid_judge": float("nan")},
+            {"transfer_rate": 0.85, "mask_iou": 0.7, "nfe": 12, "fid_judge": float("nan")},
+        ],
+        "mse": [{"transfer_rate": 0.9, "mask_iou": 0.3, "nfe": 12}, {"transfer_rate": 0.9, "mask_iou": 0.3, "nfe": 12}],
     }
     header = {
         "quick": False,
@@ -215,7 +221,7 @@ def test_ablation_table_names_both_rows_and_marks_missing_values():
         "device": "cpu",
         "platform": "x86_64",
         "config": "configs/demo.json",
-        "seed": 0,
+        "seeds": [0, 1],
         "train_images": 100,
         "steps": 10,
         "batch": 10,
@@ -233,8 +239,10 @@ def test_ablation_table_names_both_rows_and_marks_missing_values():
     text = markdown(rows, header)
     table = [line for line in text.splitlines() if line.startswith("|")]
     assert len(table) == 4 and all(line.count("|") == len(COLUMNS) + 2 for line in table)
-    assert table[2].startswith("| saliency | 0.950 | 0.900 | – |")
-    assert table[3].startswith("| mse | 0.900 | 0.300 |")
+    # over the seeds: mean ± std (min–max); seeds that agree give the value once
+    assert table[2].startswith("| saliency | 0.900 ± 0.071 (0.850–0.950) | 0.800 ± 0.141 (0.700–0.900) | – |")
+    assert table[3].startswith("| mse | 0.900 (×2) | 0.300 (×2) |")
+    assert "2 seeds (0, 1)" in text
     assert "FD 0.50 / KID –" in text
 
 
@@ -266,9 +274,11 @@ def test_ablation_table_replaces_its_section_of_benchmarks_md_only(tmp_path):
 def test_ablation_quick_measures_both_losses_by_one_command():
     from rfp_core.bench.ablation import run
 
-    res = run(quick=True, device="cpu")
+    res = run(quick=True, device="cpu", seeds=2)
     for loss in ("saliency", "mse"):
         assert 0.0 <= res[loss]["transfer_rate"] <= 1.0 and 0.0 <= res[loss]["mask_iou"] <= 1.0
+        # every row trained once per seed, in its own run folder, and summarised over both
+        assert res[loss]["seeds"]["mask_iou"]["n"] == 2 and len(set(res[loss]["run_dirs"])) == 2
         # the mask finder on the inputs themselves: at the demo's 32 px the shapes' soft edges cost ~0.1
         # (the demo's own inputs: 0.905), so this checks the finder is right, not exact
         assert res[loss]["mask_iou_input"] >= 0.85

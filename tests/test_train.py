@@ -234,3 +234,38 @@ def test_dev_flag_shrinks_the_budget_and_a_missing_device_is_refused(tmp_path, c
     assert rc == 2 and "not available" in capsys.readouterr().err
     assert main(["train", "-c", str(TINY), "-d1", str(d1)]) == 2
     assert "--domain0" in capsys.readouterr().err
+
+
+def test_the_recommended_recipe_trains_from_the_cli_with_its_noise_and_pairing(tmp_path, monkeypatch, capsys):
+    # configs/translate.json as the README gives it (the --smoke budget): structure pairing writes its
+    # pairs, the run records the source noise, and the translation starts from noisy inputs
+    from rfp_core.inference.translate import Translator
+
+    monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
+    recipe = Path(__file__).resolve().parents[1] / "configs" / "translate.json"
+    d0, d1 = make_discs(tmp_path / "data", n=10, size=32)
+    assert main(["train", "-c", str(recipe), "-d0", str(d0), "-d1", str(d1), "--smoke", "--run-id", "recipe"]) == 0
+    run = tmp_path / "home" / "runs" / "recipe"
+    assert (run / "pairs.parquet").is_file() and not (run / "saliency.pt").exists()  # plain MSE: no saliency phase
+    tr = Translator.from_run(run, "cpu")
+    assert tr.cfg.velocity.source_noise == 0.5 and tr.cfg.structure.pairing
+    x = tr.load_images(sorted(d0.glob("*.png"))[:2])
+    assert float((tr.start(x) - tr.encode(x)).std()) == pytest.approx(0.5, rel=0.2)
+    assert tr.translate(x).shape == x.shape
+    # `rfp translate` gives a video's frames one shared draw and each still its own
+    from media_factory import make_video
+
+    seen = []
+    real_start = Translator.start
+    monkeypatch.setattr(
+        Translator,
+        "start",
+        lambda self, x, shared_noise=False: seen.append(shared_noise) or real_start(self, x, shared_noise),
+    )
+    inputs = tmp_path / "inputs"
+    inputs.mkdir()
+    make_video(inputs / "clip.mp4", n_frames=6, size=32)
+    (inputs / "still.png").write_bytes(next(d0.glob("*.png")).read_bytes())
+    assert main(["translate", "--run", str(run), str(inputs), "--out", str(tmp_path / "out")]) == 0
+    assert True in seen and False in seen
+    assert (tmp_path / "out" / "still.png").is_file()

@@ -170,3 +170,40 @@ def test_training_runs_with_structure_space_coupling(tmp_path, monkeypatch):
     run = train_run(cfg, [d0], [d1], run_id="struct", device="cpu", progress=False)
     last = json.loads((run / "metrics.jsonl").read_text().splitlines()[-1])
     assert last["step"] == 6 and torch.isfinite(torch.tensor(last["loss"]))
+
+
+def test_source_noise_is_drawn_per_image_the_same_in_any_batch_and_shared_on_request():
+    g = torch.Generator().manual_seed(3)
+    a, b, c = torch.randn(3, 1, 3, 8, 8, generator=g)
+    batch = torch.cat([a, b, c])
+    noise = rf.source_noise(batch, 0.5)
+    # an image gets the same draw alone or in any batch; two images do not share one
+    assert torch.equal(noise[1], rf.source_noise(b, 0.5)[0])
+    assert torch.equal(noise[2], rf.source_noise(torch.cat([c, a]), 0.5)[0])
+    assert not torch.allclose(noise[0], noise[1])
+    assert float(noise.std()) == pytest.approx(0.5, rel=0.15)
+    assert not torch.equal(noise[0], rf.source_noise(a, 0.5, seed=1)[0])  # the run's seed moves it
+    shared = rf.source_noise(batch, 0.5, shared=True)  # a video's frames: one draw for all
+    assert torch.equal(shared[0], shared[2]) and torch.equal(shared[0], rf.source_noise(c, 0.5, shared=True)[0])
+
+
+def test_a_run_with_source_noise_trains_and_translates_from_noisy_starts(tmp_path, monkeypatch):
+    from rfp_core.inference.translate import Translator
+
+    monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
+    cfg, d0, d1 = _short(tmp_path, loss="mse", source_noise=0.5)
+    run = train_run(cfg, [d0], [d1], run_id="noisy", device="cpu", progress=False)
+    tr = Translator.from_run(run, "cpu")
+    assert tr.cfg.velocity.source_noise == 0.5
+    x = torch.rand(3, 3, 16, 16) * 2 - 1
+    start = tr.start(x)
+    assert float((start - tr.encode(x)).std()) == pytest.approx(0.5, rel=0.3)  # the noise is there
+    # a translation is the same whatever batch the image is in, and deterministic
+    assert torch.allclose(tr.translate(x)[1], tr.translate(x[1:2])[0], atol=1e-5)
+    assert torch.equal(tr.translate(x), tr.translate(x))
+    # without the noise the same net gives other outputs: the start point is what moved
+    clean = Translator(cfg.model_copy(deep=True), tr.net, tr.codec, tr.device)
+    clean.cfg.velocity.source_noise = 0.0
+    assert not torch.allclose(clean.translate(x), tr.translate(x), atol=1e-3)
+    shared = tr.start(x, shared_noise=True) - tr.encode(x)
+    assert torch.allclose(shared[0], shared[2], atol=1e-6)

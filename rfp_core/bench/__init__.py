@@ -15,6 +15,7 @@ QUALITY_ONLY = ("seeds", "tasks", "rows", "steps")
 REFLOW_QUALITY = ("seeds", "rows", "steps", "seed")
 OPTIONS = {
     "quality": QUALITY_ONLY,
+    "ablation": ("seeds", "seed"),
     "reflow_quality": REFLOW_QUALITY,
     "run": ("config",),
     "train": ("nproc_per_node", "switches"),

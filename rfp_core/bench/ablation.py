@@ -3,11 +3,12 @@
 The rows (`VARIANTS`, in order): "saliency" is the demo config as it is, MSE anchor
 (`velocity.mse_weight`) included when it has one; "saliency, no MSE anchor" is the same with
 `mse_weight` 0, a row only when the demo config's anchor is positive (else it would repeat the
-first); "mse" is plain rectified flow. Same data, seed and budget; rows differ only in
-`velocity.loss` and `velocity.mse_weight`. All runs are graded by one judge (trained once on the
-held-out real frames) and measured by `evaluate_run`; a full run hands the table to `rfp bench`
-for docs/ABLATION.md and the ablation section of docs/BENCHMARKS.md (a `--quick` smoke run writes it
-under $RFP_HOME instead, keeping the docs).
+first); "mse" is plain rectified flow. Same data and budget; rows differ only in
+`velocity.loss` and `velocity.mse_weight`. Every row is trained once per seed (`--seeds`, default 3:
+the training seed; the data are the same), every run graded by one judge (trained once on the
+held-out real frames) and measured by `evaluate_run`; cells are mean ± std (min–max) over seeds.
+A full run hands the table to `rfp bench` for docs/ABLATION.md and the ablation section of
+docs/BENCHMARKS.md (a `--quick` smoke run writes it under $RFP_HOME instead, keeping the docs).
 docs/METHOD.md predicts the trade-off: the saliency loss keeps the shapes (high mask IoU) but on its own
 lets the background drift (a colour cast, which the anchor holds); MSE breaks the shapes.
 """
@@ -90,7 +91,14 @@ def _cell(value: Any, fmt: str) -> str:
     return fmt.format(value)
 
 
-def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
+def _seeds_cell(per_seed: list[dict], key: str, fmt: str) -> str:
+    from rfp_core.bench.quality_report import cell
+
+    return cell([m.get(key) for m in per_seed], fmt.replace("{}", "{:.0f}"))
+
+
+def markdown(rows: dict[str, list[dict]], header: dict[str, Any]) -> str:
+    """The table: one line per row, each cell over the row's seeds (`rows`: label -> per-seed results)."""
     w = float(header.get("mse_weight") or 0.0)
     if w > 0:
         differ = (
@@ -114,7 +122,7 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
         "",
         f"Made by `rfp bench ablation{' --quick' if header['quick'] else ''}` on {header['date']} "
         f"({header['device']}, {header['platform']}). Config: {header['config']}; {differ}. "
-        f"Every run: seed {header['seed']}, {header['train_images']} training images "
+        f"Every row: {_seeds_phrase(header['seeds'])}, {header['train_images']} training images "
         f"({header['steps']} optimizer steps of {header['batch']}), {header['size']} px, "
         f"demo data {header['data_num']} images + 1 video per domain; evaluated on {header['n_eval']} held-out "
         f"domain-0 frames with {header['nfe']} velocity evaluations ({header['sampler']}). One judge grades every row "
@@ -125,8 +133,8 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
         "| loss | " + " | ".join(label for _, label, _ in COLUMNS) + " |",
         "| --- | " + " | ".join("---:" for _ in COLUMNS) + " |",
     ]
-    for label, m in rows.items():
-        lines.append(f"| {label} | " + " | ".join(_cell(m.get(key), fmt) for key, _, fmt in COLUMNS) + " |")
+    for label, per_seed in rows.items():
+        lines.append(f"| {label} | " + " | ".join(_seeds_cell(per_seed, key, fmt) for key, _, fmt in COLUMNS) + " |")
     lines += [
         "",
         "What to read: `mask IoU` is the content kept (each input's true shape mask against the output's "
@@ -135,7 +143,8 @@ def markdown(rows: dict[str, dict], header: dict[str, Any]) -> str:
         "background drift (a colour cast: it gives almost no gradient to what does not change the domain), and "
         f"that plain MSE breaks the shapes into fragments. {parts}",
         "",
-        "Sample grids (top: inputs, bottom: outputs): "
+        "Cells: mean ± std (min–max) over the seeds. Sample grids (seed "
+        f"{header['seeds'][0]}; top: inputs, bottom: outputs): "
         + ", ".join(f"[{label}]({header['grids'][label]})" for label in rows),
         "",
     ]
@@ -154,10 +163,22 @@ KEEP = [key for key, _, _ in COLUMNS] + [
 ]
 
 
-def run(quick: bool = False, device: str | None = None, retrain: bool = False) -> dict:
-    """Train (or reuse finished runs of the same config) and evaluate every variant; the table (a full
-    run: for docs/, under "docs")."""
+def _seeds_phrase(seeds: list[int]) -> str:
+    return f"seed {seeds[0]}" if len(seeds) == 1 else f"{len(seeds)} seeds ({', '.join(map(str, seeds))})"
+
+
+def run(
+    quick: bool = False,
+    device: str | None = None,
+    retrain: bool = False,
+    seeds: int | None = None,
+    seed: int | None = None,
+) -> dict:
+    """Train (or reuse finished runs of the same config) and evaluate every variant for each seed; the
+    table (a full run: for docs/, under "docs"). `seed`: that seed alone (its runs are then reused by a
+    later `seeds` run: seeds can train in separate processes), its table under $RFP_HOME only."""
     from rfp_core.atomic import atomic_write_text
+    from rfp_core.bench.quality_report import summarise
     from rfp_core.device import pick_device
     from rfp_core.media.demo_data import DEFAULT_NUM, make_demo_data
 
@@ -171,21 +192,36 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     work = rfp_home() / "bench" / "ablation"
     data = make_demo_data(work / "demo_data", num=DEFAULT_NUM if not quick else 64)
     rows_to_run = variants(base)
-    trained = {v.label: _train_variant(base, config_name, v, data, quick, dev, retrain) for v in rows_to_run}
-    rows, grids, first, judge = _evaluate_rows(rows_to_run, trained, data, quick, dev)
-    header = _header(quick, dev, config_name, base, first.cfg, data, rows[rows_to_run[0].label], judge, grids)
+    seed_list = [seed] if seed is not None else [base.seed + k for k in range(report.n_seeds(seeds, quick))]
+    local = quick or seed is not None  # a part of the table: kept under $RFP_HOME, the docs left alone
+    trained = {
+        (v.label, s): _train_variant(base, config_name, v, s, data, quick, dev, retrain)
+        for s in seed_list
+        for v in rows_to_run
+    }
+    rows, grids, first, judge = _evaluate_rows(rows_to_run, seed_list, trained, data, quick, dev, local)
+    lead = rows[rows_to_run[0].label][0]
+    header = _header(quick, dev, config_name, base, first.cfg, data, lead, judge, grids, seed_list)
     table = markdown(rows, header)
-    table_path = (work / "ABLATION.md") if quick else project_root() / "docs" / "ABLATION.md"
-    if quick:
+    table_path = (work / "ABLATION.md") if local else project_root() / "docs" / "ABLATION.md"
+    if local:
         atomic_write_text(table_path, table)
     print(f"ablation table: {table_path}", file=sys.stderr)
-    out: dict[str, Any] = {label: {k: _json_safe(m.get(k)) for k in KEEP} for label, m in rows.items()}
+    # per row: each key's mean over the seeds, and its mean / std / min / max / n under "seeds"
+    out: dict[str, Any] = {
+        label: {
+            **{k: _json_safe(_mean([m.get(k) for m in per_seed])) for k in KEEP if k != "run_dir"},
+            "run_dirs": [m.get("run_dir") for m in per_seed],
+            "seeds": {k: summarise([m.get(k) for m in per_seed]) for k in KEEP if k != "run_dir"},
+        }
+        for label, per_seed in rows.items()
+    }
     out.update(table=str(table_path), config=config_name, quick=quick, device=str(dev))
     out["seconds"] = time.perf_counter() - start
     out = report.jsonable(out)
-    if not quick:  # the grids beside the table, so the docs show the pictures as well as the numbers
+    if not local:  # the grids beside the table, so the docs show the pictures as well as the numbers
         copies = {
-            f"ablation/{v.slug}_translate.png": Path(rows[v.label]["paths"]["grid_translate"]) for v in rows_to_run
+            f"ablation/{v.slug}_translate.png": Path(rows[v.label][0]["paths"]["grid_translate"]) for v in rows_to_run
         }
         out[report.DOCS_KEY] = report.Docs(
             files={"ABLATION.md": table}, copies=copies, sections=[report.Section(BEGIN, END, TITLE, table)]
@@ -193,7 +229,9 @@ def run(quick: bool = False, device: str | None = None, retrain: bool = False) -
     return out
 
 
-def _header(quick: bool, dev, config_name: str, base: ModelConfig, cfg: ModelConfig, data, some: dict, judge, grids):
+def _header(
+    quick: bool, dev, config_name: str, base: ModelConfig, cfg: ModelConfig, data, some: dict, judge, grids, seeds
+):
     """The facts the table's header states: where, what config and budget, the judge and its floor."""
     return {
         "quick": quick,
@@ -201,7 +239,7 @@ def _header(quick: bool, dev, config_name: str, base: ModelConfig, cfg: ModelCon
         "device": str(dev),
         "platform": report.platform_line(),
         "config": config_name,
-        "seed": cfg.seed,
+        "seeds": seeds,
         "train_images": cfg.velocity.train_images,
         "steps": cfg.velocity.total_steps,
         "batch": cfg.velocity.train_batch_size,
@@ -219,12 +257,12 @@ def _header(quick: bool, dev, config_name: str, base: ModelConfig, cfg: ModelCon
     }
 
 
-def _train_variant(base: ModelConfig, config_name: str, v: Variant, data, quick: bool, dev, retrain: bool):
-    """(run folder, training seconds) of one row: a finished run of exactly this config is reused."""
+def _train_variant(base: ModelConfig, config_name: str, v: Variant, seed: int, data, quick: bool, dev, retrain: bool):
+    """(run folder, training seconds) of one row and seed: a finished run of exactly this config is reused."""
     from rfp_core.train.run import train_run
 
-    cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides=v.overrides)
-    run_id = f"ablation-{v.slug}" + ("-quick" if quick else "")
+    cfg = config_from_dict(base.model_dump(mode="json"), source=config_name, overrides={**v.overrides, "seed": seed})
+    run_id = f"ablation-{v.slug}-s{seed}" + ("-quick" if quick else "")
 
     def train() -> Path:
         return train_run(cfg, [data.domain0], [data.domain1], run_id=run_id, dev=quick, device=dev, progress=not quick)
@@ -240,15 +278,16 @@ def _train_variant(base: ModelConfig, config_name: str, v: Variant, data, quick:
     return runs_dir() / run_id, seconds
 
 
-def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool, dev):
-    """Every row measured by `evaluate_run`, graded by one judge trained once on the held-out real frames
-    evaluate_run uses; the grids as the table links them (full runs: where `rfp bench` copies them in docs/)."""
+def _evaluate_rows(rows_to_run: list[Variant], seeds: list[int], trained: dict, data, quick: bool, dev, local: bool):
+    """Every row and seed measured by `evaluate_run`, graded by one judge trained once on the held-out
+    real frames evaluate_run uses (the seeds share the data, hence the split); the first seed's grids as
+    the table links them (full runs: where `rfp bench` copies them in docs/)."""
     from rfp_core.evaluate import evaluate_run, train_judge
     from rfp_core.inference.translate import Translator
     from rfp_core.media.datasets import FrameDataset
     from rfp_core.media.frame_store import FrameStore
 
-    lead = rows_to_run[0].label
+    lead = (rows_to_run[0].label, seeds[0])
     first = Translator.from_run(trained[lead][0], dev)
     cfg = first.cfg
     store = FrameStore(max_side=cfg.store_max_side)
@@ -264,11 +303,10 @@ def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool,
     ]
     judge = train_judge(held[0], held[1], steps=60 if quick else 300, device=dev, seed=cfg.seed)
     encoder = _encoder(cfg, dev)
-    rows: dict[str, dict] = {}
+    rows: dict[str, list[dict]] = {v.label: [] for v in rows_to_run}
     grids: dict[str, str] = {}
-    for v in rows_to_run:
-        run_dir, seconds = trained[v.label]
-        translator = first if v.label == lead else Translator.from_run(run_dir, dev)
+    for (label, seed), (run_dir, seconds) in trained.items():
+        translator = first if (label, seed) == lead else Translator.from_run(run_dir, dev)
         res = evaluate_run(
             translator,
             manifest,
@@ -279,10 +317,16 @@ def _evaluate_rows(rows_to_run: list[Variant], trained: dict, data, quick: bool,
             device=dev,
             judge=judge,
         )
-        res.update(train_seconds=seconds, run_dir=str(run_dir))
-        rows[v.label] = res
-        grids[v.label] = res["paths"]["grid_translate"] if quick else f"ablation/{v.slug}_translate.png"
+        res.update(train_seconds=seconds, run_dir=str(run_dir), seed=seed)
+        rows[label].append(res)
+        slug = next(v.slug for v in rows_to_run if v.label == label)
+        grids.setdefault(label, res["paths"]["grid_translate"] if local else f"ablation/{slug}_translate.png")
     return rows, grids, first, judge
+
+
+def _mean(values: list[Any]) -> float | None:
+    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
+    return sum(vals) / len(vals) if vals else None
 
 
 def _json_safe(v: Any) -> Any:

@@ -1,7 +1,8 @@
 """`rfp bench quality`: does a translation change the style AND keep what the picture shows?
 
 On tasks of real images (`quality_tasks`: digits -> MNIST-M-style textured digits; photo patches ->
-a painterly look; digits_paired: the digits task with true same-name pairs), every row
+a painterly look; digits_heldout: the digits task with textures no setting was chosen on;
+digits_paired: the digits task with true same-name pairs), every row
 (`quality_configs`) is trained with `train_run` for each seed, translates the held-out domain-0
 inputs with `Translator.from_run` (`quality_rows`), and is scored by judges trained afresh on
 held-out labelled real images (never on the model's nets; `quality_judges`):

@@ -71,6 +71,7 @@ _BASE: dict[str, Any] = {
         "mse_weight_mode": "absolute",
         "coupling": "independent",
         "coupling_space": "pixel",
+        "source_noise": 0.0,
         # horizon 50 steps, a quarter of the 200-step budget: now that the warm-up reaches the
         # configured decay (after decay / (1 - decay) steps), 0.995 would average the whole run
         "lr_schedule": "cosine",
@@ -108,6 +109,13 @@ def _merge(base: dict, over: dict) -> dict:
     return out
 
 
+_RELATIVE = {"mse_weight": 1.0, "mse_weight_mode": "relative"}
+
+
+def _pairs(candidates: int) -> dict[str, Any]:
+    return {"structure": {"pairing": True, "candidates": candidates}}
+
+
 ROW_CONFIGS: dict[str, dict[str, Any]] = {
     # the paper's loss alone: saliency-weighted, no anchor
     "paper": _merge(_BASE, {"velocity": {"loss": "saliency", "mse_weight": 0.0}}),
@@ -131,6 +139,19 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
     "anchored_train_stop": _merge(
         _BASE, {"saliency": {"stop_on": "train_smoothed"}, "velocity": {"mse_weight": 500.0}}
     ),
+    # issue 17: Gaussian noise on the source (velocity.source_noise): the randomness a plain source
+    # lacks to draw the target's texture from (docs/METHOD.md); bf16 as the recipe trains
+    "paper_noise05": _merge(_BASE, {"velocity": {"source_noise": 0.5, "bf16": True}}),
+    "paper_noise10": _merge(_BASE, {"velocity": {"source_noise": 1.0, "bf16": True}}),
+    "mse_noise05": _merge(_BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}}),
+    "relative_noise05": _merge(_BASE, {"velocity": {**_RELATIVE, "source_noise": 0.5, "bf16": True}}),
+    # ... and structure pairing (the thumbnail encoder): each input with one of its K most similar targets
+    "mse_noise03_pairs4": _merge(_BASE, {"velocity": {"loss": "mse", "source_noise": 0.3, "bf16": True}, **_pairs(4)}),
+    "mse_noise05_pairs4": _merge(_BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}, **_pairs(4)}),
+    "relative_noise05_pairs4": _merge(
+        _BASE, {"velocity": {**_RELATIVE, "source_noise": 0.5, "bf16": True}, **_pairs(4)}
+    ),
+    "mse_noise05_pairs1": _merge(_BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}, **_pairs(1)}),
     # the recommended recipe for new users, read from configs/translate.json itself (the README's)
     "recipe": json.loads((Path(__file__).resolve().parents[2] / "configs" / "translate.json").read_text()),
     # issue 11, item 5: the pix2pix setting on a paired task: the coupling is the true (same file

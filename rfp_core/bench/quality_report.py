@@ -29,6 +29,7 @@ ROW_LABELS = {
     "anchored": "anchored: saliency + MSE",
     "mse": "mse: plain rectified flow",
     "paired": "paired: true pairs (same file name), MSE",
+    "mse_noise05_pairs1": "mse, source noise 0.5, nearest-structure pairs (= configs/translate.json)",
 }
 
 
@@ -71,7 +72,7 @@ def _budget(h: dict) -> str:
     return (
         f"Made by `{h['command']}` on {h['date']} ({h['device']}, {h['platform']}; {h['minutes']:.0f} min). "
         f"Budget per trained row and seed: {h['steps']} optimizer steps of {h['batch']} at {h['size']} px, UNet "
-        f"{h['model_channels']} ch × {h['ch_mult']}, pixel space, unpaired (no structure pairing), {h['nfe']} "
+        f"{h['model_channels']} ch × {h['ch_mult']}, pixel space, {h['nfe']} "
         f"{h['sampler']} steps to translate; {h['seeds']} seed(s) (the training seed; data and judges fixed; the "
         f"reference rows need no training and are scored once). Anchored: `mse_weight` {h['anchor']:g}."
         + (f" **{h['note']}**" if h.get("note") else "")
@@ -110,11 +111,13 @@ def markdown(results: dict[str, dict], out_dir: Path, quick: bool) -> str:
     lines = [
         "# Translation quality on real images",
         "",
-        "Real images that ship with scikit-learn (nothing downloaded). Trained rows differ only in "
+        "Real images that ship with scikit-learn and scikit-image (nothing downloaded). Trained rows differ only in "
         "`velocity.loss` / `velocity.mse_weight` (`_ot` rows: `velocity.coupling` minibatch_ot, `_structure` in the "
         "thumbnail encoder's space; `_relative`: `velocity.mse_weight_mode` relative, weight 1.0; `_train_stop`: "
         '`saliency.stop_on` train_smoothed; `paired`: `"pairing": "filenames"`, trained on the true '
-        "same-name pairs of a paired task, plain MSE); configs in `rfp_core/bench/quality_configs.py` (`ROW_CONFIGS`). "
+        "same-name pairs of a paired task, plain MSE; `_noiseNN`: `velocity.source_noise` 0.NN; `_pairsK`: structure "
+        "pairing with the thumbnail encoder, each input paired with one of its K most similar target images — every "
+        "other row is unpaired); configs in `rfp_core/bench/quality_configs.py` (`ROW_CONFIGS`). "
         "Cells: mean ± std (min–max) over seeds.",
         "",
         "What to read: *content kept* is the content judge's accuracy on the translations against each input's "

@@ -85,7 +85,7 @@ def translate_all(run_dir: Path, x: torch.Tensor, device: torch.device, batch: i
     tr = Translator.from_run(run_dir, device)
     steps, sampler = tr.cfg.velocity.num_inference_steps, tr.cfg.velocity.sampler
     out = torch.cat([tr.translate(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
-    z0 = tr.encode(x[:batch].to(device))
+    z0 = tr.start(x[:batch].to(device))
     return out, {"straightness": rf.straightness(tr.velocity, z0, steps, sampler), "nfe": rf.nfe(sampler, steps)}
 
 

@@ -1,7 +1,8 @@
-"""The tasks of `rfp bench quality`, made from real images that ship inside scikit-learn.
+"""The tasks of `rfp bench quality`, made from real images that ship inside scikit-learn and scikit-image.
 
-Nothing is downloaded: `sklearn.datasets.load_digits` (1,797 labelled 8x8 handwritten digits) and
-`sklearn.datasets.load_sample_images` (two colour photographs, china.jpg and flower.jpg).
+Nothing is downloaded: `sklearn.datasets.load_digits` (1,797 labelled 8x8 handwritten digits),
+`sklearn.datasets.load_sample_images` (two colour photographs, china.jpg and flower.jpg) and, for the
+held-out task only, four of `skimage.data`'s bundled colour photographs.
 
 digits  domain 0: the digit, upsampled to 32 px, white ink on black. domain 1: the same kind of
         digit blended with a colour-photo texture crop as in MNIST-M (|texture - ink|). Each image
@@ -10,6 +11,9 @@ digits  domain 0: the digit, upsampled to 32 px, white ink on black. domain 1: t
 photo   domain 0: plain 32 px photo patches. domain 1: the same kind of patch restyled by a fixed
         "painterly" look (median smoothing, boosted saturation, posterised colours, inked edges).
         Label: which photo and which half (top / bottom) it came from (4 classes).
+digits_heldout  the digits task with textures from other photographs (astronaut, chelsea, coffee,
+        rocket): no setting of this project was chosen on it; it checks that configs/translate.json
+        carries to a task of the same kind.
 digits_paired  the digits task with true pairs for training (issue 11, item 5): each training digit
         is drawn once (one pose, one pen) and rendered in both domains under the same file name
         (`train0/domain0/pair_i.png` and `train1/domain1/pair_i.png`), so pairing by file names
@@ -95,6 +99,21 @@ def _sklearn_datasets():
 def _photos() -> list[np.ndarray]:
     # china, flower: (427, 640, 3) uint8
     return [np.asarray(img) for img in _sklearn_datasets().load_sample_images().images]
+
+
+HELDOUT_PHOTOS = ("astronaut", "chelsea", "coffee", "rocket")
+
+
+def _heldout_photos() -> list[np.ndarray]:
+    """Colour photographs bundled with scikit-image (never used to choose a setting here)."""
+    try:
+        from skimage import data
+    except ImportError:
+        raise RuntimeError(
+            "the digits_heldout task's textures are scikit-image's bundled photographs: install it "
+            "(pip install 'scikit-image>=0.22', or the project's `test` extra)"
+        ) from None
+    return [np.asarray(getattr(data, name)()) for name in HELDOUT_PHOTOS]
 
 
 def _ink(digit: np.ndarray, rng: np.random.Generator) -> np.ndarray:
@@ -282,7 +301,7 @@ def make_task(name: str, root: Path, spec: TaskSpec, seed: int = 0) -> Task:
     if _marker_ok(task.root, params):
         return task
     rng = np.random.default_rng(seed)
-    photos = _photos()
+    photos = _heldout_photos() if name == "digits_heldout" else _photos()
     (_write_photo if name == "photo" else _write_digits)(task, spec, rng, photos)
     atomic_write_text(task.root / "task.json", json.dumps(params))
     return task
@@ -313,6 +332,12 @@ TASKS: dict[str, tuple[int, tuple[str, ...], str]] = {
         ("china top", "china bottom", "flower top", "flower bottom"),
         "plain 32 px patches of china.jpg / flower.jpg -> a fixed painterly look (median, saturation, posterise, inked "
         "edges, hatched canvas)",
+    ),
+    "digits_heldout": (
+        10,
+        tuple(str(i) for i in range(10)),
+        "the digits task with other textures: crops of scikit-image's astronaut, chelsea, coffee and rocket "
+        "photographs, which no setting of this project was chosen on (the held-out check of configs/translate.json)",
     ),
     "digits_paired": (
         10,

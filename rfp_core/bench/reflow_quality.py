@@ -56,7 +56,7 @@ def _steps_rows(run_dir, judges: dict, quick: bool, seed: int, device: torch.dev
     models = _models(RunPaths.of_run(run_dir), device)
     base = models[0][1]
     x = judges["inputs"].to(device)
-    z0 = base.encode(x)
+    z0 = base.start(x)
     solver = Solver()
     reference = rf.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     return steps_table(

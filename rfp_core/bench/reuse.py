@@ -20,12 +20,29 @@ def comparable(cfg) -> dict:
     return cfg.model_dump(mode="json", exclude={"domain0", "domain1"})
 
 
+def _current(saved_config: dict | None) -> dict | None:
+    """A recorded config as today's schema reads it: a key added since it was recorded takes its
+    default (every new key's default is the behaviour from before it existed), so a run made before
+    the key existed still counts as the same config."""
+    from rfp_core.config import ConfigError
+    from rfp_core.config_files import config_from_dict
+
+    if saved_config is None:
+        return None
+    try:
+        return comparable(config_from_dict(saved_config, source="a benchmark's marker"))
+    except (ConfigError, ValueError):
+        return saved_config
+
+
 def finished(run_dir: Path, marker: str, expect: dict[str, Any]) -> float | None:
     """Training seconds of a finished run whose marker holds every `expect` item, else None."""
     try:
         saved = json.loads((run_dir / marker).read_text())
     except (OSError, json.JSONDecodeError):
         return None
+    if "config" in expect:
+        saved["config"] = _current(saved.get("config"))
     same = all(saved.get(k) == v for k, v in expect.items())
     return float(saved["train_seconds"]) if same and (run_dir / "velocity.pt").exists() else None
 

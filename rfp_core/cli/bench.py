@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from rfp_core.bench.quality_configs import ROWS as QUALITY_ROWS  # plain dicts: no torch behind `rfp --help`
 from rfp_core.cli import args as common
 
 
@@ -13,16 +14,22 @@ def add_parser(sub) -> None:
     )
     bench.add_argument("--quick", action="store_true", help="smaller sizes, for a smoke run")
     # `quality` and `reflow_quality` only
-    bench.add_argument("--seeds", type=int, default=None, help="quality: training seeds per row (default 3; --quick 1)")
     bench.add_argument(
-        "--seed", type=int, default=None, help="reflow_quality: only this seed, cached for a later --seeds N run"
+        "--seeds", type=int, default=None, help="quality, ablation: training seeds per row (default 3; --quick 1)"
     )
-    bench.add_argument("--tasks", default=None, help="quality: from digits,photo,digits_paired (default all)")
+    bench.add_argument(
+        "--seed",
+        type=int,
+        default=None,
+        help="reflow_quality, ablation: only this seed, cached for a later --seeds N run",
+    )
+    bench.add_argument(
+        "--tasks", default=None, help="quality: from digits,photo,digits_heldout,digits_paired (default all)"
+    )
     bench.add_argument(
         "--rows",
         default=None,
-        help="quality: comma-separated, from identity,tint,paper,paper_bf16,anchored,mse,anchored_relative,paper_ot,"
-        "anchored_ot,mse_ot,anchored_ot_structure,anchored_train_stop,recipe (default all); "
+        help=f"quality: comma-separated, from {','.join(QUALITY_ROWS)} (default all); "
         "reflow_quality: the 1-RF row (default mse)",
     )
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")

@@ -138,7 +138,7 @@ def _translate_videos(tr, videos: Sequence[Path], args: argparse.Namespace, othe
             translate_video(
                 src,
                 dst,
-                lambda x: tr.translate(x, steps, sampler, reverse),
+                lambda x: tr.translate(x, steps, sampler, reverse, shared_noise=True),  # steady texture frame to frame
                 tr.size,
                 batch_size=tr.cfg.velocity.sample_batch_size,
                 codec=getattr(args, "video_codec", "libx264"),

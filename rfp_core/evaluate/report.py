@@ -44,6 +44,7 @@ class TranslatorLike(Protocol):
     ) -> torch.Tensor: ...
     def velocity(self, x: torch.Tensor, t: torch.Tensor) -> torch.Tensor: ...
     def encode(self, x: torch.Tensor) -> torch.Tensor: ...
+    def start(self, x: torch.Tensor) -> torch.Tensor: ...  # the flow's start: encode(x) + any source noise
 
 
 def _model_config(translator: Any):
@@ -171,7 +172,7 @@ def evaluate_run(
     result.update(_realism_all(judge, structure_encoder, out, x1, floor))
     result.update(_content(structure_encoder, x0, out, masks_dir, table, keys0, size, background, mask_threshold))
 
-    z0 = _in_chunks(translator.encode, x0[:batch_size], batch_size, device)
+    z0 = _in_chunks(translator.start, x0[:batch_size], batch_size, device)
     result.update(
         {
             "straightness": flow_straightness(translator.velocity, z0.to(device), steps, sampler),

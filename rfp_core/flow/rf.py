@@ -6,6 +6,7 @@ the saliency-weighted loss E ||J_h(X_t) (X1 - X0 - v)||^2; generative mode with 
 
 from __future__ import annotations
 
+import zlib
 from typing import Callable, Literal, NamedTuple
 
 import torch
@@ -44,6 +45,20 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     """X_t = t*x1 + (1-t)*x0, with t of shape (B,) broadcast over the other dims."""
     t = t.reshape(-1, *([1] * (x0.dim() - 1))).to(x0.dtype)
     return t * x1 + (1 - t) * x0
+
+
+def source_noise(z0: Tensor, sigma: float, seed: int = 0, shared: bool = False) -> Tensor:
+    """sigma * eps for translation's start points at inference: each point's eps from a generator
+    seeded by its own bytes (and `seed`), so an image gets the same draw in any batch and two images
+    do not share one; `shared`: one eps for every point and every call (a video's frames keep their
+    texture from frame to frame)."""
+    if shared:
+        eps = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed)).expand_as(z0)
+    else:
+        seeds = [zlib.crc32(z.float().cpu().numpy().tobytes()) + seed for z in z0]
+        draws = [torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(k)) for k in seeds]
+        eps = torch.stack(draws) if draws else torch.zeros_like(z0)
+    return sigma * eps.to(z0.device, z0.dtype)
 
 
 def velocity_mse_loss(v_pred: Tensor, target: Tensor) -> Tensor:

@@ -72,13 +72,30 @@ class Translator:
         return self.codec.decode(z).clamp(-1, 1)
 
     @torch.no_grad()
+    def start(self, x: torch.Tensor, shared_noise: bool = False) -> torch.Tensor:
+        """The flow's starting points for domain-0 images: their encodings plus the run's source noise
+        (`velocity.source_noise`; each image its own draw, seeded by the image, or with `shared_noise`
+        one draw for all: a video's frames)."""
+        z = self.encode(x)
+        sigma = self.cfg.velocity.source_noise
+        if sigma > 0 and not self.generative:
+            z = z + rf.source_noise(z, sigma, seed=self.cfg.seed, shared=shared_noise)
+        return z
+
+    @torch.no_grad()
     def translate(
-        self, x: torch.Tensor, steps: int | None = None, sampler: str | None = None, reverse: bool = False
+        self,
+        x: torch.Tensor,
+        steps: int | None = None,
+        sampler: str | None = None,
+        reverse: bool = False,
+        shared_noise: bool = False,
     ) -> torch.Tensor:
-        """Images in [-1, 1] -> translated images; `reverse` integrates t from 1 to 0 (domain 1 -> 0)."""
+        """Images in [-1, 1] -> translated images; `reverse` integrates t from 1 to 0 (domain 1 -> 0,
+        no source noise added); `shared_noise`: see `start`."""
         z = rf.integrate(
             self.velocity,
-            self.encode(x),
+            self.encode(x) if reverse else self.start(x, shared_noise),
             steps or self.cfg.velocity.num_inference_steps,
             sampler=sampler or self.cfg.velocity.sampler,
             reverse=reverse,

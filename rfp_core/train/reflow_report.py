@@ -77,7 +77,7 @@ def reflow_rows(
     models = _models(paths, device)
     base = models[0][1]
     x = _inputs(paths, base, n).to(device)
-    z0 = x if base.cfg.generative else base.encode(x)
+    z0 = x if base.cfg.generative else base.start(x)
     reference = rf.integrate(base.velocity, z0, solver.steps, sampler=solver.sampler)
     images_in = None if base.cfg.generative else x
     return steps_table(

@@ -71,7 +71,7 @@ def _source(paths: RunPaths, tr, pairs: int | None):
         )
     store = paths.store if paths.store is not None else FrameStore(max_side=cfg.store_max_side)
     return frame_source(
-        paths.manifest, store, cfg.max_size, tr.encode, cfg.saliency.holdout_fraction, split="train", limit=pairs
+        paths.manifest, store, cfg.max_size, tr.start, cfg.saliency.holdout_fraction, split="train", limit=pairs
     )
 
 

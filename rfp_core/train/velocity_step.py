@@ -24,7 +24,8 @@ from rfp_core.train import distributed
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.ema import EMA
 
-SALT_T, SALT_NOISE = 1, 2  # per-sample draws (train/distributed.py): timestep, generative noise
+SALT_T, SALT_NOISE, SALT_SOURCE = 1, 2, 3  # per-sample draws (train/distributed.py): timestep, generative noise,
+# the source noise
 
 
 @dataclass
@@ -74,6 +75,10 @@ def _pair(run: VelocityRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
             if cfg.generative
             else codec.encode(batch["domain_0"].to(device, non_blocking=True))
         )
+        if cfg.velocity.source_noise > 0 and not cfg.generative:
+            x0 = x0 + cfg.velocity.source_noise * distributed.per_sample(
+                lambda g, shape=(1, *x0.shape[1:]): torch.randn(shape, generator=g), cfg.seed, pos, SALT_SOURCE
+            ).to(device)
         if run.couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
             x1 = run.couple(batch, x0, x1)
     t = distributed.per_sample(

@@ -6,6 +6,7 @@ writes a new folder (the last two are kept). The metadata shows the first frame 
 under its input's.
 """
 
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -66,7 +67,12 @@ def _translate_entry(tr, entry: Path, out: Path, log) -> tuple[list[tuple[Path, 
         try:
             reports.append(
                 translate_video(
-                    src, dst, tr.translate, tr.size, batch_size=tr.cfg.velocity.sample_batch_size, progress=False
+                    src,
+                    dst,
+                    partial(tr.translate, shared_noise=True),
+                    tr.size,
+                    batch_size=tr.cfg.velocity.sample_batch_size,
+                    progress=False,
                 )
             )
             done.append((src, dst))
