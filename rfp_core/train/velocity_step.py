@@ -24,8 +24,8 @@ from rfp_core.train import distributed
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.ema import EMA
 
-SALT_T, SALT_NOISE, SALT_SOURCE = 1, 2, 3  # per-sample draws (train/distributed.py): timestep, generative noise,
-# the source noise
+# per-sample draws (train/distributed.py): timestep, generative noise, source noise
+SALT_T, SALT_NOISE, SALT_SOURCE = 1, 2, 3
 
 
 @dataclass
@@ -60,7 +60,7 @@ class VelocityRun:
 
 
 def _pair(run: VelocityRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    """(x0, x1, t) of a micro-batch, in the codec's latent space."""
+    """(x0, x1, t) of a micro-batch, in the codec's latent space (x0 with its source noise, if any)."""
     cfg, codec, device = run.cfg, run.codec, run.device
     pos = batch["position"]  # per-sample draws by position: the same at any world size
     with torch.no_grad():
