@@ -207,15 +207,15 @@ def run(
     if local:
         atomic_write_text(table_path, table)
     print(f"ablation table: {table_path}", file=sys.stderr)
-    # per row: each key's mean over the seeds, and its mean / std / min / max / n under "seeds"
-    out: dict[str, Any] = {
-        label: {
-            **{k: _json_safe(_mean([m.get(k) for m in per_seed])) for k in KEEP if k != "run_dir"},
+    # per row: each key's mean / std / min / max / n over the seeds under "seeds", its mean at the top
+    out: dict[str, Any] = {}
+    for label, per_seed in rows.items():
+        stats = {k: summarise([m.get(k) for m in per_seed]) for k in KEEP if k != "run_dir"}
+        out[label] = {
+            **{k: v["mean"] for k, v in stats.items()},
             "run_dirs": [m.get("run_dir") for m in per_seed],
-            "seeds": {k: summarise([m.get(k) for m in per_seed]) for k in KEEP if k != "run_dir"},
+            "seeds": stats,
         }
-        for label, per_seed in rows.items()
-    }
     out.update(table=str(table_path), config=config_name, quick=quick, device=str(dev))
     out["seconds"] = time.perf_counter() - start
     out = report.jsonable(out)
@@ -322,12 +322,3 @@ def _evaluate_rows(rows_to_run: list[Variant], seeds: list[int], trained: dict, 
         slug = next(v.slug for v in rows_to_run if v.label == label)
         grids.setdefault(label, res["paths"]["grid_translate"] if local else f"ablation/{slug}_translate.png")
     return rows, grids, first, judge
-
-
-def _mean(values: list[Any]) -> float | None:
-    vals = [float(v) for v in values if isinstance(v, (int, float)) and math.isfinite(float(v))]
-    return sum(vals) / len(vals) if vals else None
-
-
-def _json_safe(v: Any) -> Any:
-    return None if isinstance(v, float) and not math.isfinite(v) else v

@@ -2,8 +2,17 @@
 
 from __future__ import annotations
 
-from rfp_core.bench.quality_configs import ROWS as QUALITY_ROWS  # plain dicts: no torch behind `rfp --help`
 from rfp_core.cli import args as common
+
+
+def _quality_rows() -> str:
+    # the row table is plain dicts (no torch behind `rfp --help`), but it reads configs/translate.json:
+    # without that file the rest of the CLI still starts
+    try:
+        from rfp_core.bench.quality_configs import ROWS
+    except (OSError, ValueError):
+        return "the rows of rfp_core/bench/quality_configs.py"
+    return ",".join(ROWS)
 
 
 def add_parser(sub) -> None:
@@ -29,7 +38,7 @@ def add_parser(sub) -> None:
     bench.add_argument(
         "--rows",
         default=None,
-        help=f"quality: comma-separated, from {','.join(QUALITY_ROWS)} (default all); "
+        help=f"quality: comma-separated, from {_quality_rows()} (default all); "
         "reflow_quality: the 1-RF row (default mse)",
     )
     bench.add_argument("--steps", type=int, default=None, help="quality: velocity optimizer steps per trained row")
