@@ -15,7 +15,7 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, Tag, field_val
 
 Augmentation = Literal["color_jitter", "grayscale", "hflip", "random_erasing", "gaussian_blur"]
 Backbone = Literal["resnet18", "resnet34", "resnet50", "resnet101", "resnet152"]
-StructureEncoder = Literal["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "thumbnail"]
+StructureEncoder = Literal["dinov2_vits14", "dinov2_vitb14", "dinov2_vitl14", "thumbnail", "hog"]
 Normalization = Literal["GroupNorm32", "GroupNorm16", "GroupNormAuto", "BatchNorm2d", "InstanceNorm2d", "None"]
 Activation = Literal["SiLU", "ReLU", "LeakyReLU", "Tanh", "Sigmoid", "None", "Softmax"]
 Downsample = Literal["AvgPool", "StridedConv"]
@@ -281,6 +281,12 @@ class VelocityConfig(_Strict):
     # this project's: std of Gaussian noise on the source X0 in training and translation, the randomness
     # a flow from a plain domain needs to draw the target's texture (docs/METHOD.md); 0 = off, the original
     source_noise: float = Field(0.0, ge=0)
+    # train on every σ from this up to source_noise (one uniform draw a sample; None = source_noise
+    # alone), so a translation at a lower translate_noise stays inside what the flow has seen
+    source_noise_min: float | None = Field(None, ge=0)
+    # σ of that noise at translation (None = source_noise): a lower "temperature" than training keeps
+    # more of the input for less invented texture (docs/BENCHMARKS.md measures the trade)
+    translate_noise: float | None = Field(None, ge=0)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
@@ -296,6 +302,15 @@ class VelocityConfig(_Strict):
     compile: bool = False
     # intra-op threads for training on CPU (None = torch's default, one per core)
     cpu_threads: int | None = Field(None, ge=1)
+
+    @model_validator(mode="after")
+    def _noise_range(self) -> "VelocityConfig":
+        if self.source_noise_min is not None and self.source_noise_min > self.source_noise:
+            raise ValueError(
+                f"source_noise_min ({self.source_noise_min}) is above source_noise ({self.source_noise}): "
+                "the range is [source_noise_min, source_noise]"
+            )
+        return self
 
     @model_validator(mode="after")
     def _minibatch_divides_batch(self) -> "VelocityConfig":
@@ -316,6 +331,10 @@ class VelocityConfig(_Strict):
         """Optimizer steps in the `train_images` budget (at least one)."""
         return max(1, self.train_images // self.train_batch_size)
 
+    @property
+    def translate_sigma(self) -> float:
+        return self.source_noise if self.translate_noise is None else self.translate_noise
+
 
 class StructureConfig(_Strict):
     pairing: bool = False
@@ -324,6 +343,7 @@ class StructureConfig(_Strict):
     # explicit weights file for the DINOv2 encoder; else the timm / HF cache is searched
     weights_path: Path | None = None
     thumbnail_size: int = Field(16, ge=4)
+    hog_cells: int = Field(8, ge=2)  # the hog encoder's cells a side (8 pixels each)
 
 
 class ModelConfig(_Strict):
@@ -364,48 +384,6 @@ class ModelConfig(_Strict):
             k: json.dumps(v) if isinstance(v, (list, dict)) else str(v)
             for k, v in flatten(self.model_dump(mode="json")).items()
         }
-
-
-class ExperimentConfig(_Strict):
-    """One file in `experiments/`: which folders, which model config, what to override."""
-
-    name: str
-    domain0: list[Path] | Literal["random"]
-    domain1: list[Path] = Field(min_length=1)
-    config: Path
-    overrides: dict[str, Any] = Field(default_factory=dict)
-    # optional folder of true shape masks for domain0 frames (same file stems), used by the evaluation
-    masks: Path | None = None
-    # opt-in straightening after the velocity: {"rounds": 1, "pairs": N, "distill": true}
-    # (rfp_pipeline/assets/reflow.py)
-    reflow: dict[str, Any] | None = None
-    # media (files or folders of videos and stills) the evaluated model translates (asset translated_media)
-    translate: list[Path] = Field(default_factory=list)
-    # "filenames": a domain-0 and a domain-1 file with the same stem are a true pair (rfp_core/flow/paired.py),
-    # the velocity is fitted on those pairs, its loss defaults to plain MSE and structure pairing is off
-    pairing: Literal["unpaired", "filenames"] = "unpaired"
-
-    @field_validator("domain0", mode="before")
-    @classmethod
-    def _domain0_random(cls, value: Any) -> Any:
-        if isinstance(value, str) and value != "random":
-            return [value]
-        if isinstance(value, list) and value == ["random"]:
-            return "random"
-        return value
-
-    @field_validator("domain1", "translate", mode="before")
-    @classmethod
-    def _domain1_list(cls, value: Any) -> Any:
-        return [value] if isinstance(value, str) else value
-
-    @property
-    def saliency_step_limit(self) -> int:  # saliency.max_steps, or the original's: the velocity budget's steps
-        return self.saliency.max_steps if self.saliency.max_steps is not None else max(1, self.velocity.total_steps)
-
-    @property
-    def generative(self) -> bool:
-        return self.domain0 == "random"
 
 
 def flatten(d: dict[str, Any], prefix: str = "") -> dict[str, Any]:

@@ -18,11 +18,11 @@ from rfp_core.config import (
     ConfigError,
     ConvEncoderDecoderConfig,
     DiTConfig,
-    ExperimentConfig,
     IdentityNetConfig,
     ModelConfig,
     UNetConfig,
 )
+from rfp_core.config_experiment import ExperimentConfig
 from rfp_core.paths import resolve_against_root
 
 _FLAT_TOP = {"type", "max_size", "domain0", "domain1", "seed", "store_max_side"}

@@ -13,7 +13,8 @@ import os
 from pathlib import Path
 from typing import Any
 
-from rfp_core.config import ExperimentConfig, ModelConfig
+from rfp_core.config import ModelConfig
+from rfp_core.config_experiment import ExperimentConfig
 from rfp_core.config_files import config_from_dict, experiment_model_config, load_experiment
 from rfp_core.media.decode import discover
 from rfp_core.media.hashing import HashCache

@@ -18,7 +18,8 @@ from pydantic import Field
 
 from rfp_core import experiments as exps
 from rfp_core import paths, tracking
-from rfp_core.config import ConfigError, ExperimentConfig
+from rfp_core.config import ConfigError
+from rfp_core.config_experiment import ExperimentConfig
 from rfp_core.media.frame_store import FrameStore
 from rfp_core.media.hashing import HashCache
 

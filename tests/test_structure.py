@@ -261,3 +261,42 @@ def test_dinov2_loads_a_weights_file(tmp_path, monkeypatch):
     save_file({"weight": torch.zeros(2)}, str(bad))
     with pytest.raises(ConfigError, match="bad.safetensors"):
         build_encoder(StructureConfig(encoder="dinov2_vits14", weights_path=bad))
+
+
+def _glyph(kind: int, rng: np.random.Generator, textured: bool) -> Image.Image:
+    """A white bar, cross or ring on black (domain 0), or the same glyph as MNIST-M blends it:
+    a smooth random colour texture, inverted where the ink is (domain 1)."""
+    ink = Image.new("L", (S, S), 0)
+    draw, c, r = ImageDraw.Draw(ink), S / 2 + rng.uniform(-2, 2), rng.uniform(8, 11)
+    width = int(rng.integers(3, 5))
+    if kind in (0, 2):  # vertical bar; the cross adds a horizontal one
+        draw.line([(c, c - r), (c, c + r)], fill=255, width=width)
+    if kind in (1, 2):
+        draw.line([(c - r, c), (c + r, c)], fill=255, width=width)
+    if kind == 3:
+        draw.ellipse([c - r, c - r, c + r, c + r], outline=255, width=width)
+    a = np.asarray(ink, np.float32)[..., None].repeat(3, 2)
+    if textured:
+        coarse = rng.uniform(0, 255, (4, 4, 3)).astype(np.float32)
+        texture = np.asarray(
+            Image.fromarray(coarse.astype(np.uint8)).resize((S, S), Image.Resampling.BICUBIC), np.float32
+        )
+        a = np.abs(texture + rng.normal(0, 25, texture.shape) - a).clip(0, 255)
+    return Image.fromarray(a.astype(np.uint8))
+
+
+def test_hog_pairs_shapes_through_texture():
+    """The hog encoder pairs each plain glyph with a textured one of the same kind; the thumbnail's
+    distance from the dominant colour mistakes the texture's patches for layout."""
+    rng = np.random.default_rng(4)
+    kinds0, kinds1 = rng.integers(0, 4, 80), rng.integers(0, 4, 80)
+    plain = [_glyph(int(k), rng, textured=False) for k in kinds0]
+    textured = [_glyph(int(k), rng, textured=True) for k in kinds1]
+    agree = {}
+    for name in ("hog", "thumbnail"):
+        enc = build_encoder(StructureConfig(encoder=name))
+        e0, e1 = enc.embed(plain), enc.embed(textured)
+        assert e0.shape == (80, enc.dim) and np.allclose(np.linalg.norm(e1, axis=1), 1, atol=1e-4)
+        agree[name] = float((kinds1[(e0 @ e1.T).argmax(1)] == kinds0).mean())
+    assert agree["hog"] >= 0.9 and agree["hog"] > agree["thumbnail"] + 0.2, agree
+    assert build_encoder(StructureConfig(encoder="hog", hog_cells=4)).encoder_id == "hog4"

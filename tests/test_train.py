@@ -250,7 +250,8 @@ def test_the_recommended_recipe_trains_from_the_cli_with_its_noise_and_pairing(t
     tr = Translator.from_run(run, "cpu")
     assert tr.cfg.velocity.source_noise == 0.5 and tr.cfg.structure.pairing
     x = tr.load_images(sorted(d0.glob("*.png"))[:2])
-    assert float((tr.start(x) - tr.encode(x)).std()) == pytest.approx(0.5, rel=0.2)
+    sigma = tr.cfg.velocity.translate_sigma  # the noise it translates with (translate_noise, else 0.5)
+    assert sigma > 0 and float((tr.start(x) - tr.encode(x)).std()) == pytest.approx(sigma, rel=0.2)
     assert tr.translate(x).shape == x.shape
     # `rfp translate` gives a video's frames one shared draw and each still its own
     from media_factory import make_video
@@ -269,3 +270,11 @@ def test_the_recommended_recipe_trains_from_the_cli_with_its_noise_and_pairing(t
     assert main(["translate", "--run", str(run), str(inputs), "--out", str(tmp_path / "out")]) == 0
     assert True in seen and False in seen
     assert (tmp_path / "out" / "still.png").is_file()
+    # `--noise 0`: the same run translates from the clean input
+    still_png = str(inputs / "still.png")
+    assert main(["translate", "--run", str(run), still_png, "--out", str(tmp_path / "clean"), "--noise", "0"]) == 0
+    still = tr.load_images([inputs / "still.png"])
+    clean = Translator.from_run(run, "cpu").set_translate_noise(0.0).translate(still)[0]
+    written = tr.load_images([tmp_path / "clean" / "still.png"])[0]
+    assert (written - clean).abs().max() <= 2 / 255 + 1e-6
+    assert (written - tr.translate(still)[0]).abs().max() > 4 / 255

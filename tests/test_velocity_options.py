@@ -9,6 +9,7 @@ import torch
 from disc_data import make_discs
 
 from rfp_core.checkpoint import load_checkpoint
+from rfp_core.config import ConfigError
 from rfp_core.config_files import load_config
 from rfp_core.flow import rf
 from rfp_core.flow.coupling import Coupler, embedding_cost, ot_permutation, pixel_cost
@@ -172,6 +173,21 @@ def test_training_runs_with_structure_space_coupling(tmp_path, monkeypatch):
     assert last["step"] == 6 and torch.isfinite(torch.tensor(last["loss"]))
 
 
+def test_a_source_noise_range_draws_each_samples_sigma_inside_it_by_position():
+    from rfp_core.train.velocity_step import _source_sigma
+
+    cfg = load_config(TINY)
+    cfg.velocity.source_noise, cfg.velocity.source_noise_min = 0.5, 0.2
+    sigma = _source_sigma(cfg, range(400)).flatten()
+    assert sigma.min() >= 0.2 and sigma.max() <= 0.5 and sigma.max() - sigma.min() > 0.25
+    assert float(sigma.mean()) == pytest.approx(0.35, abs=0.02)  # uniform over the range
+    assert torch.equal(_source_sigma(cfg, [7, 3])[:, 0, 0, 0], sigma[[7, 3]])  # by position, any batch
+    cfg.velocity.source_noise_min = None
+    assert float(_source_sigma(cfg, [7, 3])) == 0.5
+    with pytest.raises(ConfigError, match="source_noise_min"):
+        load_config(TINY, overrides={"velocity": {"source_noise": 0.3, "source_noise_min": 0.4}})
+
+
 def test_source_noise_is_drawn_per_image_the_same_in_any_batch_and_shared_on_request():
     g = torch.Generator().manual_seed(3)
     a, b, c = torch.randn(3, 1, 3, 8, 8, generator=g)
@@ -207,3 +223,9 @@ def test_a_run_with_source_noise_trains_and_translates_from_noisy_starts(tmp_pat
     assert not torch.allclose(clean.translate(x), tr.translate(x), atol=1e-3)
     shared = tr.start(x, shared_noise=True) - tr.encode(x)
     assert torch.allclose(shared[0], shared[2], atol=1e-6)
+    # a lower noise at translation (velocity.translate_noise, `rfp translate --noise`): the same draw, scaled
+    cooler = Translator.from_run(run, "cpu").set_translate_noise(0.2)
+    assert torch.allclose(cooler.start(x) - cooler.encode(x), (start - tr.encode(x)) * 0.4, atol=1e-5)
+    assert torch.allclose(Translator.from_run(run, "cpu").set_translate_noise(0.0).translate(x), clean.translate(x))
+    with pytest.raises(ConfigError, match=">= 0"):
+        cooler.set_translate_noise(-0.1)

@@ -72,6 +72,8 @@ _BASE: dict[str, Any] = {
         "coupling": "independent",
         "coupling_space": "pixel",
         "source_noise": 0.0,
+        "source_noise_min": None,
+        "translate_noise": None,
         # horizon 50 steps, a quarter of the 200-step budget: now that the warm-up reaches the
         # configured decay (after decay / (1 - decay) steps), 0.995 would average the whole run
         "lr_schedule": "cosine",
@@ -98,6 +100,7 @@ _BASE: dict[str, Any] = {
         "encoder": "thumbnail",
         "weights_path": None,
         "thumbnail_size": 16,
+        "hog_cells": 8,
     },
 }
 
@@ -112,8 +115,8 @@ def _merge(base: dict, over: dict) -> dict:
 _RELATIVE = {"mse_weight": 1.0, "mse_weight_mode": "relative"}
 
 
-def _pairs(candidates: int) -> dict[str, Any]:
-    return {"structure": {"pairing": True, "candidates": candidates}}
+def _pairs(candidates: int, encoder: str = "thumbnail") -> dict[str, Any]:
+    return {"structure": {"pairing": True, "candidates": candidates, "encoder": encoder}}
 
 
 ROW_CONFIGS: dict[str, dict[str, Any]] = {
@@ -152,6 +155,14 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
         _BASE, {"velocity": {**_RELATIVE, "source_noise": 0.5, "bf16": True}, **_pairs(4)}
     ),
     "mse_noise05_pairs1": _merge(_BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}, **_pairs(1)}),
+    # ... trained on every σ in [0.2, 0.5], so translating at a lower σ stays in distribution
+    "mse_noise02to05_pairs1": _merge(
+        _BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "source_noise_min": 0.2, "bf16": True}, **_pairs(1)}
+    ),
+    # ... paired by shape instead (the hog encoder: oriented edges, which read a digit through texture)
+    "mse_noise05_hog1": _merge(
+        _BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}, **_pairs(1, "hog")}
+    ),
     # the recommended recipe for new users, read from configs/translate.json itself (the README's)
     "recipe": json.loads((Path(__file__).resolve().parents[2] / "configs" / "translate.json").read_text()),
     # issue 11, item 5: the pix2pix setting on a paired task: the coupling is the true (same file

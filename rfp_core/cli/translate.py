@@ -25,6 +25,14 @@ def add_translate(sub) -> None:
     translate.add_argument("--sampler", choices=["euler", "heun", "rk4"], default=None)
     translate.add_argument("--reverse", action="store_true", help="domain 1 -> domain 0 (integrate t from 1 to 0)")
     translate.add_argument(
+        "--noise",
+        type=float,
+        default=None,
+        metavar="SIGMA",
+        help="source noise at translation (default: the run's velocity.translate_noise, else its source_noise); "
+        "lower keeps more of the input, higher invents more texture",
+    )
+    translate.add_argument(
         "--crf", type=int, default=18, help="video quality: x264 CRF, 0 = lossless, 18 = visually lossless"
     )
     translate.add_argument("--video-codec", default="libx264", help="video encoder (PyAV/FFmpeg name)")
@@ -53,6 +61,8 @@ def run_translate(args: argparse.Namespace) -> int:
     from rfp_core.media.images import ImageLoadError, find_images, load_image, save_png
 
     tr = run_translator(args.run, args.steps, args.device)
+    if args.noise is not None:
+        tr.set_translate_noise(args.noise)
     if tr.generative:
         print(f"note: {args.run} was trained with domain0=random; translating from images anyway", file=sys.stderr)
     from rfp_core.inference.video import split_video_inputs

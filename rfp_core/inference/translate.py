@@ -63,6 +63,15 @@ class Translator:
         """v(x, t) of the EMA net, in model (codec) space."""
         return self.net(x, t)
 
+    def set_translate_noise(self, sigma: float) -> "Translator":
+        """Translate from X0 + sigma * eps from now on (`velocity.translate_noise`), whatever the run
+        trained with."""
+        if sigma < 0:
+            raise ConfigError(f"the source noise at translation must be >= 0, not {sigma}")
+        velocity = self.cfg.velocity.model_copy(update={"translate_noise": float(sigma)})
+        self.cfg = self.cfg.model_copy(update={"velocity": velocity})
+        return self
+
     @torch.no_grad()
     def encode(self, x: torch.Tensor) -> torch.Tensor:
         return self.codec.encode(x.to(self.device))
@@ -74,10 +83,10 @@ class Translator:
     @torch.no_grad()
     def start(self, x: torch.Tensor, shared_noise: bool = False) -> torch.Tensor:
         """The flow's starting points for domain-0 images: their encodings plus the run's source noise
-        (`velocity.source_noise`; each image its own draw, seeded by the image, or with `shared_noise`
-        one draw for all: a video's frames)."""
+        (`velocity.translate_noise`, else `source_noise`; each image its own draw, seeded by the image,
+        or with `shared_noise` one draw for all: a video's frames)."""
         z = self.encode(x)
-        sigma = self.cfg.velocity.source_noise
+        sigma = self.cfg.velocity.translate_sigma
         if sigma > 0 and not self.generative:
             z = z + rf.source_noise(z, sigma, seed=self.cfg.seed, shared=shared_noise)
         return z

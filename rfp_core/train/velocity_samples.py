@@ -55,7 +55,7 @@ class SampleGrids:
             rows = [codec.decode(z)]
         else:
             z0 = codec.encode(self.inputs.to(self.device))
-            if vc.source_noise > 0:  # as `Translator.start` draws it
-                z0 = z0 + rf.source_noise(z0, vc.source_noise, seed=cfg.seed)
+            if vc.translate_sigma > 0:  # as `Translator.start` draws it
+                z0 = z0 + rf.source_noise(z0, vc.translate_sigma, seed=cfg.seed)
             rows = [self.inputs, codec.decode(rf.integrate(net, z0, vc.num_inference_steps, sampler=vc.sampler))]
         return save_grid(rows, self.dir / f"step_{at:08d}.png")

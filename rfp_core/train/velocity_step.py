@@ -24,8 +24,8 @@ from rfp_core.train import distributed
 from rfp_core.train.anchor import RelativeAnchor
 from rfp_core.train.ema import EMA
 
-# per-sample draws (train/distributed.py): timestep, generative noise, source noise
-SALT_T, SALT_NOISE, SALT_SOURCE = 1, 2, 3
+# per-sample draws (train/distributed.py): timestep, generative noise, source noise and its σ
+SALT_T, SALT_NOISE, SALT_SOURCE, SALT_SOURCE_SIGMA = 1, 2, 3, 4
 
 
 @dataclass
@@ -76,7 +76,7 @@ def _pair(run: VelocityRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
             else codec.encode(batch["domain_0"].to(device, non_blocking=True))
         )
         if cfg.velocity.source_noise > 0 and not cfg.generative:
-            x0 = x0 + cfg.velocity.source_noise * distributed.per_sample(
+            x0 = x0 + _source_sigma(cfg, pos).to(device) * distributed.per_sample(
                 lambda g, shape=(1, *x0.shape[1:]): torch.randn(shape, generator=g), cfg.seed, pos, SALT_SOURCE
             ).to(device)
         if run.couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
@@ -85,6 +85,16 @@ def _pair(run: VelocityRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
         lambda g: rf.sample_timesteps(1, cfg.velocity.timestep_sampling, generator=g), cfg.seed, pos, SALT_T
     ).to(device)
     return x0, x1, t
+
+
+def _source_sigma(cfg: ModelConfig, pos) -> torch.Tensor | float:
+    """σ of each sample's source noise: `source_noise`, or with `source_noise_min` one drawn
+    uniformly from [source_noise_min, source_noise] (seeded by position)."""
+    vc = cfg.velocity
+    if vc.source_noise_min is None:
+        return torch.tensor(vc.source_noise)
+    u = distributed.per_sample(lambda g: torch.rand(1, generator=g), cfg.seed, pos, SALT_SOURCE_SIGMA)
+    return (vc.source_noise_min + (vc.source_noise - vc.source_noise_min) * u).view(-1, 1, 1, 1)
 
 
 def accumulate_gradients(run: VelocityRun) -> tuple[torch.Tensor, torch.Tensor]:
