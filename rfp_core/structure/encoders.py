@@ -11,7 +11,7 @@ each pixel's distance from the image's dominant colour. No weights, instant; the
 
 `hog`: histograms of oriented gradients (Dalal & Triggs) through scikit-image: where the edges
 are and which way they run, normalised over large blocks. No weights; reads shape through texture
-that a thumbnail mistakes for layout (configs/translate.json's encoder).
+that a thumbnail mistakes for layout.
 
 Weights are never downloaded here: `weights_path`, else the HF hub cache, else torch hub's
 cache. When none holds them, `WeightsMissingError` says what to put where.

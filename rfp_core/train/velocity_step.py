@@ -87,7 +87,7 @@ def _pair(run: VelocityRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
     return x0, x1, t
 
 
-def _source_sigma(cfg: ModelConfig, pos) -> torch.Tensor | float:
+def _source_sigma(cfg: ModelConfig, pos) -> torch.Tensor:
     """σ of each sample's source noise: `source_noise`, or with `source_noise_min` one drawn
     uniformly from [source_noise_min, source_noise] (seeded by position)."""
     vc = cfg.velocity
