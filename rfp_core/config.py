@@ -289,7 +289,7 @@ class VelocityConfig(_Strict):
     translate_noise: float | None = Field(None, ge=0)
     # keep only the noise finer than this period in pixels (None = white noise): a smooth source's
     # layout then stays readable through it (rf.highpass)
-    source_noise_highpass: float | None = None  # experiment: negative = the coarse band
+    source_noise_highpass: float | None = Field(None, ge=2)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)

@@ -179,11 +179,6 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
         _BASE,
         {"velocity": {"loss": "mse", "source_noise": 0.5, "source_noise_highpass": 5.0, "bf16": True}, **_pairs(1)},
     ),
-    # ... or its noise coarser than 5 px only
-    "mse_noise05lp5_pairs1": _merge(
-        _BASE,
-        {"velocity": {"loss": "mse", "source_noise": 0.5, "source_noise_highpass": -5.0, "bf16": True}, **_pairs(1)},
-    ),
     # the recommended recipe for new users, read from configs/translate.json itself (the README's)
     "recipe": json.loads((Path(__file__).resolve().parents[2] / "configs" / "translate.json").read_text()),
     # issue 11, item 5: the pix2pix setting on a paired task: the coupling is the true (same file

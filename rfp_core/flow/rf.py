@@ -55,10 +55,8 @@ def highpass(eps: Tensor, period: float | None) -> Tensor:
         return eps
     h, w = eps.shape[-2:]
     fy = torch.fft.fftfreq(h).view(-1, 1)
-    # experiment: a negative period keeps the coarse band instead (noise coarser than |period|)
-    coarse, period = period < 0, abs(period)
-    kept = (torch.hypot(fy, torch.fft.rfftfreq(w).view(1, -1)) > 1 / period) ^ coarse
-    share = ((torch.hypot(fy, torch.fft.fftfreq(w).view(1, -1)) > 1 / period) ^ coarse).float().mean()
+    kept = torch.hypot(fy, torch.fft.rfftfreq(w).view(1, -1)) > 1 / period
+    share = (torch.hypot(fy, torch.fft.fftfreq(w).view(1, -1)) > 1 / period).float().mean()  # of white noise's power
     out = torch.fft.irfft2(torch.fft.rfft2(eps.float()) * kept, s=(h, w))
     return (out / share.clamp_min(1e-6).sqrt()).to(eps.dtype)
 
