@@ -287,9 +287,6 @@ class VelocityConfig(_Strict):
     # σ of that noise at translation (None = source_noise): a lower "temperature" than training keeps
     # more of the input for less invented texture (docs/BENCHMARKS.md measures the trade)
     translate_noise: float | None = Field(None, ge=0)
-    # keep only the noise finer than this period in pixels (None = white noise): a smooth source's
-    # layout then stays readable through it (rf.highpass)
-    source_noise_highpass: float | None = Field(None, ge=2)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
@@ -347,19 +344,6 @@ class StructureConfig(_Strict):
     weights_path: Path | None = None
     thumbnail_size: int = Field(16, ge=4)
     hog_cells: int = Field(8, ge=2)  # the hog encoder's cells a side (8 pixels each)
-    # two-stage pairing: each input's `shortlist` nearest targets by this encoder, of which the
-    # `candidates` nearest by `encoder` are kept (None: `encoder` ranks all targets)
-    shortlist_encoder: StructureEncoder | None = None
-    shortlist: int = Field(8, ge=1)
-
-    @model_validator(mode="after")
-    def _shortlist_holds_candidates(self) -> "StructureConfig":
-        if self.shortlist_encoder is not None and self.shortlist < self.candidates:
-            raise ValueError(
-                f"structure.shortlist ({self.shortlist}) is below structure.candidates ({self.candidates}): "
-                "the candidates are picked from the shortlist"
-            )
-        return self
 
 
 class ModelConfig(_Strict):

@@ -132,35 +132,6 @@ def test_adding_one_image_computes_exactly_one_embedding(project):
     assert pq.read_table(cache).num_rows == 21
 
 
-def test_a_shortlist_encoder_is_embedded_too_and_its_nearest_are_re_ranked(project):
-    structure = {"pairing": True, "encoder": "thumbnail", "candidates": 2, "shortlist_encoder": "hog", "shortlist": 4}
-    root, resources, instance = project({"staged": {**TINY_OVERRIDES, "structure": structure}})
-    md = metadata(materialize(instance, resources, "staged", EMBED + ["structure_pairs"]))
-    emb = md["structure_embeddings"]
-    assert (emb["computed"], emb["encoder_id"], emb["shortlist_encoder_id"]) == (40, "thumbnail16", "hog8")
-    caches = resources["rfp"].home_path() / "cache" / "embeddings"
-    vec = {}
-    for name in ("thumbnail16", "hog8"):
-        t = pq.read_table(caches / f"{name}.parquet")
-        vec[name] = dict(zip(t.column("frame_key").to_pylist(), np.array(t.column("embedding").to_pylist())))
-    table = pq.read_table(
-        json.loads((resources["rfp"].home_path() / "pipeline" / "staged" / "pairs" / "result.json").read_text())[
-            "pairs"
-        ]
-    )
-    d0 = list(dict.fromkeys(table.column("d0_key").to_pylist()))
-    d1 = [k for k in vec["hog8"] if k not in d0]
-    assert len(d0) == len(d1) == 10 and table.num_rows == 20
-    got = dict.fromkeys(d0, ())
-    for a, b in zip(table.column("d0_key").to_pylist(), table.column("d1_key").to_pylist()):
-        got[a] += (b,)
-    for a in d0:
-        shortlist = sorted(d1, key=lambda b: -float(vec["hog8"][a] @ vec["hog8"][b]))[:4]
-        assert got[a] == tuple(
-            sorted(shortlist, key=lambda b: -float(vec["thumbnail16"][a] @ vec["thumbnail16"][b]))[:2]
-        )
-
-
 def test_pairing_off_skips_without_weights_and_missing_weights_name_the_fix(project):
     # the default encoder is DINOv2, whose weights are not here: with pairing off nothing asks for them
     off = {**TINY_OVERRIDES, "structure": {"pairing": False}}

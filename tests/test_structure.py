@@ -28,7 +28,6 @@ from rfp_core.structure import (
     topk_pairs,
     write_pairs,
 )
-from rfp_core.structure.pairing import pairs_table, rerank_indices, topk_indices
 
 S = 32
 
@@ -107,26 +106,6 @@ def test_chunked_topk_equals_brute_force():
     assert small.num_rows == 12 and sorted(small.column("d1_key").to_pylist()[:4]) == kb[:4]
 
 
-def test_shortlist_keeps_the_rerank_encoders_best_among_the_first_encoders_top():
-    rng = np.random.default_rng(5)
-    a_short, b_short = rng.standard_normal((200, 16)), rng.standard_normal((333, 16))
-    a, b = rng.standard_normal((200, 10)), rng.standard_normal((333, 10))
-    _, shortlist = topk_indices(a_short, b_short, 8)
-    sims, idx = rerank_indices(a, b, shortlist, k=2, chunk_size=37)  # ragged chunks
-    an = a / np.linalg.norm(a, axis=1, keepdims=True)
-    bn = b / np.linalg.norm(b, axis=1, keepdims=True)
-    for i in (0, 36, 37, 199):
-        cand = shortlist[i]
-        order = cand[np.argsort(-(bn[cand] @ an[i]))]
-        assert list(idx[i]) == list(order[:2])
-        np.testing.assert_allclose(sims[i], bn[order[:2]] @ an[i], atol=1e-5)
-    assert set(idx[0]) <= set(shortlist[0]) and (idx != _brute_force(a, b, 2)[1]).any()
-    table = pairs_table([f"a{i}" for i in range(200)], [f"b{j}" for j in range(333)], sims, idx)
-    assert table.num_rows == 400 and table.column("d1_key")[1].as_py() == f"b{idx[0, 1]}"
-    with pytest.raises(ValueError, match="shortlist .3. is below structure.candidates .4."):
-        StructureConfig(candidates=4, shortlist_encoder="hog", shortlist=3)
-
-
 def test_pairs_roundtrip(tmp_path):
     rng = np.random.default_rng(2)
     a, b = rng.standard_normal((5, 8)), rng.standard_normal((9, 8))
@@ -174,23 +153,6 @@ def test_thumbnail_pairs_share_the_side(tmp_path):
     # pairing the same manifest again embeds nothing new
     again = EmbeddingCache("thumbnail16")
     assert again.compute_missing(list(side_of), store, build_encoder(cfg), progress=False) == 0
-
-    # two-stage: hog's 4 nearest, of which the 2 nearest by the thumbnail, with its similarities
-    staged = cfg.model_copy(update={"candidates": 2, "shortlist_encoder": "hog", "shortlist": 4})
-    two = pair_manifest(report.manifest_path, store, staged, progress=False)
-    hog4 = pair_manifest(report.manifest_path, store, StructureConfig(encoder="hog", candidates=4), progress=False)
-    thumb = build_encoder(cfg)
-    vec = dict(zip(side_of, embed_frames(list(side_of), store, thumb, EmbeddingCache(thumb.encoder_id), False)))
-    shortlist: dict[str, list[str]] = {a: [] for a in top1}
-    for a, b in zip(hog4.column("d0_key").to_pylist(), hog4.column("d1_key").to_pylist()):
-        shortlist[a].append(b)
-    got: dict[str, list[tuple[str, float]]] = {a: [] for a in top1}
-    for a, b, v in zip(*(two.column(c).to_pylist() for c in ("d0_key", "d1_key", "similarity"))):
-        got[a].append((b, v))
-    for a, cands in shortlist.items():
-        best = sorted(cands, key=lambda b: -float(vec[a] @ vec[b]))[:2]
-        assert [b for b, _ in got[a]] == best
-        np.testing.assert_allclose([v for _, v in got[a]], [float(vec[a] @ vec[b]) for b in best], atol=1e-5)
 
 
 def test_cache_computes_only_new_frames(tmp_path):

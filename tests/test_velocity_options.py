@@ -3,7 +3,6 @@
 import itertools
 import json
 from pathlib import Path
-from types import SimpleNamespace
 
 import pytest
 import torch
@@ -202,48 +201,6 @@ def test_source_noise_is_drawn_per_image_the_same_in_any_batch_and_shared_on_req
     assert not torch.equal(noise[0], rf.source_noise(a, 0.5, seed=1)[0])  # the run's seed moves it
     shared = rf.source_noise(batch, 0.5, shared=True)  # a video's frames: one draw for all
     assert torch.equal(shared[0], shared[2]) and torch.equal(shared[0], rf.source_noise(c, 0.5, shared=True)[0])
-
-
-def _low_band(x: torch.Tensor, period: float) -> torch.Tensor:
-    h, w = x.shape[-2:]
-    return torch.hypot(torch.fft.fftfreq(h).view(-1, 1), torch.fft.fftfreq(w).view(1, -1)) <= 1 / period
-
-
-def _low_band_share(x: torch.Tensor, period: float) -> float:
-    """Share of x's power at spatial frequencies coarser than `period` pixels."""
-    power = torch.fft.fft2(x.double()).abs() ** 2
-    return float(power[..., _low_band(x, period)].sum() / power.sum())
-
-
-def _lowpass(x: torch.Tensor, period: float) -> torch.Tensor:
-    return torch.fft.ifft2(torch.fft.fft2(x.double()) * _low_band(x, period)).real.to(x.dtype)
-
-
-def test_highpass_source_noise_leaves_a_smooth_source_exactly_readable():
-    eps = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
-    fine = rf.highpass(eps, 5)
-    assert float(fine.std()) == pytest.approx(1.0, rel=0.02)  # σ still means the noise's std
-    assert _low_band_share(eps, 5) > 0.1 and _low_band_share(fine, 5) < 1e-9
-    # a source with nothing finer than 5 px is exactly the coarse band of source + noise
-    smooth = _lowpass(eps, 5)
-    assert torch.allclose(_lowpass(smooth + 0.5 * fine, 5), smooth, atol=1e-5)
-    assert rf.highpass(eps, None) is eps
-    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
-    assert torch.equal(rf.source_noise(x, 0.5, highpass_period=5), 0.5 * rf.highpass(rf.source_noise(x, 1.0), 5))
-    shared = rf.source_noise(x, 0.5, shared=True, highpass_period=5)
-    assert torch.equal(shared[0], shared[1])
-    with pytest.raises(ConfigError, match="source_noise_highpass"):
-        load_config(TINY, overrides={"velocity": {"source_noise": 0.5, "source_noise_highpass": 1}})
-    # training draws it the same way
-    from rfp_core.nets.autoencoder import Identity
-    from rfp_core.train.velocity_step import _pair
-
-    cfg = load_config(TINY, overrides={"velocity": {"source_noise": 0.5, "source_noise_highpass": 5}})
-    clean = torch.rand(32, 3, 32, 32) * 2 - 1
-    batch = {"position": list(range(32)), "domain_0": clean, "domain_1": clean}
-    run = SimpleNamespace(cfg=cfg, codec=Identity(), device=torch.device("cpu"), couple=None)
-    noise = _pair(run, batch)[0] - clean
-    assert float(noise.std()) == pytest.approx(0.5, rel=0.05) and _low_band_share(noise, 5) < 1e-9
 
 
 def test_a_run_with_source_noise_trains_and_translates_from_noisy_starts(tmp_path, monkeypatch):

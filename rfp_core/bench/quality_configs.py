@@ -74,7 +74,6 @@ _BASE: dict[str, Any] = {
         "source_noise": 0.0,
         "source_noise_min": None,
         "translate_noise": None,
-        "source_noise_highpass": None,
         # horizon 50 steps, a quarter of the 200-step budget: now that the warm-up reaches the
         # configured decay (after decay / (1 - decay) steps), 0.995 would average the whole run
         "lr_schedule": "cosine",
@@ -102,8 +101,6 @@ _BASE: dict[str, Any] = {
         "weights_path": None,
         "thumbnail_size": 16,
         "hog_cells": 8,
-        "shortlist_encoder": None,
-        "shortlist": 8,
     },
 }
 
@@ -165,19 +162,6 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
     # ... paired by shape instead (the hog encoder: oriented edges, which read a digit through texture)
     "mse_noise05_hog1": _merge(
         _BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}, **_pairs(1, "hog")}
-    ),
-    # ... the hog encoder's 8 nearest shapes, of which the thumbnail's nearest layout
-    "mse_noise05_hog8thumb1": _merge(
-        _BASE,
-        {
-            "velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True},
-            "structure": {**_pairs(1)["structure"], "shortlist_encoder": "hog", "shortlist": 8},
-        },
-    ),
-    # ... its noise finer than 5 px only: the digit's strokes (coarser) stay readable through it
-    "mse_noise05hp5_pairs1": _merge(
-        _BASE,
-        {"velocity": {"loss": "mse", "source_noise": 0.5, "source_noise_highpass": 5.0, "bf16": True}, **_pairs(1)},
     ),
     # the recommended recipe for new users, read from configs/translate.json itself (the README's)
     "recipe": json.loads((Path(__file__).resolve().parents[2] / "configs" / "translate.json").read_text()),

@@ -47,34 +47,17 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     return t * x1 + (1 - t) * x0
 
 
-def highpass(eps: Tensor, period: float | None) -> Tensor:
-    """`eps` with every spatial frequency coarser than `period` pixels removed (FFT), rescaled to
-    unit variance: noise a smooth source's layout stays readable through
-    (`velocity.source_noise_highpass`; None: `eps` as it is)."""
-    if period is None:
-        return eps
-    h, w = eps.shape[-2:]
-    fy = torch.fft.fftfreq(h).view(-1, 1)
-    kept = torch.hypot(fy, torch.fft.rfftfreq(w).view(1, -1)) > 1 / period
-    share = (torch.hypot(fy, torch.fft.fftfreq(w).view(1, -1)) > 1 / period).float().mean()  # of white noise's power
-    out = torch.fft.irfft2(torch.fft.rfft2(eps.float()) * kept, s=(h, w))
-    return (out / share.clamp_min(1e-6).sqrt()).to(eps.dtype)
-
-
-def source_noise(
-    z0: Tensor, sigma: float, seed: int = 0, shared: bool = False, highpass_period: float | None = None
-) -> Tensor:
+def source_noise(z0: Tensor, sigma: float, seed: int = 0, shared: bool = False) -> Tensor:
     """sigma * eps for translation's start points at inference: each point's eps from a generator
     seeded by its own bytes (and `seed`), so an image gets the same draw in any batch and two images
     do not share one; `shared`: one eps for every point and every call (a video's frames keep their
     texture from frame to frame)."""
     if shared:
-        eps = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed))
-        eps = highpass(eps, highpass_period).expand_as(z0)
+        eps = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed)).expand_as(z0)
     else:
         seeds = [zlib.crc32(z.float().cpu().numpy().tobytes()) + seed for z in z0]
         draws = [torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(k)) for k in seeds]
-        eps = highpass(torch.stack(draws), highpass_period) if draws else torch.zeros_like(z0)
+        eps = torch.stack(draws) if draws else torch.zeros_like(z0)
     return sigma * eps.to(z0.device, z0.dtype)
 
 

@@ -88,13 +88,7 @@ class Translator:
         z = self.encode(x)
         sigma = self.cfg.velocity.translate_sigma
         if sigma > 0 and not self.generative:
-            z = z + rf.source_noise(
-                z,
-                sigma,
-                seed=self.cfg.seed,
-                shared=shared_noise,
-                highpass_period=self.cfg.velocity.source_noise_highpass,
-            )
+            z = z + rf.source_noise(z, sigma, seed=self.cfg.seed, shared=shared_noise)
         return z
 
     @torch.no_grad()

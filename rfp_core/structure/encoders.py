@@ -252,10 +252,3 @@ def build_encoder(
         return DinoEncoder(model, cfg.encoder, device)
     # an injected model is not the released one: never share its cache with the real encoder
     return DinoEncoder(model, f"{cfg.encoder}-custom{int(model.num_features)}", device)
-
-
-def build_shortlist_encoder(cfg: StructureConfig, device: str | torch.device = "cpu") -> StructureEncoder | None:
-    """The encoder `cfg.shortlist_encoder` names (two-stage pairing), or None when there is none."""
-    if cfg.shortlist_encoder is None:
-        return None
-    return build_encoder(cfg.model_copy(update={"encoder": cfg.shortlist_encoder}), device)

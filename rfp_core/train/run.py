@@ -311,12 +311,6 @@ def _codec_phase(
     return train_codec(cfg, manifest, run_dir, device=device, store=store, progress=progress, log=log)
 
 
-def _pairing_name(sc) -> str:
-    if sc.shortlist_encoder is None:
-        return sc.encoder
-    return f"{sc.encoder} among {sc.shortlist_encoder}'s {sc.shortlist} nearest"
-
-
 def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, device, progress: bool):
     """Structure-aware pairing (optional): top-k domain-1 candidates per domain-0 frame, plus a proof sheet."""
     if not cfg.structure.pairing or cfg.generative:
@@ -327,7 +321,7 @@ def _structure_pairs(cfg: ModelConfig, manifest: Path, run_dir: Path, store, dev
     write_pairs(pairs, run_dir / "pairs.parquet")
     proof_sheet(pairs, store).save(run_dir / "proof_sheet.png")
     print(
-        f"pairing: {pairs.num_rows} candidate pairs ({_pairing_name(cfg.structure)}) -> {run_dir / 'pairs.parquet'}",
+        f"pairing: {pairs.num_rows} candidate pairs ({cfg.structure.encoder}) -> {run_dir / 'pairs.parquet'}",
         file=sys.stderr,
     )
     return pairs

@@ -101,30 +101,24 @@ def _stage(context: dg.AssetExecutionContext, rfp: RfpHome, stage: str, spec: di
 def structure_embeddings(
     context: dg.AssetExecutionContext, rfp: RfpHome, experiment_config: dict, frame_store: dict
 ) -> dg.MaterializeResult:
-    from rfp_core.structure.encoders import build_encoder, build_shortlist_encoder
+    from rfp_core.structure.encoders import build_encoder
 
     name, cfg, stage_dir, skip = _stage(context, rfp, "embeddings", experiment_config)
     if skip is not None:
         return skip
 
     encoder = build_encoder(cfg.structure, rfp.resolve_device())  # no weights: the error says what to put where
-    short = build_shortlist_encoder(cfg.structure, rfp.resolve_device())
     cache = rfp.embedding_cache(encoder.encoder_id)
     frames = _frames(frame_store)
     keys = list(dict.fromkeys(frames[0] + frames[1]))
-    store = rfp.frame_store(cfg.store_max_side)
-    computed = cache.compute_missing(keys, store, encoder, progress=False)
-    if short is not None:
-        computed += rfp.embedding_cache(short.encoder_id).compute_missing(keys, store, short, progress=False)
+    computed = cache.compute_missing(keys, rfp.frame_store(cfg.store_max_side), encoder, progress=False)
     # keys are content hashes: (encoder, keys) fixes every vector, so it is the content version
-    shortlist = {"shortlist_encoder": short.encoder_id} if short is not None else {}
-    version = stage_key(encoder=encoder.encoder_id, d0=sorted(frames[0]), d1=sorted(frames[1]), **shortlist)
+    version = stage_key(encoder=encoder.encoder_id, d0=sorted(frames[0]), d1=sorted(frames[1]))
     write_result(
         stage_dir,
         {
             "skipped": False,
             "encoder_id": encoder.encoder_id,
-            "shortlist_encoder_id": short.encoder_id if short is not None else None,
             "cache": str(cache.path),
             "version": version,
             "computed": computed,
@@ -137,7 +131,6 @@ def structure_embeddings(
             "computed": computed,
             "cached": len(keys) - computed,
             "encoder_id": encoder.encoder_id,
-            **({"shortlist_encoder_id": short.encoder_id} if short is not None else {}),
             "dim": int(encoder.dim),
             "frames_domain0": len(frames[0]),
             "frames_domain1": len(frames[1]),
@@ -148,36 +141,22 @@ def structure_embeddings(
     )
 
 
-def _cached(rfp: RfpHome, name: str, encoder_id: str, frames: dict[int, list[str]]):
-    """Both domains' embeddings by `encoder_id` from the shared cache, all of them or an error."""
-    cache = rfp.embedding_cache(encoder_id)
-    (e0, missing0), (e1, missing1) = cache.get(frames[0]), cache.get(frames[1])
-    if missing0 or missing1:
-        raise FileNotFoundError(
-            f"{len(missing0) + len(missing1)} frames of the manifest have no '{encoder_id}' embedding in "
-            f"{cache.path}: materialise 'structure_embeddings' for partition '{name}' first"
-        )
-    return e0, e1
-
-
 def _pairs_from_cache(rfp: RfpHome, name: str, cfg, frames: dict[int, list[str]], emb: dict) -> pa.Table:
     """Top-k pairs from the embeddings the `structure_embeddings` input cached for these frames."""
-    from rfp_core.structure.pairing import pair_embeddings
+    from rfp_core.structure import topk_pairs
 
     if emb.get("skipped"):
         raise FileNotFoundError(
             f"structure_embeddings last ran with pairing off: materialise it for partition '{name}' first"
         )
-    short = None
-    if cfg.structure.shortlist_encoder is not None:
-        if not emb.get("shortlist_encoder_id"):
-            raise FileNotFoundError(
-                f"structure.shortlist_encoder is set for '{name}' but structure_embeddings last ran without it: "
-                f"materialise 'structure_embeddings' for partition '{name}' first"
-            )
-        short = _cached(rfp, name, emb["shortlist_encoder_id"], frames)
-    e = _cached(rfp, name, emb["encoder_id"], frames)
-    return pair_embeddings(frames[0], frames[1], e, cfg.structure, short, device=rfp.resolve_device())
+    cache = rfp.embedding_cache(emb["encoder_id"])
+    (e0, missing0), (e1, missing1) = cache.get(frames[0]), cache.get(frames[1])
+    if missing0 or missing1:
+        raise FileNotFoundError(
+            f"{len(missing0) + len(missing1)} frames of the manifest have no '{emb['encoder_id']}' embedding in "
+            f"{cache.path}: materialise 'structure_embeddings' for partition '{name}' first"
+        )
+    return topk_pairs(frames[0], e0, frames[1], e1, cfg.structure.candidates, device=rfp.resolve_device())
 
 
 def _pairs_metadata(table: pa.Table, png, path, cfg, frames: dict[int, list[str]], emb: dict) -> dict:
