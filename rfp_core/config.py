@@ -287,6 +287,9 @@ class VelocityConfig(_Strict):
     # σ of that noise at translation (None = source_noise): a lower "temperature" than training keeps
     # more of the input for less invented texture (docs/BENCHMARKS.md measures the trade)
     translate_noise: float | None = Field(None, ge=0)
+    # keep only the noise's spatial frequencies coarser than this period in pixels (None = white
+    # noise): the randomness that picks a background and texture, without grain the flow must remove
+    source_noise_lowpass: float | None = Field(None, ge=2)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)

@@ -167,12 +167,20 @@ def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
     assert diff(rows["anchored_relative"], rows["anchored"]) == {"velocity.mse_weight", "velocity.mse_weight_mode"}
     assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
     assert diff(rows["paper_bf16"], rows["paper"]) == {"velocity.bf16"}
-    # configs/translate.json is the measured mse_noise05_pairs1 row at --steps 2000, its precision left
+    # configs/translate.json is the measured mse_noise05lp5_pairs1 row at --steps 2000, its precision left
     # to the machine
-    assert diff(rows["recipe"], rows["mse_noise05_pairs1"]) == {"velocity.bf16", "velocity.train_images"}
+    assert diff(rows["recipe"], rows["mse_noise05lp5_pairs1"]) == {"velocity.bf16", "velocity.train_images"}
+    assert diff(rows["mse_noise05lp5_pairs1"], rows["mse_noise05_pairs1"]) == {"velocity.source_noise_lowpass"}
     assert rows["recipe"]["velocity"]["bf16"] is None
     assert QC.row_config("recipe", 0, False).velocity.total_steps == 2000
     assert QC.row_config("recipe", 0, False, steps=2000) == QC.row_config("recipe", 0, False)
+    # a run is reused whatever σ it is translated from (that is applied at translation), not across seeds
+    from rfp_core.bench.reuse import comparable
+
+    recipe = QC.row_config("recipe", 0, False)
+    cooler = recipe.model_copy(deep=True)
+    cooler.velocity.translate_noise = 0.3
+    assert comparable(cooler) == comparable(recipe) != comparable(QC.row_config("recipe", 1, False))
     assert diff(rows["mse_noise05_pairs1"], rows["mse"]) == {
         "velocity.source_noise",
         "velocity.bf16",

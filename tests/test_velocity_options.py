@@ -3,6 +3,7 @@
 import itertools
 import json
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 import torch
@@ -203,6 +204,38 @@ def test_source_noise_is_drawn_per_image_the_same_in_any_batch_and_shared_on_req
     assert torch.equal(shared[0], shared[2]) and torch.equal(shared[0], rf.source_noise(c, 0.5, shared=True)[0])
 
 
+def _fine_share(x: torch.Tensor, period: float) -> float:
+    """Share of x's power at spatial frequencies finer than `period` pixels."""
+    h, w = x.shape[-2:]
+    power = torch.fft.fft2(x.double()).abs() ** 2
+    fine = torch.hypot(torch.fft.fftfreq(h).view(-1, 1), torch.fft.fftfreq(w).view(1, -1)) > 1 / period
+    return float(power[..., fine].sum() / power.sum())
+
+
+def test_lowpass_source_noise_keeps_only_variation_coarser_than_its_period():
+    eps = torch.randn(16, 3, 32, 32, generator=torch.Generator().manual_seed(0))
+    coarse = rf.lowpass(eps, 5)
+    assert float(coarse.std()) == pytest.approx(1.0, rel=0.05)  # σ still means the noise's std
+    assert _fine_share(eps, 5) > 0.8 and _fine_share(coarse, 5) < 1e-9
+    assert rf.lowpass(eps, None) is eps
+    x = torch.randn(2, 3, 16, 16, generator=torch.Generator().manual_seed(1))
+    assert torch.equal(rf.source_noise(x, 0.5, lowpass_period=5), 0.5 * rf.lowpass(rf.source_noise(x, 1.0), 5))
+    shared = rf.source_noise(x, 0.5, shared=True, lowpass_period=5)
+    assert torch.equal(shared[0], shared[1])
+    with pytest.raises(ConfigError, match="source_noise_lowpass"):
+        load_config(TINY, overrides={"velocity": {"source_noise": 0.5, "source_noise_lowpass": 1}})
+    # training draws it the same way: a micro-batch's noisy sources differ from the clean ones by coarse noise
+    from rfp_core.nets.autoencoder import Identity
+    from rfp_core.train.velocity_step import _pair
+
+    cfg = load_config(TINY, overrides={"velocity": {"source_noise": 0.5, "source_noise_lowpass": 5}})
+    clean = torch.rand(32, 3, 32, 32) * 2 - 1
+    batch = {"position": list(range(32)), "domain_0": clean, "domain_1": clean}
+    run = SimpleNamespace(cfg=cfg, codec=Identity(), device=torch.device("cpu"), couple=None)
+    noise = _pair(run, batch)[0] - clean
+    assert float(noise.std()) == pytest.approx(0.5, rel=0.1) and _fine_share(noise, 5) < 1e-9
+
+
 def test_a_run_with_source_noise_trains_and_translates_from_noisy_starts(tmp_path, monkeypatch):
     from rfp_core.inference.translate import Translator
 
@@ -221,6 +254,10 @@ def test_a_run_with_source_noise_trains_and_translates_from_noisy_starts(tmp_pat
     clean = Translator(cfg.model_copy(deep=True), tr.net, tr.codec, tr.device)
     clean.cfg.velocity.source_noise = 0.0
     assert not torch.allclose(clean.translate(x), tr.translate(x), atol=1e-3)
+    coarse = Translator(cfg.model_copy(deep=True), tr.net, tr.codec, tr.device)
+    coarse.cfg.velocity.source_noise_lowpass = 4.0  # translation draws the run's band too
+    noise = coarse.start(x) - coarse.encode(x)
+    assert _fine_share(noise, 4.0) < 1e-9 and float(noise.std()) == pytest.approx(0.5, rel=0.3)
     shared = tr.start(x, shared_noise=True) - tr.encode(x)
     assert torch.allclose(shared[0], shared[2], atol=1e-6)
     # a lower noise at translation (velocity.translate_noise, `rfp translate --noise`): the same draw, scaled

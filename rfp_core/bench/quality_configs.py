@@ -74,6 +74,7 @@ _BASE: dict[str, Any] = {
         "source_noise": 0.0,
         "source_noise_min": None,
         "translate_noise": None,
+        "source_noise_lowpass": None,
         # horizon 50 steps, a quarter of the 200-step budget: now that the warm-up reaches the
         # configured decay (after decay / (1 - decay) steps), 0.995 would average the whole run
         "lr_schedule": "cosine",
@@ -113,6 +114,7 @@ def _merge(base: dict, over: dict) -> dict:
 
 
 _RELATIVE = {"mse_weight": 1.0, "mse_weight_mode": "relative"}
+_LOWPASS = {"loss": "mse", "source_noise_lowpass": 5.0, "bf16": True}
 
 
 def _pairs(candidates: int, encoder: str = "thumbnail") -> dict[str, Any]:
@@ -162,6 +164,14 @@ ROW_CONFIGS: dict[str, dict[str, Any]] = {
     # ... paired by shape instead (the hog encoder: oriented edges, which read a digit through texture)
     "mse_noise05_hog1": _merge(
         _BASE, {"velocity": {"loss": "mse", "source_noise": 0.5, "bf16": True}, **_pairs(1, "hog")}
+    ),
+    # ... its noise coarser than 5 px only (velocity.source_noise_lowpass): a background and texture
+    # to pick, no grain to remove; `_tNN`: translated at σ 0.NN (velocity.translate_noise)
+    "mse_noise05lp5_pairs1": _merge(_BASE, {"velocity": {**_LOWPASS, "source_noise": 0.5}, **_pairs(1)}),
+    "mse_noise04lp5_pairs1": _merge(_BASE, {"velocity": {**_LOWPASS, "source_noise": 0.4}, **_pairs(1)}),
+    "mse_noise03to05lp5_t04_pairs1": _merge(
+        _BASE,
+        {"velocity": {**_LOWPASS, "source_noise": 0.5, "source_noise_min": 0.3, "translate_noise": 0.4}, **_pairs(1)},
     ),
     # the recommended recipe for new users, read from configs/translate.json itself (the README's)
     "recipe": json.loads((Path(__file__).resolve().parents[2] / "configs" / "translate.json").read_text()),

@@ -77,12 +77,17 @@ def train_row(
 
 
 @torch.no_grad()
-def translate_all(run_dir: Path, x: torch.Tensor, device: torch.device, batch: int = 64) -> tuple[torch.Tensor, dict]:
-    """The run's translations of `x` and the flow's straightness and NFE on its first batch."""
+def translate_all(
+    run_dir: Path, x: torch.Tensor, device: torch.device, sigma: float | None = None, batch: int = 64
+) -> tuple[torch.Tensor, dict]:
+    """The run's translations of `x` (from source noise σ `sigma`, None: the run's own) and the
+    flow's straightness and NFE on its first batch."""
     from rfp_core.flow import rf
     from rfp_core.inference.translate import Translator
 
     tr = Translator.from_run(run_dir, device)
+    if sigma is not None:
+        tr.set_translate_noise(sigma)
     steps, sampler = tr.cfg.velocity.num_inference_steps, tr.cfg.velocity.sampler
     out = torch.cat([tr.translate(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
     z0 = tr.start(x[:batch].to(device))
@@ -104,5 +109,6 @@ def row_outputs(
         return tint(x, *ctx["stats"]), {"straightness": None, "nfe": 0}, time.perf_counter() - t0
     run_dir, train_s = train_row(task, row, seed, quick, device, steps, ctx["shared"])
     t0 = time.perf_counter()  # the training is counted once: its own (or its reused run's) seconds
-    out, flow_stats = translate_all(run_dir, x, device)
+    sigma = row_config(row, seed, quick, steps).velocity.translate_sigma  # the row's, not the reused run's
+    out, flow_stats = translate_all(run_dir, x, device, sigma)
     return out, flow_stats, train_s + (time.perf_counter() - t0)

@@ -16,8 +16,9 @@ from typing import Any, Callable
 
 
 def comparable(cfg) -> dict:
-    """A config as the marker records it (the data folders differ between machines: left out)."""
-    return cfg.model_dump(mode="json", exclude={"domain0", "domain1"})
+    """A config as the marker records it: what training depends on (the data folders differ
+    between machines, and the σ a translation starts from is applied when it is translated)."""
+    return cfg.model_dump(mode="json", exclude={"domain0": True, "domain1": True, "velocity": {"translate_noise"}})
 
 
 def _current(saved_config: dict | None) -> dict | None:

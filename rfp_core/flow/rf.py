@@ -47,17 +47,33 @@ def interpolate(x0: Tensor, x1: Tensor, t: Tensor) -> Tensor:
     return t * x1 + (1 - t) * x0
 
 
-def source_noise(z0: Tensor, sigma: float, seed: int = 0, shared: bool = False) -> Tensor:
+def lowpass(eps: Tensor, period: float | None) -> Tensor:
+    """`eps` with every spatial frequency finer than `period` pixels removed (FFT), rescaled so that
+    white noise keeps unit variance (`velocity.source_noise_lowpass`; None: `eps` as it is)."""
+    if period is None:
+        return eps
+    h, w = eps.shape[-2:]
+    fy = torch.fft.fftfreq(h).view(-1, 1)
+    kept = torch.hypot(fy, torch.fft.rfftfreq(w).view(1, -1)) <= 1 / period
+    share = (torch.hypot(fy, torch.fft.fftfreq(w).view(1, -1)) <= 1 / period).float().mean()  # of the power
+    out = torch.fft.irfft2(torch.fft.rfft2(eps.float()) * kept, s=(h, w))
+    return (out / share.sqrt()).to(eps.dtype)
+
+
+def source_noise(
+    z0: Tensor, sigma: float, seed: int = 0, shared: bool = False, lowpass_period: float | None = None
+) -> Tensor:
     """sigma * eps for translation's start points at inference: each point's eps from a generator
     seeded by its own bytes (and `seed`), so an image gets the same draw in any batch and two images
     do not share one; `shared`: one eps for every point and every call (a video's frames keep their
     texture from frame to frame)."""
     if shared:
-        eps = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed)).expand_as(z0)
+        eps = torch.randn((1, *z0.shape[1:]), generator=torch.Generator().manual_seed(seed))
+        eps = lowpass(eps, lowpass_period).expand_as(z0)
     else:
         seeds = [zlib.crc32(z.float().cpu().numpy().tobytes()) + seed for z in z0]
         draws = [torch.randn(z0.shape[1:], generator=torch.Generator().manual_seed(k)) for k in seeds]
-        eps = torch.stack(draws) if draws else torch.zeros_like(z0)
+        eps = lowpass(torch.stack(draws), lowpass_period) if draws else torch.zeros_like(z0)
     return sigma * eps.to(z0.device, z0.dtype)
 
 

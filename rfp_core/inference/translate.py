@@ -88,7 +88,8 @@ class Translator:
         z = self.encode(x)
         sigma = self.cfg.velocity.translate_sigma
         if sigma > 0 and not self.generative:
-            z = z + rf.source_noise(z, sigma, seed=self.cfg.seed, shared=shared_noise)
+            period = self.cfg.velocity.source_noise_lowpass
+            z = z + rf.source_noise(z, sigma, seed=self.cfg.seed, shared=shared_noise, lowpass_period=period)
         return z
 
     @torch.no_grad()

@@ -56,6 +56,6 @@ class SampleGrids:
         else:
             z0 = codec.encode(self.inputs.to(self.device))
             if vc.translate_sigma > 0:  # as `Translator.start` draws it
-                z0 = z0 + rf.source_noise(z0, vc.translate_sigma, seed=cfg.seed)
+                z0 = z0 + rf.source_noise(z0, vc.translate_sigma, seed=cfg.seed, lowpass_period=vc.source_noise_lowpass)
             rows = [self.inputs, codec.decode(rf.integrate(net, z0, vc.num_inference_steps, sampler=vc.sampler))]
         return save_grid(rows, self.dir / f"step_{at:08d}.png")

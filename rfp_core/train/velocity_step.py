@@ -76,9 +76,11 @@ def _pair(run: VelocityRun, batch: dict) -> tuple[torch.Tensor, torch.Tensor, to
             else codec.encode(batch["domain_0"].to(device, non_blocking=True))
         )
         if cfg.velocity.source_noise > 0 and not cfg.generative:
-            x0 = x0 + _source_sigma(cfg, pos).to(device) * distributed.per_sample(
+            eps = distributed.per_sample(
                 lambda g, shape=(1, *x0.shape[1:]): torch.randn(shape, generator=g), cfg.seed, pos, SALT_SOURCE
-            ).to(device)
+            )
+            eps = rf.lowpass(eps, cfg.velocity.source_noise_lowpass)
+            x0 = x0 + _source_sigma(cfg, pos).to(device) * eps.to(device)
         if run.couple is not None:  # minibatch OT: re-pair the drawn x1 with the drawn x0 (within a rank's shard)
             x1 = run.couple(batch, x0, x1)
     t = distributed.per_sample(
