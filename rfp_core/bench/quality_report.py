@@ -116,7 +116,8 @@ def markdown(results: dict[str, dict], out_dir: Path, quick: bool) -> str:
         "thumbnail encoder's space; `_relative`: `velocity.mse_weight_mode` relative, weight 1.0; `_train_stop`: "
         '`saliency.stop_on` train_smoothed; `paired`: `"pairing": "filenames"`, trained on the true '
         "same-name pairs of a paired task, plain MSE; `_noiseNN`: `velocity.source_noise` 0.NN (`_noiseMMtoNN`: "
-        "each sample's σ drawn from [0.MM, 0.NN], `velocity.source_noise_min`); `_pairsK`: structure "
+        "each sample's σ drawn from [0.MM, 0.NN], `velocity.source_noise_min`; `lpP`: only the noise "
+        "coarser than P px, `velocity.source_noise_lowpass`; `_tNN`: translated from σ 0.NN); `_pairsK`: structure "
         "pairing with the thumbnail encoder, each input paired with one of its K most similar target images "
         "(`_hogK`: by the hog encoder) — every other row is unpaired); configs in "
         "`rfp_core/bench/quality_configs.py` (`ROW_CONFIGS`). "
