@@ -290,6 +290,11 @@ class VelocityConfig(_Strict):
     # keep only the noise's spatial frequencies coarser than this period in pixels (None = white
     # noise): the randomness that picks a background and texture, without grain the flow must remove
     source_noise_lowpass: float | None = Field(None, ge=2)
+    # translate again, from each of these σ in turn, the outputs phase 1's domain classifier is less sure
+    # are the target than it is of all but `translate_retry_quantile` of real target images (outputs
+    # that stayed the input; train/retry_bar.py); [] = off. Phase 1 then trains whatever the loss.
+    translate_retry_noise: list[Annotated[float, Field(gt=0)]] = Field(default_factory=list)
+    translate_retry_quantile: float = Field(0.1, gt=0, lt=1)
     sampler: Literal["euler", "heun", "rk4"] = "euler"
     sample_every_images: int = Field(100_000, ge=1)
     checkpoint_every_minutes: float = Field(10.0, gt=0)
@@ -312,6 +317,16 @@ class VelocityConfig(_Strict):
             raise ValueError(
                 f"source_noise_min ({self.source_noise_min}) is above source_noise ({self.source_noise}): "
                 "the range is [source_noise_min, source_noise]"
+            )
+        return self
+
+    @model_validator(mode="after")
+    def _retry_rises(self) -> "VelocityConfig":
+        levels = [self.translate_sigma, *self.translate_retry_noise]
+        if any(b <= a for a, b in zip(levels, levels[1:])):
+            raise ValueError(
+                f"translate_retry_noise {self.translate_retry_noise} must rise above the translation σ "
+                f"({self.translate_sigma}): each retry adds noise to an output that kept too much of its input"
             )
         return self
 
@@ -377,6 +392,12 @@ class ModelConfig(_Strict):
     @property
     def generative(self) -> bool:
         return self.domain0 == "random"
+
+    @property
+    def needs_saliency(self) -> bool:
+        """Phase 1 trains: the saliency loss weights by its net, the translation retry asks it."""
+        v = self.velocity
+        return not self.generative and (v.loss == "saliency" or bool(v.translate_retry_noise))
 
     def to_json(self) -> str:
         return self.model_dump_json(indent=2)

@@ -168,11 +168,12 @@ def test_item_2_rows_differ_from_their_base_row_in_their_option_only():
     assert diff(rows["paper_ot"], rows["paper"]) == {"velocity.coupling"}
     assert diff(rows["paper_bf16"], rows["paper"]) == {"velocity.bf16"}
     # configs/translate.json is the measured mse_noise05lp5_pairs1 row at --steps 2000, its precision left
-    # to the machine, translated from σ 0.4
+    # to the machine, translated from σ 0.3 and retried up to 0.5
     assert diff(rows["recipe"], rows["mse_noise05lp5_pairs1"]) == {
         "velocity.bf16",
         "velocity.train_images",
         "velocity.translate_noise",
+        "velocity.translate_retry_noise",
     }
     assert diff(rows["mse_noise05lp5_pairs1"], rows["mse_noise05_pairs1"]) == {"velocity.source_noise_lowpass"}
     assert rows["recipe"]["velocity"]["bf16"] is None

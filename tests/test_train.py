@@ -246,8 +246,10 @@ def test_the_recommended_recipe_trains_from_the_cli_with_its_noise_and_pairing(t
     d0, d1 = make_discs(tmp_path / "data", n=10, size=32)
     assert main(["train", "-c", str(recipe), "-d0", str(d0), "-d1", str(d1), "--smoke", "--run-id", "recipe"]) == 0
     run = tmp_path / "home" / "runs" / "recipe"
-    assert (run / "pairs.parquet").is_file() and not (run / "saliency.pt").exists()  # plain MSE: no saliency phase
+    # plain MSE, but the translation's retry asks the domain classifier: phase 1 trains it
+    assert (run / "pairs.parquet").is_file() and (run / "saliency.pt").is_file()
     tr = Translator.from_run(run, "cpu")
+    assert tr.critic is not None and tr.cfg.velocity.translate_retry_noise
     assert tr.cfg.velocity.source_noise == 0.5 and tr.cfg.structure.pairing
     x = tr.load_images(sorted(d0.glob("*.png"))[:2])
     sigma = tr.cfg.velocity.translate_sigma  # the noise it translates with (translate_noise, else 0.5)
@@ -261,7 +263,7 @@ def test_the_recommended_recipe_trains_from_the_cli_with_its_noise_and_pairing(t
     monkeypatch.setattr(
         Translator,
         "start",
-        lambda self, x, shared_noise=False: seen.append(shared_noise) or real_start(self, x, shared_noise),
+        lambda self, x, shared_noise=False, **kw: seen.append(shared_noise) or real_start(self, x, shared_noise, **kw),
     )
     inputs = tmp_path / "inputs"
     inputs.mkdir()

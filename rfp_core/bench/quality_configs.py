@@ -75,6 +75,8 @@ _BASE: dict[str, Any] = {
         "source_noise_min": None,
         "translate_noise": None,
         "source_noise_lowpass": None,
+        "translate_retry_noise": [],
+        "translate_retry_quantile": 0.1,
         # horizon 50 steps, a quarter of the 200-step budget: now that the warm-up reaches the
         # configured decay (after decay / (1 - decay) steps), 0.995 would average the whole run
         "lr_schedule": "cosine",

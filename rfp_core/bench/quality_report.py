@@ -17,7 +17,7 @@ COLUMNS = [
     ("kid", "KID ↓", "{:.3f}"),
     ("edge_agreement", "edge agreement ↑", "{:.3f}"),
     ("straightness", "straightness ↓", "{:.4f}"),
-    ("nfe", "NFE", "{:.0f}"),
+    ("nfe", "NFE", "{:.1f}"),
     ("wall_s", "wall s", "{:.0f}"),
 ]
 ROW_LABELS = {

@@ -30,7 +30,7 @@ def _saliency_key(cfg) -> tuple:
 def _share_saliency(cfg, run_dir: Path, done: dict[tuple, Path]) -> None:
     """Rows with the same saliency settings, seed and data train the same phase-1 net: copy a
     finished one into this run folder, and `train_saliency` sees it is done and skips it."""
-    if cfg.velocity.loss != "saliency":
+    if not cfg.needs_saliency:
         return
     key = _saliency_key(cfg)
     src = done.get(key)
@@ -80,8 +80,8 @@ def train_row(
 def translate_all(
     run_dir: Path, x: torch.Tensor, device: torch.device, sigma: float | None = None, batch: int = 64
 ) -> tuple[torch.Tensor, dict]:
-    """The run's translations of `x` (from source noise σ `sigma`, None: the run's own) and the
-    flow's straightness and NFE on its first batch."""
+    """The run's translations of `x` (from source noise σ `sigma`, None: the run's own), the flow's
+    straightness on its first batch and its NFE: velocity-net calls per image, retries included."""
     from rfp_core.flow import rf
     from rfp_core.inference.translate import Translator
 
@@ -90,8 +90,9 @@ def translate_all(
         tr.set_translate_noise(sigma)
     steps, sampler = tr.cfg.velocity.num_inference_steps, tr.cfg.velocity.sampler
     out = torch.cat([tr.translate(x[i : i + batch].to(device)).cpu() for i in range(0, len(x), batch)])
+    nfe = tr.flow_evaluations / max(len(x), 1)
     z0 = tr.start(x[:batch].to(device))
-    return out, {"straightness": rf.straightness(tr.velocity, z0, steps, sampler), "nfe": rf.nfe(sampler, steps)}
+    return out, {"straightness": rf.straightness(tr.velocity, z0, steps, sampler), "nfe": nfe}
 
 
 def row_outputs(

@@ -68,7 +68,7 @@ def _phases(cfg) -> list[str]:
     """The phases `rfp train` runs for this config, in order."""
     return (
         (["codec"] if cfg.codec.net.type != "Identity" else [])
-        + (["saliency"] if not cfg.generative and cfg.velocity.loss == "saliency" else [])
+        + (["saliency"] if cfg.needs_saliency else [])
         + ["velocity"]
     )
 

@@ -33,6 +33,11 @@ def add_translate(sub) -> None:
         "lower keeps more of the input, higher invents more texture",
     )
     translate.add_argument(
+        "--no-retry",
+        action="store_true",
+        help="translate every image once, at the one σ, without the run's velocity.translate_retry_noise",
+    )
+    translate.add_argument(
         "--crf", type=int, default=18, help="video quality: x264 CRF, 0 = lossless, 18 = visually lossless"
     )
     translate.add_argument("--video-codec", default="libx264", help="video encoder (PyAV/FFmpeg name)")
@@ -60,7 +65,7 @@ def run_translate(args: argparse.Namespace) -> int:
     from rfp_core.inference.translate import output_names, run_translator
     from rfp_core.media.images import ImageLoadError, find_images, load_image, save_png
 
-    tr = run_translator(args.run, args.steps, args.device)
+    tr = run_translator(args.run, args.steps, args.device, retry=not args.no_retry)
     if args.noise is not None:
         tr.set_translate_noise(args.noise)
     if tr.generative:

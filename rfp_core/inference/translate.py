@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -12,18 +13,31 @@ from rfp_core.config import ConfigError, ModelConfig
 from rfp_core.config_files import config_from_dict
 from rfp_core.flow import rf
 from rfp_core.media.images import load_image
+from rfp_core.train.retry_bar import target_confidence
 
 
 class Translator:
     """The EMA velocity net of a run, its codec and its sampling settings."""
 
-    def __init__(self, cfg: ModelConfig, velocity: nn.Module, codec: nn.Module, device: torch.device):
+    def __init__(
+        self,
+        cfg: ModelConfig,
+        velocity: nn.Module,
+        codec: nn.Module,
+        device: torch.device,
+        critic: nn.Module | None = None,
+        retry_bar: float = 0.5,
+    ):
         self.cfg, self.net, self.codec, self.device = cfg, velocity, codec, device
+        # phase 1's domain classifier and the confidence `velocity.translate_retry_noise` holds outputs to
+        self.critic, self.retry_bar = critic, retry_bar
+        self.flow_evaluations = 0  # velocity-net calls per image, summed over every image translated
 
     @classmethod
-    def from_run(cls, path: str | Path, device: str | torch.device | None = None) -> "Translator":
+    def from_run(cls, path: str | Path, device: str | torch.device | None = None, retry: bool = True) -> "Translator":
         """`path` = a run folder of this project (its velocity.pt) or of the original trainer
-        (config.json + velocity_*.ckpt), or a velocity checkpoint file of either."""
+        (config.json + velocity_*.ckpt), or a velocity checkpoint file of either. `retry` False:
+        translate without the run's `velocity.translate_retry_noise`."""
         from rfp_core.device import pick_device
         from rfp_core.original import find_original_run, is_original_run, load_original_nets
         from rfp_core.train.codec_io import load_codec
@@ -48,7 +62,17 @@ class Translator:
         net, ckpt = load_velocity(path, device)
         cfg = config_from_dict(ckpt["config"], source=str(path))
         codec = load_codec(cfg, None, device, state=ckpt.get("codec") or None)
-        return cls(cfg, net, codec, device)
+        if retry and cfg.velocity.translate_retry_noise and "retry_bar" not in ckpt:
+            print(
+                f"note: {path} has no retry bar (a reflowed model, or trained without the retry): one σ",
+                file=sys.stderr,
+            )
+            retry = False
+        if not retry:
+            cfg = cfg.model_copy(update={"velocity": cfg.velocity.model_copy(update={"translate_retry_noise": []})})
+        if not cfg.velocity.translate_retry_noise:
+            return cls(cfg, net, codec, device)
+        return cls(cfg, net, codec, device, retry_critic(path, ckpt, device), float(ckpt["retry_bar"]))
 
     @property
     def size(self) -> int:
@@ -68,7 +92,11 @@ class Translator:
         trained with."""
         if sigma < 0:
             raise ConfigError(f"the source noise at translation must be >= 0, not {sigma}")
-        velocity = self.cfg.velocity.model_copy(update={"translate_noise": float(sigma)})
+        # retry levels must rise above it: those at or below the new σ are dropped
+        retry = [r for r in self.cfg.velocity.translate_retry_noise if r > sigma]
+        velocity = self.cfg.velocity.model_copy(
+            update={"translate_noise": float(sigma), "translate_retry_noise": retry}
+        )
         self.cfg = self.cfg.model_copy(update={"velocity": velocity})
         return self
 
@@ -81,12 +109,12 @@ class Translator:
         return self.codec.decode(z).clamp(-1, 1)
 
     @torch.no_grad()
-    def start(self, x: torch.Tensor, shared_noise: bool = False) -> torch.Tensor:
+    def start(self, x: torch.Tensor, shared_noise: bool = False, sigma: float | None = None) -> torch.Tensor:
         """The flow's starting points for domain-0 images: their encodings plus the run's source noise
-        (`velocity.translate_noise`, else `source_noise`; each image its own draw, seeded by the image,
-        or with `shared_noise` one draw for all: a video's frames)."""
+        (`sigma`, else `velocity.translate_noise`, else `source_noise`; each image its own draw, seeded
+        by the image, or with `shared_noise` one draw for all: a video's frames)."""
         z = self.encode(x)
-        sigma = self.cfg.velocity.translate_sigma
+        sigma = self.cfg.velocity.translate_sigma if sigma is None else sigma
         if sigma > 0 and not self.generative:
             period = self.cfg.velocity.source_noise_lowpass
             z = z + rf.source_noise(z, sigma, seed=self.cfg.seed, shared=shared_noise, lowpass_period=period)
@@ -102,15 +130,31 @@ class Translator:
         shared_noise: bool = False,
     ) -> torch.Tensor:
         """Images in [-1, 1] -> translated images; `reverse` integrates t from 1 to 0 (domain 1 -> 0,
-        no source noise added); `shared_noise`: see `start`."""
-        z = rf.integrate(
-            self.velocity,
-            self.encode(x) if reverse else self.start(x, shared_noise),
-            steps or self.cfg.velocity.num_inference_steps,
-            sampler=sampler or self.cfg.velocity.sampler,
-            reverse=reverse,
-        )
+        no source noise added); `shared_noise`: see `start` (a video keeps its one σ: no retry, so its
+        texture stays steady frame to frame)."""
+        if reverse:
+            return self.decode(self._flow(self.encode(x), steps, sampler, reverse=True))
+        z = self._flow(self.start(x, shared_noise), steps, sampler)
+        if self.critic is not None and not shared_noise:
+            z = self._retry(x, z, steps, sampler)
         return self.decode(z)
+
+    def _flow(self, z: torch.Tensor, steps: int | None, sampler: str | None, reverse: bool = False) -> torch.Tensor:
+        vc = self.cfg.velocity
+        steps, sampler = steps or vc.num_inference_steps, sampler or vc.sampler
+        self.flow_evaluations += len(z) * rf.nfe(sampler, steps)
+        return rf.integrate(self.velocity, z, steps, sampler, reverse)
+
+    def _retry(self, x: torch.Tensor, z: torch.Tensor, steps: int | None, sampler: str | None) -> torch.Tensor:
+        """Translate again, from each `translate_retry_noise` σ in turn, the outputs the domain classifier
+        is less sure of than `retry_bar` (they kept too much of their input to pass as the target); the
+        last try stands."""
+        for sigma in self.cfg.velocity.translate_retry_noise:
+            stuck = target_confidence(self.critic, z) < self.retry_bar
+            if not stuck.any():
+                break
+            z[stuck] = self._flow(self.start(x[stuck.to(x.device)], sigma=sigma), steps, sampler)
+        return z
 
     @torch.no_grad()
     def generate(self, n: int, seed: int = 0, steps: int | None = None, sampler: str | None = None) -> torch.Tensor:
@@ -131,6 +175,23 @@ class Translator:
         return torch.stack([load_image(p, self.size) for p in paths])
 
 
+def retry_critic(path: Path, ckpt: dict, device: torch.device) -> nn.Module:
+    """The run's saliency net, for `velocity.translate_retry_noise`: the one beside `path` (or beside its
+    folder: a reflowed or distilled model inside the run), else the one the checkpoint names."""
+    from rfp_core.train.saliency import load_saliency
+
+    named = [Path(ckpt["saliency_checkpoint"])] if ckpt.get("saliency_checkpoint") else []
+    candidates = [d / n for d in (path.parent, path.parent.parent) for n in ("saliency.pt", "saliency_imported.pt")]
+    for cand in candidates + named:
+        if cand.is_file():
+            return load_saliency(cand, device)
+    raise ConfigError(
+        f"{path}: velocity.translate_retry_noise is set but the run has no saliency classifier (no saliency.pt "
+        "beside it) to tell which outputs to translate again: train the run with this config (phase 1 then "
+        "trains), or translate without the retry (rfp translate --no-retry)"
+    )
+
+
 def output_names(paths: list[Path]) -> list[str]:
     """One `<stem>.png` per input; a repeated stem gets `-2`, `-3`, ... so nothing is overwritten."""
     seen: dict[str, int] = {}
@@ -141,7 +202,7 @@ def output_names(paths: list[Path]) -> list[str]:
     return names
 
 
-def run_translator(run: str, steps: int | None, device) -> "Translator":
+def run_translator(run: str, steps: int | None, device, retry: bool = True) -> "Translator":
     """The run's 1-RF flow, or for 1-2 steps its straighter reflowed / distilled model when
     `rfp reflow` made one (it says which)."""
     folder = Path(run)
@@ -154,4 +215,4 @@ def run_translator(run: str, steps: int | None, device) -> "Translator":
         from rfp_core.train.reflow_run import translator_for_steps
 
         return translator_for_steps(folder, steps, device)[0]
-    return Translator.from_run(run, device=device)
+    return Translator.from_run(run, device=device, retry=retry)

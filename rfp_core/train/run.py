@@ -163,7 +163,7 @@ def _phases(cfg, manifest, run_dir, store, device, progress, imports: Imports, o
     saliency_ckpt = None
     if imports.saliency is not None:
         saliency_ckpt = distributed.world().from_main(lambda: import_saliency(imports.saliency, cfg, run_dir))
-    elif not cfg.generative and cfg.velocity.loss == "saliency":
+    elif cfg.needs_saliency:
         saliency_ckpt = _saliency_phase(cfg, manifest, run_dir, store, device, progress, codec_ckpt, log, force)
     if only == "saliency":
         return

@@ -109,7 +109,11 @@ def train_velocity(
     samples = SampleGrids(cfg, run.codec, run.device, out_dir, shown)
     _data(run, manifest, store, pairs)
     final_loss, images_per_s, sample_grid = _train(run, samples, metrics_path, log, progress)
-    final, sample_grid = _finish(run, samples, final_loss, sal_ckpt, sample_grid)
+    # the translation's retry asks the saliency net too, so the product names it whenever there is one
+    retry = _retry_record(run, manifest, store, saliency_checkpoint)
+    final, sample_grid = _finish(
+        run, samples, final_loss, {"saliency_checkpoint": saliency_checkpoint, **retry}, sample_grid
+    )
     if math.isnan(final_loss):  # nothing trained in this call (resumed at the end): report the last logged loss
         final_loss = _last_logged_loss(metrics_path)
     return VelocityResult(final, final_loss, run.step, images_per_s, sample_grid, metrics_path)
@@ -306,17 +310,28 @@ def _save_state(run: VelocityRun) -> Path:
     return write_step_checkpoint(run.out_dir, CKPT_PREFIX, run.step, state, run.lineage["lineage"])
 
 
+def _retry_record(run: VelocityRun, manifest: Path, store, saliency: Path | None) -> dict:
+    """{"retry_bar": the domain classifier's confidence bar} where the config retries translations."""
+    if not (run.world.main and run.cfg.velocity.translate_retry_noise and saliency is not None):
+        return {}
+    from rfp_core.train.retry_bar import retry_bar
+
+    return {"retry_bar": retry_bar(run.cfg, manifest, store, run.codec, saliency, run.device)}
+
+
 def _finish(
-    run: VelocityRun, samples: SampleGrids, final_loss: float, saliency_ckpt, sample_grid
+    run: VelocityRun, samples: SampleGrids, final_loss: float, records: dict, sample_grid
 ) -> tuple[Path, Path | None]:
-    """The end: full state (so a larger budget can continue from here) and the EMA-only product."""
+    """The end: full state (so a larger budget can continue from here) and the EMA-only product
+    (`records`: its saliency checkpoint and retry bar, see `_retry_record`)."""
     final = run.out_dir / "velocity.pt"
     if run.world.main:
         _save_state(run)
         sample_grid = samples.write(run.ema.model, run.step)
         make_room(final, run.lineage["lineage"])
         extra = {
-            "saliency_checkpoint": str(saliency_ckpt) if run.use_saliency else None,
+            **records,
+            "saliency_checkpoint": str(records["saliency_checkpoint"]) if records["saliency_checkpoint"] else None,
             "precision": "bf16" if speed.uses_bf16(run.cfg.velocity, run.device) else "float32",
             **run.lineage,
         }

@@ -22,8 +22,11 @@ def _skip_reason(cfg) -> str | None:
             "generative mode (domain0 = random): the velocity trains with plain MSE from noise, "
             "no saliency classifier is needed"
         )
-    if cfg.velocity.loss != "saliency":
-        return f"velocity.loss is '{cfg.velocity.loss}': the velocity loss does not use a saliency classifier"
+    if not cfg.needs_saliency:
+        return (
+            f"velocity.loss is '{cfg.velocity.loss}' and velocity.translate_retry_noise is empty: "
+            "neither the loss nor the translation uses a saliency classifier"
+        )
     return None
 
 
