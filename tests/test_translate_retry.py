@@ -9,6 +9,7 @@ from disc_data import make_discs
 from torch import nn
 
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
+from rfp_core.cli import main
 from rfp_core.config import ConfigError
 from rfp_core.config_files import load_config
 from rfp_core.inference.translate import Translator
@@ -115,6 +116,9 @@ def test_retry_levels_must_rise_and_a_run_without_a_classifier_says_how_to_trans
     with pytest.raises(ConfigError, match="--no-retry"):
         Translator.from_run(run, "cpu")
     assert Translator.from_run(run, "cpu", retry=False).translate(torch.zeros(1, 3, 16, 16)).shape == (1, 3, 16, 16)
+    still = str(next(d0.glob("*.png")))
+    assert main(["translate", "--run", str(run), still, "--out", str(tmp_path / "once"), "--no-retry"]) == 0
+    assert len(list((tmp_path / "once").glob("*.png"))) == 1
     # a product without the bar (trained before the retry existed, or reflowed) translates at one σ, and says so
     product = load_checkpoint(run / "velocity.pt")
     del product["retry_bar"]

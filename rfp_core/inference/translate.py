@@ -64,7 +64,7 @@ class Translator:
         codec = load_codec(cfg, None, device, state=ckpt.get("codec") or None)
         if retry and cfg.velocity.translate_retry_noise and "retry_bar" not in ckpt:
             print(
-                f"note: {path} has no retry bar (a reflowed model, or trained without the retry): one σ",
+                f"note: {path} has no retry bar (a reflowed model, or trained before the retry): every image at one σ",
                 file=sys.stderr,
             )
             retry = False
@@ -176,13 +176,12 @@ class Translator:
 
 
 def retry_critic(path: Path, ckpt: dict, device: torch.device) -> nn.Module:
-    """The run's saliency net, for `velocity.translate_retry_noise`: the one beside `path` (or beside its
-    folder: a reflowed or distilled model inside the run), else the one the checkpoint names."""
+    """The run's saliency net, for `velocity.translate_retry_noise`: the one beside `path`, else the one
+    the checkpoint names (a run folder moved since training keeps it beside velocity.pt)."""
     from rfp_core.train.saliency import load_saliency
 
     named = [Path(ckpt["saliency_checkpoint"])] if ckpt.get("saliency_checkpoint") else []
-    candidates = [d / n for d in (path.parent, path.parent.parent) for n in ("saliency.pt", "saliency_imported.pt")]
-    for cand in candidates + named:
+    for cand in [path.parent / "saliency.pt", path.parent / "saliency_imported.pt", *named]:
         if cand.is_file():
             return load_saliency(cand, device)
     raise ConfigError(
