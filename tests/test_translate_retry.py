@@ -12,9 +12,11 @@ from rfp_core.checkpoint import load_checkpoint, save_checkpoint
 from rfp_core.cli import main
 from rfp_core.config import ConfigError
 from rfp_core.config_files import load_config
+from rfp_core.flow import rf
 from rfp_core.inference.translate import Translator
 from rfp_core.train.retry_bar import target_confidence
 from rfp_core.train.run import train_run
+from rfp_pipeline.assets.training.saliency import _skip_reason
 
 TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 RETRY = [0.5, 0.8]
@@ -87,7 +89,11 @@ def test_outputs_the_classifier_rejects_are_translated_again_and_the_last_try_st
     at_base = once.translate(x)
     at_last = Translator.from_run(run, "cpu", retry=False).set_translate_noise(RETRY[-1]).translate(x)
     assert float(at_base[0].mean()) > 0 > float(at_base[1:].mean())
+    tr.flow_evaluations = 0
     out = tr.translate(x)
+    # image 0 translated once, images 1 and 2 three times (the first σ and both retries)
+    steps = rf.nfe(tr.cfg.velocity.sampler, tr.cfg.velocity.num_inference_steps)
+    assert tr.flow_evaluations == (1 + 3 + 3) * steps
     assert torch.allclose(out[0], at_base[0], atol=1e-5)  # accepted at the first try: kept
     assert torch.allclose(out[1:], at_last[1:], atol=1e-5)  # rejected at every σ: the last try
     assert not torch.allclose(at_base[1:], at_last[1:], atol=1e-3)  # (so the retry did change them)
@@ -107,6 +113,9 @@ def test_retry_levels_must_rise_and_a_run_without_a_classifier_says_how_to_trans
         _config(tmp_path, translate_retry_noise=[0.6, 0.5])
     assert _config(tmp_path, translate_retry_noise=[0.5]).needs_saliency
     assert not _config(tmp_path).needs_saliency  # plain MSE without the retry: no phase 1
+    # the pipeline's phase-1 asset follows the same rule
+    assert _skip_reason(_config(tmp_path, translate_retry_noise=[0.5])) is None
+    assert "translate_retry_noise is empty" in _skip_reason(_config(tmp_path))
     monkeypatch.setenv("RFP_HOME", str(tmp_path / "home"))
     d0, d1 = make_discs(tmp_path / "data", n=12, size=16)
     run = train_run(
