@@ -18,7 +18,7 @@ from torch import nn
 from rfp_core.config import ModelConfig
 from rfp_core.media.datasets import FrameDataset
 
-MAX_FRAMES = 256  # a 10% quantile then rests on ~25 frames; a few seconds on a CPU
+MAX_FRAMES = 256  # a 10% quantile then rests on ~25 frames
 
 
 @torch.no_grad()
