@@ -1,11 +1,10 @@
 """velocity.translate_retry_noise: outputs the run's own domain classifier still calls the source are
 translated again from more noise, each image on its own; the last try stands."""
 
-from pathlib import Path
-
 import pytest
 import torch
 from disc_data import make_discs
+from test_pipeline import TINY, TINY_OVERRIDES
 from torch import nn
 
 from rfp_core.checkpoint import load_checkpoint, save_checkpoint
@@ -18,34 +17,13 @@ from rfp_core.train.retry_bar import target_confidence
 from rfp_core.train.run import train_run
 from rfp_pipeline.assets.training.saliency import _skip_reason
 
-TINY = Path(__file__).resolve().parents[1] / "configs" / "tiny.json"
 RETRY = [0.5, 0.8]
 
 
 def _config(tmp_path, **velocity):
-    over = {
-        "max_size": 16,
-        "store_max_side": 16,
-        "saliency": {
-            "accuracy_threshold": 0.6,
-            "warmup_threshold": 0.55,
-            "eval_every": 2,
-            "max_steps": 40,
-            "batch_size": 8,
-            "holdout_fraction": 0.35,
-            "augmentations": [],
-        },
-        "velocity": {
-            "train_images": 4 * 8,
-            "train_batch_size": 8,
-            "train_minibatch_size": 8,
-            "sample_every_images": 10_000,
-            "loss": "mse",
-            "source_noise": 0.3,
-            **velocity,
-        },
-    }
-    return load_config(TINY, overrides=over)
+    """The pipeline tests' tiny settings, plain MSE from a noisy source, and `velocity` on top."""
+    vel = {**TINY_OVERRIDES["velocity"], "sample_every_images": 10_000, "loss": "mse", "source_noise": 0.3}
+    return load_config(TINY, overrides={**TINY_OVERRIDES, "velocity": {**vel, **velocity}})
 
 
 class BrightIsTarget(nn.Module):

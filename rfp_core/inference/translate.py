@@ -149,11 +149,12 @@ class Translator:
         """Translate again, from each `translate_retry_noise` σ in turn, the outputs the domain classifier
         is less sure of than `retry_bar` (they kept too much of their input to pass as the target); the
         last try stands."""
+        todo = torch.arange(len(z), device=z.device)  # an accepted output is never judged again
         for sigma in self.cfg.velocity.translate_retry_noise:
-            stuck = target_confidence(self.critic, z) < self.retry_bar
-            if not stuck.any():
+            todo = todo[target_confidence(self.critic, z[todo]) < self.retry_bar]
+            if len(todo) == 0:
                 break
-            z[stuck] = self._flow(self.start(x[stuck.to(x.device)], sigma=sigma), steps, sampler)
+            z[todo] = self._flow(self.start(x[todo.to(x.device)], sigma=sigma), steps, sampler)
         return z
 
     @torch.no_grad()
